@@ -1,0 +1,268 @@
+"""Model configuration: one dataclass, read from an HF config.json or from GGUF metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    torch_dtype: str = "float16"
+    quantization: dict | None = None  # {"group_size": g, "bits": b} for MLX folders
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def validate(self, source: str = "config") -> "ModelArgs":
+        def positive(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            positive(name)
+        limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+                  "num_hidden_layers": 1024, "num_attention_heads": 1024, "head_dim": 1024,
+                  "max_position_embeddings": 1 << 24}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"{source}: {name}={getattr(self, name)} is beyond any supported model (max {limit})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{source}: {name} must be a positive number, got {v!r}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ("llama3", "linear", "default"):
+                raise ConfigError(f"{source}: unsupported rope_scaling type {rope_type!r} (supported: llama3, linear)")
+            if rope_type != "default":
+                factor = self.rope_scaling.get("factor")
+                if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                    raise ConfigError(f"{source}: rope_scaling.factor must be a positive number, got {factor!r}")
+        if self.quantization is not None:
+            q = self.quantization
+            if q.get("bits") not in (4, 8) or q.get("group_size") not in (32, 64, 128):
+                raise ConfigError(f"{source}: unsupported quantization {q!r} (bits 4|8, group_size 32|64|128)")
+            if self.hidden_size % q["group_size"] or self.intermediate_size % q["group_size"]:
+                raise ConfigError(f"{source}: quantization group_size {q['group_size']} does not divide the layer widths")
+        return self
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.torch_dtype,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id:
+            d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        if self.quantization is not None:
+            d["quantization"] = dict(self.quantization)
+        return d
+
+    def replace(self, **kw) -> "ModelArgs":
+        return dataclasses.replace(self, **kw)
+
+
+def _get(d: dict, key: str, kind, source: str, default=...):
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+        return default
+    v = d[key]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ConfigError(f"{source}: {key} must be an integer, got {v!r}")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ConfigError(f"{source}: {key} must be a number, got {v!r}")
+    if kind is bool and not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
+    if kind is dict and not isinstance(v, dict):
+        raise ConfigError(f"{source}: {key} must be an object, got {v!r}")
+    return float(v) if kind is float else v
+
+
+def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    archs = d.get("architectures")
+    model_type = d.get("model_type")
+    if archs is not None and (not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs)):
+        raise ConfigError(f"{source}: unsupported architecture {archs!r}; mlxllama runs LlamaForCausalLM models")
+    if archs is None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: unsupported model_type {model_type!r}; mlxllama runs llama models")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise ConfigError(f"{source}: {key}=true is not supported")
+    hidden = _get(d, "hidden_size", int, source)
+    heads = _get(d, "num_attention_heads", int, source)
+    if heads > 0 and hidden % heads and "head_dim" not in d:
+        raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
+    eos = d.get("eos_token_id")
+    eos_list = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos or [])
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+        raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
+    bos = d.get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+        raise ConfigError(f"{source}: bos_token_id must be an integer")
+    quant = d.get("quantization", d.get("quantization_config"))
+    if quant is not None:
+        if not isinstance(quant, dict):
+            raise ConfigError(f"{source}: quantization must be an object")
+        quant = {"group_size": quant.get("group_size"), "bits": quant.get("bits")}
+    dtype = d.get("torch_dtype", d.get("dtype", "float16"))
+    args = ModelArgs(
+        vocab_size=_get(d, "vocab_size", int, source),
+        hidden_size=hidden,
+        intermediate_size=_get(d, "intermediate_size", int, source),
+        num_hidden_layers=_get(d, "num_hidden_layers", int, source),
+        num_attention_heads=heads,
+        num_key_value_heads=_get(d, "num_key_value_heads", int, source, heads),
+        head_dim=_get(d, "head_dim", int, source, hidden // heads if heads > 0 else 0),
+        rms_norm_eps=_get(d, "rms_norm_eps", float, source, 1e-5),
+        rope_theta=_get(d, "rope_theta", float, source, 10000.0),
+        rope_scaling=_get(d, "rope_scaling", dict, source, None),
+        max_position_embeddings=_get(d, "max_position_embeddings", int, source, 2048),
+        tie_word_embeddings=_get(d, "tie_word_embeddings", bool, source, False),
+        bos_token_id=bos,
+        eos_token_id=eos_list,
+        torch_dtype=dtype if isinstance(dtype, str) else "float16",
+        quantization=quant,
+    )
+    return args.validate(source)
+
+
+def load_config(path: str | Path) -> ModelArgs:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    if len(raw) > 1 << 20:
+        raise ConfigError(f"{path}: config.json is larger than 1 MiB")
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return from_hf_dict(d, str(path))
+
+
+def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
+    """meta maps GGUF keys (e.g. 'llama.block_count') to Python values (ints, floats, strs, lists)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{source}: unsupported architecture {arch!r}; mlxllama runs llama models")
+
+    def g(key, kind, default=...):
+        return _get(meta, f"llama.{key}", kind, source, default)
+
+    heads = g("attention.head_count", int)
+    hidden = g("embedding_length", int)
+    if heads <= 0:
+        raise ConfigError(f"{source}: llama.attention.head_count must be positive")
+    head_dim = g("attention.key_length", int, g("rope.dimension_count", int, hidden // heads))
+    vocab = meta.get("llama.vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if isinstance(tokens, list) else None
+    if not isinstance(vocab, int):
+        raise ConfigError(f"{source}: vocabulary size unknown (no llama.vocab_size and no tokenizer.ggml.tokens)")
+    rope_scaling = None
+    scaling_type = meta.get("llama.rope.scaling.type")
+    if scaling_type == "linear":
+        rope_scaling = {"type": "linear", "factor": g("rope.scaling.factor", float)}
+    elif scaling_type not in (None, "none"):
+        raise ConfigError(f"{source}: unsupported rope scaling {scaling_type!r}")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    eos_list = [t for t in (eos, eot) if isinstance(t, int)]
+    args = ModelArgs(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=g("feed_forward_length", int),
+        num_hidden_layers=g("block_count", int),
+        num_attention_heads=heads,
+        num_key_value_heads=g("attention.head_count_kv", int, heads),
+        head_dim=head_dim,
+        rms_norm_eps=g("attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_theta=g("rope.freq_base", float, 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=g("context_length", int, 2048),
+        tie_word_embeddings=False,  # the GGUF loader sets this from the tensors present
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=sorted(set(eos_list)),
+        torch_dtype="float16",
+    )
+    return args.validate(source)
+
+
+def rope_inv_freq(args: ModelArgs) -> np.ndarray:
+    """Inverse frequencies (length head_dim/2, float32) with linear or llama3 scaling applied."""
+    dims = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims))
+    rs = args.rope_scaling
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "linear":
+            inv = inv / rs["factor"]
+        elif kind == "llama3":
+            factor = rs["factor"]
+            low = rs.get("low_freq_factor", 1.0)
+            high = rs.get("high_freq_factor", 4.0)
+            old_ctx = rs.get("original_max_position_embeddings", 8192)
+            low_wavelen = old_ctx / low
+            high_wavelen = old_ctx / high
+            wavelen = 2 * np.pi / inv
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+            mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+            inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.astype(np.float32)

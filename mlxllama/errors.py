@@ -1,0 +1,33 @@
+"""One exception hierarchy. The CLI maps each class to a one-line message and an exit code."""
+
+
+class MlxLlamaError(Exception):
+    """Base of every error mlxllama raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(MlxLlamaError, ValueError):
+    """Bad arguments: out-of-range sampling values, empty prompt, prompt longer than the context."""
+
+    exit_code = 2
+
+
+class ModelFileError(MlxLlamaError):
+    """A model file or folder is missing, malformed, hostile or unsupported."""
+
+    exit_code = 3
+
+
+class ConfigError(ModelFileError):
+    """config.json or GGUF metadata is missing keys, has wrong types, or contradicts itself."""
+
+
+class NetworkError(MlxLlamaError):
+    """The hub could not be reached, or refused the request (404, 401/403, offline)."""
+
+    exit_code = 4
+
+
+class Interrupted(MlxLlamaError):
+    exit_code = 130

@@ -1,0 +1,90 @@
+"""The single internal weight layout every loader produces and every backend consumes.
+
+Names follow the HF/MLX LLaMA convention (without the `.weight` suffix for linears, see NAMES):
+    model.embed_tokens            [vocab, hidden]
+    model.layers.{i}.input_layernorm            [hidden]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj   [out, in]   (q/k rows in HF order: non-interleaved RoPE)
+    model.layers.{i}.post_attention_layernorm   [hidden]
+    model.layers.{i}.mlp.{gate,up,down}_proj    [out, in]
+    model.norm                                  [hidden]
+    lm_head                                     [vocab, hidden]   (absent when embeddings are tied)
+Each value is a numpy array (float32 or float16, possibly a read-only memmap) or a QuantizedWeight in
+MLX's affine layout. bfloat16 files are widened to float32 (exact); ModelArgs.torch_dtype remembers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import ModelFileError
+
+
+@dataclass
+class QuantizedWeight:
+    """MLX affine quantization: w[r, c] = scales[r, c // g] * q[r, c] + biases[r, c // g].
+
+    q is packed little-end-first into uint32: element j of a word sits at bits [bits*j, bits*(j+1)).
+    """
+
+    weight: np.ndarray  # uint32 [rows, cols * bits // 32]
+    scales: np.ndarray  # float16 or float32 [rows, cols // group_size]
+    biases: np.ndarray  # same dtype and shape as scales
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.weight.shape[0], self.weight.shape[1] * 32 // self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+Tensor = "np.ndarray | QuantizedWeight"
+
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    h, d = args.hidden_size, args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens": (args.vocab_size, h), "model.norm": (h,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head"] = (args.vocab_size, h)
+    per_layer = {
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+        "self_attn.q_proj": (args.num_attention_heads * d, h),
+        "self_attn.k_proj": (args.num_key_value_heads * d, h),
+        "self_attn.v_proj": (args.num_key_value_heads * d, h),
+        "self_attn.o_proj": (h, args.num_attention_heads * d),
+        "mlp.gate_proj": (args.intermediate_size, h),
+        "mlp.up_proj": (args.intermediate_size, h),
+        "mlp.down_proj": (h, args.intermediate_size),
+    }
+    for i in range(args.num_hidden_layers):
+        for k, s in per_layer.items():
+            shapes[f"model.layers.{i}.{k}"] = s
+    return shapes
+
+
+def check_weights(weights: dict, args: ModelArgs, source: str) -> None:
+    """Every expected tensor is present with the shape the config implies; nothing unexpected."""
+    want = expected_shapes(args)
+    missing = [k for k in want if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFileError(f"{source}: missing tensor {missing[0]}{more}")
+    extra = [k for k in weights if k not in want]
+    if extra:
+        raise ModelFileError(f"{source}: unexpected tensor {extra[0]}")
+    for k, s in want.items():
+        w = weights[k]
+        shape = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
+        if tuple(shape) != s:
+            raise ModelFileError(f"{source}: tensor {k} has shape {tuple(shape)}, config implies {s}")
