@@ -35,6 +35,7 @@ class ModelArgs:
     eos_token_id: list[int] = field(default_factory=list)
     torch_dtype: str = "float16"
     quantization: dict | None = None  # {"group_size": g, "bits": b} for MLX folders
+    rope_freq_factors: list[float] | None = None  # GGUF's rope_freqs tensor (llama3 scaling baked per frequency)
 
     @property
     def n_rep(self) -> int:
@@ -265,4 +266,9 @@ def rope_inv_freq(args: ModelArgs) -> np.ndarray:
             scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
             mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
             inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    if args.rope_freq_factors is not None:
+        factors = np.asarray(args.rope_freq_factors, dtype=np.float64)
+        if factors.shape != inv.shape or not np.all(factors > 0):
+            raise ConfigError(f"rope frequency factors must be {inv.shape[0]} positive numbers")
+        inv = inv / factors
     return inv.astype(np.float32)
