@@ -1,0 +1,153 @@
+"""MLX implementation of the backend ops: mx.fast kernels and mx.quantized_matmul; runs on Metal, CUDA or CPU."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from ..weights import QuantizedWeight
+
+name = "mlx"
+
+
+def gpu_available() -> bool:
+    return bool(mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()))
+
+
+class MLXOps:
+    name = "mlx"
+
+    def __init__(self, dtype=None):
+        # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where half is no faster and less exact.
+        self.on_gpu = gpu_available()
+        self.float_dtype = dtype or (mx.float16 if self.on_gpu else mx.float32)
+
+    def device(self) -> str:
+        d = mx.default_device()
+        if d.type == mx.gpu:
+            if mx.metal.is_available():
+                info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+                return f"gpu (Metal, {info.get('device_name', 'Apple GPU')})"
+            return "gpu (CUDA)"
+        return "cpu (MLX)"
+
+    # -- weight preparation ---------------------------------------------------------------------------
+
+    def _dense(self, w) -> mx.array:
+        if isinstance(w, QuantizedWeight):
+            w = mx.dequantize(mx.array(w.weight), mx.array(w.scales), mx.array(w.biases),
+                              group_size=w.group_size, bits=w.bits)
+            return w.astype(self.float_dtype)
+        return mx.array(np.asarray(w)).astype(self.float_dtype)
+
+    def prepare_linear(self, parts: list):
+        """Fuse same-input projections by stacking output rows; quantized rows stack exactly."""
+        if all(isinstance(p, QuantizedWeight) for p in parts) and \
+                len({(p.bits, p.group_size, p.scales.dtype) for p in parts}) == 1:
+            p0 = parts[0]
+            cat = (lambda xs: xs[0]) if len(parts) == 1 else (lambda xs: np.concatenate(xs, axis=0))
+            scales = mx.array(cat([p.scales for p in parts])).astype(self.float_dtype)
+            biases = mx.array(cat([p.biases for p in parts])).astype(self.float_dtype)
+            return QLinear(mx.array(cat([p.weight for p in parts])), scales, biases, p0.group_size, p0.bits)
+        mats = [self._dense(p) for p in parts]
+        return mats[0] if len(mats) == 1 else mx.concatenate(mats, axis=0)
+
+    def prepare_norm(self, w):
+        return self._dense(w)
+
+    def prepare_embedding(self, w):
+        if isinstance(w, QuantizedWeight):
+            return self.prepare_linear([w])
+        return self._dense(w)
+
+    def tied_head(self, embedding):
+        return embedding
+
+    def rope_table(self, inv_freq: np.ndarray, max_len: int):
+        return mx.array((1.0 / inv_freq.astype(np.float64)).astype(np.float32))  # mx.fast.rope takes periods
+
+    # -- ops ---------------------------------------------------------------------------------------------
+
+    def asarray(self, tokens):
+        return tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
+
+    def embedding(self, table, ids):
+        if isinstance(table, QLinear):
+            return mx.dequantize(table.weight[ids], table.scales[ids], table.biases[ids],
+                                 group_size=table.group_size, bits=table.bits).astype(self.float_dtype)
+        return table[ids]
+
+    def linear(self, x, w):
+        if isinstance(w, QLinear):
+            return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
+                                       group_size=w.group_size, bits=w.bits)
+        return x @ w.T
+
+    def rms_norm(self, x, w, eps: float):
+        return mx.fast.rms_norm(x, w, eps)
+
+    def rope(self, x, offset, periods):
+        return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
+
+    def attention(self, q, k, v, scale: float, causal: bool):
+        mask = "causal" if causal and q.shape[2] > 1 else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def swiglu(self, gate, up):
+        return nn_silu(gate) * up
+
+    def zeros(self, shape, dtype=None):
+        return mx.zeros(shape, dtype=dtype or self.float_dtype)
+
+    def concatenate(self, arrays, axis: int):
+        return mx.concatenate(arrays, axis=axis)
+
+    def argmax(self, logits):
+        return mx.argmax(logits, axis=-1)
+
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, mx.array):
+            if x.dtype == mx.bfloat16:
+                x = x.astype(mx.float32)
+            return np.array(x)
+        return np.asarray(x)
+
+    def eval(self, *xs):
+        mx.eval(*xs)
+
+    def async_eval(self, *xs):
+        mx.async_eval(*xs)
+
+    def synchronize(self):
+        mx.synchronize()
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def peak_memory(self) -> int:
+        if self.on_gpu:
+            return int(mx.get_peak_memory())
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class QLinear:
+    """A quantized weight resident on the MLX device (possibly several projections fused by rows)."""
+
+    def __init__(self, weight, scales, biases, group_size: int, bits: int):
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.group_size, self.bits = group_size, bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+@mx.compile
+def nn_silu(x):
+    return x * mx.sigmoid(x)

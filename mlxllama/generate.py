@@ -1,0 +1,188 @@
+"""Prefill and decode: tokenize, run the model, sample, stop, detokenize, time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UsageError
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the text added by this step (may be empty while a UTF-8 character or stop string is pending)
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None  # None while generating, then "stop", "length" or "interrupted"
+    prompt_time: float = 0.0  # seconds from the start until the first token was sampled
+
+
+def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """A str (optionally wrapped in the chat template), a messages list, or token ids used as given."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}] + messages
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False) if _template_has_bos(tokenizer, text) \
+            else tokenizer.encode(text)
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise UsageError("the prompt is empty")
+        if any(t < 0 or t >= tokenizer.vocab_size for t in ids):
+            raise UsageError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
+        return ids
+    if not isinstance(prompt, str):
+        raise UsageError(f"prompt must be a str, a list of token ids or a list of messages, not {type(prompt).__name__}")
+    if prompt == "":
+        raise UsageError("the prompt is empty")
+    if chat:
+        return prompt_tokens(tokenizer, [{"role": "user", "content": prompt}], system=system)
+    return tokenizer.encode(prompt)
+
+
+def _template_has_bos(tokenizer, text: str) -> bool:
+    bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) else None
+    return bool(bos) and text.startswith(bos)
+
+
+class _StopStrings:
+    """Holds back text that could be the start of a stop string; cuts at the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
+                    system: str | None = None, prefill_step_size: int = 512,
+                    sampling: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
+    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise UsageError("prefill_step_size must be a positive integer")
+    params = sampling or SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                        repetition_penalty=repetition_penalty, seed=seed)
+    sampler = Sampler(params)
+    ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
+    ctx = model.args.max_position_embeddings
+    if len(ids) >= ctx:
+        raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
+    max_tokens = min(max_tokens, ctx - len(ids))
+    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+    eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
+    ops = model.ops
+    pipelined = model.backend == "mlx" and not params.needs_host_logits
+
+    def pick(logits):
+        """Token choice; stays lazy on the device for greedy decoding so the next step can be queued."""
+        last = logits[:, -1, :]
+        if not params.needs_host_logits:
+            return ops.argmax(last)
+        return int(sampler(ops.to_numpy(last)[0], history))
+
+    history = list(ids)
+    cache = model.make_cache(1, max_len=min(ctx, len(ids) + max_tokens))
+    start = time.perf_counter()
+    tokens = np.asarray(ids, dtype=np.int64)[None, :]
+    for s in range(0, len(ids) - 1, prefill_step_size):
+        chunk = tokens[:, s: min(s + prefill_step_size, len(ids) - 1)]
+        model.hidden(chunk, cache)
+        ops.eval(*cache.state())
+    y = pick(model(tokens[:, len(ids) - 1:], cache, last_only=True))
+    ops.async_eval(y) if pipelined else None
+
+    detok = tokenizer.detokenizer()
+    n = 0
+    prompt_time = gen_start = None
+    finish = None
+    while True:
+        nxt = None
+        if pipelined and n + 1 < max_tokens:
+            nxt = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
+            ops.async_eval(nxt)
+        token = int(ops.to_numpy(y).reshape(-1)[0]) if not isinstance(y, int) else y
+        now = time.perf_counter()
+        if prompt_time is None:
+            prompt_time, gen_start = now - start, now
+        n += 1
+        history.append(token)
+        if token in eos:
+            finish = "stop"
+            text = detok.finalize()
+        else:
+            text = detok.add_token(token)
+            if n >= max_tokens:
+                finish = "length"
+                text += detok.finalize()
+        text, hit = stops.feed(text)
+        if hit:
+            finish = "stop"
+        elif finish:
+            text += stops.flush()
+        elapsed = time.perf_counter() - gen_start
+        yield GenerationResponse(
+            text=text, token=token, prompt_tokens=len(ids),
+            prompt_tps=len(ids) / prompt_time if prompt_time > 0 else float("inf"),
+            generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time)
+        if finish:
+            return
+        if nxt is not None:
+            y = nxt
+        else:
+            y = pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    text = []
+    last = None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text.append(r.text)
+        last = r
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return "".join(text)
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {r.peak_memory:.3f} GB")

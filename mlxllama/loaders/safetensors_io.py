@@ -1,0 +1,107 @@
+"""Validated, memory-mapped safetensors reading (bf16 included, which safetensors' numpy API lacks)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFileError
+
+MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
+          "I64": np.int64, "U8": np.uint8, "I8": np.int8, "F64": np.float64}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Returns ({name: {dtype, shape, data_offsets}}, start of the data section); validates everything."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                raise ModelFileError(f"{path}: safetensors header length {n} is beyond the file or the 100 MB limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ModelFileError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise ModelFileError(f"{path}: tensor {name!r} has a malformed entry")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40
+                                                  for d in shape) or len(shape) > 8:
+            raise ModelFileError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
+                                                                   for o in offs):
+            raise ModelFileError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+        begin, end = offs
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(DTYPES[dtype]).itemsize
+        if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
+            raise ModelFileError(f"{path}: tensor {name!r} data [{begin}, {end}) does not match its shape "
+                                 f"{shape} and {dtype} within the {data_len}-byte data section")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ModelFileError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return header, data_start
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    """Tensors as read-only memmap views; bf16 widened to float32 (exact)."""
+    header, start = read_header(path)
+    if not header:
+        return {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dt = DTYPES[info["dtype"]]
+        arr = mm[start + begin: start + end].view(dt).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr
+    return out
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json; refuses pickles."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(wm.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise ModelFileError(f"{index}: malformed index (expected a weight_map object)") from None
+        for f in files:
+            if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
+                raise ModelFileError(f"{index}: shard name {f!r} is not a plain file name")
+        paths = [folder / f for f in files]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise ModelFileError(f"{folder}: shard {missing[0]} named in model.safetensors.index.json is missing")
+        return paths
+    paths = sorted(folder.glob("*.safetensors"))
+    if paths:
+        return paths
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    if pickles:
+        raise ModelFileError(f"{folder}: only pickle weights ({pickles[0]}) found; mlxllama never unpickles. "
+                             "Use a safetensors or GGUF copy of this model")
+    raise ModelFileError(f"{folder}: no *.safetensors weights found")

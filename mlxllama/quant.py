@@ -1,0 +1,222 @@
+"""MLX affine quantization in numpy, bit-identical to mx.quantize / mx.dequantize on MLX's CPU backend.
+
+The algorithm (MLX's CPU kernel), per group of `group_size` consecutive values of a row, all in float32:
+    lo, hi = min, max of the group
+    scale = max((hi - lo) / (2**bits - 1), 1e-7), negated unless |lo| > |hi|
+    edge = lo if |lo| > |hi| else hi                 (the endpoint with the larger magnitude)
+    q0 = rint(edge / scale)                           (round half to even)
+    if q0 != 0: scale = edge / q0; bias = edge        (so that edge is represented exactly)
+    else:       bias = 0
+    q = clip(rint((w - bias) / scale), 0, 2**bits - 1)
+except for bits=1, where simply scale = max(hi - lo, 1e-7) and bias = lo.
+The q values use the float32 scale and bias; only afterwards are scales and biases rounded to w's dtype.
+Packing is a little-endian bit stream: element j sits at bits [bits*j, bits*(j+1)) of the row's bytes,
+read as little-endian uint32 words.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import UsageError
+from .weights import LAYER_LINEARS, QuantizedWeight
+
+BITS = (1, 2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+_CHUNK = 1 << 22  # elements quantized or dequantized at a time, to bound float32 temporaries
+
+_QUANTIZED_NAME = re.compile(
+    r"model\.embed_tokens|lm_head|model\.layers\.\d+\.(" + "|".join(re.escape(n) for n in LAYER_LINEARS) + ")")
+
+
+def _check_params(group_size: int, bits: int) -> None:
+    if bits not in BITS:
+        raise UsageError(f"quantization bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise UsageError(f"quantization group size must be one of 32, 64, 128, got {group_size!r}")
+
+
+def _pack_geometry(bits: int) -> tuple[int, int]:
+    """(values, bytes) of the smallest run of values that fills whole bytes."""
+    values = 8 // np.gcd(bits, 8)
+    return int(values), int(values * bits // 8)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer values in [0, 2**bits) along the last axis into uint32 words, MLX's layout."""
+    if bits not in range(1, 9):
+        raise UsageError(f"cannot pack {bits!r}-bit values (1 to 8 bits)")
+    q = np.asarray(q)
+    if q.ndim == 0 or not np.issubdtype(q.dtype, np.integer):
+        raise UsageError(f"pack expects an integer array with at least one axis, got {q.dtype} {q.shape}")
+    n = q.shape[-1]
+    if n * bits % 32:
+        raise UsageError(f"cannot pack {n} values of {bits} bits into whole uint32 words")
+    if q.size and (q.min() < 0 or q.max() >= 1 << bits):
+        raise UsageError(f"pack: values out of range for {bits} bits")
+    values, nbytes = _pack_geometry(bits)
+    runs = q.reshape(*q.shape[:-1], n // values, values).astype(np.uint64)
+    acc = np.bitwise_or.reduce(runs << (np.arange(values, dtype=np.uint64) * np.uint64(bits)), axis=-1)
+    if nbytes == 1:
+        stream = acc.astype(np.uint8)
+    else:
+        stream = (acc[..., None] >> (np.arange(nbytes, dtype=np.uint64) * np.uint64(8))).astype(np.uint8)
+    stream = np.ascontiguousarray(stream.reshape(*q.shape[:-1], n * bits // 8))
+    return stream.view("<u4").astype(np.uint32, copy=False)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack: uint32 words [..., w] -> uint8 values [..., w * 32 // bits]."""
+    if bits not in range(1, 9):
+        raise UsageError(f"cannot unpack {bits!r}-bit values (1 to 8 bits)")
+    packed = np.asarray(packed)
+    if packed.ndim == 0 or packed.dtype != np.uint32:
+        raise UsageError(f"unpack expects a uint32 array with at least one axis, got {packed.dtype} {packed.shape}")
+    n = packed.shape[-1] * 32 // bits
+    stream = np.ascontiguousarray(packed.astype("<u4", copy=False)).view(np.uint8)
+    if bits == 8:
+        return stream
+    values, nbytes = _pack_geometry(bits)
+    runs = stream.reshape(*packed.shape[:-1], n // values, nbytes).astype(np.uint64)
+    acc = np.bitwise_or.reduce(runs << (np.arange(nbytes, dtype=np.uint64) * np.uint64(8)), axis=-1)
+    out = (acc[..., None] >> (np.arange(values, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+    return out.astype(np.uint8).reshape(*packed.shape[:-1], n)
+
+
+def _quantize_rows(w: np.ndarray, group_size: int, bits: int):
+    rows, cols = w.shape
+    n_bins = np.float32((1 << bits) - 1)
+    g = w.reshape(rows, cols // group_size, group_size).astype(np.float32)
+    hi = g.max(axis=-1)
+    lo = g.min(axis=-1)
+    if bits == 1:
+        # bias is lo itself, so its zero sign matters: MLX keeps the first of equal minima (+0 == -0).
+        bias = np.take_along_axis(g, g.argmin(axis=-1)[..., None], axis=-1)[..., 0]
+        scale = np.maximum(hi - lo, np.float32(1e-7))
+    else:
+        lo_side = np.abs(lo) > np.abs(hi)
+        scale = np.maximum((hi - lo) / n_bins, np.float32(1e-7))
+        scale = np.where(lo_side, scale, -scale)
+        edge = np.where(lo_side, lo, hi)
+        q0 = np.rint(edge / scale)
+        nonzero = q0 != 0
+        scale = np.where(nonzero, np.divide(edge, q0, out=np.zeros_like(edge), where=nonzero), scale)
+        bias = np.where(nonzero, edge, np.float32(0))
+    q = np.rint((g - bias[..., None]) / scale[..., None])
+    q = np.clip(q, 0, n_bins).astype(np.uint8).reshape(rows, cols)
+    return pack(q, bits), scale.astype(w.dtype), bias.astype(w.dtype)
+
+
+def quantize(w: np.ndarray, group_size: int = 64, bits: int = 4) -> QuantizedWeight:
+    """Quantize a 2-D float16/float32 matrix exactly as mx.quantize(w, group_size, bits) does."""
+    _check_params(group_size, bits)
+    w = np.asarray(w)
+    if w.dtype not in FLOAT_DTYPES:
+        raise UsageError(f"quantize expects float16 or float32 weights, got {w.dtype}")
+    if w.ndim != 2:
+        raise UsageError(f"quantize expects a 2-D matrix, got shape {w.shape}")
+    rows, cols = w.shape
+    if cols == 0 or cols % group_size:
+        raise UsageError(f"cannot quantize a matrix of width {cols} in groups of {group_size}")
+    if not np.isfinite(w).all():
+        raise UsageError("cannot quantize weights that contain NaN or infinity")
+    packed = np.empty((rows, cols * bits // 32), np.uint32)
+    scales = np.empty((rows, cols // group_size), w.dtype)
+    biases = np.empty_like(scales)
+    step = max(1, _CHUNK // cols)
+    for r in range(0, rows, step):
+        packed[r:r + step], scales[r:r + step], biases[r:r + step] = _quantize_rows(w[r:r + step], group_size, bits)
+    return QuantizedWeight(packed, scales, biases, group_size, bits)
+
+
+def _dequantize_rows(weight, scales, biases, group_size, bits, dtype):
+    rows = weight.shape[0]
+    q = unpack(weight, bits).reshape(rows, -1, group_size)
+    # MLX computes scale * q + bias in the scales' dtype, rounding after each operation, then casts.
+    w = q.astype(scales.dtype) * scales[..., None] + biases[..., None]
+    return w.reshape(rows, -1).astype(dtype, copy=False)
+
+
+def _check_qw(qw: QuantizedWeight) -> None:
+    _check_params(qw.group_size, qw.bits)
+    rows, words = qw.weight.shape
+    groups = words * 32 // qw.bits // qw.group_size
+    if qw.weight.dtype != np.uint32 or words * 32 % (qw.bits * qw.group_size):
+        raise UsageError(f"quantized weight {qw.weight.dtype} {qw.weight.shape} does not fit "
+                         f"{qw.bits}-bit groups of {qw.group_size}")
+    if qw.scales.shape != (rows, groups) or qw.biases.shape != (rows, groups):
+        raise UsageError(f"quantized weight scales {qw.scales.shape} / biases {qw.biases.shape} do not match "
+                         f"{(rows, groups)}")
+    if qw.scales.dtype not in FLOAT_DTYPES or qw.biases.dtype != qw.scales.dtype:
+        raise UsageError(f"quantized weight scales/biases must share a float dtype, got "
+                         f"{qw.scales.dtype} and {qw.biases.dtype}")
+
+
+def dequantize(qw: QuantizedWeight, dtype=np.float32) -> np.ndarray:
+    """The float matrix [rows, cols], equal to mx.dequantize(..., dtype=dtype)."""
+    _check_qw(qw)
+    dtype = np.dtype(dtype)
+    rows, cols = qw.shape
+    out = np.empty((rows, cols), dtype)
+    step = max(1, _CHUNK // max(cols, 1))
+    for r in range(0, rows, step):
+        s = slice(r, r + step)
+        out[s] = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits, dtype)
+    return out
+
+
+def quantized_matmul(x: np.ndarray, qw: QuantizedWeight) -> np.ndarray:
+    """x @ W.T in float32 for x [..., cols], dequantizing W a block of rows at a time."""
+    _check_qw(qw)
+    rows, cols = qw.shape
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] != cols:
+        raise UsageError(f"quantized_matmul: input of shape {x.shape} does not match weight of shape {(rows, cols)}")
+    x2 = x.reshape(-1, cols)
+    out = np.empty((x2.shape[0], rows), np.float32)
+    step = max(1, _CHUNK // max(cols, 1))
+    for r in range(0, rows, step):
+        s = slice(r, r + step)
+        w = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits, np.float32)
+        np.matmul(x2, w.T, out=out[:, s])
+    return out.reshape(*x.shape[:-1], rows)
+
+
+def is_quantizable(name: str) -> bool:
+    """Whether mlxllama quantizes this internal weight name (every linear, the embedding, lm_head)."""
+    return _QUANTIZED_NAME.fullmatch(name) is not None
+
+
+def quantize_weights(weights: dict, args: ModelArgs, group_size: int = 64, bits: int = 4,
+                     dtype=np.float16) -> tuple[dict, ModelArgs]:
+    """Quantize a model in the internal layout as mlx-lm's convert would after casting to `dtype`.
+
+    Linears, the embedding and lm_head become QuantizedWeight; everything else is cast to `dtype`.
+    Already-quantized tensors with the same (bits, group_size) pass through untouched; others are
+    dequantized, cast to `dtype` and requantized.
+    """
+    _check_params(group_size, bits)
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise UsageError(f"quantization dtype must be float16 or float32, got {dtype}")
+    out = {}
+    for name, w in weights.items():
+        if not is_quantizable(name):
+            if isinstance(w, QuantizedWeight):
+                raise UsageError(f"tensor {name} is quantized but should be a float vector")
+            out[name] = np.asarray(w).astype(dtype, copy=False)
+            continue
+        if isinstance(w, QuantizedWeight):
+            if (w.bits, w.group_size) == (bits, group_size):
+                out[name] = w
+                continue
+            w = dequantize(w, dtype)
+        w = np.asarray(w)
+        if w.ndim != 2 or w.shape[-1] % group_size:
+            raise UsageError(f"tensor {name} of shape {w.shape} cannot be quantized in groups of {group_size}")
+        out[name] = quantize(w.astype(dtype, copy=False), group_size, bits)
+    return out, args.replace(quantization={"group_size": group_size, "bits": bits}, torch_dtype=dtype.name)
