@@ -75,8 +75,11 @@ class ModelArgs:
                     raise ConfigError(f"{source}: rope_scaling.factor must be a positive number, got {factor!r}")
         if self.quantization is not None:
             q = self.quantization
-            if q.get("bits") not in (4, 8) or q.get("group_size") not in (32, 64, 128):
-                raise ConfigError(f"{source}: unsupported quantization {q!r} (bits 4|8, group_size 32|64|128)")
+            for where, qq in [("", q)] + [(f" for {k}", v) for k, v in q.items() if isinstance(v, dict)]:
+                if qq.get("bits") not in (2, 3, 4, 5, 6, 8) or qq.get("group_size") not in (32, 64, 128):
+                    raise ConfigError(f"{source}: unsupported quantization{where} "
+                                      f"{ {'bits': qq.get('bits'), 'group_size': qq.get('group_size')} } "
+                                      "(bits 4|8, group_size 32|64|128)")
             if self.hidden_size % q["group_size"] or self.intermediate_size % q["group_size"]:
                 raise ConfigError(f"{source}: quantization group_size {q['group_size']} does not divide the layer widths")
         return self
@@ -158,7 +161,8 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     if quant is not None:
         if not isinstance(quant, dict):
             raise ConfigError(f"{source}: quantization must be an object")
-        quant = {"group_size": quant.get("group_size"), "bits": quant.get("bits")}
+        overrides = {k: v for k, v in quant.items() if isinstance(v, dict)}  # mlx-lm's per-layer settings
+        quant = {"group_size": quant.get("group_size"), "bits": quant.get("bits"), **overrides}
     dtype = d.get("torch_dtype", d.get("dtype", "float16"))
     args = ModelArgs(
         vocab_size=_get(d, "vocab_size", int, source),
