@@ -1,0 +1,365 @@
+"""Load a GGUF (v2/v3) LLaMA file into the internal weight layout (see mlxllama/weights.py).
+
+The header is parsed here with bounds checks on every read (_read_header), because gguf.GGUFReader trusts
+the file: a hostile array length makes it loop or allocate without limit, and it takes seconds to walk a
+50k-token vocabulary. Tensor data stays in a read-only np.memmap; F32/F16 tensors are returned as views of it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf.quants
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
+
+from ..config import ModelArgs, from_gguf_metadata
+from ..errors import ModelFileError
+from ..weights import QuantizedWeight, check_weights
+
+GGUF_TO_INTERNAL = {
+    "token_embd": "model.embed_tokens",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 4  # arrays of arrays of ...
+DEFAULT_ALIGNMENT = 32
+
+_SCALARS = {
+    VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
+    VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d",
+}
+_SCALAR_NP = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4",
+              VT.INT32: "<i4", VT.FLOAT32: "<f4", VT.BOOL: "?", VT.UINT64: "<u8", VT.INT64: "<i8",
+              VT.FLOAT64: "<f8"}
+
+_NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0)  # repacked exactly into MLX's affine layout
+_DENSE = (QT.F32, QT.F16, QT.BF16)
+_REQUANT_8BIT = (QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K)  # everything else requantized goes to 4 bits
+_REQUANT_GROUP = 32
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    qtype: QT
+    shape: tuple[int, ...]  # numpy order: the GGUF dims reversed (ne0, the fastest, is last)
+    offset: int  # absolute position in the file
+    nbytes: int
+
+
+@dataclass
+class _Header:
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, _TensorInfo]
+
+
+class _Bad(Exception):
+    """A structural problem in the header; _read_header turns it into ModelFileError."""
+
+
+class _Cursor:
+    def __init__(self, buf, size: int):
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def take(self, n: int, what: str) -> int:
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise _Bad(f"truncated header: {what} at offset {start} needs {n} bytes, file has {self.size}")
+        self.pos = start + n
+        return start
+
+    def scalar(self, vtype: VT, what: str):
+        fmt = _SCALARS[vtype]
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def u32(self, what: str) -> int:
+        return self.scalar(VT.UINT32, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(VT.UINT64, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"{what} length")
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"{what} at offset {start} is not valid UTF-8") from None
+
+    def value(self, raw_type: int, what: str, depth: int = 0):
+        try:
+            vtype = VT(raw_type)
+        except ValueError:
+            raise _Bad(f"{what} has unknown value type {raw_type}") from None
+        if vtype == VT.STRING:
+            return self.string(what)
+        if vtype != VT.ARRAY:
+            return self.scalar(vtype, what)
+        if depth >= MAX_NESTING:
+            raise _Bad(f"{what} nests arrays more than {MAX_NESTING} deep")
+        item_type = self.u32(f"{what} item type")
+        n = self.u64(f"{what} length")
+        if item_type in _SCALAR_NP:
+            dtype = np.dtype(_SCALAR_NP[VT(item_type)])
+            start = self.take(n * dtype.itemsize, f"{what} ({n} items)")
+            return np.frombuffer(self.buf[start:self.pos], dtype).tolist()
+        # Each string or nested array takes at least 8 bytes: refuse absurd lengths before looping.
+        if n * 8 > self.size - self.pos:
+            raise _Bad(f"truncated header: {what} claims {n} items, more than the file can hold")
+        return [self.value(item_type, f"{what}[{k}]", depth + 1) for k in range(n)]
+
+
+def _read_header(path: Path) -> _Header:
+    """Parse and validate everything before the tensor data; touch no tensor bytes."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise ModelFileError(f"{path}: not a GGUF file (only {size} bytes)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _parse_header(mm, size, path)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    except _Bad as e:
+        raise ModelFileError(f"{path}: {e}") from None
+
+
+def _parse_header(mm, size: int, path: Path) -> _Header:
+    cur = _Cursor(mm, size)
+    magic = bytes(mm[cur.take(4, "magic"):4])
+    if magic != GGUF_MAGIC:
+        raise _Bad(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = cur.u32("version")
+    if version & 0xFFFF == 0 and version:
+        raise _Bad("big-endian GGUF files are not supported")
+    if version not in SUPPORTED_VERSIONS:
+        raise _Bad(f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    n_tensors = cur.u64("tensor count")
+    n_kv = cur.u64("metadata count")
+    # Smallest possible entries: key/name length + type (+ 1 value byte); tensor info adds n_dims and offset.
+    if n_kv * 13 + n_tensors * 32 > size - cur.pos:
+        raise _Bad(f"truncated header: {n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes")
+
+    metadata: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
+    for k in range(n_kv):
+        key = cur.string(f"metadata key #{k}")
+        if key in metadata:
+            raise _Bad(f"duplicate metadata key {key!r}")
+        raw_type = cur.u32(f"type of {key!r}")
+        if key == "general.alignment" and raw_type != VT.UINT32:
+            raise _Bad("general.alignment must be a uint32")
+        metadata[key] = cur.value(raw_type, f"metadata {key!r}")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise _Bad(f"general.alignment {alignment} is not a power of two")
+
+    raw_infos = []
+    for k in range(n_tensors):
+        name = cur.string(f"tensor name #{k}")
+        n_dims = cur.u32(f"dimension count of tensor {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _Bad(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        dims = [cur.u64(f"dimensions of tensor {name}") for _ in range(n_dims)]
+        raw_type = cur.u32(f"type of tensor {name}")
+        offset = cur.u64(f"data offset of tensor {name}")
+        raw_infos.append((name, dims, raw_type, offset))
+    data_start = -(-cur.pos // alignment) * alignment
+
+    tensors: dict[str, _TensorInfo] = {}
+    for name, dims, raw_type, offset in raw_infos:
+        if name in tensors:
+            raise _Bad(f"duplicate tensor name {name!r}")
+        try:
+            qtype = QT(raw_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise _Bad(f"tensor {name} has unknown type {raw_type}") from None
+        if min(dims) < 1:
+            raise _Bad(f"tensor {name} has a zero dimension {dims}")
+        if dims[0] % block:
+            raise _Bad(f"tensor {name}: row length {dims[0]} is not a multiple of the {qtype.name} block size {block}")
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        nbytes = n_elements // block * type_size
+        if offset % alignment:
+            raise _Bad(f"tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")
+        if data_start + offset + nbytes > size:
+            raise _Bad(f"tensor {name}: data [{data_start + offset}, {data_start + offset + nbytes}) lies "
+                       f"beyond the end of the file ({size} bytes); the file is truncated or corrupt")
+        tensors[name] = _TensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset, nbytes)
+    return _Header(version, metadata, tensors)
+
+
+def read_gguf_metadata(path) -> dict:
+    """The key/value metadata of a GGUF file (plus GGUF.version/tensor_count/kv_count), as GGUFReader's
+    field.contents() would give it. Reads only the header."""
+    return _read_header(Path(path)).metadata
+
+
+def _internal_name(gguf_name: str) -> str | None:
+    if not gguf_name.endswith(".weight"):
+        return None
+    base = gguf_name[: -len(".weight")]
+    m = re.fullmatch(r"blk\.(0|[1-9][0-9]*)\.([a-z_]+)", base)
+    if m:
+        template = GGUF_TO_INTERNAL.get(f"blk.{{i}}.{m[2]}")
+        return template.format(i=int(m[1])) if template else None
+    return None if "{i}" in base else GGUF_TO_INTERNAL.get(base)
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row indices that undo convert_hf_to_gguf's q/k permutation: hf = gguf[index]."""
+    return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _is_supported(qtype: QT) -> bool:
+    return qtype in _DENSE or qtype in _NATIVE or isinstance(getattr(gguf.quants, qtype.name, None), type)
+
+
+def _scales_biases(d: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float16 when the biases fit it exactly (always, except for absurd block scales), else float32."""
+    b16 = biases.astype(np.float16)
+    if np.array_equal(b16.astype(np.float32), biases, equal_nan=True):
+        return d, b16
+    return d.astype(np.float32), biases
+
+
+def _repack(rows: np.ndarray, qtype: QT) -> QuantizedWeight:
+    """Q4_0 / Q4_1 / Q8_0 rows of raw blocks -> MLX affine layout, group size 32, value for value."""
+    n = rows.shape[0]
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rows.reshape(n, -1, type_size)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view("<f2")[..., 0]
+    d32 = d.astype(np.float32)
+    if qtype == QT.Q8_0:
+        # int8 q -> unsigned q + 128 (flip the sign bit); w = d*q = d*(q+128) - 128*d
+        q = blocks[..., 2:] ^ np.uint8(0x80)
+        packed = np.ascontiguousarray(q).reshape(n, -1).view("<u4")
+        scales, biases = _scales_biases(d, -128 * d32)
+        return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 8)
+    qs = blocks[..., -16:]
+    # GGUF: byte i of a block holds element i (low nibble) and element i + 16 (high nibble).
+    q = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+    # MLX: element j of a little-endian uint32 at bits 4j, i.e. byte k holds elements 2k (low) and 2k + 1 (high).
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).reshape(n, -1).view("<u4")
+    if qtype == QT.Q4_1:
+        scales, biases = d, np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0]
+    else:  # Q4_0: w = d*(q - 8) = d*q - 8*d
+        scales, biases = _scales_biases(d, -8 * d32)
+    return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 4)
+
+
+def _dense(raw: np.ndarray, info: _TensorInfo) -> np.ndarray:
+    if info.qtype == QT.F32:
+        return raw.view("<f4").reshape(info.shape)
+    if info.qtype == QT.F16:
+        return raw.view("<f2").reshape(info.shape)
+    if info.qtype == QT.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+    row_bytes = info.nbytes // (int(np.prod(info.shape[:-1])) or 1)
+    return gguf.quants.dequantize(raw.reshape(*info.shape[:-1], row_bytes), info.qtype)
+
+
+def _requantize(dense: np.ndarray, qtype: QT) -> QuantizedWeight:
+    from .. import quant
+
+    w16 = dense.astype(np.float16)
+    src = w16 if np.isfinite(w16).all() else dense
+    return quant.quantize(src, _REQUANT_GROUP, 8 if qtype in _REQUANT_8BIT else 4)
+
+
+def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None):
+    raw = data[info.offset:info.offset + info.nbytes]
+    if len(info.shape) == 2 and info.qtype not in _DENSE:
+        rows = raw.reshape(info.shape[0], -1)
+        if row_index is not None:
+            rows = rows[row_index]
+        if info.qtype in _NATIVE:
+            return _repack(rows, info.qtype)
+        return _requantize(gguf.quants.dequantize(rows, info.qtype), info.qtype)
+    w = _dense(raw, info)
+    return w[row_index] if row_index is not None else w
+
+
+def _torch_dtype(qtype: QT) -> str:
+    return {QT.BF16: "bfloat16", QT.F32: "float32"}.get(qtype, "float16")
+
+
+def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight], dict]:
+    """(args, weights in the internal layout, metadata). Raises ModelFileError (ConfigError for metadata)."""
+    path = Path(path)
+    source = str(path)
+    header = _read_header(path)
+    meta = header.metadata
+    args = from_gguf_metadata(meta, source)
+
+    infos: dict[str, _TensorInfo] = {}
+    rope_freqs = None
+    for name, info in header.tensors.items():
+        if name == "rope_freqs.weight":
+            rope_freqs = info
+            continue
+        internal = _internal_name(name)
+        if internal is None:
+            raise ModelFileError(f"{path}: unexpected tensor {name}")
+        if internal in infos:
+            raise ModelFileError(f"{path}: tensors {infos[internal].name} and {name} both map to {internal}")
+        if not _is_supported(info.qtype):
+            raise ModelFileError(f"{path}: tensor {name} has unsupported type {info.qtype.name}")
+        infos[internal] = info
+    embed = infos.get("model.embed_tokens")
+    args = args.replace(tie_word_embeddings="lm_head" not in infos,
+                        torch_dtype=_torch_dtype(embed.qtype) if embed else args.torch_dtype)
+    if rope_freqs is not None:
+        want = (args.head_dim // 2,)
+        if rope_freqs.shape != want or rope_freqs.qtype not in _DENSE:
+            raise ModelFileError(f"{path}: rope_freqs.weight is {rope_freqs.qtype.name} {rope_freqs.shape}, "
+                                 f"expected float {want}")
+    check_weights(infos, args, source)  # shapes only: nothing has been read yet
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    if rope_freqs is not None:
+        factors = _dense(data[rope_freqs.offset:rope_freqs.offset + rope_freqs.nbytes], rope_freqs)
+        args = args.replace(rope_freq_factors=[float(x) for x in factors])
+
+    weights: dict[str, np.ndarray | QuantizedWeight] = {}
+    requantized: set[str] = set()
+    for internal, info in infos.items():
+        row_index = None
+        if internal.endswith("self_attn.q_proj"):
+            row_index = _unpermute_rows(info.shape[0], args.num_attention_heads)
+        elif internal.endswith("self_attn.k_proj"):
+            row_index = _unpermute_rows(info.shape[0], args.num_key_value_heads)
+        if info.qtype not in _DENSE + _NATIVE and len(info.shape) == 2 and info.qtype.name not in requantized:
+            requantized.add(info.qtype.name)
+            bits = 8 if info.qtype in _REQUANT_8BIT else 4
+            warnings.warn(f"{path}: {info.qtype.name} tensors are requantized to {bits}-bit affine "
+                          f"(group {_REQUANT_GROUP}); expect a small accuracy loss", stacklevel=2)
+        try:
+            weights[internal] = _convert(data, info, row_index)
+        except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:
+            raise ModelFileError(f"{path}: cannot convert tensor {info.name} ({info.qtype.name}): {e}") from None
+    check_weights(weights, args, source)
+    return args, weights, meta
