@@ -228,7 +228,7 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
         raise ConfigError(f"{source}: unsupported rope scaling {scaling_type!r}")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_list = [t for t in (eos, eot) if isinstance(t, int)]
+    eos_list = [t for t in (eos, eot) if isinstance(t, int) and not isinstance(t, bool)]
     args = ModelArgs(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -242,7 +242,7 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
         rope_scaling=rope_scaling,
         max_position_embeddings=g("context_length", int, 2048),
         tie_word_embeddings=False,  # the GGUF loader sets this from the tensors present
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        bos_token_id=_get(meta, "tokenizer.ggml.bos_token_id", int, source, None),
         eos_token_id=sorted(set(eos_list)),
         torch_dtype="float16",
     )
