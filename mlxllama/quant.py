@@ -16,6 +16,7 @@ read as little-endian uint32 words.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -42,8 +43,8 @@ def _check_params(group_size: int, bits: int) -> None:
 
 def _pack_geometry(bits: int) -> tuple[int, int]:
     """(values, bytes) of the smallest run of values that fills whole bytes."""
-    values = 8 // np.gcd(bits, 8)
-    return int(values), int(values * bits // 8)
+    values = 8 // math.gcd(bits, 8)
+    return values, values * bits // 8
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -59,18 +60,17 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     if q.size and (q.min() < 0 or q.max() >= 1 << bits):
         raise UsageError(f"pack: values out of range for {bits} bits")
     values, nbytes = _pack_geometry(bits)
-    runs = q.reshape(*q.shape[:-1], n // values, values).astype(np.uint64)
-    acc = np.bitwise_or.reduce(runs << (np.arange(values, dtype=np.uint64) * np.uint64(bits)), axis=-1)
-    if nbytes == 1:
-        stream = acc.astype(np.uint8)
-    else:
-        stream = (acc[..., None] >> (np.arange(nbytes, dtype=np.uint64) * np.uint64(8))).astype(np.uint8)
+    work = np.uint8 if nbytes == 1 else np.uint64  # whole values per byte: stay in uint8
+    runs = q.reshape(*q.shape[:-1], n // values, values).astype(work)
+    stream = np.bitwise_or.reduce(runs << (np.arange(values, dtype=work) * work(bits)), axis=-1)
+    if nbytes > 1:
+        stream = (stream[..., None] >> (np.arange(nbytes, dtype=work) * work(8))).astype(np.uint8)
     stream = np.ascontiguousarray(stream.reshape(*q.shape[:-1], n * bits // 8))
     return stream.view("<u4").astype(np.uint32, copy=False)
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of pack: uint32 words [..., w] -> uint8 values [..., w * 32 // bits]."""
+    """Inverse of pack: uint32 words [..., w] -> uint8 values [..., w * 32 // bits]; a view for 8 bits."""
     if bits not in range(1, 9):
         raise UsageError(f"cannot unpack {bits!r}-bit values (1 to 8 bits)")
     packed = np.asarray(packed)
@@ -81,9 +81,13 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return stream
     values, nbytes = _pack_geometry(bits)
-    runs = stream.reshape(*packed.shape[:-1], n // values, nbytes).astype(np.uint64)
-    acc = np.bitwise_or.reduce(runs << (np.arange(nbytes, dtype=np.uint64) * np.uint64(8)), axis=-1)
-    out = (acc[..., None] >> (np.arange(values, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+    if nbytes == 1:
+        acc, work = stream, np.uint8
+    else:
+        work = np.uint64
+        runs = stream.reshape(*packed.shape[:-1], n // values, nbytes).astype(work)
+        acc = np.bitwise_or.reduce(runs << (np.arange(nbytes, dtype=work) * work(8)), axis=-1)
+    out = (acc[..., None] >> (np.arange(values, dtype=work) * work(bits))) & work((1 << bits) - 1)
     return out.astype(np.uint8).reshape(*packed.shape[:-1], n)
 
 
@@ -122,23 +126,27 @@ def quantize(w: np.ndarray, group_size: int = 64, bits: int = 4) -> QuantizedWei
     rows, cols = w.shape
     if cols == 0 or cols % group_size:
         raise UsageError(f"cannot quantize a matrix of width {cols} in groups of {group_size}")
-    if not np.isfinite(w).all():
-        raise UsageError("cannot quantize weights that contain NaN or infinity")
     packed = np.empty((rows, cols * bits // 32), np.uint32)
     scales = np.empty((rows, cols // group_size), w.dtype)
     biases = np.empty_like(scales)
     step = max(1, _CHUNK // cols)
-    for r in range(0, rows, step):
-        packed[r:r + step], scales[r:r + step], biases[r:r + step] = _quantize_rows(w[r:r + step], group_size, bits)
+    # Extreme ranges overflow exactly where MLX's float32 arithmetic does; follow it silently.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for r in range(0, rows, step):
+            s = slice(r, r + step)
+            if not np.isfinite(w[s]).all():
+                raise UsageError(f"cannot quantize weights that contain NaN or infinity (row {r} onwards)")
+            packed[s], scales[s], biases[s] = _quantize_rows(w[s], group_size, bits)
     return QuantizedWeight(packed, scales, biases, group_size, bits)
 
 
-def _dequantize_rows(weight, scales, biases, group_size, bits, dtype):
+def _dequantize_rows(weight, scales, biases, group_size, bits, compute, dtype):
+    """scale * q + bias evaluated in `compute` (each operation rounded to it), returned as `dtype`."""
     rows = weight.shape[0]
-    q = unpack(weight, bits).reshape(rows, -1, group_size)
-    # MLX computes scale * q + bias in the scales' dtype, rounding after each operation, then casts.
-    w = q.astype(scales.dtype) * scales[..., None] + biases[..., None]
-    return w.reshape(rows, -1).astype(dtype, copy=False)
+    q = unpack(weight, bits).reshape(rows, -1, group_size).astype(compute)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf in float16, as MLX does
+        w = q * scales[..., None].astype(compute, copy=False) + biases[..., None].astype(compute, copy=False)
+        return w.reshape(rows, -1).astype(dtype, copy=False)
 
 
 def _check_qw(qw: QuantizedWeight) -> None:
@@ -157,7 +165,11 @@ def _check_qw(qw: QuantizedWeight) -> None:
 
 
 def dequantize(qw: QuantizedWeight, dtype=np.float32) -> np.ndarray:
-    """The float matrix [rows, cols], equal to mx.dequantize(..., dtype=dtype)."""
+    """The float matrix [rows, cols], equal to mx.dequantize(..., dtype=dtype).
+
+    Like MLX, the arithmetic happens in the scales' dtype (float16 scales give float16-rounded weights)
+    and the result is then cast to `dtype`.
+    """
     _check_qw(qw)
     dtype = np.dtype(dtype)
     rows, cols = qw.shape
@@ -165,12 +177,17 @@ def dequantize(qw: QuantizedWeight, dtype=np.float32) -> np.ndarray:
     step = max(1, _CHUNK // max(cols, 1))
     for r in range(0, rows, step):
         s = slice(r, r + step)
-        out[s] = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits, dtype)
+        out[s] = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits,
+                                  qw.scales.dtype, dtype)
     return out
 
 
 def quantized_matmul(x: np.ndarray, qw: QuantizedWeight) -> np.ndarray:
-    """x @ W.T in float32 for x [..., cols], dequantizing W a block of rows at a time."""
+    """x @ W.T in float32 for x [..., cols], dequantizing W a block of rows at a time.
+
+    Like mx.quantized_matmul with float32 x, scales and biases are widened first, so W = scale * q + bias
+    is formed in float32 (not rounded to float16 as dequantize does for float16 scales).
+    """
     _check_qw(qw)
     rows, cols = qw.shape
     x = np.asarray(x, dtype=np.float32)
@@ -181,7 +198,8 @@ def quantized_matmul(x: np.ndarray, qw: QuantizedWeight) -> np.ndarray:
     step = max(1, _CHUNK // max(cols, 1))
     for r in range(0, rows, step):
         s = slice(r, r + step)
-        w = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits, np.float32)
+        w = _dequantize_rows(qw.weight[s], qw.scales[s], qw.biases[s], qw.group_size, qw.bits,
+                             np.float32, np.float32)
         np.matmul(x2, w.T, out=out[:, s])
     return out.reshape(*x.shape[:-1], rows)
 
