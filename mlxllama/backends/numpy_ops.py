@@ -22,7 +22,10 @@ def prepare_dense(w) -> np.ndarray:
     if isinstance(w, QuantizedWeight):
         from ..quant import dequantize
 
-        return dequantize(w, np.float32)
+        # float32 scales, as mx.quantized_matmul does with float32 inputs (and GGUF's own dequantization)
+        wide = QuantizedWeight(w.weight, w.scales.astype(np.float32), w.biases.astype(np.float32),
+                               w.group_size, w.bits)
+        return dequantize(wide, np.float32)
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
