@@ -269,7 +269,7 @@ def download(
     from mlxllama import hub
 
     path = hub.download(repo, revision=revision, include=include, filename=file, local_dir=local_dir,
-                        offline=offline or None)
+                        offline=offline or None, progress=sys.stderr.isatty())
     typer.echo(str(path))
 
 
