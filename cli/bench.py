@@ -1,0 +1,374 @@
+"""`mlxllama bench` (run, validate, report) and `mlxllama estimate`: parse options, call mlxllama.bench, print."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mlxllama.errors import UsageError
+
+bench_app = typer.Typer(
+    help="Benchmark prompt processing (pp) and text generation (tg) llama-bench style, with achieved GB/s and "
+         "bandwidth-normalized scores.\n\n"
+         "  mlxllama bench -m default -p 512 -n 128 -r 5 --batch 1,8,64\n\n"
+         "  mlxllama bench validate results/*.json\n\n"
+         "  mlxllama bench report benchmarks/reference --out report/",
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+OUTPUT_FORMATS = ("md", "json", "csv")
+
+
+@dataclass
+class BenchOptions:
+    models: list[str]          # empty: the default model
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    batches: list[int]
+    backend: str
+    output: str
+    chip: object | None        # mlxllama.bench.chips.Chip
+    bandwidth_gbps: float | None
+    submit: Path | None
+    plot: Path | None
+
+
+def parse_batches(text: str) -> list[int]:
+    """'1,8,64' -> [1, 8, 64] (sorted, deduplicated); every entry a positive integer."""
+    out = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UsageError(f"--batch: {part!r} is not a positive integer (write e.g. 1,8,64)")
+        out.add(int(part))
+    return sorted(out)
+
+
+def parse_options(models, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit,
+                  plot) -> BenchOptions:
+    from mlxllama.bench.chips import lookup
+
+    if n_prompt < 0 or n_gen < 0:
+        raise UsageError("-p and -n must be >= 0")
+    if n_prompt == 0 and n_gen == 0:
+        raise UsageError("nothing to run: -p and -n are both 0")
+    if repetitions < 1:
+        raise UsageError(f"-r must be at least 1, got {repetitions}")
+    if output not in OUTPUT_FORMATS:
+        raise UsageError(f"-o must be one of {', '.join(OUTPUT_FORMATS)}, got {output!r}")
+    if bandwidth is not None and not (bandwidth > 0 and math.isfinite(bandwidth)):
+        raise UsageError(f"--bandwidth must be a positive number of GB/s, got {bandwidth}")
+    if submit is not None and submit.exists() and not submit.is_dir():
+        raise UsageError(f"--submit {submit}: exists and is not a directory")
+    return BenchOptions(models=list(models or []), n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                        batches=parse_batches(batch), backend=backend, output=output,
+                        chip=lookup(chip) if chip else None, bandwidth_gbps=bandwidth, submit=submit, plot=plot)
+
+
+# --- formatting ---
+
+def _num(v, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _params(n_billion: float) -> str:
+    return f"{n_billion:.2f} B" if n_billion >= 1 else f"{n_billion * 1e3:.2f} M"
+
+
+TABLE_COLUMNS = ("model", "size", "params", "quant", "backend", "device", "test", "t/s", "GB/s", "score",
+                 "score (meas)", "TFLOP/s", "FLOP score", "roofline t/s")
+
+
+def table_cells(row: dict) -> list[str]:
+    """One llama-bench style row; bandwidth figures only for tg tests, FLOP figures for all."""
+    tg = row["n_gen"] > 0
+    tps = f"{row['tps_mean']:.2f} ± {row['tps_sd']:.2f}"
+    return [row["model"], f"{row['size_gib']:.2f} GiB", _params(row["params_b"]), row["quant"], row["backend"],
+            row["device"], row["test"], tps, _num(row["gbps"], 1) if tg else "-",
+            _num(row["score"]) if tg else "-", _num(row["score_measured"]) if tg else "-",
+            _num(row["tflops"], 3), _num(row["flop_score"]), _num(row["roofline_tps"], 1)]
+
+
+def machine_line(sub: dict) -> str:
+    chip = sub.get("chip") or {}
+    rated = chip.get("rated_bandwidth_gbps")
+    who = chip.get("name") or (sub.get("machine") or {}).get("cpu") or "unknown machine"
+    text = f"{who}: rated {rated:g} GB/s" if rated else f"{who}: rated bandwidth unknown (pass --chip or --bandwidth)"
+    if chip.get("peak_fp16_tflops"):
+        text += f", {chip['peak_fp16_tflops']:g} TFLOPS fp16"
+    m = sub.get("measured_bandwidth")
+    if m:
+        text += f"; measured copy {m['copy_gbps']:.1f} GB/s, read {m['read_gbps']:.1f} GB/s ({m['backend']})"
+    return text
+
+
+def sweep_lines(sub: dict) -> list[str]:
+    """The measured and predicted crossover of each batch sweep (tg tests differing only in batch)."""
+    from mlxllama.bench.roofline import Accounting, crossover_batch, mean_context, measured_crossover
+
+    sweeps: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for t in sub["tests"]:
+        if t["n_gen"] > 0:
+            sweeps.setdefault((t["n_prompt"], t["n_gen"]), []).append(
+                (t["batch"], sum(t["samples_tps"]) / len(t["samples_tps"])))
+    chip = sub.get("chip") or {}
+    bw = chip.get("rated_bandwidth_gbps") or (sub.get("measured_bandwidth") or {}).get("read_gbps")
+    peak = chip.get("peak_fp16_tflops")
+    acc = Accounting.from_dict(sub["model"]["accounting"])
+    lines = []
+    for (n_prompt, n_gen), points in sweeps.items():
+        if len(points) < 2:
+            continue
+        measured = measured_crossover([b for b, _ in points], [t for _, t in points])
+        text = f"batch sweep tg{n_gen}: measured crossover {_num(measured, 1)}"
+        if bw and peak:
+            ctx = mean_context(n_prompt, n_gen)
+            predicted = crossover_batch(peak, acc.weight_bytes_per_token, acc.matmul_params, bw, acc.kv_bytes(ctx),
+                                        acc.attn_flops_per_position * ctx)
+            text += f", predicted {_num(predicted, 1)} ({bw:g} GB/s, {peak:g} TFLOPS)"
+        else:
+            text += ", predicted unknown (no peak TFLOPS: pass --chip)"
+        lines.append(text)
+    return lines
+
+
+def format_results(subs: list[dict], fmt: str) -> str:
+    from mlxllama.bench.report import test_rows
+
+    rows = [r for s in subs for r in test_rows(s)]
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    lines = [machine_line(s) for s in dict((machine_line(s), s) for s in subs).values()]
+    lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---:" if c in ("t/s",) else "---"
+                                                                      for c in TABLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    sweeps = [line for s in subs for line in sweep_lines(s)]
+    if sweeps:
+        lines += [""] + sweeps
+    return "\n".join(lines)
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress bar on stderr (only on a terminal); yields the callback run_bench calls as
+    progress(label, done, total)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("bench", total=None)
+
+        def update(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        yield update
+
+
+def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
+    from mlxllama.bench.report import plot_batch_sweep
+    from mlxllama.bench.roofline import Accounting, mean_context
+
+    written = []
+    for i, sub in enumerate(subs):
+        tests = [t for t in sub["tests"] if t["n_gen"] > 0]
+        if len({t["batch"] for t in tests}) < 2:
+            continue
+        chip = sub.get("chip") or {}
+        bw = chip.get("rated_bandwidth_gbps") or (sub.get("measured_bandwidth") or {}).get("read_gbps")
+        if not bw:
+            continue
+        t0 = tests[0]
+        same = [t for t in tests if (t["n_prompt"], t["n_gen"]) == (t0["n_prompt"], t0["n_gen"])]
+        png, _, _ = plot_batch_sweep([t["batch"] for t in same],
+                                     [sum(t["samples_tps"]) / len(t["samples_tps"]) for t in same],
+                                     Accounting.from_dict(sub["model"]["accounting"]), bw,
+                                     chip.get("peak_fp16_tflops"), mean_context(t0["n_prompt"], t0["n_gen"]),
+                                     title=f"{sub['model']['id']} {sub['model']['quant']} on "
+                                           f"{chip.get('name') or sub['device']}: batched decode")
+        out = path if len(subs) == 1 else path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(png)
+        written.append(out)
+    return written
+
+
+# --- commands ---
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    model: Optional[List[str]] = typer.Option(None, "-m", "--model", help="Model to benchmark (repeatable); "
+                                                                          "default: the bundled default model."),
+    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens for the pp test; 0 skips it."),
+    n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens for the tg test; 0 skips it."),
+    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed repetitions (after a warm-up)."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated decode batch sizes, e.g. 1,8,64."),
+    backend: str = typer.Option("auto", "--backend", help="auto, mlx or numpy."),
+    output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
+    chip: Optional[str] = typer.Option(None, "--chip", help="Chip to score against, e.g. 'M2 Max' "
+                                                            "(default: detected)."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Rated bandwidth in GB/s (overrides "
+                                                                        "the chip's)."),
+    submit: Optional[Path] = typer.Option(None, "--submit", help="Write one submission JSON per model here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the batch-sweep PNG here."),
+) -> None:
+    """Run the benchmark (when no subcommand is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
+    from mlxllama.bench.run import run_bench
+    from mlxllama.bench.submissions import validate, write
+
+    with progress_bar() as progress:
+        subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
+                         repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress)
+    typer.echo(format_results(subs, opts.output))
+    for sub in subs:
+        for reason in validate(sub):
+            typer.echo(f"warning: {sub['model']['id']}: {reason}", err=True)
+    if opts.plot is not None:
+        for path in write_sweep_plots(subs, opts.plot):
+            typer.echo(f"wrote {path}", err=True)
+    if opts.submit is not None:
+        for sub in subs:
+            typer.echo(f"wrote {write(sub, opts.submit)}", err=True)
+
+
+@bench_app.command("validate")
+def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON files.")) -> None:
+    """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected."""
+    from mlxllama.bench.submissions import read, validate
+
+    rejected = 0
+    for f in files:
+        try:
+            reasons = validate(read(f))
+        except UsageError as e:
+            reasons = [str(e).removeprefix(f"{f}: ")]
+        for reason in reasons:
+            typer.echo(f"{f}: {reason}")
+        if reasons:
+            rejected += 1
+        else:
+            typer.echo(f"{f}: ok")
+    if rejected:
+        raise typer.Exit(1)
+
+
+@bench_app.command("report")
+def report_cmd(
+    paths: Optional[List[Path]] = typer.Argument(None, help="Submission files or folders (default: the bundled "
+                                                            "llama.cpp #4167 reference data)."),
+    out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
+) -> None:
+    """Aggregate submissions: print markdown tables; write a PNG plot and a self-contained HTML page."""
+    from mlxllama.bench.reference import package_dir
+    from mlxllama.bench.report import write_report
+
+    paths = list(paths or [package_dir()])
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    rep = write_report(paths, out)
+    for problem in rep.problems:
+        typer.echo(f"skipped {problem}", err=True)
+    if rep.submissions == 0:
+        raise UsageError(f"no valid submissions in {', '.join(map(str, paths))}")
+    typer.echo(rep.markdown)
+    typer.echo(f"wrote {rep.png_path} and {rep.html_path} ({rep.submissions} submissions)", err=True)
+
+
+def estimate(
+    chip: Optional[str] = typer.Option(None, "--chip", help="Chip from the table, e.g. 'M2 Ultra' or 'A100'."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Memory bandwidth in GB/s (overrides the "
+                                                                        "chip's)."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="Peak TFLOPS (overrides the chip's fp16 peak)."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model to account exactly (its real tensors)."),
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7B."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight with --params: 2-8, or 16/32 for "
+                                                            "float (default 16)."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params."),
+    ctx: int = typer.Option(512, "--ctx", help="Context length held in the KV cache."),
+    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length for the pp prediction."),
+) -> None:
+    """Predict tg and pp tokens/s from the roofline, and the batch where decode turns compute-bound."""
+    from mlxllama.bench import roofline
+    from mlxllama.bench.chips import lookup
+
+    if (model is None) == (params is None):
+        raise UsageError("give either -m MODEL or --params N (e.g. --params 7B --bits 4)")
+    if model is not None and bits is not None:
+        raise UsageError("--bits applies to --params; a model's own tensors set its bits")
+    the_chip = lookup(chip) if chip else None
+    bw = bandwidth if bandwidth is not None else (the_chip.bandwidth_gbps if the_chip else None)
+    if bw is None:
+        raise UsageError("give --chip NAME or --bandwidth GB/s")
+    if not (bw > 0 and math.isfinite(bw)):
+        raise UsageError(f"--bandwidth must be a positive number of GB/s, got {bw}")
+    peak = tflops if tflops is not None else (the_chip.fp16_tflops if the_chip else None)
+    if peak is not None and not (peak > 0 and math.isfinite(peak)):
+        raise UsageError(f"--tflops must be a positive number, got {peak}")
+
+    if params is not None:
+        bits = 16 if bits is None else bits
+        acc = roofline.account_params(roofline.parse_params(params), bits, group_size)
+        per_weight = roofline.quant_bytes_per_weight(bits, group_size)
+        what = (f"{acc.params / 1e9:.2f} B params at {bits}-bit" + (f", group {group_size}" if bits < 16 else "")
+                + f" ({per_weight:.4g} bytes/weight); KV cache shaped like LLaMA-2 7B")
+    else:
+        from mlxllama.api import load_weights
+
+        loaded = load_weights(model)
+        args, weights = loaded[0], loaded[1]
+        acc = roofline.account_weights(args, weights)
+        what = (f"{model}: {acc.params / 1e9:.3f} B params ({roofline.quant_label(weights)}), "
+                f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
+    est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
+    typer.echo(format_estimate(est, acc, what, the_chip))
+
+
+def format_estimate(est, acc, what: str, chip=None) -> str:
+    hw = f"{chip.name}: " if chip else ""
+    hw += f"{est.bandwidth_gbps:g} GB/s" + (f", {est.peak_tflops:g} TFLOPS" if est.peak_tflops else
+                                            ", peak TFLOPS unknown (pass --tflops)")
+    lines = [
+        f"model       {what}",
+        f"hardware    {hw}",
+        f"weights     {est.weight_bytes / 1e9:.2f} GB ({est.weight_bytes / 2**30:.2f} GiB)",
+        f"KV cache    {est.kv_bytes / 1e6:.1f} MB at ctx {est.ctx} (fp16, {acc.kv_bytes_per_position} bytes per "
+        f"position)",
+        f"per token   {est.bytes_per_token / 1e9:.3f} GB read, {est.flops_per_token / 1e9:.2f} GFLOP (decode at "
+        f"ctx {est.ctx})",
+        f"tg          {est.tg_tps:.1f} t/s predicted (batch 1; bandwidth / bytes per token)",
+    ]
+    if est.pp_tps is not None:
+        lines.append(f"{'pp' + str(est.n_prompt):<12}{est.pp_tps:.1f} t/s predicted ({est.pp_bound}-bound)")
+        kv = "never (each sequence's KV reads outlast its FLOPs)" if math.isinf(est.crossover_batch_kv) else \
+            f"at batch {est.crossover_batch_kv:.1f}"
+        lines.append(f"crossover   decode turns compute-bound at batch {est.crossover_batch:.1f} "
+                     f"(B* = peak * W / (2 * P * bw)); with the KV cache at ctx {est.ctx}: {kv}")
+    else:
+        lines.append("pp, crossover: need a peak (--tflops or a --chip with a known peak)")
+    return "\n".join(lines)

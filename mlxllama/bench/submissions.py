@@ -1,0 +1,339 @@
+"""Benchmark submissions: one JSON file per run, schema_version 1.
+
+    {
+      "schema_version": 1,
+      "date": "2025-06-01T12:00:00Z",               ISO 8601 date or date-time
+      "source": "measured",                         or a description of where published figures came from
+      "machine": {"system": "Darwin", "os": "macOS 14.5", "cpu": "Apple M2 Max", "cpu_cores": 12,
+                  "memory_bytes": 68719476736, "model": "Mac14,6", "gpu_cores": 38, "gpus": []},
+      "chip": {"name": "M2 Max (38-core GPU)", "gpu_cores": 38, "rated_bandwidth_gbps": 400,
+               "peak_fp16_tflops": 13.6},               every value may be null (unknown chip)
+      "measured_bandwidth": {"backend": "mlx", "device": "gpu", "copy_gbps": 330.1, "read_gbps": 370.5} | null,
+      "versions": {"mlxllama": "0.1.0", "mlx": "0.25.0", "numpy": "2.1.0", "python": "3.11.7"},
+      "model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "sha256": "<64 hex>" | null, "quant": "Q4_1",
+                "accounting": {Accounting fields: params, matmul_params, weight_bytes, weight_bytes_per_token,
+                               kv_bytes_per_position, attn_flops_per_position}},
+      "backend": "mlx", "device": "gpu",
+      "tests": [{"name": "tg128@B8", "n_prompt": 0, "n_gen": 128, "batch": 8,
+                 "samples_tps": [612.0, 609.5], "bytes_per_step": 9.1e7, "flops_per_token": 2.7e8}]
+    }
+
+A test is prompt processing ("pp512": n_gen 0, t/s = prompt tokens per second) or generation ("tg128": timed
+decode of n_gen tokens after n_prompt tokens of context, named "tg128@d512" when n_prompt > 0); "@B8" marks a
+batch of 8 sequences, whose t/s counts the tokens of all of them. bytes_per_step is what one forward step reads
+at the test's mean context (roofline.Accounting.bytes_per_step), flops_per_token the FLOPs per token there.
+
+A measured submission ("source": "measured") must carry the model file's sha256 and the mlxllama, numpy and
+python versions. Physically implausible: a tg sample above batch * rated bandwidth / bytes_per_step by more than
+10%. Without a rated bandwidth that check is skipped (measured figures, one CPU thread for numpy, can sit below
+what a multi-threaded kernel reaches, and caches can serve a small model).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import UsageError
+from .chips import Chip
+from .hardware import Machine
+from .probe import BandwidthProbe
+from .roofline import Accounting, mean_context
+
+SCHEMA_VERSION = 1
+PLAUSIBILITY_MARGIN = 1.10
+ACCOUNTING_FIELDS = ("params", "matmul_params", "weight_bytes", "weight_bytes_per_token", "kv_bytes_per_position",
+                     "attn_flops_per_position")
+_NAME_RE = re.compile(r"(pp|tg)(\d+)(?:@d(\d+))?(?:@B(\d+))?")
+
+
+def format_test_name(n_prompt: int, n_gen: int, batch: int = 1) -> str:
+    name = f"pp{n_prompt}" if n_gen == 0 else f"tg{n_gen}" + (f"@d{n_prompt}" if n_prompt else "")
+    return name + (f"@B{batch}" if batch > 1 else "")
+
+
+def make_test(n_prompt: int, n_gen: int, batch: int, samples_tps: list[float], acc: Accounting) -> dict:
+    """One test record; bytes and FLOPs come from the accounting at the test's mean context."""
+    ctx = mean_context(n_prompt, n_gen)
+    if n_gen == 0:
+        step_bytes = acc.weight_bytes_per_token + batch * acc.kv_bytes(n_prompt)
+    else:
+        step_bytes = acc.bytes_per_step(ctx, batch)
+    return {"name": format_test_name(n_prompt, n_gen, batch), "n_prompt": n_prompt, "n_gen": n_gen, "batch": batch,
+            "samples_tps": [float(s) for s in samples_tps], "bytes_per_step": float(step_bytes),
+            "flops_per_token": float(acc.flops_per_token(ctx))}
+
+
+def versions() -> dict:
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"mlxllama": version("mlxllama"), "mlx": version("mlx"), "numpy": version("numpy"),
+            "python": platform.python_version()}
+
+
+def chip_block(chip: Chip | None, rated_bandwidth_gbps: float | None = None) -> dict:
+    """rated_bandwidth_gbps (the --bandwidth override) wins over the chip's rating."""
+    return {"name": chip.name if chip else None, "gpu_cores": chip.gpu_cores if chip else None,
+            "rated_bandwidth_gbps": rated_bandwidth_gbps or (chip.bandwidth_gbps if chip else None),
+            "peak_fp16_tflops": chip.fp16_tflops if chip else None}
+
+
+def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model_sha256: str | None, quant: str,
+                    accounting: Accounting, backend: str, device: str, tests: list[dict],
+                    rated_bandwidth_gbps: float | None = None, measured: BandwidthProbe | None = None,
+                    source: str = "measured", date: str | None = None) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "date": date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": source,
+        "machine": machine.to_dict(),
+        "chip": chip_block(chip, rated_bandwidth_gbps),
+        "measured_bandwidth": None if measured is None else {
+            "backend": measured.backend, "device": measured.device,
+            "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps},
+        "versions": versions(),
+        "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict()},
+        "backend": backend,
+        "device": device,
+        "tests": tests,
+    }
+
+
+def model_sha256(path: str | Path) -> str:
+    """sha256 of a model file; for a folder, of the sorted '<name> <sha256>' lines of its weight/config files."""
+    path = Path(path)
+
+    def file_hash(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if path.is_file():
+        return file_hash(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf", ".json", ".model"))
+    return hashlib.sha256("".join(f"{p.name} {file_hash(p)}\n" for p in files).encode()).hexdigest()
+
+
+# --- validation ---
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _is_num(v) and v > 0
+
+
+def validate(obj) -> list[str]:
+    """Every reason the submission is unacceptable, one line each; an empty list means valid."""
+    if not isinstance(obj, dict):
+        return [f"submission must be a JSON object, got {type(obj).__name__}"]
+    reasons: list[str] = []
+    bad = reasons.append
+
+    def section(key: str, nullable: bool = False) -> dict:
+        v = obj.get(key, ...)
+        if v is ...:
+            bad(f"{key}: missing")
+        elif v is None and nullable:
+            return {}
+        elif not isinstance(v, dict):
+            bad(f"{key}: must be an object{' or null' if nullable else ''}")
+        else:
+            return v
+        return {}
+
+    def field(d: dict, where: str, key: str, check, what: str, nullable: bool = False):
+        if key not in d:
+            bad(f"{where}.{key}: missing")
+            return None
+        v = d[key]
+        if v is None and nullable:
+            return None
+        if not check(v):
+            bad(f"{where}.{key}: must be {what}{' or null' if nullable else ''}, got {v!r}"[:200])
+            return None
+        return v
+
+    is_str = lambda v: isinstance(v, str) and v.strip() != ""  # noqa: E731
+
+    version = obj.get("schema_version")
+    if version != SCHEMA_VERSION or not _is_int(version):
+        return [f"schema_version: must be {SCHEMA_VERSION}, got {version!r}"]
+    source = field(obj, "submission", "source", is_str, "a non-empty string")
+    measured_source = source == "measured"
+    date = field(obj, "submission", "date", is_str, "an ISO 8601 date")
+    if date is not None:
+        try:
+            _dt.datetime.fromisoformat(date.replace("Z", "+00:00"))
+        except ValueError:
+            bad(f"submission.date: not an ISO 8601 date: {date!r}"[:200])
+    field(obj, "submission", "backend", is_str, "a non-empty string")
+    field(obj, "submission", "device", is_str, "a non-empty string")
+
+    machine = section("machine")
+    if machine:
+        field(machine, "machine", "os", is_str, "a non-empty string")
+        for key in ("cpu_cores", "memory_bytes", "gpu_cores"):
+            if machine.get(key) is not None and not (_is_int(machine[key]) and machine[key] > 0):
+                bad(f"machine.{key}: must be a positive integer or null, got {machine[key]!r}")
+
+    chip = section("chip")
+    rated = None
+    if chip:
+        field(chip, "chip", "name", is_str, "a non-empty string", nullable=True)
+        field(chip, "chip", "gpu_cores", lambda v: _is_int(v) and v > 0, "a positive integer", nullable=True)
+        rated = field(chip, "chip", "rated_bandwidth_gbps", _positive, "a positive number", nullable=True)
+        field(chip, "chip", "peak_fp16_tflops", _positive, "a positive number", nullable=True)
+
+    measured = section("measured_bandwidth", nullable=True)
+    if measured:
+        field(measured, "measured_bandwidth", "backend", is_str, "a non-empty string")
+        for key in ("copy_gbps", "read_gbps"):
+            field(measured, "measured_bandwidth", key, _positive, "a positive number")
+
+    versions_ = section("versions")
+    if versions_:
+        for key in ("mlxllama", "mlx", "numpy", "python"):
+            required = measured_source and key != "mlx"
+            field(versions_, "versions", key, is_str, "a version string", nullable=not required)
+
+    model = section("model")
+    if model:
+        field(model, "model", "id", is_str, "a non-empty string")
+        field(model, "model", "quant", is_str, "a non-empty string")
+        field(model, "model", "sha256", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v),
+              "64 lowercase hex digits", nullable=not measured_source)
+        acc = field(model, "model", "accounting", lambda v: isinstance(v, dict), "an object")
+        if acc is not None:
+            for key in ACCOUNTING_FIELDS:
+                field(acc, "model.accounting", key, lambda v: _is_int(v) and v > 0, "a positive integer")
+
+    tests = obj.get("tests", ...)
+    if tests is ...:
+        bad("tests: missing")
+    elif not isinstance(tests, list) or not tests:
+        bad("tests: must be a non-empty list")
+    else:
+        seen = set()
+        for i, t in enumerate(tests):
+            reasons.extend(_validate_test(t, f"tests[{i}]", rated, seen))
+    return reasons
+
+
+def _validate_test(t, where: str, rated_gbps: float | None, seen: set) -> list[str]:
+    if not isinstance(t, dict):
+        return [f"{where}: must be an object"]
+    reasons = []
+    for key in ("name", "n_prompt", "n_gen", "batch", "samples_tps", "bytes_per_step", "flops_per_token"):
+        if key not in t:
+            reasons.append(f"{where}.{key}: missing")
+    if reasons:
+        return reasons
+    name, n_prompt, n_gen, batch = t["name"], t["n_prompt"], t["n_gen"], t["batch"]
+    if not (_is_int(n_prompt) and n_prompt >= 0):
+        reasons.append(f"{where}.n_prompt: must be a non-negative integer, got {n_prompt!r}")
+    if not (_is_int(n_gen) and n_gen >= 0):
+        reasons.append(f"{where}.n_gen: must be a non-negative integer, got {n_gen!r}")
+    if not (_is_int(batch) and batch >= 1):
+        reasons.append(f"{where}.batch: must be a positive integer, got {batch!r}")
+    if not reasons and n_prompt == 0 and n_gen == 0:
+        reasons.append(f"{where}: n_prompt and n_gen are both 0")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        reasons.append(f"{where}.name: must look like pp512, tg128, tg128@d512 or tg128@B8, got {name!r}"[:200])
+    elif not reasons and name != format_test_name(n_prompt, n_gen, batch):
+        reasons.append(f"{where}.name: {name!r} does not match n_prompt={n_prompt}, n_gen={n_gen}, batch={batch} "
+                       f"(expected {format_test_name(n_prompt, n_gen, batch)!r})")
+    elif name in seen:
+        reasons.append(f"{where}.name: duplicate test {name!r}")
+    else:
+        seen.add(name)
+    for key in ("bytes_per_step", "flops_per_token"):
+        if not _positive(t[key]):
+            reasons.append(f"{where}.{key}: must be a positive number, got {t[key]!r}")
+    samples = t["samples_tps"]
+    if not isinstance(samples, list) or not samples:
+        reasons.append(f"{where}.samples_tps: must be a non-empty list of tokens/s")
+        return reasons
+    for j, s in enumerate(samples):
+        if not _is_num(s):
+            reasons.append(f"{where}.samples_tps[{j}]: must be a number, got {s!r}")
+        elif s <= 0:
+            reasons.append(f"{where}.samples_tps[{j}]: rate {s} t/s is not positive (zero or negative time)")
+    if reasons or not rated_gbps or n_gen == 0:
+        return reasons
+    bound = batch * rated_gbps * 1e9 / t["bytes_per_step"]
+    worst = max(samples)
+    if worst > PLAUSIBILITY_MARGIN * bound:
+        reasons.append(f"{where}: {name} {worst:.2f} t/s is {worst / bound:.2f}x the bandwidth roofline "
+                       f"({bound:.2f} t/s at {rated_gbps:g} GB/s and {t['bytes_per_step'] / 1e9:.3f} GB per step): "
+                       f"physically implausible")
+    return reasons
+
+
+# --- files ---
+
+def _slug(text: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text or "unknown").strip("-")[:48] or "unknown"
+
+
+def filename(sub: dict) -> str:
+    chip = sub.get("chip") or {}
+    who = chip.get("name") or (sub.get("machine") or {}).get("cpu")
+    stamp = re.sub(r"[^0-9T]", "", str(sub.get("date", "")))[:15]
+    model = sub.get("model") or {}
+    parts = [stamp, _slug(who), _slug(model.get("id", "").rsplit("/", 1)[-1]), _slug(model.get("quant")),
+             _slug(sub.get("backend"))]
+    return "_".join(p for p in parts if p) + ".json"
+
+
+def dumps(sub: dict) -> str:
+    return json.dumps(sub, indent=1) + "\n"
+
+
+def write(sub: dict, directory: str | Path) -> Path:
+    """Validate, then write one new file into `directory` (created if needed); never overwrites."""
+    reasons = validate(sub)
+    if reasons:
+        raise UsageError(f"not writing an invalid submission: {reasons[0]}"
+                         + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename(sub)
+    n = 2
+    while path.exists():
+        path = directory / f"{filename(sub)[:-5]}-{n}.json"
+        n += 1
+    path.write_text(dumps(sub))
+    return path
+
+
+def read(path: str | Path):
+    """Parse one submission file (not validated). Unreadable or non-JSON files raise UsageError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) > 16 << 20:
+        raise UsageError(f"{path}: larger than 16 MiB, not a submission")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
