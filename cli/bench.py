@@ -156,7 +156,7 @@ def format_results(subs: list[dict], fmt: str) -> str:
             writer.writeheader()
             writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
-    lines = [machine_line(s) for s in dict((machine_line(s), s) for s in subs).values()]
+    lines = list(dict.fromkeys(machine_line(s) for s in subs))
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---:" if c in ("t/s",) else "---"
                                                                       for c in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]

@@ -68,8 +68,8 @@ def mutate(path: str, value, sub=None):
 @pytest.mark.parametrize("path,value,expected", [
     ("schema_version", 2, "schema_version: must be 1"),
     ("schema_version", KeyError, "schema_version: must be 1"),
-    ("source", KeyError, "submission.source: missing"),
-    ("source", 3, "submission.source: must be a non-empty string"),
+    ("source", KeyError, "source: missing"),
+    ("source", 3, "source: must be a non-empty string"),
     ("date", "yesterday", "not an ISO 8601 date"),
     ("machine", KeyError, "machine: missing"),
     ("machine.os", None, "machine.os: must be a non-empty string"),

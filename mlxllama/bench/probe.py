@@ -1,8 +1,9 @@
 """Measured memory bandwidth of the active backend: copy (read + write) and read, best of several runs.
 
 numpy runs on one CPU thread, so its figure is what one core can pull, usually far below the chip's rating; MLX
-runs on its default device (the GPU on Apple silicon and CUDA, else the CPU). Arrays are float32 and larger than
-any cache (64 MiB by default); the probe stops after max_seconds.
+runs on its default device (the GPU on Apple silicon and CUDA, else the CPU). Arrays are float32 and meant to be
+larger than the caches: 64 MiB, or 256 MiB for MLX on a GPU (GPU L2 and Apple's system cache reach tens of MiB);
+the probe stops after about max_seconds.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def probe_numpy(nbytes: int = 64 << 20, runs: int = 5, max_seconds: float = 1.0)
                           src.nbytes, min(r1, r2))
 
 
-def probe_mlx(nbytes: int = 64 << 20, runs: int = 5, max_seconds: float = 1.0) -> BandwidthProbe:
+def probe_mlx(nbytes: int | None = None, runs: int = 5, max_seconds: float = 1.0) -> BandwidthProbe:
     import mlx.core as mx
 
+    if nbytes is None:
+        nbytes = (256 << 20) if mx.default_device() == mx.gpu else (64 << 20)
     n = max(nbytes // 4, 1)
     src = mx.ones((n,), dtype=mx.float32)
     mx.eval(src)
@@ -63,8 +66,9 @@ def probe_mlx(nbytes: int = 64 << 20, runs: int = 5, max_seconds: float = 1.0) -
                           n * 4, min(r1, r2))
 
 
-def probe(backend: str = "numpy", nbytes: int = 64 << 20, runs: int = 5, max_seconds: float = 1.0) -> BandwidthProbe:
+def probe(backend: str = "numpy", nbytes: int | None = None, runs: int = 5,
+          max_seconds: float = 1.0) -> BandwidthProbe:
     """Probe the named backend: anything starting with "mlx" uses MLX (imported only then), else numpy."""
     if backend.startswith("mlx"):
         return probe_mlx(nbytes, runs, max_seconds)
-    return probe_numpy(nbytes, runs, max_seconds)
+    return probe_numpy(nbytes or 64 << 20, runs, max_seconds)

@@ -17,6 +17,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .roofline import Accounting, crossover_batch, measured_crossover, predicted_decode_tps
 from .submissions import read, validate
 
@@ -87,7 +88,7 @@ def load(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     for f in find_files(paths):
         try:
             obj = read(f)
-        except Exception as e:  # UsageError from read(): unreadable or not JSON
+        except UsageError as e:  # unreadable or not JSON
             problems.append(str(e))
             continue
         reasons = validate(obj)

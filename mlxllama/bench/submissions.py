@@ -160,14 +160,15 @@ def validate(obj) -> list[str]:
         return {}
 
     def field(d: dict, where: str, key: str, check, what: str, nullable: bool = False):
+        path = f"{where}.{key}" if where else key
         if key not in d:
-            bad(f"{where}.{key}: missing")
+            bad(f"{path}: missing")
             return None
         v = d[key]
         if v is None and nullable:
             return None
         if not check(v):
-            bad(f"{where}.{key}: must be {what}{' or null' if nullable else ''}, got {v!r}"[:200])
+            bad(f"{path}: must be {what}{' or null' if nullable else ''}, got {v!r}"[:200])
             return None
         return v
 
@@ -176,16 +177,16 @@ def validate(obj) -> list[str]:
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION or not _is_int(version):
         return [f"schema_version: must be {SCHEMA_VERSION}, got {version!r}"]
-    source = field(obj, "submission", "source", is_str, "a non-empty string")
+    source = field(obj, "", "source", is_str, "a non-empty string")
     measured_source = source == "measured"
-    date = field(obj, "submission", "date", is_str, "an ISO 8601 date")
+    date = field(obj, "", "date", is_str, "an ISO 8601 date")
     if date is not None:
         try:
             _dt.datetime.fromisoformat(date.replace("Z", "+00:00"))
         except ValueError:
-            bad(f"submission.date: not an ISO 8601 date: {date!r}"[:200])
-    field(obj, "submission", "backend", is_str, "a non-empty string")
-    field(obj, "submission", "device", is_str, "a non-empty string")
+            bad(f"date: not an ISO 8601 date: {date!r}"[:200])
+    field(obj, "", "backend", is_str, "a non-empty string")
+    field(obj, "", "device", is_str, "a non-empty string")
 
     machine = section("machine")
     if machine:
