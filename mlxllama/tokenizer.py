@@ -93,8 +93,14 @@ class _SentencePiece:
     def id_to_token(self, i: int) -> str:
         return self.special_pieces.get(i) or self.sp.id_to_piece(i)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path) -> dict[str, Any]:
         (folder / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
+        added = {
+            str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}
+            for i, s in sorted(self.special_pieces.items())
+        }
+        return {"added_tokens_decoder": added}
 
 
 class _HFTokenizers:
@@ -126,8 +132,13 @@ class _HFTokenizers:
         full = self.tk.encode("x", add_special_tokens=True).ids
         return len(full) > len(plain) and full[0] == bos_id
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path) -> dict[str, Any]:
         self.tk.save(str(folder / "tokenizer.json"))
+        return {}  # tokenizer.json lists its added tokens itself
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _raise_exception(message):
@@ -194,8 +205,8 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str:
-        self._check_ids([token_id])
-        return self._backend.id_to_token(token_id)
+        self._check_ids([int(token_id)])
+        return self._backend.id_to_token(int(token_id))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -231,14 +242,11 @@ class Tokenizer:
                 "documents": None,
                 **kwargs,
             }
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables
-            )
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except UsageError:
             raise
         except Exception as e:  # the template is untrusted code: any failure in it is reported, never propagated raw
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UsageError(f"chat template failed: {first_line}") from None
+            raise UsageError(f"chat template failed: {_first_line(e)}") from None
 
     def detokenizer(self, skip_special_tokens: bool = False) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self, skip_special_tokens)
@@ -247,7 +255,7 @@ class Tokenizer:
         """Write tokenizer.json or tokenizer.model, tokenizer_config.json and special_tokens_map.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._backend.save(folder)
+        backend_config = self._backend.save(folder)
         special = {
             name: token
             for name, token in (
@@ -259,13 +267,14 @@ class Tokenizer:
             if token is not None
         }
         config: dict[str, Any] = {
-            # transformers 5 reads a lone tokenizer.model into this class exactly as sentencepiece encodes
-            # (LlamaTokenizer would drop the dummy prefix before leading spaces).
+            # transformers 5 loads tokenizer.json as is, and converts a lone tokenizer.model so that it encodes
+            # exactly as sentencepiece does (its LlamaTokenizer would drop the dummy prefix before a leading space).
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             **special,
+            **backend_config,
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
@@ -371,7 +380,7 @@ def load_tokenizer(folder: Path, args_eos: list[int] | None = None) -> Tokenizer
         try:
             backend: _SentencePiece | _HFTokenizers = _HFTokenizers(tokenizers.Tokenizer.from_file(str(json_path)))
         except Exception as e:
-            raise ModelFileError(f"{json_path}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else e})") from None
+            raise ModelFileError(f"{json_path}: not a tokenizers file ({_first_line(e)})") from None
     elif model_path.is_file():
         extra = {}
         added = config.get("added_tokens_decoder")
@@ -383,7 +392,7 @@ def load_tokenizer(folder: Path, args_eos: list[int] | None = None) -> Tokenizer
         try:
             backend = _SentencePiece(model_path.read_bytes(), extra)
         except Exception as e:
-            raise ModelFileError(f"{model_path}: not a sentencepiece model ({str(e).splitlines()[0] if str(e) else e})") from None
+            raise ModelFileError(f"{model_path}: not a sentencepiece model ({_first_line(e)})") from None
     else:
         raise ModelFileError(f"{folder}: no tokenizer.json or tokenizer.model")
 
@@ -540,7 +549,7 @@ def tokenizer_from_gguf(meta: dict, source: str = "GGUF metadata") -> Tokenizer:
     except ModelFileError:
         raise
     except Exception as e:
-        raise ModelFileError(f"{source}: the {kind!r} vocabulary cannot be built ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise ModelFileError(f"{source}: the {kind!r} vocabulary cannot be built ({_first_line(e)})") from None
 
     def token_id(key: str) -> int | None:
         value = meta.get(f"tokenizer.ggml.{key}")

@@ -185,7 +185,11 @@ def test_spm_save_loads_in_transformers(spm_tok, sp, tmp_path):
     assert (tmp_path / "tokenizer.model").is_file()
     again = load_tokenizer(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "x"},
+    ]
     rendered = spm_tok.apply_chat_template(msgs)
     assert rendered.startswith("<s>[INST] hi [/INST] hello</s>")
     assert again.apply_chat_template(msgs) == rendered == hf.apply_chat_template(msgs, tokenize=False)
@@ -337,6 +341,20 @@ def test_folder_reads_config_and_generation_config(spm_folder, tmp_path):
     assert load_tokenizer(tmp_path).apply_chat_template([]) == "<s>!"
 
 
+def test_sentencepiece_with_added_special_tokens(spm_folder, sp, tmp_path):
+    n = sp.get_piece_size()
+    (tmp_path / "tokenizer.model").write_bytes((spm_folder / "tokenizer.model").read_bytes())
+    added = {str(n): {"content": "<|tool|>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == n + 1
+    ids = tok.encode("hi<|tool|>x", add_special_tokens=False)
+    assert ids == [*sp.encode("hi"), n, *sp.encode("x")]
+    assert tok.decode(ids) == "hi<|tool|>x" and tok.decode(ids, skip_special_tokens=True) == "hix"
+    tok.save(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").encode("hi<|tool|>x") == tok.encode("hi<|tool|>x")
+
+
 # ---- the real SmolLM2 vocabulary (GGUF, gpt2 kind) ----
 
 SMOL_TEXTS = [
@@ -442,6 +460,23 @@ def test_smollm2_save_tokenizer_json(smol, tmp_path):
         assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == smol.apply_chat_template(
             messages
         )
+
+
+@pytest.mark.slow
+def test_byte_level_vocab_with_add_bos_saves_for_transformers(smol_meta, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional reference")
+    tok = tokenizer_from_gguf({**smol_meta, "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 0})
+    assert tok.encode("hi") == [0, *tok.encode("hi", add_special_tokens=False)]
+    assert tok.encode("<|endoftext|>hi") == tok.encode("hi")  # BOS written in the text is not doubled
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.add_bos and again.bos_id == 0
+    for text in SMOL_TEXTS:
+        ids = tok.encode(text)
+        assert again.encode(text) == ids, text
+        # (transformers adds a second BOS in front of one the text already has; we do not)
+        assert (ids if not text.startswith("<|endoftext|>") else [0, *ids]) == hf.encode(text), text
 
 
 @pytest.mark.slow
