@@ -273,6 +273,12 @@ def download(
     typer.echo(str(path))
 
 
+from mlxllama_cli.bench import bench_app, estimate  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+app.command()(estimate)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     VERBOSE["on"] = "--verbose" in argv or "-v" in argv
