@@ -63,10 +63,7 @@ def resident_weights(weights: dict, ops) -> dict:
     accounting uses float32 tensors of the same shapes (zero-copy stand-ins, nothing is allocated)."""
     if ops.name != "numpy":
         return weights
-    from ..weights import QuantizedWeight
-
-    return {k: np.broadcast_to(np.float32(0), w.shape) if isinstance(w, QuantizedWeight) else
-            np.broadcast_to(np.float32(0), w.shape) for k, w in weights.items()}
+    return {k: np.broadcast_to(np.float32(0), w.shape) for k, w in weights.items()}
 
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
