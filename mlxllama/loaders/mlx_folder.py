@@ -78,7 +78,11 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
         tokenizer.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
         for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         if folder.exists():
