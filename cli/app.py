@@ -283,7 +283,7 @@ def main() -> None:
     argv = sys.argv[1:]
     VERBOSE["on"] = "--verbose" in argv or "-v" in argv
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="mlxllama")
     except MlxLlamaError as e:
         if VERBOSE["on"]:
             traceback.print_exc()

@@ -231,7 +231,14 @@ def bench(
     submit: Optional[Path] = typer.Option(None, "--submit", help="Write one submission JSON per model here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the batch-sweep PNG here."),
 ) -> None:
-    """Run the benchmark (when no subcommand is given)."""
+    """Run the benchmark (when no subcommand is given).
+
+    Examples:
+
+      mlxllama bench -m default -p 512 -n 128 -r 5
+
+      mlxllama bench --batch 1,2,4,8,16,32,64 -n 32 --plot sweep.png --chip "M2 Max" --submit results/
+    """
     if ctx.invoked_subcommand is not None:
         return
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
@@ -256,7 +263,12 @@ def bench(
 
 @bench_app.command("validate")
 def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON files.")) -> None:
-    """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected."""
+    """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected.
+
+    Example:
+
+      mlxllama bench validate results/*.json
+    """
     from mlxllama.bench.submissions import read, validate
 
     rejected = 0
@@ -281,7 +293,12 @@ def report_cmd(
                                                             "llama.cpp #4167 reference data)."),
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
 ) -> None:
-    """Aggregate submissions: print markdown tables; write a PNG plot and a self-contained HTML page."""
+    """Aggregate submissions: print markdown tables; write a PNG plot and a self-contained HTML page.
+
+    Example:
+
+      mlxllama bench report benchmarks/reference --out report/
+    """
     from mlxllama.bench.reference import package_dir
     from mlxllama.bench.report import write_report
 
@@ -313,7 +330,16 @@ def estimate(
     ctx: int = typer.Option(512, "--ctx", help="Context length held in the KV cache."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length for the pp prediction."),
 ) -> None:
-    """Predict tg and pp tokens/s from the roofline, and the batch where decode turns compute-bound."""
+    """Predict tg and pp tokens/s from the roofline, and the batch where decode turns compute-bound.
+
+    Examples:
+
+      mlxllama estimate --chip "M2 Ultra" --params 7B --bits 4
+
+      mlxllama estimate --bandwidth 1935 --tflops 312 --params 7B --bits 16
+
+      mlxllama estimate --chip "M2 Max" -m default
+    """
     from mlxllama.bench import roofline
     from mlxllama.bench.chips import lookup
 
