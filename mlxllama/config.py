@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, shown as _show
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ModelArgs:
         def positive(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{source}: {name} must be a positive integer, got {_show(v)}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
@@ -64,25 +65,43 @@ class ModelArgs:
         for name in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{source}: {name} must be a positive number, got {v!r}")
+                raise ConfigError(f"{source}: {name} must be a positive number, got {_show(v)}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type not in ("llama3", "linear", "default"):
-                raise ConfigError(f"{source}: unsupported rope_scaling type {rope_type!r} (supported: llama3, linear)")
-            if rope_type != "default":
-                factor = self.rope_scaling.get("factor")
-                if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-                    raise ConfigError(f"{source}: rope_scaling.factor must be a positive number, got {factor!r}")
+            self._validate_rope_scaling(source)
         if self.quantization is not None:
             q = self.quantization
-            for where, qq in [("", q)] + [(f" for {k}", v) for k, v in q.items() if isinstance(v, dict)]:
-                if qq.get("bits") not in (2, 3, 4, 5, 6, 8) or qq.get("group_size") not in (32, 64, 128):
+            for where, qq in [("", q)] + [(f" for {_show(k)}", v) for k, v in q.items() if isinstance(v, dict)]:
+                bits, group = qq.get("bits"), qq.get("group_size")
+                if type(bits) is not int or type(group) is not int or bits not in (2, 3, 4, 5, 6, 8) \
+                        or group not in (32, 64, 128):
                     raise ConfigError(f"{source}: unsupported quantization{where} "
-                                      f"{ {'bits': qq.get('bits'), 'group_size': qq.get('group_size')} } "
-                                      "(bits 4|8, group_size 32|64|128)")
+                                      f"{_show({'bits': bits, 'group_size': group})} "
+                                      "(bits 2|3|4|5|6|8, group_size 32|64|128)")
             if self.hidden_size % q["group_size"] or self.intermediate_size % q["group_size"]:
                 raise ConfigError(f"{source}: quantization group_size {q['group_size']} does not divide the layer widths")
         return self
+
+    def _validate_rope_scaling(self, source: str) -> None:
+        rs = self.rope_scaling
+        rope_type = rs.get("rope_type", rs.get("type"))
+        if rope_type not in ("llama3", "linear", "default"):
+            raise ConfigError(f"{source}: unsupported rope_scaling type {_show(rope_type)} (supported: llama3, linear)")
+        if rope_type == "default":
+            return
+
+        def number(key, default=None):
+            v = rs.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                raise ConfigError(f"{source}: rope_scaling.{key} must be a positive number, got {_show(v)}")
+            return v
+
+        number("factor")
+        if rope_type == "llama3":  # the defaults are rope_inv_freq's
+            low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
+            number("original_max_position_embeddings", 8192)
+            if not high > low:
+                raise ConfigError(f"{source}: rope_scaling.high_freq_factor ({high}) must be larger than "
+                                  f"low_freq_factor ({low})")
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = {
@@ -124,13 +143,13 @@ def _get(d: dict, key: str, kind, source: str, default=...):
         return default
     v = d[key]
     if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ConfigError(f"{source}: {key} must be an integer, got {v!r}")
+        raise ConfigError(f"{source}: {key} must be an integer, got {_show(v)}")
     if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise ConfigError(f"{source}: {key} must be a number, got {v!r}")
+        raise ConfigError(f"{source}: {key} must be a number, got {_show(v)}")
     if kind is bool and not isinstance(v, bool):
-        raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
+        raise ConfigError(f"{source}: {key} must be true or false, got {_show(v)}")
     if kind is dict and not isinstance(v, dict):
-        raise ConfigError(f"{source}: {key} must be an object, got {v!r}")
+        raise ConfigError(f"{source}: {key} must be an object, got {_show(v)}")
     return float(v) if kind is float else v
 
 
@@ -140,12 +159,19 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     archs = d.get("architectures")
     model_type = d.get("model_type")
     if archs is not None and (not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs)):
-        raise ConfigError(f"{source}: unsupported architecture {archs!r}; mlxllama runs LlamaForCausalLM models")
+        raise ConfigError(f"{source}: unsupported architecture {_show(archs)}; mlxllama runs LlamaForCausalLM models")
     if archs is None and model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: unsupported model_type {model_type!r}; mlxllama runs llama models")
+        raise ConfigError(f"{source}: unsupported model_type {_show(model_type)}; mlxllama runs llama models")
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
             raise ConfigError(f"{source}: {key}=true is not supported")
+    act = d.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"{source}: hidden_act {_show(act)} is not supported (LLaMA uses silu)")
+    hf_quant = d.get("quantization_config")
+    if isinstance(hf_quant, dict) and hf_quant.get("quant_method", "mlx") != "mlx":
+        raise ConfigError(f"{source}: {_show(hf_quant.get('quant_method'))} quantization is not supported; use a "
+                          "float16/bfloat16 safetensors copy of the model, an MLX copy or a GGUF file")
     hidden = _get(d, "hidden_size", int, source)
     heads = _get(d, "num_attention_heads", int, source)
     if heads > 0 and hidden % heads and "head_dim" not in d:
@@ -197,6 +223,8 @@ def load_config(path: str | Path) -> ModelArgs:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
     return from_hf_dict(d, str(path))
 
 
@@ -204,7 +232,10 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
     """meta maps GGUF keys (e.g. 'llama.block_count') to Python values (ints, floats, strs, lists)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"{source}: unsupported architecture {arch!r}; mlxllama runs llama models")
+        raise ConfigError(f"{source}: unsupported architecture {_show(arch)}; mlxllama runs llama models")
+    experts = meta.get("llama.expert_count")
+    if experts:
+        raise ConfigError(f"{source}: mixture-of-experts models (llama.expert_count={_show(experts)}) are not supported")
 
     def g(key, kind, default=...):
         return _get(meta, f"llama.{key}", kind, source, default)
@@ -214,18 +245,25 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
     if heads <= 0:
         raise ConfigError(f"{source}: llama.attention.head_count must be positive")
     head_dim = g("attention.key_length", int, g("rope.dimension_count", int, hidden // heads))
+    if g("attention.value_length", int, head_dim) != head_dim:
+        raise ConfigError(f"{source}: llama.attention.value_length ({meta['llama.attention.value_length']}) differs "
+                          f"from the key length ({head_dim}); not supported")
     vocab = meta.get("llama.vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = len(tokens) if isinstance(tokens, list) else None
     if not isinstance(vocab, int):
         raise ConfigError(f"{source}: vocabulary size unknown (no llama.vocab_size and no tokenizer.ggml.tokens)")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > vocab:
+        raise ConfigError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but llama.vocab_size is {vocab}; "
+                          "token ids past the embedding would be out of range")
     rope_scaling = None
     scaling_type = meta.get("llama.rope.scaling.type")
     if scaling_type == "linear":
         rope_scaling = {"type": "linear", "factor": g("rope.scaling.factor", float)}
     elif scaling_type not in (None, "none"):
-        raise ConfigError(f"{source}: unsupported rope scaling {scaling_type!r}")
+        raise ConfigError(f"{source}: unsupported rope scaling {_show(scaling_type)}")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     eos_list = [t for t in (eos, eot) if isinstance(t, int) and not isinstance(t, bool)]

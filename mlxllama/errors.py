@@ -1,5 +1,7 @@
 """One exception hierarchy. The CLI maps each class to a one-line message and an exit code."""
 
+from typing import Any
+
 
 class MlxLlamaError(Exception):
     """Base of every error mlxllama raises on purpose."""
@@ -31,3 +33,14 @@ class NetworkError(MlxLlamaError):
 
 class Interrupted(MlxLlamaError):
     exit_code = 130
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr() of a value read from an untrusted file, cut short: error messages stay one short line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def plain(name: str, limit: int = 80) -> str:
+    """A name from a file as is when it is short and printable, else shown()."""
+    return name if isinstance(name, str) and name.isprintable() and len(name) <= limit else shown(name, limit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelArgs
-from .errors import ModelFileError
+from .errors import ModelFileError, plain
 
 
 @dataclass
@@ -82,7 +82,7 @@ def check_weights(weights: dict, args: ModelArgs, source: str) -> None:
         raise ModelFileError(f"{source}: missing tensor {missing[0]}{more}")
     extra = [k for k in weights if k not in want]
     if extra:
-        raise ModelFileError(f"{source}: unexpected tensor {extra[0]}")
+        raise ModelFileError(f"{source}: unexpected tensor {plain(extra[0])}")
     for k, s in want.items():
         w = weights[k]
         shape = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)

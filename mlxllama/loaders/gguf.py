@@ -20,7 +20,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
 
 from ..config import ModelArgs, from_gguf_metadata
-from ..errors import ModelFileError
+from ..errors import ModelFileError, shown as _show
 from ..weights import QuantizedWeight, check_weights
 
 GGUF_TO_INTERNAL = {
@@ -43,6 +43,13 @@ SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 4  # arrays of arrays of ...
 DEFAULT_ALIGNMENT = 32
+MAX_TENSORS = 1 << 16  # a 405B LLaMA has ~1,100 tensors
+MAX_METADATA = 1 << 16
+MAX_KEY_LENGTH = (1 << 16) - 1  # the GGUF spec's limit
+MAX_NAME_LENGTH = 63  # GGML_MAX_NAME - 1
+# Metadata arrays become Python lists (~36 bytes an item): bound their total size, not only by the file's size.
+# The largest real vocabularies (256k tokens + scores + types + merges) need about 1M items.
+MAX_METADATA_ITEMS = 1 << 23
 
 _SCALARS = {
     VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
@@ -81,6 +88,7 @@ class _Bad(Exception):
 class _Cursor:
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
+        self.items_left = MAX_METADATA_ITEMS
 
     def take(self, n: int, what: str) -> int:
         start = self.pos
@@ -92,6 +100,11 @@ class _Cursor:
     def scalar(self, vtype: VT, what: str):
         fmt = _SCALARS[vtype]
         return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def spend(self, n: int, what: str) -> None:
+        if n > self.items_left:
+            raise _Bad(f"{what} has {n} items; metadata arrays may hold {MAX_METADATA_ITEMS} items in all")
+        self.items_left -= n
 
     def u32(self, what: str) -> int:
         return self.scalar(VT.UINT32, what)
@@ -123,10 +136,12 @@ class _Cursor:
         if item_type in _SCALAR_NP:
             dtype = np.dtype(_SCALAR_NP[VT(item_type)])
             start = self.take(n * dtype.itemsize, f"{what} ({n} items)")
+            self.spend(n, what)
             return np.frombuffer(self.buf[start:self.pos], dtype).tolist()
         # Each string or nested array takes at least 8 bytes: refuse absurd lengths before looping.
         if n * 8 > self.size - self.pos:
             raise _Bad(f"truncated header: {what} claims {n} items, more than the file can hold")
+        self.spend(n, what)
         return [self.value(item_type, f"{what}[{k}]", depth + 1) for k in range(n)]
 
 
@@ -160,16 +175,21 @@ def _parse_header(mm, size: int, path: Path) -> _Header:
     # Smallest possible entries: key/name length + type (+ 1 value byte); tensor info adds n_dims and offset.
     if n_kv * 13 + n_tensors * 32 > size - cur.pos:
         raise _Bad(f"truncated header: {n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_METADATA:
+        raise _Bad(f"{n_tensors} tensors and {n_kv} metadata entries; at most {MAX_TENSORS} and {MAX_METADATA} "
+                   "are accepted")
 
     metadata: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
     for k in range(n_kv):
         key = cur.string(f"metadata key #{k}")
+        if len(key) > MAX_KEY_LENGTH or not key.isprintable():
+            raise _Bad(f"metadata key #{k} {_show(key)} is too long or has control characters")
         if key in metadata:
-            raise _Bad(f"duplicate metadata key {key!r}")
-        raw_type = cur.u32(f"type of {key!r}")
+            raise _Bad(f"duplicate metadata key {_show(key)}")
+        raw_type = cur.u32(f"type of {_show(key)}")
         if key == "general.alignment" and raw_type != VT.UINT32:
             raise _Bad("general.alignment must be a uint32")
-        metadata[key] = cur.value(raw_type, f"metadata {key!r}")
+        metadata[key] = cur.value(raw_type, f"metadata {_show(key)}")
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if alignment <= 0 or alignment & (alignment - 1):
         raise _Bad(f"general.alignment {alignment} is not a power of two")
@@ -177,6 +197,9 @@ def _parse_header(mm, size: int, path: Path) -> _Header:
     raw_infos = []
     for k in range(n_tensors):
         name = cur.string(f"tensor name #{k}")
+        if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise _Bad(f"tensor name #{k} {_show(name)} is longer than {MAX_NAME_LENGTH} characters "
+                       "or has control characters")
         n_dims = cur.u32(f"dimension count of tensor {name}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Bad(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
@@ -202,6 +225,8 @@ def _parse_header(mm, size: int, path: Path) -> _Header:
         n_elements = 1
         for d in dims:
             n_elements *= d
+        if n_elements >= 1 << 63:
+            raise _Bad(f"tensor {name}: dimensions {dims} overflow a 64-bit element count")
         nbytes = n_elements // block * type_size
         if offset % alignment:
             raise _Bad(f"tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")
@@ -209,6 +234,10 @@ def _parse_header(mm, size: int, path: Path) -> _Header:
             raise _Bad(f"tensor {name}: data [{data_start + offset}, {data_start + offset + nbytes}) lies "
                        f"beyond the end of the file ({size} bytes); the file is truncated or corrupt")
         tensors[name] = _TensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset, nbytes)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise _Bad(f"the data of tensors {name0} and {name1} overlap")
     return _Header(version, metadata, tensors)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs, load_config
-from ..errors import ModelFileError
+from ..errors import ModelFileError, shown
 from ..weights import check_weights
 from . import safetensors_io
 
@@ -26,19 +26,21 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             if name in tensors:
-                raise ModelFileError(f"{path}: tensor {name!r} appears in two shards")
+                raise ModelFileError(f"{path}: tensor {shown(name)} appears in two shards")
             tensors[name] = arr
     return tensors
 
 
 def load_hf(folder: Path) -> tuple[ModelArgs, dict]:
     args = load_config(folder / "config.json")
-    if args.quantization is not None:
-        raise ModelFileError(f"{folder}: config.json has a quantization section; load it as an MLX folder")
+    if args.quantization is not None:  # an MLX folder that names its section quantization_config
+        from .mlx_folder import load_mlx
+
+        return load_mlx(folder)
     weights = {}
     for name, arr in read_tensors(folder).items():
         if arr.dtype not in (np.float16, np.float32):
-            raise ModelFileError(f"{folder}: tensor {name!r} has dtype {arr.dtype}, expected a float type")
+            raise ModelFileError(f"{folder}: tensor {shown(name)} has dtype {arr.dtype}, expected a float type")
         weights[internal_name(name)] = arr
     if args.tie_word_embeddings:
         weights.pop("lm_head", None)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelArgs, load_config
-from ..errors import ModelFileError
+from ..errors import ModelFileError, plain, shown
 from ..weights import QuantizedWeight, check_weights
 from .hf import internal_name, read_tensors
 
@@ -22,31 +23,41 @@ def load_mlx(folder: Path) -> tuple[ModelArgs, dict]:
     q = args.quantization or {}
     weights: dict = {}
     for name, arr in tensors.items():
-        if name.endswith((".scales", ".biases")):
-            continue
         base = internal_name(name)
-        if name.endswith(".weight") and base + ".scales" in tensors:
-            scales, biases = tensors[base + ".scales"], tensors.get(base + ".biases")
-            if biases is None:
-                raise ModelFileError(f"{folder}: {base}.scales has no matching {base}.biases")
-            layer_q = _layer_quant(q, base)
-            bits, group = layer_q.get("bits"), layer_q.get("group_size")
-            if arr.dtype != np.uint32 or arr.ndim != 2 or scales.shape != biases.shape or scales.ndim != 2:
-                raise ModelFileError(f"{folder}: quantized tensor {base} has inconsistent weight/scales/biases")
-            if scales.shape[0] != arr.shape[0] or scales.shape[1] * group != arr.shape[1] * 32 // bits:
-                raise ModelFileError(f"{folder}: {base} is not {bits}-bit with group size {group} "
-                                     f"(weight {arr.shape}, scales {scales.shape})")
-            if scales.dtype not in (np.float16, np.float32):
-                raise ModelFileError(f"{folder}: {base}.scales has dtype {scales.dtype}")
-            weights[base] = QuantizedWeight(arr, scales, biases, group, bits)
+        if name.endswith((".scales", ".biases")):
+            stem = name[: -len(".scales")]
+            if stem + ".weight" not in tensors:
+                raise ModelFileError(f"{folder}: {plain(name)} has no matching {plain(stem)}.weight")
+            continue
+        if name.endswith(".weight") and (base + ".scales" in tensors or base + ".biases" in tensors):
+            weights[base] = _quantized(folder, base, arr, tensors, _layer_quant(q, base))
         else:
             if arr.dtype not in (np.float16, np.float32):
-                raise ModelFileError(f"{folder}: tensor {name!r} has dtype {arr.dtype}, expected a float type")
+                raise ModelFileError(f"{folder}: tensor {shown(name)} has dtype {arr.dtype}, expected a float type")
             weights[base] = arr
     if args.tie_word_embeddings:
         weights.pop("lm_head", None)
     check_weights(weights, args, str(folder))
     return args, weights
+
+
+def _quantized(folder: Path, base: str, arr: np.ndarray, tensors: dict, layer_q: dict) -> QuantizedWeight:
+    scales, biases = tensors.get(base + ".scales"), tensors.get(base + ".biases")
+    if scales is None or biases is None:
+        raise ModelFileError(f"{folder}: {plain(base)} needs both .scales and .biases")
+    bits, group = layer_q.get("bits"), layer_q.get("group_size")
+    if bits is None or group is None:
+        raise ModelFileError(f"{folder}: {plain(base)} is quantized but config.json has no quantization section")
+    if arr.dtype != np.uint32 or arr.ndim != 2 or scales.shape != biases.shape or scales.ndim != 2:
+        raise ModelFileError(f"{folder}: quantized tensor {plain(base)} has inconsistent weight/scales/biases")
+    if scales.shape[0] != arr.shape[0] or scales.shape[1] * group != arr.shape[1] * 32 // bits \
+            or arr.shape[1] * 32 % bits:
+        raise ModelFileError(f"{folder}: {plain(base)} is not {bits}-bit with group size {group} "
+                             f"(weight {arr.shape}, scales {scales.shape})")
+    if scales.dtype not in (np.float16, np.float32) or biases.dtype != scales.dtype:
+        raise ModelFileError(f"{folder}: {plain(base)}.scales and .biases have dtypes {scales.dtype} and "
+                             f"{biases.dtype}; expected the same float type")
+    return QuantizedWeight(arr, scales, biases, group, bits)
 
 
 def _layer_quant(q: dict, base: str) -> dict:
@@ -57,16 +68,25 @@ def _layer_quant(q: dict, base: str) -> dict:
     return q
 
 
+PARTIAL = ".partial-"
+
+
 def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: bool = False) -> Path:
-    """Write an MLX folder atomically: a temporary sibling folder, then one rename. mlx-lm loads the result."""
+    """Write an MLX folder atomically: a temporary sibling folder, then one rename. mlx-lm loads the result.
+
+    An interrupted or failed write leaves no `folder`; the temporary folder (.NAME.partial-PID-*) is removed,
+    or, after a crash, by the next save into the same parent."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     if folder.exists() and not force:
         raise ModelFileError(f"{folder} already exists; pass --force to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(folder)
+        tmp = folder.with_name(f".{folder.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir(mode=0o777)  # the umask applies, as for any folder the user makes
         tensors = {}
         for name, w in weights.items():
             if isinstance(w, QuantizedWeight):
@@ -78,23 +98,57 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
         tokenizer.save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
         for p in tmp.iterdir():
-            p.chmod(0o666 & ~umask)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        if folder.exists():
+        if folder.exists() or folder.is_symlink():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
             tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             tmp.rename(folder)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ModelFileError(f"cannot write {folder}: {e.strerror or e}") from None
-        raise
+        tmp = None
+        _fsync_dir(folder.parent)
+    except Exception as e:
+        # OSError from Python, SafetensorError or a plain Exception from the Rust writers: all are I/O here.
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelFileError(f"cannot write {folder}: {reason}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Temporary folders left by a save that was killed: their process is gone."""
+    for p in folder.parent.glob(f".{glob.escape(folder.name)}{PARTIAL}*"):
+        pid = p.name[len(folder.name) + 1 + len(PARTIAL):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

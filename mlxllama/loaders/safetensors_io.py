@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, shown
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_INDEX = 64 * 1024 * 1024  # model.safetensors.index.json: ~100 bytes a tensor
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
           "I64": np.int64, "U8": np.uint8, "I8": np.int8, "F64": np.float64}
 
@@ -31,7 +33,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ModelFileError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: safetensors header is not a JSON object")
@@ -40,26 +42,26 @@ def read_header(path: Path) -> tuple[dict, int]:
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict):
-            raise ModelFileError(f"{path}: tensor {name!r} has a malformed entry")
+            raise ModelFileError(f"{path}: tensor {shown(name)} has a malformed entry")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPES:
-            raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+            raise ModelFileError(f"{path}: tensor {shown(name)} has unsupported dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40
                                                   for d in shape) or len(shape) > 8:
-            raise ModelFileError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+            raise ModelFileError(f"{path}: tensor {shown(name)} has an invalid shape {shown(shape)}")
         if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
                                                                    for o in offs):
-            raise ModelFileError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+            raise ModelFileError(f"{path}: tensor {shown(name)} has invalid data_offsets {shown(offs)}")
         begin, end = offs
         nbytes = int(np.prod(shape, dtype=object)) * np.dtype(DTYPES[dtype]).itemsize
         if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-            raise ModelFileError(f"{path}: tensor {name!r} data [{begin}, {end}) does not match its shape "
-                                 f"{shape} and {dtype} within the {data_len}-byte data section")
+            raise ModelFileError(f"{path}: tensor {shown(name)} data [{begin}, {end}) does not match its shape "
+                                 f"{shown(shape)} and {dtype} within the {data_len}-byte data section")
         spans.append((begin, end, name))
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise ModelFileError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+            raise ModelFileError(f"{path}: tensors {shown(n0)} and {shown(n1)} overlap")
     return header, data_start
 
 
@@ -85,13 +87,17 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            wm = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(wm.values()))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            if index.stat().st_size > MAX_INDEX:
+                raise ModelFileError(f"{index}: larger than {MAX_INDEX >> 20} MiB")
+            wm = json.loads(index.read_bytes())["weight_map"]
+            files = sorted(set(wm.values()), key=str)
+        except OSError as e:
+            raise ModelFileError(f"{index}: cannot read ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
             raise ModelFileError(f"{index}: malformed index (expected a weight_map object)") from None
         for f in files:
-            if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
-                raise ModelFileError(f"{index}: shard name {f!r} is not a plain file name")
+            if not isinstance(f, str) or not f or "/" in f or "\\" in f or f.startswith(".") or not f.isprintable():
+                raise ModelFileError(f"{index}: shard name {shown(f)} is not a plain file name")
         paths = [folder / f for f in files]
         missing = [p.name for p in paths if not p.exists()]
         if missing:
@@ -100,7 +106,7 @@ def weight_files(folder: Path) -> list[Path]:
     paths = sorted(folder.glob("*.safetensors"))
     if paths:
         return paths
-    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise ModelFileError(f"{folder}: only pickle weights ({pickles[0]}) found; mlxllama never unpickles. "
                              "Use a safetensors or GGUF copy of this model")
