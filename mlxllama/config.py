@@ -77,8 +77,6 @@ class ModelArgs:
                     raise ConfigError(f"{source}: unsupported quantization{where} "
                                       f"{_show({'bits': bits, 'group_size': group})} "
                                       "(bits 2|3|4|5|6|8, group_size 32|64|128)")
-            if self.hidden_size % q["group_size"] or self.intermediate_size % q["group_size"]:
-                raise ConfigError(f"{source}: quantization group_size {q['group_size']} does not divide the layer widths")
         return self
 
     def _validate_rope_scaling(self, source: str) -> None:
