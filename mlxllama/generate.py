@@ -106,41 +106,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
-    pipelined = model.backend == "mlx" and not params.needs_host_logits
-
-    def pick(logits):
-        """Token choice; stays lazy on the device for greedy decoding so the next step can be queued."""
-        last = logits[:, -1, :]
-        if not params.needs_host_logits:
-            return ops.argmax(last)
-        return int(sampler(ops.to_numpy(last)[0], history))
-
-    history = list(ids)
-    cache = model.make_cache(1, max_len=min(ctx, len(ids) + max_tokens))
     start = time.perf_counter()
-    tokens = np.asarray(ids, dtype=np.int64)[None, :]
-    for s in range(0, len(ids) - 1, prefill_step_size):
-        chunk = tokens[:, s: min(s + prefill_step_size, len(ids) - 1)]
-        model.hidden(chunk, cache)
-        ops.eval(*cache.state())
-    y = pick(model(tokens[:, len(ids) - 1:], cache, last_only=True))
-    ops.async_eval(y) if pipelined else None
-
+    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size)
     detok = tokenizer.detokenizer()
-    n = 0
     prompt_time = gen_start = None
     finish = None
-    while True:
-        nxt = None
-        if pipelined and n + 1 < max_tokens:
-            nxt = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
-            ops.async_eval(nxt)
-        token = int(ops.to_numpy(y).reshape(-1)[0]) if not isinstance(y, int) else y
+    for n, token in enumerate(steps, 1):
         now = time.perf_counter()
         if prompt_time is None:
             prompt_time, gen_start = now - start, now
-        n += 1
-        history.append(token)
         if token in eos:
             finish = "stop"
             text = detok.finalize()
@@ -162,10 +136,46 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
             peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time)
         if finish:
             return
-        if nxt is not None:
-            y = nxt
-        else:
-            y = pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
+
+
+def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
+                  prefill_step_size: int = 512) -> Iterator[int]:
+    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
+
+    Prefill runs in chunks of prefill_step_size with only the last position through the output head. With greedy
+    sampling on MLX the token is chosen on the device and the next step is queued (mx.async_eval) before the
+    current token is read back, so the host waits only for that one integer per token.
+    """
+    sampler = sampler or Sampler(SamplingParams())
+    ops = model.ops
+    greedy = not sampler.p.needs_host_logits
+    pipelined = greedy and model.backend == "mlx"
+    history = list(ids)
+
+    def pick(logits):
+        last = logits[:, -1, :]
+        if greedy:
+            return ops.argmax(last)
+        return int(sampler(ops.to_numpy(last)[0], history))
+
+    cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
+    tokens = np.asarray(ids, dtype=np.int64)[None, :]
+    for s in range(0, len(ids) - 1, prefill_step_size):
+        model.hidden(tokens[:, s: min(s + prefill_step_size, len(ids) - 1)], cache)
+        ops.eval(*cache.state())
+    y = pick(model(tokens[:, len(ids) - 1:], cache, last_only=True))
+    if pipelined:
+        ops.async_eval(y)
+    for n in range(max_tokens):
+        nxt = None
+        if pipelined and n + 1 < max_tokens:
+            nxt = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
+            ops.async_eval(nxt)
+        token = y if isinstance(y, int) else int(ops.to_numpy(y).reshape(-1)[0])
+        history.append(token)
+        yield token
+        if n + 1 < max_tokens:
+            y = nxt if nxt is not None else pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

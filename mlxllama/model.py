@@ -55,8 +55,10 @@ class Model:
 
     def __call__(self, tokens, cache: KVCache, last_only: bool = False):
         """tokens [B, L] (ints) -> logits [B, L, vocab], or [B, 1, vocab] with last_only."""
-        h = self.hidden(tokens, cache)
-        return self.head(h[:, -1:, :] if last_only else h)
+        tokens = self.ops.asarray(tokens)
+        with self.ops.forward_scope(tokens.shape[0] * (1 if last_only else tokens.shape[1])):
+            h = self.hidden(tokens, cache)
+            return self.head(h[:, -1:, :] if last_only else h)
 
     def head(self, h):
         return self.ops.linear(self.ops.rms_norm(h, self.norm, self.args.rms_norm_eps), self.lm_head)
@@ -66,25 +68,24 @@ class Model:
         ops, a = self.ops, self.args
         tokens = ops.asarray(tokens)
         B, L = tokens.shape
-        H, KV, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        H, KV, D, F = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size
         offset = cache.offset
         scale = D ** -0.5
-        h = ops.embedding(self.embed, tokens)
-        for i, layer in enumerate(self.layers):
-            x = ops.rms_norm(h, layer.attn_norm, a.rms_norm_eps)
-            qkv = ops.linear(x, layer.qkv)
-            q = qkv[..., : H * D].reshape(B, L, H, D).transpose(0, 2, 1, 3)
-            k = qkv[..., H * D: (H + KV) * D].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-            v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-            q = ops.rope(q, offset, self.rope)
-            k = ops.rope(k, offset, self.rope)
-            k, v = cache.update(i, k, v)
-            o = ops.attention(q, k, v, scale, causal=True)
-            h = h + ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, H * D), layer.o)
-            x = ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps)
-            gu = ops.linear(x, layer.gate_up)
-            F = a.intermediate_size
-            h = h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
+        with ops.forward_scope(B * L):
+            h = ops.embedding(self.embed, tokens)
+            for i, layer in enumerate(self.layers):
+                x = ops.rms_norm(h, layer.attn_norm, a.rms_norm_eps)
+                qkv = ops.linear(x, layer.qkv)
+                # q and k heads rotate together: one rope call
+                qk = ops.rope(qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D).transpose(0, 2, 1, 3),
+                              offset, self.rope)
+                v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+                k, v = cache.update(i, qk[:, H:], v)
+                o = ops.attention(qk[:, :H], k, v, scale, causal=True)
+                h = h + ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, H * D), layer.o)
+                x = ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps)
+                gu = ops.linear(x, layer.gate_up)
+                h = h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
         cache.advance(L)
         return h
 

@@ -35,12 +35,14 @@ def pick(backend: str) -> str:
     return backend
 
 
-def get_ops(backend: str):
+def get_ops(backend: str, numpy_weights: str | None = None):
+    """The ops object of a backend. numpy_weights: "float32" or "quantized" (see numpy_ops; default: the
+    MLXLLAMA_NUMPY_WEIGHTS environment variable, else "float32")."""
     name = pick(backend)
     if name == "mlx":
         from .mlx_ops import MLXOps
 
         return MLXOps()
-    from . import numpy_ops
+    from .numpy_ops import NumpyOps
 
-    return numpy_ops
+    return NumpyOps(weights=numpy_weights)

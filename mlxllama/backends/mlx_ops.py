@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import mlx.core as mx
@@ -67,6 +68,9 @@ class MLXOps:
 
     def rope_table(self, inv_freq: np.ndarray, max_len: int):
         return mx.array((1.0 / inv_freq.astype(np.float64)).astype(np.float32))  # mx.fast.rope takes periods
+
+    def forward_scope(self, rows: int):
+        return contextlib.nullcontext()
 
     # -- ops ---------------------------------------------------------------------------------------------
 

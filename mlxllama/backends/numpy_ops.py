@@ -1,63 +1,240 @@
-"""numpy implementation of the backend ops. Weights are widened to float32 once at load; BLAS does the products."""
+"""numpy implementation of the backend ops: BLAS does the products, everything else is a few ufuncs.
+
+Weights are laid out once at load as [in, out] float32 matrices ("W transposed"), so that a decode step's
+matrix-vector product is BLAS's column-major gemv, the fastest form numpy reaches (about twice the row-dot form).
+The embedding table is stored the same way, [hidden, vocab]: the tied output head reads it as is, and a token's
+embedding is one of its columns.
+
+Two weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
+  "float32"    quantized weights are dequantized once at load: 4 bytes per weight, fastest.
+  "quantized"  quantized weights keep their codes (4-bit: two per byte) with float32 scales and biases, and are
+               dequantized into a scratch buffer a block at a time, per use: about 1/7 of the memory, slower decode.
+Both produce bit-identical weights (scale * q + bias in float32, as mx.quantized_matmul forms them).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import math
+import os
 import time
 
 import numpy as np
 
+from ..errors import UsageError
 from ..weights import QuantizedWeight
 
-name = "numpy"
-float_dtype = np.float32
+WEIGHT_MODES = ("float32", "quantized")
+_BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
+_CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
 
 
-def device() -> str:
-    return "cpu (numpy)"
+class QLinear:
+    """A quantized [in, out] matrix in "quantized" mode: codes[i, o] (4-bit: rows i and i + in/2 share a byte,
+    low nibble first), float32 scales and biases [in / group, 1, out]; w = scale * code + bias."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int, bits: int):
+        self.codes, self.scales, self.biases = codes, scales, biases
+        self.group_size, self.bits = group_size, bits
+        self.shape = (scales.shape[0] * group_size, scales.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + self.biases.nbytes
 
 
-# -- weight preparation (once, at load) ---------------------------------------------------------------
+class NumpyOps:
+    name = "numpy"
+    float_dtype = np.float32
 
-def prepare_dense(w) -> np.ndarray:
-    if isinstance(w, QuantizedWeight):
-        from ..quant import dequantize
+    def __init__(self, weights: str | None = None, threads: int | None = None):
+        """weights: "float32" (default) or "quantized" (see the module doc). threads: BLAS threads for
+        multi-token products (prefill); None leaves the BLAS default. Decode steps always use one thread."""
+        mode = weights or os.environ.get("MLXLLAMA_NUMPY_WEIGHTS") or "float32"
+        if mode not in WEIGHT_MODES:
+            raise UsageError(f"numpy weights mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        self.weights_mode = mode
+        self.threads = threads
+        self._scratch = np.empty(0, np.float32)
 
-        # float32 scales, as mx.quantized_matmul does with float32 inputs (and GGUF's own dequantization)
-        wide = QuantizedWeight(w.weight, w.scales.astype(np.float32), w.biases.astype(np.float32),
-                               w.group_size, w.bits)
-        return dequantize(wide, np.float32)
-    return np.ascontiguousarray(w, dtype=np.float32)
+    def device(self) -> str:
+        return "cpu (numpy)"
 
+    # -- weight preparation (once, at load) -----------------------------------------------------------------
 
-def prepare_linear(parts: list) -> np.ndarray:
-    """Fuse same-input projections by stacking their output rows; store transposed for x @ W."""
-    mats = [prepare_dense(p) for p in parts]
-    w = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=0)
-    return np.ascontiguousarray(w.T)
+    def prepare_linear(self, parts: list):
+        """Fuse same-input projections by output rows; lay the result out as [in, out]."""
+        quantized = all(isinstance(p, QuantizedWeight) for p in parts)
+        if self.weights_mode == "quantized" and quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
+            return _quantized_linear(parts)
+        cols = sum(p.shape[0] for p in parts)
+        out = np.empty((parts[0].shape[1], cols), np.float32)
+        o = 0
+        for p in parts:
+            for r in range(0, p.shape[0], _CHUNK_ROWS):
+                rows = _dense_rows(p, r, min(r + _CHUNK_ROWS, p.shape[0]))
+                out[:, o + r: o + r + rows.shape[0]] = rows.T
+            o += p.shape[0]
+        return out
 
+    def prepare_norm(self, w) -> np.ndarray:
+        return np.ascontiguousarray(w, dtype=np.float32)
 
-def prepare_norm(w) -> np.ndarray:
-    return np.ascontiguousarray(w, dtype=np.float32)
+    def prepare_embedding(self, w):
+        return self.prepare_linear([w])  # [hidden, vocab]: a token's embedding is a column
 
+    def tied_head(self, embedding):
+        return embedding
 
-def prepare_embedding(w) -> np.ndarray:
-    return prepare_dense(w)
+    def rope_table(self, inv_freq: np.ndarray, max_len: int):
+        return RopeTable(inv_freq)
 
+    @contextlib.contextmanager
+    def forward_scope(self, rows: int):
+        """Around one forward pass of `rows` token positions: matrix-vector steps run BLAS on one thread (they
+        are bound by memory bandwidth, which one core nearly saturates, and OpenBLAS's threaded gemv is slower,
+        disastrously so when the cores are shared); multi-row products use `threads` (default: BLAS's own)."""
+        want = 1 if rows == 1 else self.threads
+        before = _blas.get() if want is not None and _blas.available else None
+        if before is not None and before != want:
+            _blas.set(want)
+            try:
+                yield
+            finally:
+                _blas.set(before)
+        else:
+            yield
 
-def tied_head(embedding: np.ndarray) -> np.ndarray:
-    return embedding.T  # a view: no second copy of the table
+    # -- ops used by the forward pass ------------------------------------------------------------------------
 
+    def asarray(self, tokens) -> np.ndarray:
+        return np.asarray(tokens, dtype=np.int64)
 
-def rope_table(inv_freq: np.ndarray, max_len: int):
-    return RopeTable(inv_freq)
+    def embedding(self, table, ids: np.ndarray) -> np.ndarray:
+        """Columns `ids` of the [hidden, vocab] table, as [*ids.shape, hidden]."""
+        flat = ids.reshape(-1)
+        if isinstance(table, QLinear):
+            cols = _dequantize_columns(table, flat)
+        else:
+            cols = table[:, flat]
+        return np.ascontiguousarray(cols.T).reshape(*ids.shape, -1)
+
+    def linear(self, x: np.ndarray, w) -> np.ndarray:
+        """x [..., in] @ w [in, out]. One row goes through gemv with a 1-D vector (numpy would otherwise call
+        gemm with one row, about half as fast)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if isinstance(w, QLinear):
+            y = self._quantized_matmul(x2, w)
+        elif x2.shape[0] == 1:
+            y = np.matmul(x2[0], w)
+        else:
+            y = np.matmul(x2, w)
+        return y.reshape(*lead, -1)
+
+    def _quantized_matmul(self, x2: np.ndarray, w: QLinear) -> np.ndarray:
+        n_in, n_out = w.shape
+        out = np.empty((x2.shape[0], n_out), np.float32)
+        step = max(1, _BLOCK // n_in)
+        if self._scratch.size < n_in * min(step, n_out):
+            self._scratch = np.empty(n_in * min(step, n_out), np.float32)
+        vec = x2[0] if x2.shape[0] == 1 else None
+        for c in range(0, n_out, step):
+            cols = slice(c, min(c + step, n_out))
+            wb = _dequantize_block(w, cols, self._scratch)
+            if vec is not None:
+                np.matmul(vec, wb, out=out[0, cols])
+            else:
+                np.matmul(x2, wb, out=out[:, cols])
+        return out
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        d = x.shape[-1]
+        if x.size == d:
+            v = x.reshape(-1)
+            out = v * np.float32(1.0 / math.sqrt(float(np.dot(v, v)) / d + eps))
+        else:
+            ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(d)
+            out = x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))
+        out *= w
+        return out.reshape(x.shape)
+
+    def rope(self, x: np.ndarray, offset: int, table: RopeTable) -> np.ndarray:
+        """Non-interleaved (HF order) rotation of x [B, H, L, D]: x * cos + rotate_half(x) * sin."""
+        cos, sin = table.get(offset, x.shape[2])
+        out = x * cos
+        half = x.shape[-1] // 2
+        swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :].reshape(x.shape)  # [x2, x1] (a copy)
+        swapped *= sin  # sin is [-sin, sin] across the two halves
+        out += swapped
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+        """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right."""
+        B, H, L, D = q.shape
+        KV, T = k.shape[1], k.shape[2]
+        rep = H // KV
+        qg = q.reshape(B, KV, rep * L, D) * np.float32(scale)
+        scores = np.matmul(qg, k.transpose(0, 1, 3, 2))  # [B, KV, rep*L, T]
+        if causal and L > 1:
+            masked = np.arange(T)[None, :] > (np.arange(L)[:, None] + (T - L))
+            scores.reshape(B, KV, rep, L, T)[..., masked] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return np.matmul(scores, v).reshape(B, H, L, D)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        t = np.negative(gate)
+        np.exp(t, out=t)
+        t += 1.0
+        np.divide(gate, t, out=t)
+        t *= up
+        return t
+
+    def zeros(self, shape, dtype=None) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype or np.float32)
+
+    def concatenate(self, arrays, axis: int) -> np.ndarray:
+        return np.concatenate(arrays, axis=axis)
+
+    def argmax(self, logits: np.ndarray) -> np.ndarray:
+        return logits.argmax(axis=-1)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def eval(self, *xs) -> None:
+        pass
+
+    def async_eval(self, *xs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def peak_memory(self) -> int:
+        """Peak resident set size of this process, in bytes."""
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class RopeTable:
-    """cos/sin of position * inv_freq, grown on demand."""
+    """cos and sign-folded sin of position * inv_freq over the full head width, grown on demand:
+    cos = [c, c], sin = [-s, s], so that rope(x) = x * cos + [x2, x1] * sin."""
 
     def __init__(self, inv_freq: np.ndarray):
         self.inv_freq = inv_freq.astype(np.float64)
-        self.cos = np.zeros((0, inv_freq.shape[0]), np.float32)
+        self.cos = np.zeros((0, 2 * inv_freq.shape[0]), np.float32)
         self.sin = self.cos
 
     def get(self, offset: int, length: int):
@@ -65,94 +242,133 @@ class RopeTable:
         if end > self.cos.shape[0]:
             n = max(end, 2 * self.cos.shape[0], 256)
             ang = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-            self.cos, self.sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            self.cos, self.sin = np.concatenate([c, c], axis=1), np.concatenate([-s, s], axis=1)
         return self.cos[offset:end], self.sin[offset:end]
 
 
-# -- ops used by the forward pass ------------------------------------------------------------------------
+# -- quantized weights ---------------------------------------------------------------------------------------
 
-def asarray(tokens) -> np.ndarray:
-    return np.asarray(tokens, dtype=np.int64)
+def _dense_rows(w, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a weight as float32 [rows, in]; quantized rows are dequantized with float32 scales,
+    as mx.quantized_matmul does with float32 inputs (and GGUF's own dequantization)."""
+    if isinstance(w, QuantizedWeight):
+        from ..quant import dequantize
 
-
-def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    return table[ids]
-
-
-def linear(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
-    return x @ wt
-
-
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]
-    return x * (1.0 / np.sqrt(ms + eps)) * w
+        part = QuantizedWeight(w.weight[start:stop], w.scales[start:stop].astype(np.float32),
+                               w.biases[start:stop].astype(np.float32), w.group_size, w.bits)
+        return dequantize(part, np.float32)
+    return np.asarray(w[start:stop], dtype=np.float32)
 
 
-def rope(x: np.ndarray, offset: int, table: RopeTable) -> np.ndarray:
-    """Non-interleaved (HF order) rotation of x [B, H, L, D]."""
-    half = x.shape[-1] // 2
-    cos, sin = table.get(offset, x.shape[2])
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def _quantized_linear(parts: list[QuantizedWeight]) -> QLinear:
+    """Codes transposed to [in, out] (4-bit: nibble-packed as in QLinear), scales and biases [in / g, 1, out]."""
+    from ..quant import unpack
+
+    p0 = parts[0]
+    n_in, n_out = p0.shape[1], sum(p.shape[0] for p in parts)
+    half = n_in // 2
+    nibbles = p0.bits == 4 and n_in % 2 == 0
+    codes = np.empty((half if nibbles else n_in, n_out), np.uint8)
+    scales = np.empty((n_in // p0.group_size, 1, n_out), np.float32)
+    biases = np.empty_like(scales)
+    o = 0
+    for p in parts:
+        for r in range(0, p.shape[0], _CHUNK_ROWS):
+            s = slice(r, min(r + _CHUNK_ROWS, p.shape[0]))
+            q = unpack(np.ascontiguousarray(p.weight[s]), p.bits).T  # [in, rows]
+            cols = slice(o + s.start, o + s.stop)
+            codes[:, cols] = (q[:half] | (q[half:] << 4)) if nibbles else q
+            scales[:, 0, cols] = p.scales[s].T
+            biases[:, 0, cols] = p.biases[s].T
+        o += p.shape[0]
+    return QLinear(codes, scales, biases, p0.group_size, p0.bits)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-    """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right."""
-    B, H, L, D = q.shape
-    KV, T = k.shape[1], k.shape[2]
-    rep = H // KV
-    qg = q.reshape(B, KV, rep * L, D)
-    scores = (qg @ k.transpose(0, 1, 3, 2)) * scale  # [B, KV, rep*L, T]
-    if causal and L > 1:
-        scores = scores.reshape(B, KV, rep, L, T)
-        mask = np.arange(T)[None, :] > (np.arange(L)[:, None] + (T - L))
-        scores = np.where(mask, -np.inf, scores).reshape(B, KV, rep * L, T)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return (scores @ v).reshape(B, H, L, D)
+def _dequantize_block(w: QLinear, cols: slice, scratch: np.ndarray) -> np.ndarray:
+    """Columns `cols` of w as float32 [in, n] in scratch."""
+    n_in = w.shape[0]
+    n = cols.stop - cols.start
+    out = scratch[: n_in * n].reshape(n_in, n)
+    codes = w.codes[:, cols]
+    if w.codes.shape[0] != n_in:  # nibble-packed
+        half = n_in // 2
+        np.bitwise_and(codes, 15, out=out[:half], casting="unsafe")
+        np.right_shift(codes, 4, out=out[half:], casting="unsafe")
+    else:
+        np.copyto(out, codes, casting="unsafe")
+    grouped = out.reshape(-1, w.group_size, n)
+    np.multiply(grouped, w.scales[:, :, cols], out=grouped)
+    np.add(grouped, w.biases[:, :, cols], out=grouped)
+    return out
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    return gate / (1.0 + np.exp(-gate)) * up
+def _dequantize_columns(w: QLinear, ids: np.ndarray) -> np.ndarray:
+    """Columns `ids` (an index array) of w as float32 [in, len(ids)]."""
+    codes = w.codes[:, ids]
+    if w.codes.shape[0] != w.shape[0]:
+        codes = np.concatenate([codes & 15, codes >> 4], axis=0)
+    out = codes.astype(np.float32).reshape(-1, w.group_size, len(ids))
+    out *= w.scales[:, :, ids]
+    out += w.biases[:, :, ids]
+    return out.reshape(w.shape[0], len(ids))
 
 
-def zeros(shape, dtype=None) -> np.ndarray:
-    return np.zeros(shape, dtype=dtype or np.float32)
+# -- BLAS threads ---------------------------------------------------------------------------------------------
+
+class _OpenBLAS:
+    """get/set the thread count of the OpenBLAS numpy links (numpy's Linux and Windows wheels); elsewhere
+    (Accelerate on macOS, an unknown BLAS) `available` is False and nothing is changed."""
+
+    NAMES = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+             ("openblas_get_num_threads", "openblas_set_num_threads"))
+
+    def __init__(self):
+        self._get = self._set = None
+        self.available = False
+        try:
+            libs = self._loaded_openblas()
+        except OSError:
+            return
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for get, set_ in self.NAMES:
+                if hasattr(lib, get) and hasattr(lib, set_):
+                    self._get, self._set = getattr(lib, get), getattr(lib, set_)
+                    self._get.restype, self._set.argtypes = ctypes.c_int, [ctypes.c_int]
+                    self.available = True
+                    return
+
+    @staticmethod
+    def _loaded_openblas() -> list[str]:
+        if not os.path.exists("/proc/self/maps"):
+            return []
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+        return sorted(paths)
+
+    def get(self) -> int:
+        return int(self._get())
+
+    def set(self, n: int) -> None:
+        self._set(int(n))
 
 
-def concatenate(arrays, axis: int) -> np.ndarray:
-    return np.concatenate(arrays, axis=axis)
+_blas = _OpenBLAS()
+
+_default = None
 
 
-def argmax(logits: np.ndarray) -> np.ndarray:
-    return logits.argmax(axis=-1)
-
-
-def to_numpy(x) -> np.ndarray:
-    return np.asarray(x)
-
-
-def eval(*xs) -> None:
-    pass
-
-
-def async_eval(*xs) -> None:
-    pass
-
-
-def synchronize() -> None:
-    pass
-
-
-def clock() -> float:
-    return time.perf_counter()
-
-
-def peak_memory() -> int:
-    """Peak resident set size of this process, in bytes."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def __getattr__(attr):
+    """Module-level access (`numpy_ops.linear`, or the module passed as ops) uses a float32-mode NumpyOps."""
+    global _default
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    if _default is None:
+        _default = NumpyOps("float32")
+    return getattr(_default, attr)
