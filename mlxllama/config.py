@@ -134,6 +134,10 @@ class ModelArgs:
         return dataclasses.replace(self, **kw)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _get(d: dict, key: str, kind, source: str, default=...):
     if key not in d or d[key] is None:
         if default is ...:
@@ -175,8 +179,13 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     if heads > 0 and hidden % heads and "head_dim" not in d:
         raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
     eos = d.get("eos_token_id")
-    eos_list = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos or [])
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+    if eos is None:
+        eos_list = []
+    elif _is_int(eos):
+        eos_list = [eos]
+    elif isinstance(eos, list) and all(_is_int(e) for e in eos):
+        eos_list = eos
+    else:
         raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
     bos = d.get("bos_token_id")
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
