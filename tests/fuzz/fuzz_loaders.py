@@ -343,6 +343,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=sorted(TARGETS), default="gguf")
     parser.add_argument("--max-memory-mb", type=int, default=6144, help="RLIMIT_AS for this process")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="report each distinct foreign exception (type and innermost line) once, save its input "
+                             "as finding-*, and go on instead of stopping at the first")
     ours, libfuzzer_args = parser.parse_known_args(argv[1:])
 
     with atheris.instrument_imports(include=["mlxllama"]):
@@ -364,7 +367,27 @@ def main(argv: list[str]) -> None:
         (corpus / "seed").write_bytes(runner.seed_bytes)
     has_inputs = any(not a.startswith("-") for a in libfuzzer_args)
 
+    seen: set[tuple[str, str]] = set()
+
     def one_input(data: bytes) -> None:
+        if not ours.keep_going:
+            return run_one(data)
+        try:
+            run_one(data)
+        except Exception as e:
+            import hashlib
+            import traceback
+
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            key = (type(e).__name__, f"{frame.filename}:{frame.lineno}")
+            if key not in seen:
+                seen.add(key)
+                name = f"finding-{hashlib.sha1(data).hexdigest()[:12]}"
+                Path(name).write_bytes(data)
+                print(f"\nFINDING {len(seen)}: {key[0]}: {e} at {key[1]} (input saved as {name})", file=sys.stderr)
+                traceback.print_exception(e, file=sys.stderr)
+
+    def run_one(data: bytes) -> None:
         if ours.target == "smollm2":
             from mlxllama.errors import MlxLlamaError
 
