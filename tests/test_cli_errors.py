@@ -118,7 +118,7 @@ def test_convert_arguments(models, tmp_path):
     (tmp_path / "exists").mkdir()
     one_error_line(cli("convert", tiny, tmp_path / "exists"), MODEL_FILE, "already exists; pass --force")
     (tmp_path / "file").write_text("x")
-    one_error_line(cli("convert", tiny, tmp_path / "file" / "sub"), MODEL_FILE, "cannot write")
+    one_error_line(cli("convert", tiny, tmp_path / "file" / "sub"), MODEL_FILE, "file is a file, not a folder")
     assert not (tmp_path / "a").exists()
 
 

@@ -81,6 +81,9 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
     folder = Path(folder)
     if folder.exists() and not force:
         raise ModelFileError(f"{folder} already exists; pass --force to replace it")
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ModelFileError(f"cannot write {folder}: {parent} is a file, not a folder")
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
