@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cache import KVCache
 from .config import ModelArgs, rope_inv_freq
 from .weights import QuantizedWeight
 
 
-@dataclass
-class Layer:
+class Layer(NamedTuple):  # a tuple, so that mx.compile can take a layer's weights as inputs
     attn_norm: object
     qkv: object  # q, k and v projections fused by output rows
     o: object
@@ -20,29 +19,43 @@ class Layer:
 
 
 class Model:
-    def __init__(self, args: ModelArgs, weights: dict, ops):
+    def __init__(self, args: ModelArgs, weights: dict, ops, release: bool = False):
+        """release=True empties `weights` as each tensor is laid out for the backend, so that the loader's copy
+        and the backend's never coexist in full (lower peak memory while loading)."""
         self.args, self.ops = args, ops
         self.backend = ops.name
         self.weights_nbytes = sum(w.nbytes for w in weights.values())
-        self.embed = ops.prepare_embedding(weights["model.embed_tokens"])
+        self.quantization = _describe_quant(weights)
+        take = weights.pop if release else weights.__getitem__
+        self.embed = ops.prepare_embedding(take("model.embed_tokens"))
+        if args.tie_word_embeddings:
+            self.lm_head = ops.tied_head(self.embed)
+        else:
+            self.lm_head = ops.prepare_linear([take("lm_head")])
         self.layers = []
         for i in range(args.num_hidden_layers):
             p = f"model.layers.{i}."
             self.layers.append(Layer(
-                attn_norm=ops.prepare_norm(weights[p + "input_layernorm"]),
-                qkv=ops.prepare_linear([weights[p + f"self_attn.{n}_proj"] for n in "qkv"]),
-                o=ops.prepare_linear([weights[p + "self_attn.o_proj"]]),
-                mlp_norm=ops.prepare_norm(weights[p + "post_attention_layernorm"]),
-                gate_up=ops.prepare_linear([weights[p + "mlp.gate_proj"], weights[p + "mlp.up_proj"]]),
-                down=ops.prepare_linear([weights[p + "mlp.down_proj"]]),
+                attn_norm=ops.prepare_norm(take(p + "input_layernorm")),
+                qkv=ops.prepare_linear([take(p + f"self_attn.{n}_proj") for n in "qkv"]),
+                o=ops.prepare_linear([take(p + "self_attn.o_proj")]),
+                mlp_norm=ops.prepare_norm(take(p + "post_attention_layernorm")),
+                gate_up=ops.prepare_linear([take(p + "mlp.gate_proj"), take(p + "mlp.up_proj")]),
+                down=ops.prepare_linear([take(p + "mlp.down_proj")]),
             ))
-        self.norm = ops.prepare_norm(weights["model.norm"])
-        if args.tie_word_embeddings:
-            self.lm_head = ops.tied_head(self.embed)
-        else:
-            self.lm_head = ops.prepare_linear([weights["lm_head"]])
+        self.norm = ops.prepare_norm(take("model.norm"))
         self.rope = ops.rope_table(rope_inv_freq(args), args.max_position_embeddings)
-        self.quantization = _describe_quant(weights)
+        # The per-layer pieces around attention; a backend may compile them for single-token steps.
+        self._attn_in = ops.compile(self._attn_in_impl)
+        self._attn_out_mlp = ops.compile(self._attn_out_mlp_impl)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the weights as the backend holds them (numpy's float32 mode: 4 per weight)."""
+        held = {id(w): w for w in (self.embed, self.norm, self.lm_head)}
+        for layer in self.layers:
+            held.update((id(w), w) for w in layer)
+        return sum(int(w.nbytes) for w in held.values())
 
     @property
     def device(self) -> str:
@@ -68,26 +81,36 @@ class Model:
         ops, a = self.ops, self.args
         tokens = ops.asarray(tokens)
         B, L = tokens.shape
-        H, KV, D, F = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size
         offset = cache.offset
-        scale = D ** -0.5
         with ops.forward_scope(B * L):
             h = ops.embedding(self.embed, tokens)
             for i, layer in enumerate(self.layers):
-                x = ops.rms_norm(h, layer.attn_norm, a.rms_norm_eps)
-                qkv = ops.linear(x, layer.qkv)
-                # q and k heads rotate together: one rope call
-                qk = ops.rope(qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D).transpose(0, 2, 1, 3),
-                              offset, self.rope)
-                v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-                k, v = cache.update(i, qk[:, H:], v)
-                o = ops.attention(qk[:, :H], k, v, scale, causal=True)
-                h = h + ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, H * D), layer.o)
-                x = ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps)
-                gu = ops.linear(x, layer.gate_up)
-                h = h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
+                q, k, v = self._attn_in(h, layer, offset)
+                k, v = cache.update(i, k, v)
+                o = ops.attention(q, k, v, a.head_dim ** -0.5, causal=True)
+                h = self._attn_out_mlp(h, o, layer)
         cache.advance(L)
         return h
+
+    def _attn_in_impl(self, h, layer: Layer, offset):
+        """h [B, L, hidden] -> q [B, H, L, D], k and v [B, KV, L, D], q and k rotated for positions offset..."""
+        ops, a = self.ops, self.args
+        B, L, _ = h.shape
+        H, KV, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        qkv = ops.linear(ops.rms_norm(h, layer.attn_norm, a.rms_norm_eps), layer.qkv)
+        # q and k heads rotate together: one rope call
+        qk = ops.rope(qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D).transpose(0, 2, 1, 3), offset, self.rope)
+        v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+        return qk[:, :H], qk[:, H:], v
+
+    def _attn_out_mlp_impl(self, h, o, layer: Layer):
+        """The attention output projection and the MLP, each added to the residual stream h."""
+        ops, a = self.ops, self.args
+        B, L, _ = h.shape
+        F = a.intermediate_size
+        h = h + ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o)
+        gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)
+        return h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
 
 
 def _describe_quant(weights: dict) -> str:

@@ -81,7 +81,7 @@ class NumpyOps:
         return out
 
     def prepare_norm(self, w) -> np.ndarray:
-        return np.ascontiguousarray(w, dtype=np.float32)
+        return np.array(w, dtype=np.float32)  # a copy: no view keeps a loader's file mapping alive
 
     def prepare_embedding(self, w):
         return self.prepare_linear([w])  # [hidden, vocab]: a token's embedding is a column
@@ -91,6 +91,9 @@ class NumpyOps:
 
     def rope_table(self, inv_freq: np.ndarray, max_len: int):
         return RopeTable(inv_freq)
+
+    def compile(self, fn):
+        return fn
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
