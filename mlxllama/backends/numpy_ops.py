@@ -28,6 +28,7 @@ from ..weights import QuantizedWeight
 WEIGHT_MODES = ("float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
+_PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 
 
 class QLinear:
@@ -49,16 +50,17 @@ class NumpyOps:
     float_dtype = np.float32
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
-        """weights: "float32" (default) or "quantized" (see the module doc). threads: BLAS threads for
-        multi-token products (prefill); None leaves the BLAS default. Decode steps always use one thread."""
+        """weights: "float32" (default) or "quantized" (see the module doc). threads: workers for multi-row
+        products and quantized blocks (default: the CPUs this process may use)."""
         mode = weights or os.environ.get("MLXLLAMA_NUMPY_WEIGHTS") or "float32"
         if mode not in WEIGHT_MODES:
             raise UsageError(f"numpy weights mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         self.weights_mode = mode
-        self.threads = threads
-        self._scratch = np.empty(0, np.float32)
+        self.threads = threads or _cpu_count()
+        self._pool = None
+        self._scratch: dict[int, np.ndarray] = {}  # per worker thread, for on-the-fly dequantization
 
     def device(self) -> str:
         return "cpu (numpy)"
@@ -97,13 +99,13 @@ class NumpyOps:
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
-        """Around one forward pass of `rows` token positions: matrix-vector steps run BLAS on one thread (they
-        are bound by memory bandwidth, which one core nearly saturates, and OpenBLAS's threaded gemv is slower,
-        disastrously so when the cores are shared); multi-row products use `threads` (default: BLAS's own)."""
-        want = 1 if rows == 1 else self.threads
-        before = _blas.get() if want is not None and _blas.available else None
-        if before is not None and before != want:
-            _blas.set(want)
+        """Around one forward pass: BLAS runs single-threaded, restored afterwards. Matrix-vector steps are bound
+        by memory bandwidth, which one core nearly saturates, and OpenBLAS's threaded gemv is slower; multi-row
+        products are split by columns over this backend's own worker threads instead (see _run), which share the
+        work dynamically: OpenBLAS's threads wait on each other, and collapse when another process holds a core."""
+        before = _blas.get() if _blas.available else 1
+        if before != 1:
+            _blas.set(1)
             try:
                 yield
             finally:
@@ -130,29 +132,77 @@ class NumpyOps:
         gemm with one row, about half as fast)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
         if isinstance(w, QLinear):
             y = self._quantized_matmul(x2, w)
-        elif x2.shape[0] == 1:
+        elif rows == 1:
             y = np.matmul(x2[0], w)
-        else:
+        elif rows < _PARALLEL_ROWS or self.threads == 1:
             y = np.matmul(x2, w)
+        else:
+            y = np.empty((rows, w.shape[1]), np.float32)
+            self._run(lambda c: np.matmul(x2, w[:, c], out=y[:, c]), _column_blocks(w.shape[1], self.threads))
         return y.reshape(*lead, -1)
 
     def _quantized_matmul(self, x2: np.ndarray, w: QLinear) -> np.ndarray:
+        """x2 @ w, a block of columns at a time, each block's codes widened to float32 in a scratch buffer.
+        Several rows: the block is dequantized (scale * q + bias) and multiplied. One row: the codes are multiplied
+        per group and scaled afterwards, y = sum_g scale_g * (x_g . q_g) + bias_g * sum(x_g), two passes fewer
+        over the block (same weights, another rounding order: ~1e-6 relative)."""
         n_in, n_out = w.shape
+        g = w.group_size
         out = np.empty((x2.shape[0], n_out), np.float32)
-        step = max(1, _BLOCK // n_in)
-        if self._scratch.size < n_in * min(step, n_out):
-            self._scratch = np.empty(n_in * min(step, n_out), np.float32)
-        vec = x2[0] if x2.shape[0] == 1 else None
-        for c in range(0, n_out, step):
-            cols = slice(c, min(c + step, n_out))
-            wb = _dequantize_block(w, cols, self._scratch)
-            if vec is not None:
-                np.matmul(vec, wb, out=out[0, cols])
+        parallel = x2.shape[0] >= _PARALLEL_ROWS and self.threads > 1
+        step = _BLOCK // n_in if not parallel else min(_BLOCK // n_in, -(-n_out // self.threads))
+        step = max(64, step // 64 * 64)
+        if x2.shape[0] == 1:
+            xg = x2[0].reshape(-1, 1, g)
+            xsum = xg.sum(axis=(1, 2))
+
+        def block(cols: slice):
+            n = cols.stop - cols.start
+            codes = _codes_block(w, cols, self._scratch_for(n_in * step)[: n_in * n].reshape(n_in, n))
+            grouped = codes.reshape(-1, g, n)
+            if x2.shape[0] == 1:
+                part = np.matmul(xg, grouped)[:, 0, :]  # [groups, n]
+                part *= w.scales[:, 0, cols]
+                y = out[0, cols]
+                np.sum(part, axis=0, out=y)
+                y += xsum @ w.biases[:, 0, cols]
             else:
-                np.matmul(x2, wb, out=out[:, cols])
+                np.multiply(grouped, w.scales[:, :, cols], out=grouped)
+                np.add(grouped, w.biases[:, :, cols], out=grouped)
+                np.matmul(x2, codes, out=out[:, cols])
+
+        blocks = [slice(c, min(c + step, n_out)) for c in range(0, n_out, step)]
+        if parallel:
+            self._run(block, blocks)
+        else:  # one row: memory-bound, and worker handoffs would cost more than they win
+            for b in blocks:
+                block(b)
         return out
+
+    def _scratch_for(self, size: int) -> np.ndarray:
+        import threading
+
+        key = threading.get_ident()
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < size:
+            buf = self._scratch[key] = np.empty(size, np.float32)
+        return buf
+
+    def _run(self, fn, items: list) -> None:
+        """fn(item) for every item, on the worker threads (numpy releases the GIL in BLAS and ufunc loops)."""
+        if self.threads == 1 or len(items) == 1:
+            for it in items:
+                fn(it)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlxllama-numpy")
+        for f in [self._pool.submit(fn, it) for it in items]:
+            f.result()
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         d = x.shape[-1]
@@ -176,19 +226,29 @@ class NumpyOps:
         return out
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-        """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right."""
+        """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right.
+        Queries go in blocks, each against only the keys it can see (about half the work of a full causal L x T
+        score matrix); the softmax is normalized after the product with v (a [.., D] division, not [.., T])."""
         B, H, L, D = q.shape
         KV, T = k.shape[1], k.shape[2]
         rep = H // KV
-        qg = q.reshape(B, KV, rep * L, D) * np.float32(scale)
-        scores = np.matmul(qg, k.transpose(0, 1, 3, 2))  # [B, KV, rep*L, T]
-        if causal and L > 1:
-            masked = np.arange(T)[None, :] > (np.arange(L)[:, None] + (T - L))
-            scores.reshape(B, KV, rep, L, T)[..., masked] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return np.matmul(scores, v).reshape(B, H, L, D)
+        qg = (q * np.float32(scale)).reshape(B, KV, rep, L, D)
+        kt = k.transpose(0, 1, 3, 2)[:, :, None]  # [B, KV, 1, D, T]
+        vg = v[:, :, None]
+        if not causal or L == 1:
+            return _softmax_product(np.matmul(qg, kt), vg).reshape(B, H, L, D)
+        out = np.empty((B, KV, rep, L, D), np.float32)
+        past = T - L
+
+        def block(s: int):
+            e = min(s + _QUERY_BLOCK, L)
+            n, end = e - s, past + e
+            scores = np.matmul(qg[:, :, :, s:e], kt[..., :end])  # [B, KV, rep, n, end]
+            scores[..., end - n:] += _causal_bias(n)
+            out[:, :, :, s:e] = _softmax_product(scores, vg[:, :, :, :end])
+
+        self._run(block, list(range(0, L, _QUERY_BLOCK))[::-1])  # longest blocks first
+        return out.reshape(B, H, L, D)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         t = np.negative(gate)
@@ -250,6 +310,41 @@ class RopeTable:
         return self.cos[offset:end], self.sin[offset:end]
 
 
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _column_blocks(n: int, workers: int) -> list[slice]:
+    """About four blocks per worker (so a worker slowed by another process leaves its share to the others),
+    each a multiple of 64 columns and at least 256."""
+    step = max(256, -(-n // (4 * workers) // 64) * 64)
+    return [slice(c, min(c + step, n)) for c in range(0, n, step)]
+
+
+def _softmax_product(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(scores) @ v, with scores overwritten."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    den = scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, v)
+    out /= den
+    return out
+
+
+_QUERY_BLOCK = 128
+_BIAS: dict[int, np.ndarray] = {}
+
+
+def _causal_bias(n: int) -> np.ndarray:
+    """[n, n]: 0 on and below the diagonal, -inf above."""
+    if n not in _BIAS:
+        _BIAS[n] = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+    return _BIAS[n]
+
+
 # -- quantized weights ---------------------------------------------------------------------------------------
 
 def _dense_rows(w, start: int, stop: int) -> np.ndarray:
@@ -288,21 +383,15 @@ def _quantized_linear(parts: list[QuantizedWeight]) -> QLinear:
     return QLinear(codes, scales, biases, p0.group_size, p0.bits)
 
 
-def _dequantize_block(w: QLinear, cols: slice, scratch: np.ndarray) -> np.ndarray:
-    """Columns `cols` of w as float32 [in, n] in scratch."""
-    n_in = w.shape[0]
-    n = cols.stop - cols.start
-    out = scratch[: n_in * n].reshape(n_in, n)
+def _codes_block(w: QLinear, cols: slice, out: np.ndarray) -> np.ndarray:
+    """The codes of columns `cols` of w, as float32 [in, n] in out."""
     codes = w.codes[:, cols]
-    if w.codes.shape[0] != n_in:  # nibble-packed
-        half = n_in // 2
+    if w.codes.shape[0] != w.shape[0]:  # nibble-packed
+        half = w.shape[0] // 2
         np.bitwise_and(codes, 15, out=out[:half], casting="unsafe")
         np.right_shift(codes, 4, out=out[half:], casting="unsafe")
     else:
         np.copyto(out, codes, casting="unsafe")
-    grouped = out.reshape(-1, w.group_size, n)
-    np.multiply(grouped, w.scales[:, :, cols], out=grouped)
-    np.add(grouped, w.biases[:, :, cols], out=grouped)
     return out
 
 
