@@ -283,30 +283,28 @@ def main() -> None:
     argv = sys.argv[1:]
     VERBOSE["on"] = "--verbose" in argv or "-v" in argv
     try:
-        app(standalone_mode=False, prog_name="mlxllama")
+        rc = app(standalone_mode=False, prog_name="mlxllama")
     except MlxLlamaError as e:
         if VERBOSE["on"]:
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("\ninterrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            typer.echo("\ninterrupted", err=True)
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
+            typer.echo(f"error: {e.format_message()} (see mlxllama --help)", err=True)
             sys.exit(e.exit_code)
         if VERBOSE["on"]:
             raise
         typer.echo(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
         sys.exit(1)
+    if rc == 130:
+        typer.echo("interrupted", err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import backends
-from .config import ModelArgs
+from .config import ModelArgs, load_config
 from .errors import ModelFileError
 from .generate import GenerationResponse, generate, stream_generate  # noqa: F401  (re-exported)
 from .model import Model
@@ -36,14 +36,11 @@ def load_path(path: Path):
         from .tokenizer import tokenizer_from_gguf
 
         args, weights, meta = load_gguf(path)
-        return args, weights, tokenizer_from_gguf(meta)
+        return args, weights, tokenizer_from_gguf(meta, source=str(path))
     if not (path / "config.json").exists():
         raise ModelFileError(f"{path}: no config.json (expected an HF or MLX model folder)")
-    try:
-        quantized = "quantization" in json.loads((path / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError, OSError):
-        quantized = False  # load_config reports the problem precisely
-    if quantized:
+    load_config(path / "config.json")  # validates: a JSON object with a supported, consistent config
+    if "quantization" in json.loads((path / "config.json").read_text()):
         from .loaders.mlx_folder import load_mlx
 
         args, weights = load_mlx(path)

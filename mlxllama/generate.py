@@ -99,6 +99,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                                         repetition_penalty=repetition_penalty, seed=seed)
     sampler = Sampler(params)
     ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
+    if max(ids) >= model.args.vocab_size:
+        raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
+                         "the tokenizer does not match the weights")
     ctx = model.args.max_position_embeddings
     if len(ids) >= ctx:
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")

@@ -154,8 +154,41 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+TEMPLATE_BUDGET = 1_000_000  # loop items and string/list elements a chat template may produce in one render
+
+
+class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The sandbox bounds one range() but not nested loops or `'x' * 10**10`: count what a render builds."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.spent = 0
+        self.globals["range"] = self._range
+
+    def _spend(self, n: int) -> None:
+        self.spent += max(int(n), 0)
+        if self.spent > TEMPLATE_BUDGET:
+            raise jinja2.sandbox.SecurityError("chat template exceeds its work budget (a hostile or broken template)")
+
+    def _range(self, *args):
+        r = range(*args)
+        self._spend(len(r))
+        return r
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise jinja2.sandbox.SecurityError("chat template raises to a power beyond 64")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    self._spend(len(seq) * n)
+        return super().call_binop(context, operator, left, right)
+
+
 def _compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    env = _BudgetedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -242,6 +275,7 @@ class Tokenizer:
                 "documents": None,
                 **kwargs,
             }
+            self._template.environment.spent = 0
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except UsageError:
             raise

@@ -133,9 +133,6 @@ def test_verbose_shows_the_traceback(models):
     assert r.returncode == MODEL_FILE and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
 
 
-@pytest.mark.xfail(strict=True, reason="cli/app.py main(): typer >= 0.16 vendors click (typer._click), so "
-                                       "isinstance(e, click.ClickException) misses its usage errors: exit 1, "
-                                       "'error: BadParameter: ...'; see the hardening report")
 @pytest.mark.parametrize("args", [["generate", "hi", "--temp", "abc"], ["generate", "hi", "--bogus"], ["bogus"]],
                          ids=["not a number", "unknown option", "unknown command"])
 def test_click_usage_errors(args):
@@ -213,8 +210,6 @@ def test_convert_sigint_mid_write_cleans_up(convert_sigint):
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="cli/app.py main(): typer turns Ctrl-C into Exit(130), which "
-                                       "app(standalone_mode=False) returns; main() drops it: exit 0, no message")
 def test_convert_sigint_exit_code(convert_sigint):
     dst, rc, err = convert_sigint
     assert rc == INTERRUPTED and "interrupted" in err
@@ -283,8 +278,6 @@ def test_generate_sigint_stops_cleanly(generate_sigint):
     assert len(out.strip()) > 0  # what was generated before Ctrl-C is on stdout
 
 
-@pytest.mark.xfail(strict=True, reason="cli/app.py main(): app(standalone_mode=False) returns typer.Exit's code "
-                                       "instead of raising, and main() drops it: exit 0 after Ctrl-C")
 def test_generate_sigint_exit_code(generate_sigint):
     assert generate_sigint[2] == INTERRUPTED
 
