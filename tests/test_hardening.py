@@ -666,14 +666,49 @@ def test_chat_template_sandbox(seeds, tmp_path, monkeypatch, template):
     assert not (tmp_path / "marker").exists() and not (tmp_path / "MARKER").exists()
 
 
-def test_chat_template_cpu_budget(seeds, tmp_path):
-    """Ten billion loop turns: the sandbox bounds range() but not nesting. (Its twin, "{{ 'x' * 10**10 }}",
-    asks for 10 GB; here the RLIMIT_AS guard turns that into MemoryError, so it is not tested in CI.)"""
-    template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+BUDGET_TEMPLATES = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # 10**10 turns
+    "{{ 'x' * 10000000000 }}",
+    "{{ (range(1000)|list * 1000)|length }}",
+]
+# Each of these asks for gigabytes or billions of steps through a filter, a format or a global that the work
+# budget does not see yet (with more memory than the test allows, each one allocates ~3 GB or runs for minutes).
+UNBUDGETED_TEMPLATES = [
+    "{{ 'x'|center(3000000000) }}",
+    "{{ '%3000000000s' % 'x' }}",
+    "{{ '%3000000000s'|format('x') }}",
+    "{{ '{:>3000000000}'.format('x') }}",
+    "{{ 'x'|indent(3000000000, true) }}",
+    "{% set s = 'x' * 900000 %}{{ ('ab' * 400)|replace('', s) }}",
+    "{{ ([1, 2]|slice(100000000)|list)|length }}",
+    "{{ lipsum(n=1000000) }}",
+]
+
+
+def _template_budget(seeds, tmp_path, template):
     folder = _with_template(seeds["hf"], tmp_path / "m", template)
-    model, tok = mlxllama.load(folder, backend="numpy")
-    e = only_our_errors(lambda: tok.apply_chat_template([{"role": "user", "content": "hi"}]), seconds=2)
-    assert isinstance(e, UsageError) and "chat template" in str(e)
+    _, tok = mlxllama.load(folder, backend="numpy")
+    try:
+        with bounded(seconds=1, extra_bytes=1 << 30):  # a budget worth the name stops far below either
+            tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    except Hang:
+        pytest.fail("the template ran past 1 s")
+    except UsageError as e:
+        assert "chat template" in str(e) and "MemoryError" not in str(e), str(e)
+    else:
+        pytest.fail("the template rendered")
+
+
+@pytest.mark.parametrize("template", BUDGET_TEMPLATES)
+def test_chat_template_budget(seeds, tmp_path, template):
+    _template_budget(seeds, tmp_path, template)
+
+
+@pytest.mark.xfail(strict=True, reason="tokenizer.py: the work budget covers range() and '*' but not filters with "
+                                       "a size argument, '%' / format widths, replace() or lipsum(); see the report")
+@pytest.mark.parametrize("template", UNBUDGETED_TEMPLATES)
+def test_chat_template_budget_gaps(seeds, tmp_path, template):
+    _template_budget(seeds, tmp_path, template)
 
 
 # ---------------------------------------------------------------------------------------------- known gaps elsewhere
