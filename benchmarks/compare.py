@@ -41,19 +41,40 @@ PEERS = ("mlx-lm", "llama.cpp")
 
 # -- measurements (shared by all workers) ---------------------------------------------------------------------
 
-def rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def _status(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
 def rss_peak() -> int:
+    """Peak RSS since the start, or since the last reset_rss_peak()."""
+    peak = _status("VmHWM")
+    if peak:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_rss_peak() -> bool:
+    """Start a new peak-RSS window (Linux: clear_refs 5), so that generation's peak is seen apart from loading's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def prompts(spec: dict, length: int, count: int, salt: int) -> list[list[int]]:
@@ -65,26 +86,26 @@ def prompts(spec: dict, length: int, count: int, salt: int) -> list[list[int]]:
     return [rng.integers(lo, hi, size=length).tolist() for _ in range(count)]
 
 
-def time_prompt(stream, ids: list[int]) -> float:
-    """Seconds from submitting the prompt to holding the first sampled token."""
-    t0 = time.perf_counter()
+def time_prompt(stream, ids: list[int]) -> tuple[float, float]:
+    """Seconds from submitting the prompt to holding the first sampled token (wall, and CPU of this process)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     it = stream(ids, 1)
     next(it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     it.close()
-    return dt
+    return dt, cpu
 
 
-def time_decode(stream, ids: list[int], n: int) -> float:
-    """Tokens per second of n decode steps after the prompt's first token."""
+def time_decode(stream, ids: list[int], n: int) -> tuple[float, float]:
+    """Tokens per second of n decode steps after the prompt's first token, and CPU seconds per token."""
     it = stream(ids, n + 1)
     next(it)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     got = sum(1 for _ in it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     if got != n:
         raise RuntimeError(f"decode produced {got} tokens, expected {n}")
-    return n / dt
+    return n / dt, cpu / n
 
 
 def serve(stream, spec: dict, info: dict) -> None:
@@ -92,15 +113,21 @@ def serve(stream, spec: dict, info: dict) -> None:
     engines' repetitions can be interleaved (load changes on a shared machine then hit every engine alike)."""
     pp_prompts = prompts(spec, spec["pp"], spec["reps"] + 1, salt=1) if spec["pp"] else []
     tg_prompts = prompts(spec, spec["tg_prompt"], spec["reps"] + 1, salt=2) if spec["tg"] else []
+    import gc
+
+    gc.collect()
+    info.update(rss_load_peak=rss_peak(), rss_after_load=rss_now(), rss_window=reset_rss_peak())
     reply({"ready": True, **info})
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "pp":
-            reply({"s": time_prompt(stream, pp_prompts[int(arg)])})
+            s, cpu = time_prompt(stream, pp_prompts[int(arg)])
+            reply({"s": s, "cpu": cpu})
         elif cmd == "tg":
-            reply({"tps": time_decode(stream, tg_prompts[int(arg)], spec["tg"])})
+            tps, cpu = time_decode(stream, tg_prompts[int(arg)], spec["tg"])
+            reply({"tps": tps, "cpu": cpu})
         elif cmd == "done":
-            reply({"rss_peak": rss_peak(), **info.get("final", lambda: {})()})
+            reply({"rss_run_peak": rss_peak(), **info.get("final", lambda: {})()})
             return
 
 
@@ -118,10 +145,15 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
 
     backend = "mlx" if engine == "mlx" else "numpy"
     ops = backends.get_ops(backend, numpy_weights="quantized" if engine == "numpy-q" else None)
+    import mlxllama.loaders.gguf  # noqa: F401  (code the load would import: not engine memory)
+    import mlxllama.tokenizer  # noqa: F401
+
+    if backend == "mlx":
+        ops.eval(ops.zeros((1,)) + 1)  # MLX initialized before the baseline
     base = rss_now()
     t0 = time.perf_counter()
     args, weights, _tok = load_path(resolve(spec["model"]))
-    model = Model(args, weights, ops)
+    model = Model(args, weights, ops, release=True)
     weights_file = model.weights_nbytes
     del weights
     load_s = time.perf_counter() - t0
@@ -140,7 +172,7 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
     def stream(ids, n):
         return generate_step(model, ids, n, prefill_step_size=512)
 
-    serve(stream, spec, dict(load_s=load_s, rss_base=base, rss_load_peak=rss_peak(), weights_file_bytes=weights_file,
+    serve(stream, spec, dict(load_s=load_s, rss_base=base, weights_file_bytes=weights_file,
                              weights_bytes=model.resident_nbytes, kv_bytes=kv, device=model.device,
                              detail=model.quantization + ("" if backend == "mlx" else f", {ops.weights_mode} weights"),
                              final=final))
@@ -171,7 +203,7 @@ def worker_mlx_lm(spec: dict) -> None:
         for y, _ in generate_step(mx.array(ids), model, max_tokens=n, prefill_step_size=512):
             yield y
 
-    serve(stream, spec, dict(load_s=load_s, rss_base=base, rss_load_peak=rss_peak(), weights_bytes=weights,
+    serve(stream, spec, dict(load_s=load_s, rss_base=base, weights_bytes=weights,
                              kv_bytes=kv, device=str(mx.default_device()),
                              detail="float32 (cast from the stored float16)" if cast else "as stored",
                              final=lambda: {"mlx_peak_memory": int(mx.get_peak_memory())}))
@@ -211,7 +243,7 @@ def worker_llamacpp(spec: dict) -> None:
             if i + 1 < n:
                 y = decode([y])
 
-    serve(stream, spec, dict(load_s=load_s, rss_base=base, rss_load_peak=rss_peak(),
+    serve(stream, spec, dict(load_s=load_s, rss_base=base,
                              weights_bytes=int(llama_cpp.llama_model_size(llm.model)),
                              kv_bytes=int(llama_cpp.llama_state_get_size(ctx)),
                              device=f"cpu, {spec['threads']} threads",
@@ -304,45 +336,54 @@ def mb(v) -> str:
     return "-" if v is None else f"{v / 1e6:.0f}"
 
 
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    full = [r for r in rows if len(r) == len(head)]
+    widths = [max(len(str(x[i])) for x in [head] + full) for i in range(len(head))]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    for r in rows:
+        out.append(" | ".join(str(x).ljust(w) for x, w in zip(r, widths)) if len(r) == len(head)
+                   else f"{r[0].ljust(widths[0])} | {r[1]}")
+    return out
+
+
 def table(results: dict, spec: dict) -> str:
     pp, tg = spec["pp"], spec["tg"]
-    head = ["engine", f"pp{pp} t/s", f"tg{tg} t/s", "TTFT cold s", "TTFT warm s", "load s", "peak RSS MB",
-            "engine MB", "weights MB", "KV MB", "engine/(w+kv)"]
-    rows = []
+    speed, memory = [], []
     for eng, r in results.items():
         if "error" in r or "skipped" in r:
-            rows.append([LABELS[eng], r.get("skipped") or "error: " + r["error"]])
+            speed.append([LABELS[eng], r.get("skipped") or "error: " + r["error"]])
             continue
-        engine_mem = r["rss_peak"] - r["rss_base"]
+        speed.append([LABELS[eng], fmt(r.get("pp_tps")), fmt(r.get("tg_tps")), fmt(r.get("ttft_cold_s"), ".2f"),
+                      fmt(r.get("ttft_s"), ".2f"), fmt(r["load_s"], ".2f")])
+        base = r["rss_base"]
+        run = r.get("rss_run_peak") if r.get("rss_window") else None
         wkv = r.get("weights_bytes", 0) + r.get("kv_bytes", 0)
-        rows.append([LABELS[eng], fmt(r.get("pp_tps")), fmt(r.get("tg_tps")), fmt(r.get("ttft_cold_s"), ".2f"),
-                     fmt(r.get("ttft_s"), ".2f"), fmt(r["load_s"], ".2f"), mb(r["rss_peak"]), mb(engine_mem),
-                     mb(r.get("weights_bytes")), mb(r.get("kv_bytes")),
-                     f"{engine_mem / wkv:.2f}x" if wkv else "-"])
-    widths = [max(len(str(x[i])) for x in [head] + [r for r in rows if len(r) > 2]) for i in range(len(head))]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
-             "-+-".join("-" * w for w in widths)]
-    for r in rows:
-        lines.append(" | ".join(str(x).ljust(w) for x, w in zip(r, widths)) if len(r) > 2
-                     else f"{r[0].ljust(widths[0])} | {r[1]}")
-    ratio_lines = []
+        overall = max(r["rss_load_peak"], run or 0)
+        memory.append([LABELS[eng], mb(r.get("weights_bytes")), mb(r.get("kv_bytes")), mb(r["rss_load_peak"] - base),
+                       mb(run - base) if run else "-", f"{(run - base) / wkv:.2f}x" if run and wkv else "-",
+                       f"{(overall - base) / wkv:.2f}x" if wkv else "-", mb(base), mb(overall)])
+    lines = _grid(["engine", f"pp{pp} t/s", f"tg{tg} t/s", "TTFT cold s", "TTFT warm s", "load s"], speed)
+    lines += ["", "Memory (MB; peaks are over the RSS after imports, before loading):"]
+    lines += _grid(["engine", "weights", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)", "imports",
+                    "peak RSS"], memory)
+    lines += ["", "Ratios (>1: mlxllama faster; TTFT: peer time / ours):"]
     for ours in OURS:
         r = results.get(ours, {})
-        if "pp_tps" not in r and "tg_tps" not in r:
-            continue
         for peer in PEERS:
             p = results.get(peer, {})
-            if "pp_tps" not in p and "tg_tps" not in p:
-                continue
             parts = []
             for key, name in (("pp_tps", f"pp{pp}"), ("tg_tps", f"tg{tg}"), ("ttft_s", "TTFT")):
                 if r.get(key) and p.get(key):
-                    x = r[key] / p[key] if key != "ttft_s" else p[key] / r[key]
-                    parts.append(f"{name} {x:.2f}x")
-            ratio_lines.append(f"{LABELS[ours]} vs {LABELS[peer]}: " + ", ".join(parts))
-    notes = [f"{LABELS[e]}: {r['detail']}, {r.get('device', '')}" for e, r in results.items() if r.get("detail")]
-    return "\n".join(lines + ["", "Ratios (>1: mlxllama faster; TTFT: peer time / ours):"] + ratio_lines
-                     + ["", "Engines:"] + notes)
+                    parts.append(f"{name} {r[key] / p[key] if key != 'ttft_s' else p[key] / r[key]:.2f}x")
+            if ours == "mlx" and peer == "mlx-lm":  # both single-threaded: CPU time is robust to a shared machine
+                for key, name in (("pp_cpu_s", f"pp{pp}"), ("tg_cpu_s_per_token", f"tg{tg}")):
+                    if r.get(key) and p.get(key):
+                        parts.append(f"{name} by CPU time {p[key] / r[key]:.2f}x")
+            if parts:
+                lines.append(f"{LABELS[ours]} vs {LABELS[peer]}: " + ", ".join(parts))
+    lines += ["", "Engines:"] + [f"{LABELS[e]}: {r['detail']}, {r.get('device', '')}"
+                                 for e, r in results.items() if r.get("detail")]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -359,7 +400,6 @@ def main(argv=None) -> int:
     ap.add_argument("--mlx-lm-dtype", choices=("auto", "float32", "stored"), default="auto",
                     help="mlx-lm parameters: auto = float32 where MLX has no GPU, else as stored")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
     ap.add_argument("--json", type=Path, help="write all measurements here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -423,11 +463,13 @@ def main(argv=None) -> int:
                             continue
                         t0 = time.perf_counter()
                         try:
-                            got = workers[eng].ask(f"{cmd} {rep}")[field]
+                            ans = workers[eng].ask(f"{cmd} {rep}")
                         except RuntimeError as e:
                             results[eng]["error"] = str(e)
                             continue
+                        got = ans[field]
                         results[eng].setdefault(key, []).append(got)
+                        results[eng].setdefault(f"{cmd}_cpu_runs", []).append(ans["cpu"])
                         print(f"  {'warm-up' if rep == 0 else f'rep {rep}'} {cmd} {LABELS[eng]}: "
                               f"{got:.3f} {'s' if field == 's' else 't/s'} ({time.perf_counter() - t0:.0f} s)",
                               flush=True)
@@ -443,9 +485,11 @@ def main(argv=None) -> int:
     for eng, r in results.items():
         if r.get("pp_runs_s"):
             cold, warm = r["pp_runs_s"][0], r["pp_runs_s"][1:]
-            r.update(ttft_cold_s=cold, ttft_s=statistics.median(warm), pp_tps=a.pp / statistics.median(warm))
+            r.update(ttft_cold_s=cold, ttft_s=statistics.median(warm), pp_tps=a.pp / statistics.median(warm),
+                     pp_cpu_s=statistics.median(r["pp_cpu_runs"][1:]))
         if r.get("tg_runs_tps"):
-            r.update(tg_warmup_tps=r["tg_runs_tps"][0], tg_tps=statistics.median(r["tg_runs_tps"][1:]))
+            r.update(tg_warmup_tps=r["tg_runs_tps"][0], tg_tps=statistics.median(r["tg_runs_tps"][1:]),
+                     tg_cpu_s_per_token=statistics.median(r["tg_cpu_runs"][1:]))
     if hasattr(os, "getloadavg"):
         info["loadavg_end"] = os.getloadavg()
     print()

@@ -1,0 +1,164 @@
+"""Every fast path gives the plain path's numbers: numpy's quantized-weights mode, worker threads and blocked
+attention; MLX's compiled decode step and dequantize-then-matmul prefill; releasing the loader's weights."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import TINY, random_weights
+from mlxllama.backends import get_ops
+from mlxllama.backends import numpy_ops
+from mlxllama.config import from_hf_dict
+from mlxllama.generate import generate_step
+from mlxllama.model import Model
+from mlxllama.quant import quantize_weights
+
+needs_mlx = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx not installed")
+
+
+def tiny(tie: bool = False, bits: int | None = 4, seed: int = 0, **kw):
+    cfg = dict(TINY, tie_word_embeddings=tie, **kw)
+    args = from_hf_dict(dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu"))
+    weights = {k.removesuffix(".weight"): v for k, v in random_weights(cfg, seed).items()}
+    if bits:
+        weights, args = quantize_weights(weights, args, group_size=32, bits=bits, dtype=np.float16)
+    return args, weights
+
+
+def logits(model, tokens, split: int) -> np.ndarray:
+    """Prefill tokens[:, :split] (one chunk), then one token at a time: every logit row."""
+    cache = model.make_cache(tokens.shape[0])
+    parts = [model(tokens[:, :split], cache)]
+    parts += [model(tokens[:, i: i + 1], cache) for i in range(split, tokens.shape[1])]
+    return np.concatenate([model.ops.to_numpy(p) for p in parts], axis=1)
+
+
+TOKENS = np.random.default_rng(3).integers(0, 400, (1, 40))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_numpy_quantized_mode_matches_float32_mode(tie, bits):
+    args, weights = tiny(tie=tie, bits=bits)
+    dense = Model(args, weights, numpy_ops.NumpyOps("float32", threads=1))
+    quant = Model(args, weights, numpy_ops.NumpyOps("quantized", threads=2))
+    assert quant.resident_nbytes < dense.resident_nbytes / 2
+    want, got = logits(dense, TOKENS, 30), logits(quant, TOKENS, 30)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # prefill (several rows) dequantizes the very weights float32 mode holds: identical up to BLAS blocking
+    np.testing.assert_allclose(got[:, :30], want[:, :30], rtol=1e-6, atol=1e-5)
+    ids = TOKENS[0, :12].tolist()
+    assert list(generate_step(quant, ids, 12)) == list(generate_step(dense, ids, 12))
+
+
+def test_numpy_quantized_mode_by_environment(monkeypatch):
+    monkeypatch.setenv("MLXLLAMA_NUMPY_WEIGHTS", "quantized")
+    assert get_ops("numpy").weights_mode == "quantized"
+    assert get_ops("numpy", numpy_weights="float32").weights_mode == "float32"
+    monkeypatch.setenv("MLXLLAMA_NUMPY_WEIGHTS", "int3")
+    with pytest.raises(Exception, match="weights mode"):
+        get_ops("numpy")
+
+
+def test_numpy_worker_threads_match_one_thread():
+    args, weights = tiny(bits=None)
+    one = Model(args, weights, numpy_ops.NumpyOps(threads=1))
+    two = Model(args, weights, numpy_ops.NumpyOps(threads=2))
+    np.testing.assert_allclose(logits(two, TOKENS, 30), logits(one, TOKENS, 30), rtol=1e-6, atol=1e-6)
+
+
+def naive_attention(q, k, v, scale):
+    B, H, L, D = q.shape
+    KV, T = k.shape[1], k.shape[2]
+    k = np.repeat(k, H // KV, axis=1).astype(np.float64)
+    v = np.repeat(v, H // KV, axis=1).astype(np.float64)
+    s = q.astype(np.float64) @ k.transpose(0, 1, 3, 2) * scale
+    s[..., np.arange(T)[None, :] > np.arange(L)[:, None] + (T - L)] = -np.inf
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("L,T", [(300, 300), (300, 345), (1, 50), (129, 129)])
+def test_numpy_blocked_attention(L, T):
+    rng = np.random.default_rng(L + T)
+    q = rng.standard_normal((2, 6, L, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, T, 16)).astype(np.float32) for _ in range(2))
+    for threads in (1, 2):
+        got = numpy_ops.NumpyOps(threads=threads).attention(q, k, v, 0.25, causal=True)
+        np.testing.assert_allclose(got, naive_attention(q, k, v, 0.25), rtol=1e-4, atol=1e-5)
+
+
+def test_numpy_forward_restores_blas_threads():
+    if not numpy_ops._blas.available:
+        pytest.skip("numpy's BLAS is not an OpenBLAS whose threads can be set")
+    before = numpy_ops._blas.get()
+    args, weights = tiny(bits=None)
+    model = Model(args, weights, numpy_ops.NumpyOps(threads=2))
+    model(TOKENS[:, :5], model.make_cache())
+    assert numpy_ops._blas.get() == before
+
+
+def test_release_empties_the_loaders_weights():
+    args, weights = tiny()
+    want = logits(Model(args, weights, numpy_ops.NumpyOps()), TOKENS, 20)
+    model = Model(args, dict(weights), numpy_ops.NumpyOps(), release=False)
+    given = dict(weights)
+    released = Model(args, given, numpy_ops.NumpyOps(), release=True)
+    assert given == {}
+    np.testing.assert_array_equal(logits(released, TOKENS, 20), want)
+    assert released.weights_nbytes == model.weights_nbytes
+
+
+def test_generate_step_yields_exactly_max_tokens():
+    """No stop tokens at this level (benchmarks rely on it); a shorter run is a prefix of a longer one."""
+    args, weights = tiny()
+    model = Model(args, weights, numpy_ops.NumpyOps())
+    ids = TOKENS[0, :8].tolist()
+    out = list(generate_step(model, ids, 20))
+    assert len(out) == 20
+    assert list(generate_step(model, ids, 5)) == out[:5]
+
+
+@needs_mlx
+@pytest.mark.parametrize("tie", [False, True])
+def test_mlx_compiled_decode_matches_eager(tie):
+    from mlxllama.backends.mlx_ops import MLXOps
+
+    class EagerOps(MLXOps):
+        def compile(self, fn):
+            return fn
+
+    args, weights = tiny(tie=tie)
+    fast = Model(args, weights, MLXOps())
+    plain = Model(args, weights, EagerOps())
+    np.testing.assert_allclose(logits(fast, TOKENS, 20), logits(plain, TOKENS, 20), rtol=1e-5, atol=1e-5)
+    ids = TOKENS[0, :10].tolist()
+    assert list(generate_step(fast, ids, 16)) == list(generate_step(plain, ids, 16))
+
+
+@needs_mlx
+def test_mlx_dequantized_prefill_matches_quantized_matmul(monkeypatch):
+    from mlxllama.backends import mlx_ops
+
+    if mlx_ops.gpu_available():
+        pytest.skip("the dequantize-then-matmul prefill is the CPU path")
+    args, weights = tiny()
+    model = Model(args, weights, mlx_ops.MLXOps())
+    fast = logits(model, TOKENS, 30)  # 30 rows: dequantized weights, x @ W
+    monkeypatch.setattr(mlx_ops, "DEQUANTIZED_MATMUL_ROWS", 10 ** 9)
+    np.testing.assert_allclose(fast, logits(model, TOKENS, 30), rtol=1e-5, atol=1e-5)
+
+
+@needs_mlx
+def test_mlx_and_numpy_fast_paths_agree():
+    args, weights = tiny()
+    mlx_model = Model(args, weights, get_ops("mlx"))
+    for mode in ("float32", "quantized"):
+        np_model = Model(args, weights, get_ops("numpy", numpy_weights=mode))
+        np.testing.assert_allclose(logits(mlx_model, TOKENS, 30), logits(np_model, TOKENS, 30), rtol=1e-4,
+                                   atol=1e-4)
+        ids = TOKENS[0, :10].tolist()
+        assert list(generate_step(mlx_model, ids, 16)) == list(generate_step(np_model, ids, 16))
