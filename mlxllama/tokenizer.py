@@ -8,6 +8,7 @@ The Tokenizer on top owns BOS/EOS conventions, the chat template and saving in a
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -160,12 +161,47 @@ TEMPLATE_BUDGET = 1_000_000  # loop items and string/list elements a chat templa
 class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """The sandbox bounds one range() but not nested loops or `'x' * 10**10`: count what a render builds."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
+    MAX_ARG = 100_000  # largest number a filter argument or a format width may be
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.spent = 0
         self.globals["range"] = self._range
+        self.globals.pop("lipsum", None)
+        for name, f in list(self.filters.items()):
+            self.filters[name] = self._guard(name, f)
+
+    def _guard(self, name, f):
+        @functools.wraps(f)  # keeps jinja's pass_context/pass_environment markers
+        def guarded(*args, **kwargs):
+            first = 2 if getattr(f, "jinja_pass_arg", None) else 1  # skip the context and the filtered value
+            options = list(args[first:]) + list(kwargs.values())
+            if any(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > self.MAX_ARG
+                   for v in options):
+                raise jinja2.sandbox.SecurityError(f"chat template passes a huge number to the {name} filter")
+            strings = [v for v in list(args) + list(kwargs.values()) if isinstance(v, str)]
+            if name == "replace" and len(strings) >= 3:
+                self._spend((len(strings[-3]) + 1) * len(strings[-1]))
+            if name == "format" and strings:
+                self._check_widths(strings[0])
+            out = f(*args, **kwargs)
+            if isinstance(out, (str, list)):
+                self._spend(len(out))
+            return out
+
+        return guarded
+
+    def _check_widths(self, fmt: str) -> None:
+        for n in re.findall(r"%[-+ #0]*(\d+)|\{[^{}]*:[^{}]*?(\d+)[^{}]*\}", fmt):
+            if any(x and int(x) > self.MAX_ARG for x in n):
+                raise jinja2.sandbox.SecurityError("chat template formats with a huge width")
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            self._check_widths(value.__self__)
+        return wrapped
 
     def _spend(self, n: int) -> None:
         self.spent += max(int(n), 0)
@@ -180,6 +216,8 @@ class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
             raise jinja2.sandbox.SecurityError("chat template raises to a power beyond 64")
+        if operator == "%" and isinstance(left, str):
+            self._check_widths(left)
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
