@@ -147,9 +147,15 @@ def test_mlx_dequantized_prefill_matches_quantized_matmul(monkeypatch):
         pytest.skip("the dequantize-then-matmul prefill is the CPU path")
     args, weights = tiny()
     model = Model(args, weights, mlx_ops.MLXOps())
-    fast = logits(model, TOKENS, 30)  # 30 rows: dequantized weights, x @ W
-    monkeypatch.setattr(mlx_ops, "DEQUANTIZED_MATMUL_ROWS", 10 ** 9)
-    np.testing.assert_allclose(fast, logits(model, TOKENS, 30), rtol=1e-5, atol=1e-5)
+    tokens = np.random.default_rng(4).integers(0, 400, (1, 200))
+    # chunks of 30 and 150 rows: dequantized weights, x @ W, blocked attention (3 query blocks, after a past)
+    cache = model.make_cache()
+    fast = [model.ops.to_numpy(model(tokens[:, :30], cache)), model.ops.to_numpy(model(tokens[:, 30:180], cache))]
+    monkeypatch.setattr(mlx_ops, "DEQUANTIZED_MATMUL_ROWS", 10 ** 9)  # quantized_matmul and the fused attention
+    cache = model.make_cache()
+    plain = [model.ops.to_numpy(model(tokens[:, :30], cache)), model.ops.to_numpy(model(tokens[:, 30:180], cache))]
+    for f, p in zip(fast, plain):
+        np.testing.assert_allclose(f, p, rtol=1e-5, atol=1e-5)
 
 
 @needs_mlx
@@ -162,3 +168,22 @@ def test_mlx_and_numpy_fast_paths_agree():
                                    atol=1e-4)
         ids = TOKENS[0, :10].tolist()
         assert list(generate_step(mlx_model, ids, 16)) == list(generate_step(np_model, ids, 16))
+
+
+@pytest.mark.parametrize("fast", [1, 2])
+def test_thread_choice_settles_on_the_faster_option(fast):
+    choice = numpy_ops._ThreadChoice((1, 2))
+    cost = {fast: 1.0, 3 - fast: 20.0}
+    picks = []
+    for _ in range(2000):
+        o = choice.pick()
+        picks.append(o)
+        choice.record(o, cost[o])
+    assert choice.best == fast
+    slow_late = picks[1000:].count(3 - fast)
+    assert 0 < slow_late <= 4  # still retried, rarely
+    cost[fast], cost[3 - fast] = 20.0, 1.0  # the machine changes: the other option becomes faster
+    for _ in range(1100):
+        o = choice.pick()
+        choice.record(o, cost[o])
+    assert choice.best == 3 - fast

@@ -13,6 +13,7 @@ from ..weights import QuantizedWeight
 
 name = "mlx"
 DEQUANTIZED_MATMUL_ROWS = 16  # on the CPU, inputs with at least this many rows take the dequantize-then-matmul path
+CPU_QUERY_BLOCK = 64  # query rows per block of the CPU's causal attention
 
 
 def gpu_available() -> bool:
@@ -128,8 +129,24 @@ class MLXOps:
         return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
 
     def attention(self, q, k, v, scale: float, causal: bool):
-        mask = "causal" if causal and q.shape[2] > 1 else None
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        B, H, L, D = q.shape
+        if self.on_gpu or L < DEQUANTIZED_MATMUL_ROWS or not causal:
+            mask = "causal" if causal and L > 1 else None
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        # The CPU's scaled_dot_product_attention computes the full L x T scores with q @ k.T (the slow reference-BLAS
+        # form). Here: keys transposed once, query blocks against only the keys they see: ~2x faster, same values.
+        KV, T = k.shape[1], k.shape[2]
+        qg = (q * scale).reshape(B, KV, H // KV, L, D)
+        kt = mx.contiguous(k.swapaxes(-1, -2))[:, :, None]  # [B, KV, 1, D, T]
+        vg = v[:, :, None]
+        past = T - L
+        outs = []
+        for s in range(0, L, CPU_QUERY_BLOCK):
+            e = min(s + CPU_QUERY_BLOCK, L)
+            scores = qg[:, :, :, s:e] @ kt[..., : past + e]
+            hidden = mx.arange(past + e)[None, :] > (mx.arange(s, e)[:, None] + past)
+            outs.append(mx.softmax(mx.where(hidden, -mx.inf, scores), axis=-1) @ vg[:, :, :, : past + e])
+        return mx.concatenate(outs, axis=3).reshape(B, H, L, D)
 
     def swiglu(self, gate, up):
         return nn_silu(gate) * up

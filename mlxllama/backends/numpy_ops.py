@@ -61,6 +61,8 @@ class NumpyOps:
         self.threads = threads or _cpu_count()
         self._pool = None
         self._scratch: dict[int, np.ndarray] = {}  # per worker thread, for on-the-fly dequantization
+        self._depth = 0
+        self._choice = _ThreadChoice((1, self.threads) if self.threads > 1 else (1,))
 
     def device(self) -> str:
         return "cpu (numpy)"
@@ -99,19 +101,32 @@ class NumpyOps:
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
-        """Around one forward pass: BLAS runs single-threaded, restored afterwards. Matrix-vector steps are bound
-        by memory bandwidth, which one core nearly saturates, and OpenBLAS's threaded gemv is slower; multi-row
-        products are split by columns over this backend's own worker threads instead (see _run), which share the
-        work dynamically: OpenBLAS's threads wait on each other, and collapse when another process holds a core."""
-        before = _blas.get() if _blas.available else 1
-        if before != 1:
-            _blas.set(1)
+        """Around one forward pass (the outermost of nested scopes decides), BLAS threads restored afterwards.
+        Multi-row products run BLAS single-threaded, split by columns over this backend's own worker threads
+        (see _run), which share the work dynamically. Single-row steps are bound by memory bandwidth: OpenBLAS's
+        threaded gemv is ~25% faster than one thread while another core is idle, and many times slower when other
+        processes hold the cores, so the thread count of these steps is chosen by timing them (_ThreadChoice)."""
+        if self._depth or not _blas.available:
+            self._depth += 1
             try:
                 yield
             finally:
-                _blas.set(before)
-        else:
+                self._depth -= 1
+            return
+        before = _blas.get()
+        want = self._choice.pick() if rows == 1 else 1
+        if want != before:
+            _blas.set(want)
+        self._depth = 1
+        t0 = time.perf_counter()
+        try:
             yield
+        finally:
+            self._depth = 0
+            if rows == 1:
+                self._choice.record(want, time.perf_counter() - t0)
+            if want != before:
+                _blas.set(before)
 
     # -- ops used by the forward pass ------------------------------------------------------------------------
 
@@ -404,6 +419,42 @@ def _dequantize_columns(w: QLinear, ids: np.ndarray) -> np.ndarray:
     out *= w.scales[:, :, ids]
     out += w.biases[:, :, ids]
     return out.reshape(w.shape[0], len(ids))
+
+
+class _ThreadChoice:
+    """The faster of a few options, by timing: each option's step time is a moving average; after trying each
+    twice, the best is used and the others are retried now and then, less often each time they lose again
+    (every 16 steps, then 32, ... up to 512: a retry that is 20x slower then costs 4%)."""
+
+    def __init__(self, options: tuple[int, ...]):
+        self.options = options
+        self.avg: dict[int, float] = {}
+        self.tries = {o: 0 for o in options}
+        self.best = options[0]
+        self.interval, self.countdown = 16, 16
+
+    def pick(self) -> int:
+        for o in self.options:
+            if self.tries[o] < 2:
+                return o
+        self.countdown -= 1
+        if self.countdown <= 0:
+            self.countdown = self.interval
+            others = [o for o in self.options if o != self.best]
+            return others[(self.interval // 16) % len(others)] if others else self.best
+        return self.best
+
+    def record(self, option: int, seconds: float) -> None:
+        self.tries[option] += 1
+        prev = self.avg.get(option)
+        self.avg[option] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+        if len(self.avg) < len(self.options):
+            return
+        best = min(self.avg, key=self.avg.get)
+        if best != self.best:
+            self.best, self.interval = best, 16
+        elif option != self.best:
+            self.interval = min(2 * self.interval, 512)
 
 
 # -- BLAS threads ---------------------------------------------------------------------------------------------
