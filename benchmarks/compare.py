@@ -359,13 +359,16 @@ def table(results: dict, spec: dict) -> str:
         run = r.get("rss_run_peak") if r.get("rss_window") else None
         wkv = r.get("weights_bytes", 0) + r.get("kv_bytes", 0)
         overall = max(r["rss_load_peak"], run or 0)
+        mlx_peak = r.get("mlx_peak_memory")
         memory.append([LABELS[eng], mb(r.get("weights_bytes")), mb(r.get("kv_bytes")), mb(r["rss_load_peak"] - base),
                        mb(run - base) if run else "-", f"{(run - base) / wkv:.2f}x" if run and wkv else "-",
-                       f"{(overall - base) / wkv:.2f}x" if wkv else "-", mb(base), mb(overall)])
+                       f"{(overall - base) / wkv:.2f}x" if wkv else "-",
+                       f"{mb(mlx_peak)} ({mlx_peak / wkv:.2f}x)" if mlx_peak and wkv else "-", mb(base), mb(overall)])
     lines = _grid(["engine", f"pp{pp} t/s", f"tg{tg} t/s", "TTFT cold s", "TTFT warm s", "load s"], speed)
-    lines += ["", "Memory (MB; peaks are over the RSS after imports, before loading):"]
-    lines += _grid(["engine", "weights", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)", "imports",
-                    "peak RSS"], memory)
+    lines += ["", "Memory, MB. load/run peak: peak RSS while loading / while generating, over the RSS after imports;",
+              "MLX peak: MLX's own peak allocation (mx.get_peak_memory), over weights + KV:"]
+    lines += _grid(["engine", "weights", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)", "MLX peak",
+                    "imports", "peak RSS"], memory)
     lines += ["", "Ratios (>1: mlxllama faster; TTFT: peer time / ours):"]
     for ours in OURS:
         r = results.get(ours, {})
