@@ -62,7 +62,9 @@ class NumpyOps:
         self._pool = None
         self._scratch: dict[int, np.ndarray] = {}  # per worker thread, for on-the-fly dequantization
         self._depth = 0
-        self._choice = _ThreadChoice((1, self.threads) if self.threads > 1 else (1,))
+        self._step_workers = 1
+        choose = self.threads > 1 and (mode == "quantized" or _blas.available)
+        self._choice = _ThreadChoice((1, self.threads) if choose else (1,))
 
     def device(self) -> str:
         return "cpu (numpy)"
@@ -106,26 +108,28 @@ class NumpyOps:
         (see _run), which share the work dynamically. Single-row steps are bound by memory bandwidth: OpenBLAS's
         threaded gemv is ~25% faster than one thread while another core is idle, and many times slower when other
         processes hold the cores, so the thread count of these steps is chosen by timing them (_ThreadChoice)."""
-        if self._depth or not _blas.available:
+        if self._depth:
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
             return
-        before = _blas.get()
-        want = self._choice.pick() if rows == 1 else 1
-        if want != before:
+        before = _blas.get() if _blas.available else None
+        threads = self._choice.pick() if rows == 1 else 1
+        # float32 weights: BLAS's threads split the gemv; quantized: this backend's workers split the columns
+        want = threads if self.weights_mode == "float32" else 1
+        if before is not None and want != before:
             _blas.set(want)
-        self._depth = 1
+        self._depth, self._step_workers = 1, threads
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self._depth = 0
+            self._depth, self._step_workers = 0, 1
             if rows == 1:
-                self._choice.record(want, time.perf_counter() - t0)
-            if want != before:
+                self._choice.record(threads, time.perf_counter() - t0)
+            if before is not None and want != before:
                 _blas.set(before)
 
     # -- ops used by the forward pass ------------------------------------------------------------------------
@@ -166,11 +170,11 @@ class NumpyOps:
         over the block (same weights, another rounding order: ~1e-6 relative)."""
         n_in, n_out = w.shape
         g = w.group_size
-        out = np.empty((x2.shape[0], n_out), np.float32)
-        parallel = x2.shape[0] >= _PARALLEL_ROWS and self.threads > 1
-        step = _BLOCK // n_in if not parallel else min(_BLOCK // n_in, -(-n_out // self.threads))
-        step = max(64, step // 64 * 64)
-        if x2.shape[0] == 1:
+        rows = x2.shape[0]
+        out = np.empty((rows, n_out), np.float32)
+        step = max(64, _BLOCK // n_in // 64 * 64)  # columns widened at a time
+        workers = self.threads if rows >= _PARALLEL_ROWS else self._step_workers
+        if rows == 1:
             xg = x2[0].reshape(-1, 1, g)
             xsum = xg.sum(axis=(1, 2))
 
@@ -178,7 +182,7 @@ class NumpyOps:
             n = cols.stop - cols.start
             codes = _codes_block(w, cols, self._scratch_for(n_in * step)[: n_in * n].reshape(n_in, n))
             grouped = codes.reshape(-1, g, n)
-            if x2.shape[0] == 1:
+            if rows == 1:
                 part = np.matmul(xg, grouped)[:, 0, :]  # [groups, n]
                 part *= w.scales[:, 0, cols]
                 y = out[0, cols]
@@ -189,12 +193,12 @@ class NumpyOps:
                 np.add(grouped, w.biases[:, :, cols], out=grouped)
                 np.matmul(x2, codes, out=out[:, cols])
 
-        blocks = [slice(c, min(c + step, n_out)) for c in range(0, n_out, step)]
-        if parallel:
-            self._run(block, blocks)
-        else:  # one row: memory-bound, and worker handoffs would cost more than they win
-            for b in blocks:
-                block(b)
+        def span(r: slice):
+            for c in range(r.start, r.stop, step):
+                block(slice(c, min(c + step, r.stop)))
+
+        # one span per worker for a single row (each handoff costs), several per worker for many (load sharing)
+        self._run(span, _spans(n_out, workers if rows == 1 else 4 * workers))
         return out
 
     def _scratch_for(self, size: int) -> np.ndarray:
@@ -336,6 +340,12 @@ def _column_blocks(n: int, workers: int) -> list[slice]:
     """About four blocks per worker (so a worker slowed by another process leaves its share to the others),
     each a multiple of 64 columns and at least 256."""
     step = max(256, -(-n // (4 * workers) // 64) * 64)
+    return [slice(c, min(c + step, n)) for c in range(0, n, step)]
+
+
+def _spans(n: int, parts: int) -> list[slice]:
+    """About `parts` column ranges covering n, multiples of 64 columns."""
+    step = max(64, -(-n // parts // 64) * 64)
     return [slice(c, min(c + step, n)) for c in range(0, n, step)]
 
 
