@@ -7,9 +7,11 @@ embedding is one of its columns.
 
 Two weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
   "float32"    quantized weights are dequantized once at load: 4 bytes per weight, fastest.
-  "quantized"  quantized weights keep their codes (4-bit: two per byte) with float32 scales and biases, and are
-               dequantized into a scratch buffer a block at a time, per use: about 1/7 of the memory, slower decode.
-Both produce bit-identical weights (scale * q + bias in float32, as mx.quantized_matmul forms them).
+  "quantized"  quantized weights keep their codes (4-bit: two per byte) with float32 scales and biases, widened
+               into a cache-sized scratch buffer a block at a time, per use: about a fifth of the memory (SmolLM2
+               Q4_1: 115 MB against 538 MB), ~30% slower decode, prefill nearly as fast.
+Both use the same weights (scale * q + bias in float32, as mx.quantized_matmul forms them); a quantized decode step
+sums per group before scaling, another rounding order (~1e-6 relative).
 """
 
 from __future__ import annotations
