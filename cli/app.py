@@ -60,10 +60,14 @@ def _read_prompt(prompt: Optional[str]) -> str:
     return prompt
 
 
-def _load(model: Optional[str], backend: str, revision: Optional[str]):
+NUMPY_WEIGHTS_HELP = ("numpy backend only: float32 (fastest) or quantized (about 1/5 of the memory, ~30% slower "
+                      "decode); default: $MLXLLAMA_NUMPY_WEIGHTS or float32.")
+
+
+def _load(model: Optional[str], backend: str, revision: Optional[str], numpy_weights: Optional[str] = None):
     import mlxllama
 
-    return mlxllama.load(model, backend=backend, revision=revision)
+    return mlxllama.load(model, backend=backend, revision=revision, numpy_weights=numpy_weights)
 
 
 @app.command()
@@ -83,6 +87,7 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy. auto: MLX on a GPU, else numpy."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for a repo id."),
+    numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come.
@@ -99,7 +104,7 @@ def generate(
 
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    m, tok = _load(model, backend, revision)
+    m, tok = _load(model, backend, revision, numpy_weights)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
     try:
@@ -133,6 +138,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
+    numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Chat with a model in a REPL. Type /reset to forget the conversation, /exit (or Ctrl-D) to leave.
@@ -145,7 +151,7 @@ def chat(
     from mlxllama.generate import stream_generate
 
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    m, tok = _load(model, backend, revision)
+    m, tok = _load(model, backend, revision, numpy_weights)
     if tok.chat_template is None:
         raise UsageError("this model has no chat template; use `mlxllama generate` instead")
     history: list[dict] = []

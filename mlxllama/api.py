@@ -53,13 +53,16 @@ def load_path(path: Path):
     return args, weights, load_tokenizer(path, args.eos_token_id)
 
 
-def load(ref: str | Path | None = None, backend: str = "auto", revision: str | None = None):
-    """Load a model and its tokenizer. backend: "auto" (MLX on a GPU, else numpy), "mlx" or "numpy"."""
-    ops = backends.get_ops(backend)
+def load(ref: str | Path | None = None, backend: str = "auto", revision: str | None = None,
+         numpy_weights: str | None = None):
+    """Load a model and its tokenizer. backend: "auto" (MLX on a GPU, else numpy), "mlx" or "numpy".
+    numpy_weights: "float32" (fastest; quantized weights are widened at load) or "quantized" (about a fifth of
+    the memory, ~30% slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32"."""
+    ops = backends.get_ops(backend, numpy_weights=numpy_weights)
     t0 = time.perf_counter()
     path = resolve(ref, revision)
     args, weights, tokenizer = load_path(path)
-    model = Model(args, weights, ops)
+    model = Model(args, weights, ops, release=True)
     model.load_time = time.perf_counter() - t0
     model.path = path
     return model, tokenizer
