@@ -218,21 +218,25 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     return args.validate(source)
 
 
-def load_config(path: str | Path) -> ModelArgs:
+def read_json(path: str | Path, error=ConfigError, max_bytes: int = 1 << 20, what: str = "file") -> Any:
+    """Parse a JSON file that may be hostile: size-limited, every failure one line of `error` naming the file."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    if len(raw) > 1 << 20:
-        raise ConfigError(f"{path}: config.json is larger than 1 MiB")
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path}: {what} is larger than {max_bytes >> 20} MiB")
     try:
-        d = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
-    return from_hf_dict(d, str(path))
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def load_config(path: str | Path) -> ModelArgs:
+    return from_hf_dict(read_json(path, ConfigError, 1 << 20, "config"), str(path))
 
 
 def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:

@@ -23,6 +23,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from .config import read_json
 from .errors import ModelFileError, UsageError
 
 # llama.cpp's token types; sentencepiece numbers its piece types the same way.
@@ -398,14 +399,7 @@ class StreamingDetokenizer:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelFileError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot be read ({e.strerror})") from None
+    return read_json(path, ModelFileError, 256 << 20, "tokenizer file")
 
 
 def _token_text(value: Any) -> str | None:

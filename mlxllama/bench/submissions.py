@@ -327,14 +327,6 @@ def write(sub: dict, directory: str | Path) -> Path:
 
 def read(path: str | Path):
     """Parse one submission file (not validated). Unreadable or non-JSON files raise UsageError."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if len(raw) > 16 << 20:
-        raise UsageError(f"{path}: larger than 16 MiB, not a submission")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    from ..config import read_json
+
+    return read_json(path, UsageError, 16 << 20, "submission")
