@@ -156,7 +156,8 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-TEMPLATE_BUDGET = 1_000_000  # loop items and string/list elements a chat template may produce in one render
+TEMPLATE_STEPS = 1_000_000  # range() items a chat template may loop over in one render
+TEMPLATE_SIZE = 32_000_000  # bytes (a character 1, a list item 32) its filters and `*` may build in one render
 
 
 class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
@@ -168,6 +169,7 @@ class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.spent = 0
+        self.steps = 0
         self.globals["range"] = self._range
         self.globals.pop("lipsum", None)
         for name, f in list(self.filters.items()):
@@ -187,8 +189,10 @@ class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
             if name == "format" and strings:
                 self._check_widths(strings[0])
             out = f(*args, **kwargs)
-            if isinstance(out, (str, list)):
+            if isinstance(out, str):
                 self._spend(len(out))
+            elif isinstance(out, list):
+                self._spend(32 * len(out))
             return out
 
         return guarded
@@ -206,12 +210,14 @@ class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     def _spend(self, n: int) -> None:
         self.spent += max(int(n), 0)
-        if self.spent > TEMPLATE_BUDGET:
+        if self.spent > TEMPLATE_SIZE:
             raise jinja2.sandbox.SecurityError("chat template exceeds its work budget (a hostile or broken template)")
 
     def _range(self, *args):
         r = range(*args)
-        self._spend(len(r))
+        self.steps += len(r)
+        if self.steps > TEMPLATE_STEPS:
+            raise jinja2.sandbox.SecurityError("chat template exceeds its work budget (a hostile or broken template)")
         return r
 
     def call_binop(self, context, operator, left, right):
@@ -222,7 +228,7 @@ class _BudgetedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                    self._spend(len(seq) * n)
+                    self._spend(len(seq) * n * (1 if isinstance(seq, str) else 32))
         return super().call_binop(context, operator, left, right)
 
 
@@ -314,7 +320,7 @@ class Tokenizer:
                 "documents": None,
                 **kwargs,
             }
-            self._template.environment.spent = 0
+            self._template.environment.spent = self._template.environment.steps = 0
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except UsageError:
             raise
