@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from . import backends
-from .config import ModelArgs, load_config
-from .errors import ModelFileError
+from .config import ModelArgs, from_hf_dict, read_json
+from .errors import ConfigError, ModelFileError
 from .generate import GenerationResponse, generate, stream_generate  # noqa: F401  (re-exported)
 from .model import Model
 
@@ -39,8 +37,9 @@ def load_path(path: Path):
         return args, weights, tokenizer_from_gguf(meta, source=str(path))
     if not (path / "config.json").exists():
         raise ModelFileError(f"{path}: no config.json (expected an HF or MLX model folder)")
-    load_config(path / "config.json")  # validates: a JSON object with a supported, consistent config
-    if "quantization" in json.loads((path / "config.json").read_text()):
+    config = read_json(path / "config.json", ConfigError, 1 << 20, "config")
+    from_hf_dict(config, str(path / "config.json"))  # validates before routing: an object, supported, consistent
+    if "quantization" in config:
         from .loaders.mlx_folder import load_mlx
 
         args, weights = load_mlx(path)
@@ -59,13 +58,8 @@ def load(ref: str | Path | None = None, backend: str = "auto", revision: str | N
     numpy_weights: "float32" (fastest; quantized weights are widened at load) or "quantized" (about a fifth of
     the memory, ~30% slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32"."""
     ops = backends.get_ops(backend, numpy_weights=numpy_weights)
-    t0 = time.perf_counter()
-    path = resolve(ref, revision)
-    args, weights, tokenizer = load_path(path)
-    model = Model(args, weights, ops, release=True)
-    model.load_time = time.perf_counter() - t0
-    model.path = path
-    return model, tokenizer
+    args, weights, tokenizer = load_weights(ref, revision)
+    return Model(args, weights, ops, release=True), tokenizer
 
 
 __all__ = ["load", "load_weights", "generate", "stream_generate", "GenerationResponse", "Model", "ModelArgs"]

@@ -31,9 +31,7 @@ def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | Non
         messages = list(prompt)
         if system:
             messages = [{"role": "system", "content": system}] + messages
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False) if _template_has_bos(tokenizer, text) \
-            else tokenizer.encode(text)
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # no double BOS
     if isinstance(prompt, (list, tuple, np.ndarray)):
         ids = [int(t) for t in prompt]
         if not ids:
@@ -48,11 +46,6 @@ def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | Non
     if chat:
         return prompt_tokens(tokenizer, [{"role": "user", "content": prompt}], system=system)
     return tokenizer.encode(prompt)
-
-
-def _template_has_bos(tokenizer, text: str) -> bool:
-    bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) else None
-    return bool(bos) and text.startswith(bos)
 
 
 class _StopStrings:

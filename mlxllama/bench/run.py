@@ -39,14 +39,12 @@ def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512) -> float:
     return tokens.shape[1] / _timed(ops, run)
 
 
-def decode_tps(model: Model, first: np.ndarray, n_gen: int, context: np.ndarray | None = None) -> float:
-    """first [B, 1]: n_gen greedy steps for B sequences; t/s counts the tokens of all of them."""
+def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
+    """first [B, 1]: n_gen greedy steps for B sequences from an empty cache (as llama-bench's tg); t/s counts the
+    tokens of all of them."""
     ops = model.ops
     batch = first.shape[0]
-    cache = model.make_cache(batch, max_len=n_gen + 1 + (0 if context is None else context.shape[1]))
-    if context is not None:
-        model.hidden(np.repeat(context, batch, axis=0), cache)
-        ops.eval(*cache.state())
+    cache = model.make_cache(batch, max_len=n_gen + 1)
 
     def run():
         y = ops.asarray(first)
