@@ -139,7 +139,9 @@ def reply(obj: dict) -> None:
 
 def worker_mlxllama(spec: dict, engine: str) -> None:
     from mlxllama import backends
-    from mlxllama.api import load_path, resolve
+    from mlxllama import loaders
+    from mlxllama.api import resolve
+    from mlxllama.bench.roofline import quant_label
     from mlxllama.generate import generate_step
     from mlxllama.model import Model
 
@@ -152,13 +154,14 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
         ops.eval(ops.zeros((1,)) + 1)  # MLX initialized before the baseline
     base = rss_now()
     t0 = time.perf_counter()
-    args, weights, _tok = load_path(resolve(spec["model"]))
+    args, weights, _tok = loaders.load(resolve(spec["model"]))
+    label = quant_label(weights)
     model = Model(args, weights, ops, release=True)
     weights_file = model.weights_nbytes
     del weights
     load_s = time.perf_counter() - t0
     a = args
-    itemsize = 2 if str(getattr(ops, "float_dtype", "")).endswith("float16") else 4
+    itemsize = ops.kv_bytes
     kv_tokens = max(spec["pp"], spec["tg_prompt"] + spec["tg"] + 1)
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * kv_tokens * itemsize
 
@@ -174,7 +177,7 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
 
     serve(stream, spec, dict(load_s=load_s, rss_base=base, weights_file_bytes=weights_file,
                              weights_bytes=model.resident_nbytes, kv_bytes=kv, device=model.device,
-                             detail=model.quantization + ("" if backend == "mlx" else f", {ops.weights_mode} weights"),
+                             detail=label + ("" if backend == "mlx" else f", {ops.weights_mode} weights"),
                              final=final))
 
 
@@ -423,10 +426,11 @@ def main(argv=None) -> int:
     if bad or a.reps < 1 or a.pp < 0 or a.tg < 0 or a.tg_prompt < 1:
         ap.error(f"unknown engine {bad[0]!r}" if bad else "--reps >= 1, --pp/--tg >= 0, --tg-prompt >= 1")
 
-    from mlxllama.api import load_path, resolve
+    from mlxllama import loaders
+    from mlxllama.api import resolve
 
     path = resolve(a.model)
-    args, _w, _t = load_path(path)
+    args, _w, _t = loaders.load(path)
     del _w
     spec = dict(model=str(path), vocab_size=args.vocab_size, pp=a.pp, tg=a.tg, tg_prompt=a.tg_prompt, reps=a.reps,
                 seed=a.seed, threads=a.threads, mlx_lm_dtype=a.mlx_lm_dtype,

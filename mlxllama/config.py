@@ -1,20 +1,21 @@
-"""Model configuration: one dataclass, read from an HF config.json or from GGUF metadata."""
+"""Model configuration: one dataclass, read from an HF config.json or from GGUF metadata.
+
+The family (families.py) is decided here, once, and carried as switches: the forward pass never asks for a name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from . import families
 from .errors import ConfigError, shown as _show
+from .jsonio import read_json
+from .weights import QUANT_BITS, QUANT_GROUP_SIZES
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
@@ -37,10 +38,11 @@ class ModelArgs:
     torch_dtype: str = "float16"
     quantization: dict | None = None  # {"group_size": g, "bits": b} for MLX folders
     rope_freq_factors: list[float] | None = None  # GGUF's rope_freqs tensor (llama3 scaling baked per frequency)
-
-    @property
-    def n_rep(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+    family: str = "llama"  # families.py; the switches below carry what the forward pass needs of it
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
 
     def validate(self, source: str = "config") -> "ModelArgs":
         def positive(name):
@@ -72,11 +74,14 @@ class ModelArgs:
             q = self.quantization
             for where, qq in [("", q)] + [(f" for {_show(k)}", v) for k, v in q.items() if isinstance(v, dict)]:
                 bits, group = qq.get("bits"), qq.get("group_size")
-                if type(bits) is not int or type(group) is not int or bits not in (2, 3, 4, 5, 6, 8) \
-                        or group not in (32, 64, 128):
+                if type(bits) is not int or type(group) is not int or bits not in QUANT_BITS \
+                        or group not in QUANT_GROUP_SIZES:
                     raise ConfigError(f"{source}: unsupported quantization{where} "
                                       f"{_show({'bits': bits, 'group_size': group})} "
-                                      "(bits 2|3|4|5|6|8, group_size 32|64|128)")
+                                      f"(bits {'|'.join(map(str, QUANT_BITS))}, "
+                                      f"group_size {'|'.join(map(str, QUANT_GROUP_SIZES))})")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1):
+            raise ConfigError(f"{source}: sliding_window must be a positive integer, got {_show(self.sliding_window)}")
         return self
 
     def _validate_rope_scaling(self, source: str) -> None:
@@ -102,9 +107,10 @@ class ModelArgs:
                                   f"low_freq_factor ({low})")
 
     def to_hf_dict(self) -> dict[str, Any]:
+        fam = families.by_name(self.family)
         d = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [fam.architectures[0]],
+            "model_type": fam.model_types[0],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -119,9 +125,11 @@ class ModelArgs:
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.torch_dtype,
             "hidden_act": "silu",
-            "attention_bias": False,
+            "attention_bias": self.o_bias if fam.qkv_bias is None else self.qkv_bias,
             "mlp_bias": False,
         }
+        if fam.windowed:
+            d["sliding_window"] = self.sliding_window
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id:
@@ -160,13 +168,35 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
         raise ConfigError(f"{source}: expected a JSON object")
     archs = d.get("architectures")
     model_type = d.get("model_type")
-    if archs is not None and (not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs)):
-        raise ConfigError(f"{source}: unsupported architecture {_show(archs)}; mlxllama runs LlamaForCausalLM models")
-    if archs is None and model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: unsupported model_type {_show(model_type)}; mlxllama runs llama models")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key):
-            raise ConfigError(f"{source}: {key}=true is not supported")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{source}: unsupported architecture {_show(archs)}: architectures must be a list of names")
+    moe = [a for a in archs or [] if a in families.MOE_ARCHITECTURES] or \
+        ([model_type] if not archs and model_type in families.MOE_MODEL_TYPES else [])
+    if moe:
+        raise ConfigError(f"{source}: {_show(moe[0])} is a mixture-of-experts model, which mlxllama does not run "
+                          f"(supported: {families.SUPPORTED})")
+    fam = families.for_hf(archs, model_type)
+    if fam is None:
+        what = f"architecture {_show(archs)}" if archs else f"model_type {_show(model_type)}"
+        raise ConfigError(f"{source}: unsupported {what}; mlxllama runs {families.SUPPORTED}")
+    if d.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported")
+    attention_bias = _get(d, "attention_bias", bool, source, False)
+    qkv_bias = attention_bias if fam.qkv_bias is None else fam.qkv_bias
+    o_bias = attention_bias if fam.qkv_bias is None else False
+    layer_types = d.get("layer_types") or []
+    if d.get("use_sliding_window") or (isinstance(layer_types, list) and len(set(layer_types)) > 1):
+        raise ConfigError(f"{source}: sliding-window attention on some layers only (use_sliding_window, layer_types) "
+                          "is not supported")
+    window = _get(d, "sliding_window", int, source, None) if fam.windowed else None
+    rope = d.get("rope_parameters")  # transformers 5 keeps rope_theta and the scaling here
+    if rope is not None and not isinstance(rope, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {_show(rope)}")
+    rope_theta = _get(rope or d, "rope_theta", float, source, 10000.0)
+    if rope and rope.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    else:
+        rope_scaling = _get(d, "rope_scaling", dict, source, None)
     act = d.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         raise ConfigError(f"{source}: hidden_act {_show(act)} is not supported (LLaMA uses silu)")
@@ -206,33 +236,21 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
         num_key_value_heads=_get(d, "num_key_value_heads", int, source, heads),
         head_dim=_get(d, "head_dim", int, source, hidden // heads if heads > 0 else 0),
         rms_norm_eps=_get(d, "rms_norm_eps", float, source, 1e-5),
-        rope_theta=_get(d, "rope_theta", float, source, 10000.0),
-        rope_scaling=_get(d, "rope_scaling", dict, source, None),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_position_embeddings=_get(d, "max_position_embeddings", int, source, 2048),
         tie_word_embeddings=_get(d, "tie_word_embeddings", bool, source, False),
         bos_token_id=bos,
         eos_token_id=eos_list,
         torch_dtype=dtype if isinstance(dtype, str) else "float16",
         quantization=quant,
+        family=fam.name,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        qk_norm=fam.qk_norm,
+        sliding_window=window,
     )
     return args.validate(source)
-
-
-def read_json(path: str | Path, error=ConfigError, max_bytes: int = 1 << 20, what: str = "file") -> Any:
-    """Parse a JSON file that may be hostile: size-limited, every failure one line of `error` naming the file."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
-    if len(raw) > max_bytes:
-        raise error(f"{path}: {what} is larger than {max_bytes >> 20} MiB")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise error(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def load_config(path: str | Path) -> ModelArgs:
@@ -242,35 +260,37 @@ def load_config(path: str | Path) -> ModelArgs:
 def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
     """meta maps GGUF keys (e.g. 'llama.block_count') to Python values (ints, floats, strs, lists)."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{source}: unsupported architecture {_show(arch)}; mlxllama runs llama models")
-    experts = meta.get("llama.expert_count")
-    if experts:
-        raise ConfigError(f"{source}: mixture-of-experts models (llama.expert_count={_show(experts)}) are not supported")
+    fam = families.for_gguf(arch)
+    experts = meta.get(f"{arch}.expert_count") if isinstance(arch, str) else None
+    if experts or arch in families.MOE_MODEL_TYPES:
+        raise ConfigError(f"{source}: {_show(arch)} is a mixture-of-experts model"
+                          f"{f' ({arch}.expert_count={_show(experts)})' if experts else ''}, which mlxllama does not run")
+    if fam is None:
+        raise ConfigError(f"{source}: unsupported architecture {_show(arch)}; mlxllama runs {families.GGUF_SUPPORTED}")
 
     def g(key, kind, default=...):
-        return _get(meta, f"llama.{key}", kind, source, default)
+        return _get(meta, f"{arch}.{key}", kind, source, default)
 
     heads = g("attention.head_count", int)
     hidden = g("embedding_length", int)
     if heads <= 0:
-        raise ConfigError(f"{source}: llama.attention.head_count must be positive")
+        raise ConfigError(f"{source}: {arch}.attention.head_count must be positive")
     head_dim = g("attention.key_length", int, g("rope.dimension_count", int, hidden // heads))
     if g("attention.value_length", int, head_dim) != head_dim:
-        raise ConfigError(f"{source}: llama.attention.value_length ({meta['llama.attention.value_length']}) differs "
+        raise ConfigError(f"{source}: {arch}.attention.value_length ({meta[arch + '.attention.value_length']}) differs "
                           f"from the key length ({head_dim}); not supported")
-    vocab = meta.get("llama.vocab_size")
+    vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = len(tokens) if isinstance(tokens, list) else None
     if not isinstance(vocab, int):
-        raise ConfigError(f"{source}: vocabulary size unknown (no llama.vocab_size and no tokenizer.ggml.tokens)")
+        raise ConfigError(f"{source}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and len(tokens) > vocab:
-        raise ConfigError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but llama.vocab_size is {vocab}; "
+        raise ConfigError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but {arch}.vocab_size is {vocab}; "
                           "token ids past the embedding would be out of range")
     rope_scaling = None
-    scaling_type = meta.get("llama.rope.scaling.type")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
     if scaling_type == "linear":
         rope_scaling = {"type": "linear", "factor": g("rope.scaling.factor", float)}
     elif scaling_type not in (None, "none"):
@@ -294,34 +314,9 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelArgs:
         bos_token_id=_get(meta, "tokenizer.ggml.bos_token_id", int, source, None),
         eos_token_id=sorted(set(eos_list)),
         torch_dtype="float16",
+        family=fam.name,
+        qk_norm=fam.qk_norm,
+        sliding_window=g("attention.sliding_window", int, None),
+        # qkv_bias and o_bias: the GGUF loader sets them from the tensors present
     )
     return args.validate(source)
-
-
-def rope_inv_freq(args: ModelArgs) -> np.ndarray:
-    """Inverse frequencies (length head_dim/2, float32) with linear or llama3 scaling applied."""
-    dims = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims))
-    rs = args.rope_scaling
-    if rs:
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind == "linear":
-            inv = inv / rs["factor"]
-        elif kind == "llama3":
-            factor = rs["factor"]
-            low = rs.get("low_freq_factor", 1.0)
-            high = rs.get("high_freq_factor", 4.0)
-            old_ctx = rs.get("original_max_position_embeddings", 8192)
-            low_wavelen = old_ctx / low
-            high_wavelen = old_ctx / high
-            wavelen = 2 * np.pi / inv
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-            mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-            inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    if args.rope_freq_factors is not None:
-        factors = np.asarray(args.rope_freq_factors, dtype=np.float64)
-        if factors.shape != inv.shape or not np.all(factors > 0):
-            raise ConfigError(f"rope frequency factors must be {inv.shape[0]} positive numbers")
-        inv = inv / factors
-    return inv.astype(np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 from .api import load_weights
 from .errors import ModelFileError, UsageError
 from .loaders.mlx_folder import save_mlx
-from .weights import QuantizedWeight
+from .weights import QUANT_BITS, QUANT_GROUP_SIZES, QuantizedWeight
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -34,10 +34,10 @@ def convert_model(src, dst, quantize: bool = False, bits: int = 4, group_size: i
     dst = Path(dst)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize and bits not in (4, 8):
-        raise UsageError(f"--bits must be 4 or 8, got {bits}")
-    if quantize and group_size not in (32, 64, 128):
-        raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if quantize and bits not in QUANT_BITS:
+        raise UsageError(f"--bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits}")
+    if quantize and group_size not in QUANT_GROUP_SIZES:
+        raise UsageError(f"--group-size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, got {group_size}")
     if dst.exists() and not force:
         raise ModelFileError(f"{dst} already exists; pass --force to replace it")
     args, weights, tokenizer = load_weights(src, revision)

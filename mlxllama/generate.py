@@ -15,7 +15,7 @@ from .sampling import Sampler, SamplingParams
 @dataclass
 class GenerationResponse:
     text: str  # the text added by this step (may be empty while a UTF-8 character or stop string is pending)
-    token: int | None
+    token: int
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -88,9 +88,12 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
         raise UsageError("prefill_step_size must be a positive integer")
-    params = sampling or SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                        repetition_penalty=repetition_penalty, seed=seed)
-    sampler = Sampler(params)
+    loose = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                           repetition_penalty=repetition_penalty, seed=seed)
+    if sampling is not None and loose != SamplingParams():
+        raise UsageError("pass sampling settings either as sampling=SamplingParams(...) or as keyword arguments, "
+                         "not both")
+    sampler = Sampler(sampling or loose)
     ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
     if max(ids) >= model.args.vocab_size:
         raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
@@ -134,32 +137,39 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
             return
 
 
+def prefill(model, tokens, cache, step: int = 512):
+    """Run tokens [B, n] through the model in chunks of `step`, every position but the last only through the blocks
+    (filling the cache), the last also through the output head. Returns the logits of the last position, [B, 1, V].
+    Generation, bench and the benchmarks all prefill this way."""
+    n = tokens.shape[1]
+    for s in range(0, n - 1, step):
+        model.hidden(tokens[:, s: min(s + step, n - 1)], cache)
+        model.ops.eval(*cache.state())
+    return model(tokens[:, n - 1:], cache, last_only=True)
+
+
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
                   prefill_step_size: int = 512) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
 
-    Prefill runs in chunks of prefill_step_size with only the last position through the output head. With greedy
-    sampling on MLX the token is chosen on the device and the next step is queued (mx.async_eval) before the
-    current token is read back, so the host waits only for that one integer per token.
+    With greedy sampling the token is chosen on the device (argmax), and where the backend is lazy (MLX) the next
+    step is queued (async_eval) before the current token is read back, so the host waits only for that one integer
+    per token.
     """
     sampler = sampler or Sampler(SamplingParams())
     ops = model.ops
-    greedy = not sampler.p.needs_host_logits
-    pipelined = greedy and model.backend == "mlx"
+    argmax_on_device = not sampler.p.needs_host_logits
+    pipelined = argmax_on_device and ops.lazy
     history = list(ids)
 
     def pick(logits):
         last = logits[:, -1, :]
-        if greedy:
+        if argmax_on_device:
             return ops.argmax(last)
         return int(sampler(ops.to_numpy(last)[0], history))
 
     cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
-    tokens = np.asarray(ids, dtype=np.int64)[None, :]
-    for s in range(0, len(ids) - 1, prefill_step_size):
-        model.hidden(tokens[:, s: min(s + prefill_step_size, len(ids) - 1)], cache)
-        ops.eval(*cache.state())
-    y = pick(model(tokens[:, len(ids) - 1:], cache, last_only=True))
+    y = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
     if pipelined:
         ops.async_eval(y)
     for n in range(max_tokens):

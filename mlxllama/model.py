@@ -1,12 +1,17 @@
-"""The LLaMA forward pass, written once over a backend's ops (backends/numpy_ops.py, backends/mlx_ops.py)."""
+"""The forward pass of every supported family (LLaMA, Mistral, Qwen2, Qwen3), written once over the backend
+contract (backends/contract.py). Families differ only by switches in ModelArgs: q/k/v and o biases, per-head
+q/k RMSNorm, sliding-window attention, tied embeddings and the RoPE scaling."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .cache import KVCache
-from .config import ModelArgs, rope_inv_freq
-from .weights import QuantizedWeight
+from .config import ModelArgs
+from .memory import return_freed_memory
+from .rope import rope_inv_freq
 
 
 class Layer(NamedTuple):  # a tuple, so that mx.compile can take a layer's weights as inputs
@@ -16,6 +21,9 @@ class Layer(NamedTuple):  # a tuple, so that mx.compile can take a layer's weigh
     mlp_norm: object
     gate_up: object  # gate and up projections fused by output rows
     down: object
+    qkv_bias: object = None  # [(H + 2 KV) * Dh], where the family has q/k/v biases
+    o_bias: object = None
+    qk_norm: object = None  # [H + KV, Dh]: q_norm for each q head, then k_norm for each k head
 
 
 class Model:
@@ -23,9 +31,7 @@ class Model:
         """release=True empties `weights` as each tensor is laid out for the backend, so that the loader's copy
         and the backend's never coexist in full (lower peak memory while loading)."""
         self.args, self.ops = args, ops
-        self.backend = ops.name
         self.weights_nbytes = sum(w.nbytes for w in weights.values())
-        self.quantization = _describe_quant(weights)
         take = weights.pop if release else weights.__getitem__
         self.embed = ops.prepare_embedding(take("model.embed_tokens"))
         if args.tie_word_embeddings:
@@ -33,8 +39,18 @@ class Model:
         else:
             self.lm_head = ops.prepare_linear([take("lm_head")])
         self.layers = []
+        H, KV = args.num_attention_heads, args.num_key_value_heads
         for i in range(args.num_hidden_layers):
             p = f"model.layers.{i}."
+            qkv_bias = o_bias = qk_norm = None
+            if args.qkv_bias:
+                qkv_bias = ops.prepare_norm(np.concatenate([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            if args.o_bias:
+                o_bias = ops.prepare_norm(take(p + "self_attn.o_proj.bias"))
+            if args.qk_norm:
+                q_norm, k_norm = take(p + "self_attn.q_norm"), take(p + "self_attn.k_norm")
+                qk_norm = ops.prepare_norm(np.concatenate([np.broadcast_to(q_norm, (H, q_norm.shape[0])),
+                                                           np.broadcast_to(k_norm, (KV, k_norm.shape[0]))]))
             self.layers.append(Layer(
                 attn_norm=ops.prepare_norm(take(p + "input_layernorm")),
                 qkv=ops.prepare_linear([take(p + f"self_attn.{n}_proj") for n in "qkv"]),
@@ -42,11 +58,12 @@ class Model:
                 mlp_norm=ops.prepare_norm(take(p + "post_attention_layernorm")),
                 gate_up=ops.prepare_linear([take(p + "mlp.gate_proj"), take(p + "mlp.up_proj")]),
                 down=ops.prepare_linear([take(p + "mlp.down_proj")]),
+                qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
             ))
         self.norm = ops.prepare_norm(take("model.norm"))
-        self.rope = ops.rope_table(rope_inv_freq(args), args.max_position_embeddings)
+        self.rope = ops.rope_table(rope_inv_freq(args))
         if release:
-            _return_freed_memory()
+            return_freed_memory()
         # The per-layer pieces around attention; a backend may compile them for single-token steps.
         self._attn_in = ops.compile(self._attn_in_impl)
         self._attn_out_mlp = ops.compile(self._attn_out_mlp_impl)
@@ -56,7 +73,7 @@ class Model:
         """Bytes of the weights as the backend holds them (numpy's float32 mode: 4 per weight)."""
         held = {id(w): w for w in (self.embed, self.norm, self.lm_head)}
         for layer in self.layers:
-            held.update((id(w), w) for w in layer)
+            held.update((id(w), w) for w in layer if w is not None)
         return sum(int(w.nbytes) for w in held.values())
 
     @property
@@ -64,9 +81,10 @@ class Model:
         return self.ops.device()
 
     def make_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """A cache for exactly max_len tokens, allocated once; without max_len, one that grows up to the context."""
         a = self.args
         return KVCache(self.ops, a.num_hidden_layers, batch_size, a.num_key_value_heads, a.head_dim,
-                       max_len or a.max_position_embeddings)
+                       max_len or a.max_position_embeddings, grow=max_len is None)
 
     def __call__(self, tokens, cache: KVCache, last_only: bool = False):
         """tokens [B, L] (ints) -> logits [B, L, vocab], or [B, 1, vocab] with last_only."""
@@ -89,7 +107,7 @@ class Model:
             for i, layer in enumerate(self.layers):
                 q, k, v = self._attn_in(h, layer, offset)
                 k, v = cache.update(i, k, v)
-                o = ops.attention(q, k, v, a.head_dim ** -0.5, causal=True)
+                o = ops.attention(q, k, v, a.head_dim ** -0.5, causal=True, window=a.sliding_window)
                 h = self._attn_out_mlp(h, o, layer)
         cache.advance(L)
         return h
@@ -100,8 +118,13 @@ class Model:
         B, L, _ = h.shape
         H, KV, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         qkv = ops.linear(ops.rms_norm(h, layer.attn_norm, a.rms_norm_eps), layer.qkv)
-        # q and k heads rotate together: one rope call
-        qk = ops.rope(qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D).transpose(0, 2, 1, 3), offset, self.rope)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        # q and k heads are normed and rotated together: one call each
+        qk = qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D)
+        if layer.qk_norm is not None:
+            qk = ops.rms_norm(qk, layer.qk_norm, a.rms_norm_eps)
+        qk = ops.rope(qk.transpose(0, 2, 1, 3), offset, self.rope)
         v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
         return qk[:, :H], qk[:, H:], v
 
@@ -110,30 +133,7 @@ class Model:
         ops, a = self.ops, self.args
         B, L, _ = h.shape
         F = a.intermediate_size
-        h = h + ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o)
+        attn = ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o)
+        h = h + (attn if layer.o_bias is None else attn + layer.o_bias)
         gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)
         return h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
-
-
-def _return_freed_memory() -> None:
-    """Hand the memory the loader's arrays occupied back to the OS: glibc keeps freed heap pages otherwise
-    (~60 MB for SmolLM2's GGUF)."""
-    import ctypes
-    import gc
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _describe_quant(weights: dict) -> str:
-    kinds = {(w.bits, w.group_size) for w in weights.values() if isinstance(w, QuantizedWeight)}
-    floats = {str(w.dtype) for w in weights.values() if not isinstance(w, QuantizedWeight)}
-    if not kinds:
-        return "F16" if floats == {"float16"} else ("F32" if "float32" in floats else "/".join(sorted(floats)))
-    return "+".join(f"Q{b}g{g}" for b, g in sorted(kinds))

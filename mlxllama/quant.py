@@ -23,10 +23,10 @@ import numpy as np
 
 from .config import ModelArgs
 from .errors import UsageError
-from .weights import LAYER_LINEARS, QuantizedWeight
+from .weights import LAYER_LINEARS, QUANT_BITS, QUANT_GROUP_SIZES, QuantizedWeight
 
-BITS = (1, 2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+BITS = (1,) + QUANT_BITS  # 1 bit quantizes too (MLX's rule differs there); model files use QUANT_BITS
+GROUP_SIZES = QUANT_GROUP_SIZES
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 _CHUNK = 1 << 22  # elements quantized or dequantized at a time, to bound float32 temporaries
 

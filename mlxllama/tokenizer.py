@@ -23,7 +23,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from .config import read_json
+from .jsonio import read_json
 from .errors import ModelFileError, UsageError
 
 # llama.cpp's token types; sentencepiece numbers its piece types the same way.

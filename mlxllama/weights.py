@@ -4,6 +4,8 @@ Names follow the HF/MLX LLaMA convention (without the `.weight` suffix for linea
     model.embed_tokens            [vocab, hidden]
     model.layers.{i}.input_layernorm            [hidden]
     model.layers.{i}.self_attn.{q,k,v,o}_proj   [out, in]   (q/k rows in HF order: non-interleaved RoPE)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias  [out]     (args.qkv_bias; o_proj.bias with args.o_bias)
+    model.layers.{i}.self_attn.{q,k}_norm       [head_dim]  (args.qk_norm)
     model.layers.{i}.post_attention_layernorm   [hidden]
     model.layers.{i}.mlp.{gate,up,down}_proj    [out, in]
     model.norm                                  [hidden]
@@ -15,11 +17,18 @@ MLX's affine layout. bfloat16 files are widened to float32 (exact); ModelArgs.to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import ModelArgs
 from .errors import ModelFileError, plain
+
+if TYPE_CHECKING:
+    from .config import ModelArgs
+
+# MLX's affine quantization as every part of mlxllama accepts it (config, convert, quant, roofline).
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -44,14 +53,12 @@ class QuantizedWeight:
         return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
 
 
-Tensor = "np.ndarray | QuantizedWeight"
-
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+def expected_shapes(args: "ModelArgs") -> dict[str, tuple[int, ...]]:
     h, d = args.hidden_size, args.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens": (args.vocab_size, h), "model.norm": (h,)}
     if not args.tie_word_embeddings:
@@ -67,13 +74,19 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj": (args.intermediate_size, h),
         "mlp.down_proj": (h, args.intermediate_size),
     }
+    if args.qkv_bias:
+        per_layer.update({f"self_attn.{n}_proj.bias": (per_layer[f"self_attn.{n}_proj"][0],) for n in "qkv"})
+    if args.o_bias:
+        per_layer["self_attn.o_proj.bias"] = (h,)
+    if args.qk_norm:
+        per_layer.update({"self_attn.q_norm": (d,), "self_attn.k_norm": (d,)})
     for i in range(args.num_hidden_layers):
         for k, s in per_layer.items():
             shapes[f"model.layers.{i}.{k}"] = s
     return shapes
 
 
-def check_weights(weights: dict, args: ModelArgs, source: str) -> None:
+def check_weights(weights: dict, args: "ModelArgs", source: str) -> None:
     """Every expected tensor is present with the shape the config implies; nothing unexpected."""
     want = expected_shapes(args)
     missing = [k for k in want if k not in weights]

@@ -110,7 +110,7 @@ def test_bad_models(models, model, code, match):
 
 def test_convert_arguments(models, tmp_path):
     tiny = models["tiny"]
-    one_error_line(cli("convert", tiny, tmp_path / "a", "-q", "--bits", "3"), USAGE, "--bits must be 4 or 8")
+    one_error_line(cli("convert", tiny, tmp_path / "a", "-q", "--bits", "7"), USAGE, "--bits must be one of 2, 3, 4, 5, 6, 8")
     one_error_line(cli("convert", tiny, tmp_path / "a", "-q", "--group-size", "7"), USAGE, "--group-size must be")
     one_error_line(cli("convert", tiny, tmp_path / "a", "--dtype", "int8"), USAGE, "--dtype must be one of")
     one_error_line(cli("convert", tmp_path / "nope", tmp_path / "a"), MODEL_FILE, "no such file or folder")

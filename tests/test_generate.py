@@ -158,7 +158,7 @@ sys.meta_path.insert(0, Block())
 import mlxllama
 from mlxllama.errors import UsageError
 model, tok = mlxllama.load({str(tiny_hf)!r}, backend="auto")
-assert model.backend == "numpy", model.backend
+assert model.ops.name == "numpy", model.ops.name
 print(len(mlxllama.generate(model, tok, "The quick", max_tokens=4)) >= 0)
 try:
     mlxllama.load({str(tiny_hf)!r}, backend="mlx")

@@ -27,8 +27,8 @@ def gguf_name(internal: str) -> str:
     parts = internal.split(".")
     if internal.startswith("model.layers."):
         i = parts[2]
-        return INTERNAL_TO_GGUF["model.layers.{i}." + ".".join(parts[3:])].format(i=i) + ".weight"
-    return INTERNAL_TO_GGUF[internal] + ".weight"
+        return INTERNAL_TO_GGUF["model.layers.{i}." + ".".join(parts[3:])].format(i=i)
+    return INTERNAL_TO_GGUF[internal]
 
 
 def hf_weights(seed=0, tied=False) -> dict[str, np.ndarray]:
@@ -389,8 +389,12 @@ def test_inconsistent_model(tmp_path):
     _raises(path, r"missing tensor model\.layers\.1\.mlp\.up_proj")
 
     path = tmp_path / "extra.gguf"
+    write_gguf(path, hf, QT.F32, extra_tensors=[("blk.0.ffn_gate_inp.weight", np.zeros(HIDDEN, np.float32))])
+    _raises(path, r"unexpected tensor blk\.0\.ffn_gate_inp\.weight")
+
+    path = tmp_path / "half_bias.gguf"  # a q bias means the family has q/k/v biases: k's and v's are missing
     write_gguf(path, hf, QT.F32, extra_tensors=[("blk.0.attn_q.bias", np.zeros(HIDDEN, np.float32))])
-    _raises(path, r"unexpected tensor blk\.0\.attn_q\.bias")
+    _raises(path, r"missing tensor model\.layers\.0\.self_attn\.k_proj\.bias")
 
     path = tmp_path / "extra-layer.gguf"
     write_gguf(path, hf, QT.F32, extra_tensors=[("blk.2.attn_norm.weight", np.ones(HIDDEN, np.float32))])
@@ -400,9 +404,9 @@ def test_inconsistent_model(tmp_path):
     write_gguf(path, hf, QT.F32, rope_freqs=np.ones(HEAD_DIM, np.float32))
     _raises(path, "rope_freqs.weight")
 
-    path = tmp_path / "qwen.gguf"
-    write_gguf(path, hf, QT.F32, arch="qwen2")
-    _raises(path, "unsupported architecture 'qwen2'", ConfigError)
+    path = tmp_path / "phi.gguf"
+    write_gguf(path, hf, QT.F32, arch="phi3")
+    _raises(path, "unsupported architecture 'phi3'", ConfigError)
 
 
 def test_unsupported_tensor_type(tmp_path):

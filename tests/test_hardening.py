@@ -569,7 +569,7 @@ BASE = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=4
     ({"architectures": ["BertModel"]}, "unsupported architecture"),
     ({"architectures": "LlamaForCausalLM"}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope_scaling type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
      "must be larger than low_freq_factor"),

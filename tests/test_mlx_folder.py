@@ -7,7 +7,7 @@ import pytest
 
 from mlxllama.backends import get_ops
 from mlxllama.convert import convert_model
-from mlxllama.loaders.mlx_folder import load_mlx
+from mlxllama.loaders import load
 from mlxllama.model import Model
 from mlxllama.weights import QuantizedWeight
 
@@ -36,7 +36,7 @@ def test_reads_folders_written_by_mlx_lm(tmp_path, tiny_hf, bits, group):
     mlx_lm.convert(str(tiny_hf), str(dst), quantize=True, q_group_size=group, q_bits=bits, dtype="float32")
     tokens = np.random.default_rng(0).integers(0, 400, (1, 20))
     want = mlx_lm_logits(dst, tokens)
-    args, weights = load_mlx(dst)
+    args, weights, _ = load(dst)
     assert args.quantization["bits"] == bits
     q = weights["model.layers.0.mlp.down_proj"]
     assert isinstance(q, QuantizedWeight) and (q.bits, q.group_size) == (bits, group)
@@ -50,7 +50,7 @@ def test_mlx_lm_reads_our_quantized_folder(tmp_path, tiny_hf):
     dst = convert_model(str(tiny_hf), tmp_path / "ours", quantize=True, bits=4, group_size=64, dtype="float32")
     tokens = np.random.default_rng(1).integers(0, 400, (1, 20))
     want = mlx_lm_logits(dst, tokens)
-    args, weights = load_mlx(dst)
+    args, weights, _ = load(dst)
     model = Model(args, weights, get_ops("mlx"))
     got = model.ops.to_numpy(model(tokens, model.make_cache()))
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
@@ -61,8 +61,8 @@ def test_our_quantization_equals_mlx_lm_bit_for_bit(tmp_path, tiny_hf):
     theirs = tmp_path / "theirs"
     mlx_lm.convert(str(tiny_hf), str(theirs), quantize=True, q_group_size=64, q_bits=4, dtype="float16")
     ours = convert_model(str(tiny_hf), tmp_path / "ours", quantize=True, bits=4, group_size=64, dtype="float16")
-    _, w_theirs = load_mlx(theirs)
-    _, w_ours = load_mlx(ours)
+    _, w_theirs, _ = load(theirs)
+    _, w_ours, _ = load(ours)
     assert set(w_theirs) == set(w_ours)
     for k, a in w_theirs.items():
         b = w_ours[k]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_hf_folder
 from mlxllama.backends import get_ops
-from mlxllama.loaders.hf import load_hf
+from mlxllama.loaders import load
 from mlxllama.model import Model
 
 BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(
@@ -43,7 +43,7 @@ def test_logits_match_transformers(variant_folders, variant, backend):
     folder = variant_folders[variant]
     tokens = np.random.default_rng(1).integers(0, 400, (2, 80))  # batch of 2, beyond llama3's 64-token window
     want = reference_logits(folder, tokens)
-    args, weights = load_hf(folder)
+    args, weights, _ = load(folder)
     model = Model(args, weights, get_ops(backend))
     cache = model.make_cache(batch_size=2)
     # prefill in uneven chunks, then single-token decode steps: exercises the cache and the causal offsets
@@ -59,7 +59,7 @@ def test_half_precision_files(tmp_path, sp_dir, dtype):
     folder = make_hf_folder(tmp_path / dtype, dtype=dtype, tokenizer_dir=sp_dir)
     tokens = np.random.default_rng(2).integers(0, 400, (1, 24))
     want = reference_logits(folder, tokens)
-    args, weights = load_hf(folder)
+    args, weights, _ = load(folder)
     assert args.torch_dtype == dtype
     model = Model(args, weights, get_ops("numpy"))
     got = model.ops.to_numpy(model(tokens, model.make_cache()))
@@ -82,8 +82,8 @@ def test_sharded_safetensors(tmp_path, tiny_hf):
         save_file({k: tensors[k] for k in keys}, str(folder / fname))
     index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    a1, w1 = load_hf(tiny_hf)
-    a2, w2 = load_hf(folder)
+    a1, w1, _ = load(tiny_hf)
+    a2, w2, _ = load(folder)
     assert set(w1) == set(w2)
     for k in w1:
         np.testing.assert_array_equal(w1[k], w2[k])

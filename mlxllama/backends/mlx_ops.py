@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -11,8 +10,8 @@ import numpy as np
 
 from ..weights import QuantizedWeight
 
-name = "mlx"
 DEQUANTIZED_MATMUL_ROWS = 16  # on the CPU, inputs with at least this many rows take the dequantize-then-matmul path
+BLOCKED_ATTENTION_ROWS = 16  # on the CPU, causal attention over at least this many queries goes block by block
 CPU_QUERY_BLOCK = 64  # query rows per block of the CPU's causal attention
 
 
@@ -21,12 +20,17 @@ def gpu_available() -> bool:
 
 
 class MLXOps:
+    """The backend contract (contract.py) over MLX."""
+
     name = "mlx"
+    lazy = True
+    keeps_quantized = True
 
     def __init__(self, dtype=None):
-        # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where half is no faster and less exact.
+        # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where MLX emulates half precision.
         self.on_gpu = gpu_available()
         self.float_dtype = dtype or (mx.float16 if self.on_gpu else mx.float32)
+        self.float_bytes = self.kv_bytes = self.float_dtype.size
 
     def device(self) -> str:
         d = mx.default_device()
@@ -48,7 +52,7 @@ class MLXOps:
 
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by stacking output rows; quantized rows stack exactly. Scales and biases
-        take the compute dtype (on the CPU, float32 scales make quantized_matmul ~10% faster than float16)."""
+        take the compute dtype (float32 on the CPU: MLX's CPU kernels are faster with it)."""
         if all(isinstance(p, QuantizedWeight) for p in parts) and \
                 len({(p.bits, p.group_size, p.scales.dtype) for p in parts}) == 1:
             p0 = parts[0]
@@ -59,7 +63,7 @@ class MLXOps:
         else:
             mats = [self._dense(p) for p in parts]
             w = mats[0] if len(mats) == 1 else mx.concatenate(mats, axis=0)
-            # MLX's CPU matmul (reference BLAS) multiplies x @ W about twice as fast as x @ W.T
+            # MLX's CPU matmul (reference BLAS) is faster for x @ W than for x @ W.T
             out = w if self.on_gpu else DenseT(mx.contiguous(w.T))
         mx.eval(out)  # materialize now: the loader's copy can go, and no lazy cast is left holding both
         return out
@@ -79,7 +83,7 @@ class MLXOps:
     def tied_head(self, embedding):
         return embedding
 
-    def rope_table(self, inv_freq: np.ndarray, max_len: int):
+    def rope_table(self, inv_freq: np.ndarray):
         return mx.array((1.0 / inv_freq.astype(np.float64)).astype(np.float32))  # mx.fast.rope takes periods
 
     def forward_scope(self, rows: int):
@@ -113,7 +117,7 @@ class MLXOps:
         if isinstance(w, QLinear):
             if not self.on_gpu and x.size // x.shape[-1] >= DEQUANTIZED_MATMUL_ROWS:
                 # MLX's CPU quantized_matmul is a scalar loop; for many rows, dequantizing (a transient float
-                # copy of this one weight) and a plain x @ W (reference BLAS, W laid out [in, out]) is ~2.5x faster
+                # copy of this one weight) and a plain x @ W (reference BLAS, W laid out [in, out]) is faster
                 wt = mx.dequantize(w.weight, w.scales, w.biases, group_size=w.group_size, bits=w.bits)
                 return x @ mx.contiguous(wt.T)
             return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
@@ -123,19 +127,27 @@ class MLXOps:
         return x @ w.T
 
     def rms_norm(self, x, w, eps: float):
+        if w.ndim > 1:  # per-head weights (q/k norms of several heads at once)
+            return mx.fast.rms_norm(x, None, eps) * w
         return mx.fast.rms_norm(x, w, eps)
 
     def rope(self, x, offset, periods):
         return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
 
-    def attention(self, q, k, v, scale: float, causal: bool):
+    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None):
         B, H, L, D = q.shape
-        if self.on_gpu or L < DEQUANTIZED_MATMUL_ROWS or not causal:
+        KV, T = k.shape[1], k.shape[2]
+        if window is not None and T <= window:
+            window = None  # every key is inside the window
+        if window is not None and L == 1:
+            k, v, window = k[:, :, -window:], v[:, :, -window:], None
+        if self.on_gpu or L < BLOCKED_ATTENTION_ROWS or not causal:
             mask = "causal" if causal and L > 1 else None
+            if window is not None:
+                mask = _visible(mx.arange(T - L, T)[:, None], mx.arange(T)[None, :], window)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         # The CPU's scaled_dot_product_attention computes the full L x T scores with q @ k.T (the slow reference-BLAS
-        # form). Here: keys transposed once, query blocks against only the keys they see: ~2x faster, same values.
-        KV, T = k.shape[1], k.shape[2]
+        # form). Here: keys transposed once, query blocks against only the keys they see; same values.
         qg = (q * scale).reshape(B, KV, H // KV, L, D)
         kt = mx.contiguous(k.swapaxes(-1, -2))[:, :, None]  # [B, KV, 1, D, T]
         vg = v[:, :, None]
@@ -144,8 +156,8 @@ class MLXOps:
         for s in range(0, L, CPU_QUERY_BLOCK):
             e = min(s + CPU_QUERY_BLOCK, L)
             scores = qg[:, :, :, s:e] @ kt[..., : past + e]
-            hidden = mx.arange(past + e)[None, :] > (mx.arange(s, e)[:, None] + past)
-            outs.append(mx.softmax(mx.where(hidden, -mx.inf, scores), axis=-1) @ vg[:, :, :, : past + e])
+            seen = _visible(mx.arange(s, e)[:, None] + past, mx.arange(past + e)[None, :], window)
+            outs.append(mx.softmax(mx.where(seen, scores, -mx.inf), axis=-1) @ vg[:, :, :, : past + e])
         return mx.concatenate(outs, axis=3).reshape(B, H, L, D)
 
     def swiglu(self, gate, up):
@@ -175,9 +187,6 @@ class MLXOps:
 
     def synchronize(self):
         mx.synchronize()
-
-    def clock(self) -> float:
-        return time.perf_counter()
 
     def peak_memory(self) -> int:
         if self.on_gpu:
@@ -212,6 +221,12 @@ class DenseT(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.wt.nbytes
+
+
+def _visible(q_pos, k_pos, window: int | None):
+    """Which keys each query attends to: causal, and within the sliding window where there is one."""
+    seen = k_pos <= q_pos
+    return seen if window is None else seen & (k_pos > q_pos - window)
 
 
 @mx.compile

@@ -1,17 +1,21 @@
 """numpy implementation of the backend ops: BLAS does the products, everything else is a few ufuncs.
 
 Weights are laid out once at load as [in, out] float32 matrices ("W transposed"), so that a decode step's
-matrix-vector product is BLAS's column-major gemv, the fastest form numpy reaches (about twice the row-dot form).
+matrix-vector product is BLAS's column-major gemv, the fastest form numpy reaches.
 The embedding table is stored the same way, [hidden, vocab]: the tied output head reads it as is, and a token's
 embedding is one of its columns.
 
 Two weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
   "float32"    quantized weights are dequantized once at load: 4 bytes per weight, fastest.
   "quantized"  quantized weights keep their codes (4-bit: two per byte) with float32 scales and biases, widened
-               into a cache-sized scratch buffer a block at a time, per use: about a fifth of the memory (SmolLM2
-               Q4_1: 115 MB against 538 MB), ~30% slower decode, prefill nearly as fast.
+               into a cache-sized scratch buffer a block at a time, per use: about a fifth of the memory, slower
+               decode, prefill nearly as fast (benchmarks/README.md has the figures).
 Both use the same weights (scale * q + bias in float32, as mx.quantized_matmul forms them); a quantized decode step
 sums per group before scaling, another rounding order (~1e-6 relative).
+
+A NumpyOps may be used from several threads at once: what one forward pass decides (its thread count) is kept per
+thread, and the process-wide OpenBLAS thread count is set only while some forward pass runs and restored after
+the last one ends (_BlasThreads).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import ctypes
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -48,8 +53,13 @@ class QLinear:
 
 
 class NumpyOps:
+    """The backend contract (contract.py) over numpy and its BLAS."""
+
     name = "numpy"
+    on_gpu = False
+    lazy = False
     float_dtype = np.float32
+    float_bytes = kv_bytes = 4
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
         """weights: "float32" (default) or "quantized" (see the module doc). threads: workers for multi-row
@@ -60,11 +70,11 @@ class NumpyOps:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         self.weights_mode = mode
+        self.keeps_quantized = mode == "quantized"
         self.threads = threads or _cpu_count()
         self._pool = None
         self._scratch: dict[int, np.ndarray] = {}  # per worker thread, for on-the-fly dequantization
-        self._depth = 0
-        self._step_workers = 1
+        self._local = threading.local()  # per calling thread: forward-pass depth and step workers
         choose = self.threads > 1 and (mode == "quantized" or _blas.available)
         self._choice = _ThreadChoice((1, self.threads) if choose else (1,))
 
@@ -97,7 +107,7 @@ class NumpyOps:
     def tied_head(self, embedding):
         return embedding
 
-    def rope_table(self, inv_freq: np.ndarray, max_len: int):
+    def rope_table(self, inv_freq: np.ndarray):
         return RopeTable(inv_freq)
 
     def compile(self, fn):
@@ -105,34 +115,30 @@ class NumpyOps:
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
-        """Around one forward pass (the outermost of nested scopes decides), BLAS threads restored afterwards.
-        Multi-row products run BLAS single-threaded, split by columns over this backend's own worker threads
-        (see _run), which share the work dynamically. Single-row steps are bound by memory bandwidth: OpenBLAS's
-        threaded gemv is ~25% faster than one thread while another core is idle, and many times slower when other
-        processes hold the cores, so the thread count of these steps is chosen by timing them (_ThreadChoice)."""
-        if self._depth:
-            self._depth += 1
+        """Around one forward pass (the outermost of nested scopes decides). Multi-row products run BLAS
+        single-threaded, split by columns over this backend's own worker threads (see _run), which share the work
+        dynamically. Single-row steps are bound by memory bandwidth: OpenBLAS's threaded gemv is faster than one
+        thread while another core is idle, and many times slower when other processes hold the cores, so the thread
+        count of these steps is chosen by timing them (_ThreadChoice)."""
+        local = self._local
+        if getattr(local, "depth", 0):
+            local.depth += 1
             try:
                 yield
             finally:
-                self._depth -= 1
+                local.depth -= 1
             return
-        before = _blas.get() if _blas.available else None
         threads = self._choice.pick() if rows == 1 else 1
         # float32 weights: BLAS's threads split the gemv; quantized: this backend's workers split the columns
-        want = threads if self.weights_mode == "float32" else 1
-        if before is not None and want != before:
-            _blas.set(want)
-        self._depth, self._step_workers = 1, threads
+        local.depth, local.step_workers = 1, threads
         t0 = time.perf_counter()
         try:
-            yield
+            with _blas_threads.held(threads if self.weights_mode == "float32" else 1):
+                yield
         finally:
-            self._depth, self._step_workers = 0, 1
+            local.depth, local.step_workers = 0, 1
             if rows == 1:
                 self._choice.record(threads, time.perf_counter() - t0)
-            if before is not None and want != before:
-                _blas.set(before)
 
     # -- ops used by the forward pass ------------------------------------------------------------------------
 
@@ -175,7 +181,7 @@ class NumpyOps:
         rows = x2.shape[0]
         out = np.empty((rows, n_out), np.float32)
         step = max(64, _BLOCK // n_in // 64 * 64)  # columns widened at a time
-        workers = self.threads if rows >= _PARALLEL_ROWS else self._step_workers
+        workers = self.threads if rows >= _PARALLEL_ROWS else getattr(self._local, "step_workers", 1)
         if rows == 1:
             xg = x2[0].reshape(-1, 1, g)
             xsum = xg.sum(axis=(1, 2))
@@ -246,12 +252,18 @@ class NumpyOps:
         out += swapped
         return out
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-        """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right.
-        Queries go in blocks, each against only the keys it can see (about half the work of a full causal L x T
-        score matrix); the softmax is normalized after the product with v (a [.., D] division, not [.., T])."""
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
+                  window: int | None = None) -> np.ndarray:
+        """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right; with a
+        window, a query sees itself and the window - 1 keys before it. Queries go in blocks, each against only the
+        keys it can see (about half the work of a full causal L x T score matrix); the softmax is normalized after
+        the product with v (a [.., D] division, not [.., T])."""
         B, H, L, D = q.shape
         KV, T = k.shape[1], k.shape[2]
+        if window is not None and T <= window:
+            window = None
+        if window is not None and L == 1:
+            k, v, T, window = k[:, :, -window:], v[:, :, -window:], window, None
         rep = H // KV
         qg = (q * np.float32(scale)).reshape(B, KV, rep, L, D)
         kt = k.transpose(0, 1, 3, 2)[:, :, None]  # [B, KV, 1, D, T]
@@ -264,9 +276,13 @@ class NumpyOps:
         def block(s: int):
             e = min(s + _QUERY_BLOCK, L)
             n, end = e - s, past + e
-            scores = np.matmul(qg[:, :, :, s:e], kt[..., :end])  # [B, KV, rep, n, end]
-            scores[..., end - n:] += _causal_bias(n)
-            out[:, :, :, s:e] = _softmax_product(scores, vg[:, :, :, :end])
+            start = 0 if window is None else max(0, past + s - window + 1)  # keys before it are out of every window
+            scores = np.matmul(qg[:, :, :, s:e], kt[..., start:end])  # [B, KV, rep, n, end - start]
+            scores[..., end - start - n:] += _causal_bias(n)
+            if window is not None:
+                too_old = np.arange(start, end)[None, :] <= np.arange(past + s, past + e)[:, None] - window
+                scores += np.where(too_old, np.float32(-np.inf), np.float32(0))
+            out[:, :, :, s:e] = _softmax_product(scores, vg[:, :, :, start:end])
 
         self._run(block, list(range(0, L, _QUERY_BLOCK))[::-1])  # longest blocks first
         return out.reshape(B, H, L, D)
@@ -299,9 +315,6 @@ class NumpyOps:
 
     def synchronize(self) -> None:
         pass
-
-    def clock(self) -> float:
-        return time.perf_counter()
 
     def peak_memory(self) -> int:
         """Peak resident set size of this process, in bytes."""
@@ -516,14 +529,34 @@ class _OpenBLAS:
 
 _blas = _OpenBLAS()
 
-_default = None
+
+class _BlasThreads:
+    """OpenBLAS's thread count is one setting for the whole process. While forward passes run (from any thread),
+    it is the count the latest one asked for; when the last one ends, the count from before the first returns."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._before: int | None = None
+
+    @contextlib.contextmanager
+    def held(self, want: int):
+        if not _blas.available:
+            yield
+            return
+        with self._lock:
+            if self._active == 0:
+                self._before = _blas.get()
+            self._active += 1
+            if _blas.get() != want:
+                _blas.set(want)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0 and _blas.get() != self._before:
+                    _blas.set(self._before)
 
 
-def __getattr__(attr):
-    """Module-level access (`numpy_ops.linear`, or the module passed as ops) uses a float32-mode NumpyOps."""
-    global _default
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    if _default is None:
-        _default = NumpyOps("float32")
-    return getattr(_default, attr)
+_blas_threads = _BlasThreads()

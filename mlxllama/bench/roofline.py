@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..errors import UsageError
-from ..weights import LAYER_LINEARS, QuantizedWeight
+from ..weights import LAYER_LINEARS, QUANT_BITS, QuantizedWeight
 
 # Shape assumed by the parametric path (--params N --bits B) for the KV cache and attention FLOPs.
 LLAMA2_7B = ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -164,8 +164,8 @@ def quant_bytes_per_weight(bits: int, group_size: int = 64, scale_bytes: int = 2
     """
     if bits in (16, 32):
         return bits / 8
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise UsageError(f"--bits must be one of 2, 3, 4, 5, 6, 8, 16, 32, got {bits}")
+    if bits not in QUANT_BITS:
+        raise UsageError(f"--bits must be one of {', '.join(map(str, QUANT_BITS + (16, 32)))}, got {bits}")
     if group_size <= 0:
         raise UsageError(f"--group-size must be positive, got {group_size}")
     return bits / 8 + 2 * scale_bytes / group_size

@@ -11,8 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..api import load_path, resolve
+from .. import loaders
+from ..api import resolve
+from ..generate import prefill
 from ..model import Model
+from ..weights import QuantizedWeight
 from . import hardware, probe, roofline, submissions
 
 
@@ -30,11 +33,7 @@ def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512) -> float:
     ops = model.ops
 
     def run():
-        cache = model.make_cache(1, max_len=tokens.shape[1])
-        for s in range(0, tokens.shape[1] - 1, step):
-            model.hidden(tokens[:, s: min(s + step, tokens.shape[1] - 1)], cache)
-            ops.eval(*cache.state())
-        return ops.argmax(model(tokens[:, -1:], cache, last_only=True)[:, -1, :])
+        return ops.argmax(prefill(model, tokens, model.make_cache(1, max_len=tokens.shape[1]), step)[:, -1, :])
 
     return tokens.shape[1] / _timed(ops, run)
 
@@ -57,11 +56,11 @@ def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
 
 
 def resident_weights(weights: dict, ops) -> dict:
-    """What the backend really reads per token: numpy widens quantized weights to float32 at load, so its
-    accounting uses float32 tensors of the same shapes (zero-copy stand-ins, nothing is allocated)."""
-    if ops.name != "numpy" or getattr(ops, "weights_mode", "float32") == "quantized":
-        return weights
-    return {k: np.broadcast_to(np.float32(0), w.shape) for k, w in weights.items()}
+    """What the backend really reads per token: dense tensors in its float type, quantized ones packed or, where
+    the backend widens them at load, in its float type too (zero-copy stand-ins, nothing is allocated)."""
+    held = np.dtype(f"float{8 * ops.float_bytes}")
+    return {k: w if isinstance(w, QuantizedWeight) and ops.keeps_quantized else np.broadcast_to(held.type(0), w.shape)
+            for k, w in weights.items()}
 
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
@@ -72,16 +71,15 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     progress = progress or (lambda label, done, total: None)
     ops = backends.get_ops(backend)
     machine = hardware.detect()
-    device = "gpu" if getattr(ops, "on_gpu", False) else "cpu"
+    device = "gpu" if ops.on_gpu else "cpu"
     measured = probe.probe(ops.name)
     rng = np.random.default_rng(seed)
     subs = []
     for ref in models or ["default"]:
         path = resolve(ref)
-        args, weights, tokenizer = load_path(path)
+        args, weights, tokenizer = loaders.load(path)
         model = Model(args, weights, ops)
-        kv_bytes = 4 if str(getattr(ops, "float_dtype", "float32")).endswith("float32") else 2
-        acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=kv_bytes)
+        acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = ([("pp", 1)] if n_prompt else []) + ([("tg", b) for b in batches] if n_gen else [])

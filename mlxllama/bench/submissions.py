@@ -327,6 +327,6 @@ def write(sub: dict, directory: str | Path) -> Path:
 
 def read(path: str | Path):
     """Parse one submission file (not validated). Unreadable or non-JSON files raise UsageError."""
-    from ..config import read_json
+    from ..jsonio import read_json
 
     return read_json(path, UsageError, 16 << 20, "submission")

@@ -1,4 +1,4 @@
-"""Load a GGUF (v2/v3) LLaMA file into the internal weight layout (see mlxllama/weights.py).
+"""Load a GGUF (v2/v3) file of a supported family into the internal weight layout (see mlxllama/weights.py).
 
 The header is parsed here with bounds checks on every read (_read_header), because gguf.GGUFReader trusts
 the file: a hostile array length makes it loop or allocate without limit, and it takes seconds to walk a
@@ -19,24 +19,11 @@ import gguf.quants
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
 
+from .. import families
 from ..config import ModelArgs, from_gguf_metadata
 from ..errors import ModelFileError, shown as _show
+from ..families import GGUF_TO_INTERNAL
 from ..weights import QuantizedWeight, check_weights
-
-GGUF_TO_INTERNAL = {
-    "token_embd": "model.embed_tokens",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
-    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
-    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
-    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
-    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -248,14 +235,11 @@ def read_gguf_metadata(path) -> dict:
 
 
 def _internal_name(gguf_name: str) -> str | None:
-    if not gguf_name.endswith(".weight"):
-        return None
-    base = gguf_name[: -len(".weight")]
-    m = re.fullmatch(r"blk\.(0|[1-9][0-9]*)\.([a-z_]+)", base)
+    m = re.fullmatch(r"blk\.(0|[1-9][0-9]*)\.([a-z_]+\.(?:weight|bias))", gguf_name)
     if m:
         template = GGUF_TO_INTERNAL.get(f"blk.{{i}}.{m[2]}")
         return template.format(i=int(m[1])) if template else None
-    return None if "{i}" in base else GGUF_TO_INTERNAL.get(base)
+    return None if "{i}" in gguf_name else GGUF_TO_INTERNAL.get(gguf_name)
 
 
 def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -360,7 +344,9 @@ def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight],
         infos[internal] = info
     embed = infos.get("model.embed_tokens")
     args = args.replace(tie_word_embeddings="lm_head" not in infos,
-                        torch_dtype=_torch_dtype(embed.qtype) if embed else args.torch_dtype)
+                        torch_dtype=_torch_dtype(embed.qtype) if embed else args.torch_dtype,
+                        qkv_bias="model.layers.0.self_attn.q_proj.bias" in infos,
+                        o_bias="model.layers.0.self_attn.o_proj.bias" in infos)
     if rope_freqs is not None:
         want = (args.head_dim // 2,)
         if rope_freqs.shape != want or rope_freqs.qtype not in _DENSE:
@@ -375,11 +361,12 @@ def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight],
 
     weights: dict[str, np.ndarray | QuantizedWeight] = {}
     requantized: set[str] = set()
+    permuted = families.by_name(args.family).gguf_permuted
     for internal, info in infos.items():
         row_index = None
-        if internal.endswith("self_attn.q_proj"):
+        if permuted and internal.endswith(("self_attn.q_proj", "self_attn.q_proj.bias")):
             row_index = _unpermute_rows(info.shape[0], args.num_attention_heads)
-        elif internal.endswith("self_attn.k_proj"):
+        elif permuted and internal.endswith(("self_attn.k_proj", "self_attn.k_proj.bias")):
             row_index = _unpermute_rows(info.shape[0], args.num_key_value_heads)
         if info.qtype not in _DENSE + _NATIVE and len(info.shape) == 2 and info.qtype.name not in requantized:
             requantized.add(info.qtype.name)

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs, load_config
+from ..config import ModelArgs
 from ..errors import ModelFileError, plain, shown
 from ..weights import QuantizedWeight, check_weights
-from .hf import internal_name, read_tensors
+from .safetensors_io import file_name, internal_name, read_tensors
 
 
-def load_mlx(folder: Path) -> tuple[ModelArgs, dict]:
-    args = load_config(folder / "config.json")
+def read_mlx_weights(folder: Path, args: ModelArgs) -> dict:
     tensors = read_tensors(folder)
     q = args.quantization or {}
     weights: dict = {}
@@ -38,7 +37,7 @@ def load_mlx(folder: Path) -> tuple[ModelArgs, dict]:
     if args.tie_word_embeddings:
         weights.pop("lm_head", None)
     check_weights(weights, args, str(folder))
-    return args, weights
+    return weights
 
 
 def _quantized(folder: Path, base: str, arr: np.ndarray, tensors: dict, layer_q: dict) -> QuantizedWeight:
@@ -97,7 +96,7 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
                 tensors[name + ".scales"] = np.ascontiguousarray(w.scales)
                 tensors[name + ".biases"] = np.ascontiguousarray(w.biases)
             else:
-                tensors[name + ".weight"] = np.ascontiguousarray(w)
+                tensors[file_name(name)] = np.ascontiguousarray(w)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
         tokenizer.save(tmp)

@@ -1,4 +1,5 @@
-"""Validated, memory-mapped safetensors reading (bf16 included, which safetensors' numpy API lacks)."""
+"""Validated, memory-mapped safetensors reading (bf16 included, which safetensors' numpy API lacks), shared by
+the HF and MLX folder loaders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..errors import ModelFileError, shown
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_INDEX = 64 * 1024 * 1024  # model.safetensors.index.json: ~100 bytes a tensor
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
           "I64": np.int64, "U8": np.uint8, "I8": np.int8, "F64": np.float64}
@@ -111,3 +113,26 @@ def weight_files(folder: Path) -> list[Path]:
         raise ModelFileError(f"{folder}: only pickle weights ({pickles[0]}) found; mlxllama never unpickles. "
                              "Use a safetensors or GGUF copy of this model")
     raise ModelFileError(f"{folder}: no *.safetensors weights found")
+
+
+def internal_name(name: str) -> str:
+    """HF and MLX names equal the internal ones without the `.weight` suffix."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def file_name(internal: str) -> str:
+    """The inverse of internal_name: biases keep their name, everything else gains `.weight`."""
+    return internal if internal.endswith(".bias") else internal + ".weight"
+
+
+def read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder's safetensors files (one or sharded), by file name."""
+    tensors: dict[str, np.ndarray] = {}
+    for path in weight_files(folder):
+        for name, arr in load(path).items():
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if name in tensors:
+                raise ModelFileError(f"{path}: tensor {shown(name)} appears in two shards")
+            tensors[name] = arr
+    return tensors

@@ -153,7 +153,7 @@ def build_seeds(workdir: Path) -> dict[str, Path]:
 def exercise(path: Path, run_model: bool = True) -> None:
     """Load a model the way `mlxllama generate` does; then tokenize and generate two tokens with numpy.
     Every failure must be an MlxLlamaError; the caller decides what to do with it."""
-    from mlxllama.api import load_path
+    from mlxllama.loaders import load as load_path
     from mlxllama.backends import numpy_ops
     from mlxllama.generate import stream_generate
     from mlxllama.model import Model
@@ -163,7 +163,7 @@ def exercise(path: Path, run_model: bool = True) -> None:
         args, weights, tok = load_path(path)
         if not run_model:
             return
-        model = Model(args, weights, numpy_ops)
+        model = Model(args, weights, numpy_ops.NumpyOps())
         for chat in (False, True) if tok.chat_template else (False,):
             for _ in stream_generate(model, tok, "Hi there", max_tokens=2, chat=chat):
                 pass

@@ -1,0 +1,56 @@
+"""The contract between the forward pass (model.py) and a backend (mlx_ops.py, numpy_ops.py).
+
+A backend is one object with the capabilities below as attributes and the ops as methods. Callers outside
+backends/ ask these capabilities; they never test a backend's name, which is for display only.
+
+Array conventions: hidden states [B, L, D]; q [B, H, L, Dh]; k, v [B, KV, T, Dh] (H a multiple of KV);
+token ids [B, L] ints. "Prepared" weights are whatever the backend laid out at load (prepare_*), opaque to callers
+except for `.nbytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # "mlx", "numpy": shown to users, never branched on
+    on_gpu: bool  # computes on a GPU (Metal or CUDA)
+    lazy: bool  # arrays are computed when evaluated: queue the next step (async_eval) before reading a result
+    keeps_quantized: bool  # quantized weights stay packed in memory (False: widened to floats at load)
+    float_dtype: Any  # the dtype of activations, dense weights as held, and the KV cache
+    float_bytes: int  # bytes per element of float_dtype
+    kv_bytes: int  # bytes per K or V element in the cache
+
+    def device(self) -> str: ...
+    def peak_memory(self) -> int: ...  # bytes: the backend's own peak allocation, or the process's peak RSS
+
+    # weight preparation, once at load
+    def prepare_linear(self, parts: list) -> Any: ...  # same-input projections [out_i, in] fused by output rows
+    def prepare_norm(self, w) -> Any: ...  # also biases and other vectors
+    def prepare_embedding(self, w) -> Any: ...
+    def tied_head(self, embedding) -> Any: ...
+    def rope_table(self, inv_freq: np.ndarray) -> Any: ...
+    def compile(self, fn: Callable) -> Callable: ...  # may compile fn(h, *args) for single-token steps
+    def forward_scope(self, rows: int) -> ContextManager: ...  # around one forward pass of `rows` token rows
+
+    # the ops of the forward pass
+    def asarray(self, tokens) -> Any: ...
+    def embedding(self, table, ids) -> Any: ...
+    def linear(self, x, w) -> Any: ...  # x [..., in] @ W.T
+    def rms_norm(self, x, w, eps: float) -> Any: ...  # w broadcasts against x's trailing axes
+    def rope(self, x, offset: int, table) -> Any: ...  # x [B, heads, L, Dh], positions offset.. (HF order)
+    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None) -> Any: ...
+    def swiglu(self, gate, up) -> Any: ...
+
+    # arrays and evaluation
+    def zeros(self, shape, dtype=None) -> Any: ...
+    def concatenate(self, arrays, axis: int) -> Any: ...
+    def argmax(self, logits) -> Any: ...
+    def to_numpy(self, x) -> np.ndarray: ...
+    def eval(self, *xs) -> None: ...
+    def async_eval(self, *xs) -> None: ...
+    def synchronize(self) -> None: ...
