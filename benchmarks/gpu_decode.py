@@ -23,18 +23,12 @@ B, the step's bytes over B; for pp, one pass over the weights plus the prompt's 
 * tok/s; "of copy" divides by the measured copy bandwidth. Compute runs in MLXOps' float dtype (float16 on a GPU,
 float32 on the CPU, where MLX emulates float16 slowly); mlx-lm's parameters are cast to the same dtype.
 
-Procedure for a session with the CUDA device tool (no GPU is needed for step 1):
-  1. Here, in the project root:
-         EXTRA_WHEELS="gguf mlx-lm==0.32.2" ../shared/device/prepare_mlx_cuda.sh
-  2. Two device `run` calls in a row, the second within 30 s of the first (same warm machine; /tmp/stash stays):
-       a. carry [".whl-a"], timeout_s 120, command:
-              mkdir -p /tmp/stash && cp .whl-a/* /tmp/stash/
-       b. carry [".whl-b"], timeout_s 600, command:
-              bash .whl-b/install.sh && export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_decode.py --json $OUT/gpu.json
-     Expect a few minutes for all three formats at the 7B shape; `--formats q4` (or --quick) shortens it.
-     The JSON comes back under files_at; the table is in output_tail. Then give_back.
-  That machine has no transformers, which mlx_lm/__init__ imports: this script then loads mlx_lm.models.* alone
-  (the model code needs only mlx) and says so in its header.
+Running it on a machine with a GPU: install mlxllama with MLX's GPU build (`pip install -e ".[cuda]"` on Linux with
+CUDA; on a Mac MLX's Metal build comes with the base install), plus mlx-lm for the peer column, then
+    python benchmarks/gpu_decode.py --json gpu.json
+A few minutes for all three formats at the 7B shape; `--formats q4` (or --quick) shortens it. Where transformers is
+missing (mlx_lm/__init__ imports it), the script loads mlx_lm.models.* alone (the model code needs only mlx) and
+says so in its header.
 
 Smoke run on the CPU:  python benchmarks/gpu_decode.py --shape tiny --quick --device cpu
 """

@@ -44,3 +44,8 @@ def shown(value: Any, limit: int = 80) -> str:
 def plain(name: str, limit: int = 80) -> str:
     """A name from a file as is when it is short and printable, else shown()."""
     return name if isinstance(name, str) and name.isprintable() and len(name) <= limit else shown(name, limit)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (a library's multi-line error becomes one line of ours)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -262,8 +261,7 @@ def generate_sigint(long_model):
     """Ctrl-C once tokens are streaming: 16000 tokens would take far longer than the wait."""
     p = subprocess.Popen([*CLI, "generate", "hello", "-m", str(long_model), "--backend", "numpy", "--no-chat",
                           "--max-tokens", "16000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = p.stdout.read(1)
-    time.sleep(0.3)
+    first = p.stdout.read(16)  # tokens are streaming: the signal comes mid-generation
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     return first + out, err.decode(), p.returncode
@@ -288,8 +286,7 @@ def test_chat_sigint_interrupts_the_reply_not_the_session(long_model):
     p.stdin.write(b"hello\n")
     p.stdin.flush()
     assert p.stdout.read(3) == b">> "
-    p.stdout.read(1)  # the reply is streaming
-    time.sleep(0.3)
+    p.stdout.read(16)  # the reply is streaming
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(b"/exit\n", timeout=60)
     err = err.decode()

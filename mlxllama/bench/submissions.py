@@ -77,7 +77,9 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"mlxllama": version("mlxllama"), "mlx": version("mlx"), "numpy": version("numpy"),
+    from .. import __version__
+
+    return {"mlxllama": __version__, "mlx": version("mlx"), "numpy": version("numpy"),
             "python": platform.python_version()}
 
 
