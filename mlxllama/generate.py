@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,8 +21,14 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: str | None  # None while generating, then "stop", "length" or "interrupted"
+    finish_reason: str | None  # None while generating, then "stop", "length" (max_tokens) or "context" (full)
     prompt_time: float = 0.0  # seconds from the start until the first token was sampled
+    # With logprobs=: the chosen token's log-probability under the model (raw logits, before temperature,
+    # penalties and processors, as OpenAI's API reports it), and the top ones as (token, logprob), most likely first.
+    logprobs: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+LogitsProcessor = Callable[[list, np.ndarray], np.ndarray]  # (token ids so far, logits [vocab]) -> logits
 
 
 def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -83,7 +89,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
                     system: str | None = None, prefill_step_size: int = 512,
-                    sampling: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+                    sampling: SamplingParams | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                    sampler: Callable[[np.ndarray], int] | None = None,
+                    logprobs: bool | int = False) -> Iterator[GenerationResponse]:
+    """Generate from a prompt, one GenerationResponse per token.
+
+    Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
+    host, in order, on each step's logits (float64 [vocab]) with the token ids so far; `sampler` then picks the token
+    from the processed logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability,
+    an integer k for the k most likely tokens' too."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -93,7 +107,13 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     if sampling is not None and loose != SamplingParams():
         raise UsageError("pass sampling settings either as sampling=SamplingParams(...) or as keyword arguments, "
                          "not both")
-    sampler = Sampler(sampling or loose)
+    if isinstance(logprobs, bool):
+        top_k_logprobs = 0
+    elif isinstance(logprobs, int) and 0 <= logprobs <= 20:
+        top_k_logprobs = logprobs
+    else:
+        raise UsageError(f"logprobs must be true, false or an integer from 0 to 20, got {logprobs!r}")
+    chooser = Sampler(sampling or loose)
     ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
     if max(ids) >= model.args.vocab_size:
         raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
@@ -101,16 +121,18 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     ctx = model.args.max_position_embeddings
     if len(ids) >= ctx:
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
+    at_limit = "length" if max_tokens <= ctx - len(ids) else "context"
     max_tokens = min(max_tokens, ctx - len(ids))
     stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
     start = time.perf_counter()
-    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size)
+    steps = _steps(model, ids, max_tokens, chooser, prefill_step_size, logits_processors, sampler,
+                   logprobs is not False)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
-    for n, token in enumerate(steps, 1):
+    for n, (token, row) in enumerate(steps, 1):
         now = time.perf_counter()
         if prompt_time is None:
             prompt_time, gen_start = now - start, now
@@ -120,7 +142,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
         else:
             text = detok.add_token(token)
             if n >= max_tokens:
-                finish = "length"
+                finish = at_limit
                 text += detok.finalize()
         text, hit = stops.feed(text)
         if hit:
@@ -132,9 +154,17 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
             text=text, token=token, prompt_tokens=len(ids),
             prompt_tps=len(ids) / prompt_time if prompt_time > 0 else float("inf"),
             generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time)
+            peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time,
+            logprobs=None if row is None else float(row[token]),
+            top_logprobs=None if row is None or not top_k_logprobs else _top(row, top_k_logprobs))
         if finish:
             return
+
+
+def _top(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return [(int(t), float(logprobs[t])) for t in best]
 
 
 def prefill(model, tokens, cache, step: int = 512):
@@ -150,38 +180,52 @@ def prefill(model, tokens, cache, step: int = 512):
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
                   prefill_step_size: int = 512) -> Iterator[int]:
-    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
+    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text)."""
+    for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size):
+        yield token
 
-    With greedy sampling the token is chosen on the device (argmax), and where the backend is lazy (MLX) the next
-    step is queued (async_eval) before the current token is read back, so the host waits only for that one integer
-    per token.
+
+def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_step_size: int,
+           processors: Sequence[LogitsProcessor] = (), custom: Callable | None = None,
+           logprobs: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(token, log-probabilities [vocab] or None) per step.
+
+    With greedy sampling and nothing else asking for the logits, the token is chosen on the device (argmax), and
+    where the backend is lazy (MLX) the next step is queued (async_eval) before the current token is read back, so
+    the host waits only for that one integer per token.
     """
-    sampler = sampler or Sampler(SamplingParams())
     ops = model.ops
-    argmax_on_device = not sampler.p.needs_host_logits
+    argmax_on_device = not (sampler.p.needs_host_logits or processors or custom or logprobs)
     pipelined = argmax_on_device and ops.lazy
     history = list(ids)
 
     def pick(logits):
         last = logits[:, -1, :]
         if argmax_on_device:
-            return ops.argmax(last)
-        return int(sampler(ops.to_numpy(last)[0], history))
+            return ops.argmax(last), None
+        row = ops.to_numpy(last)[0].astype(np.float64)
+        lp = row - row.max() - np.log(np.exp(row - row.max()).sum()) if logprobs else None
+        for process in processors:
+            row = np.asarray(process(history, row), dtype=np.float64)
+        return int(custom(row) if custom else sampler(row, history)), lp
 
     cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
-    y = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
+    y, lp = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
     if pipelined:
         ops.async_eval(y)
     for n in range(max_tokens):
         nxt = None
         if pipelined and n + 1 < max_tokens:
-            nxt = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
+            nxt, _ = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
             ops.async_eval(nxt)
         token = y if isinstance(y, int) else int(ops.to_numpy(y).reshape(-1)[0])
         history.append(token)
-        yield token
+        yield token, lp
         if n + 1 < max_tokens:
-            y = nxt if nxt is not None else pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
+            if nxt is not None:
+                y = nxt
+            else:
+                y, lp = pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

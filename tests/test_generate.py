@@ -169,3 +169,64 @@ assert "mlx" not in sys.modules
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     assert "mlx refused" in r.stdout.decode()
+
+
+def test_logprobs_are_the_models_log_softmax(tiny):
+    model, tok = tiny
+    rs = list(mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=6, logprobs=5))
+    ids = tok.encode("The quick brown")
+    cache = model.make_cache()
+    logits = model.ops.to_numpy(model(np.asarray([ids]), cache))[0, -1].astype(np.float64)
+    want = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    first = rs[0]
+    assert first.logprobs == pytest.approx(want[first.token], abs=1e-5)
+    assert [t for t, _ in first.top_logprobs] == list(np.argsort(-want)[:5])
+    assert first.top_logprobs[0][0] == first.token  # greedy: the chosen token is the most likely
+    for r in rs:
+        assert r.logprobs <= 0 and len(r.top_logprobs) == 5
+        assert [lp for _, lp in r.top_logprobs] == sorted((lp for _, lp in r.top_logprobs), reverse=True)
+    greedy = [r.token for r in mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=6)]
+    assert [r.token for r in rs] == greedy  # asking for logprobs changes nothing else
+    assert all(r.logprobs is None and r.top_logprobs is None
+               for r in mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=2))
+
+
+def test_logits_processors_and_a_custom_sampler(tiny):
+    model, tok = tiny
+    greedy = [r.token for r in mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=8)]
+    banned = greedy[0]
+    seen = []
+
+    def ban(history, logits):
+        seen.append(len(history))
+        logits = logits.copy()
+        logits[banned] = -np.inf
+        return logits
+
+    got = [r.token for r in mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=8,
+                                                     logits_processors=[ban])]
+    assert banned not in got and len(got) == 8
+    assert seen == sorted(seen) and seen[1] == seen[0] + 1  # called once a step with the ids so far
+    picked = [r.token for r in mlxllama.stream_generate(model, tok, "The quick brown", max_tokens=5,
+                                                        sampler=lambda logits: 7)]
+    assert picked == [7] * 5
+
+
+def test_finish_reason_tells_a_full_context_from_max_tokens(tiny):
+    model, tok = tiny
+    ctx = model.args.max_position_embeddings
+    rs = list(mlxllama.stream_generate(model, tok, [5] * (ctx - 3), max_tokens=50))
+    assert rs[-1].finish_reason in ("context", "stop")
+    if rs[-1].finish_reason == "context":
+        assert len(rs) == 3
+    rs = list(mlxllama.stream_generate(model, tok, [5] * 10, max_tokens=3))
+    assert rs[-1].finish_reason in ("length", "stop")
+
+
+def test_sampling_object_and_keywords_are_exclusive(tiny):
+    model, tok = tiny
+    with pytest.raises(UsageError, match="either as sampling="):
+        list(mlxllama.stream_generate(model, tok, "hi", max_tokens=2, temperature=0.5,
+                                      sampling=SamplingParams(temperature=0.7)))
+    with pytest.raises(UsageError, match="logprobs must be"):
+        list(mlxllama.stream_generate(model, tok, "hi", max_tokens=2, logprobs=100))
