@@ -88,21 +88,33 @@ def prompts(spec: dict, length: int, count: int, salt: int) -> list[list[int]]:
 
 def time_prompt(stream, ids: list[int]) -> tuple[float, float]:
     """Seconds from submitting the prompt to holding the first sampled token (wall, and CPU of this process)."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    it = stream(ids, 1)
-    next(it)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    from mlxllama.bench.timing import timed
+
+    it = None
+
+    def first():
+        nonlocal it
+        it = stream(ids, 1)
+        next(it)
+
+    dt, cpu = timed(first)
     it.close()
     return dt, cpu
 
 
 def time_decode(stream, ids: list[int], n: int) -> tuple[float, float]:
     """Tokens per second of n decode steps after the prompt's first token, and CPU seconds per token."""
+    from mlxllama.bench.timing import timed
+
     it = stream(ids, n + 1)
     next(it)
-    c0, t0 = time.process_time(), time.perf_counter()
-    got = sum(1 for _ in it)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    got = 0
+
+    def rest():
+        nonlocal got
+        got = sum(1 for _ in it)
+
+    dt, cpu = timed(rest)
     if got != n:
         raise RuntimeError(f"decode produced {got} tokens, expected {n}")
     return n / dt, cpu / n

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlxllama.backends.mlx_ops import MLXOps  # noqa: E402
 from mlxllama.bench import roofline  # noqa: E402
 from mlxllama.bench.probe import probe_mlx  # noqa: E402
+from mlxllama.bench.timing import timed  # noqa: E402
 from mlxllama.config import ModelArgs  # noqa: E402
 from mlxllama.model import Model  # noqa: E402
 from mlxllama.weights import QuantizedWeight, expected_shapes  # noqa: E402
@@ -202,13 +203,12 @@ def mlx_lm_engine(args: ModelArgs, weights: dict, float_dtype, mlx_lm) -> Engine
 def run_prefill(engine: Engine, tokens: mx.array) -> float:
     """Seconds for a fresh prompt to its first greedy token."""
     cache = engine.make_cache(tokens.shape[0], tokens.shape[1])
-    mx.synchronize()
-    t0 = time.perf_counter()
-    mx.eval(engine.fill(tokens[:, :-1], cache))
-    y = mx.argmax(engine.logits(tokens[:, -1:], cache), axis=-1)
-    mx.eval(y)
-    mx.synchronize()
-    return time.perf_counter() - t0
+
+    def run():
+        mx.eval(engine.fill(tokens[:, :-1], cache))
+        mx.eval(mx.argmax(engine.logits(tokens[:, -1:], cache), axis=-1))
+
+    return timed(run, mx.synchronize)[0]
 
 
 def run_decode(engine: Engine, prompt: mx.array, first: mx.array, n_gen: int) -> float:
@@ -216,15 +216,15 @@ def run_decode(engine: Engine, prompt: mx.array, first: mx.array, n_gen: int) ->
     batch = first.shape[0]
     cache = engine.make_cache(batch, prompt.shape[1] + n_gen + 1)
     mx.eval(engine.fill(prompt, cache))
-    y = first
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n_gen):
-        y = mx.argmax(engine.logits(y, cache), axis=-1).reshape(batch, 1)
-        mx.async_eval(y)
-    mx.eval(y)
-    mx.synchronize()
-    return time.perf_counter() - t0
+
+    def run():
+        y = first
+        for _ in range(n_gen):
+            y = mx.argmax(engine.logits(y, cache), axis=-1).reshape(batch, 1)
+            mx.async_eval(y)
+        mx.eval(y)
+
+    return timed(run, mx.synchronize)[0]
 
 
 def greedy(engine: Engine, prompt: mx.array, n: int) -> tuple[list[int], np.ndarray]:

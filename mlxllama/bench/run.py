@@ -6,7 +6,6 @@ device, as greedy generation does). Each test runs once to warm up, then `repeti
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
@@ -17,15 +16,12 @@ from ..generate import prefill
 from ..model import Model
 from ..weights import QuantizedWeight
 from . import hardware, probe, roofline, submissions
+from .timing import timed
 
 
 def _timed(ops, fn) -> float:
-    ops.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    ops.eval(out)
-    ops.synchronize()
-    return time.perf_counter() - t0
+    """Wall seconds of fn() with its result evaluated."""
+    return timed(lambda: ops.eval(fn()), ops.synchronize)[0]
 
 
 def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512) -> float:
