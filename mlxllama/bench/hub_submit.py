@@ -153,8 +153,10 @@ def submit(p: Plan) -> str:
                            f"{p.repo_id} needs an account)")
     operations = [CommitOperationAdd(path, content.encode()) for path, content in p.files]
     try:
-        info = HfApi().create_commit(p.repo_id, operations, commit_message=p.title, commit_description=p.description,
-                                     repo_type="dataset", create_pr=True)
+        api = HfApi()
+        api.dataset_info(p.repo_id)  # one plain request first: a missing repo or no network fails fast, unretried
+        info = api.create_commit(p.repo_id, operations, commit_message=p.title, commit_description=p.description,
+                                 repo_type="dataset", create_pr=True)
     except MlxLlamaError:
         raise
     except Exception as e:
