@@ -176,7 +176,8 @@ def _cached_pr_refs(repo_id: str) -> list[str]:
 
 
 def fetch(repo_id: str, include_prs: bool = False) -> list[Path]:
-    """Local folders holding the repo's JSON files: the main branch, then each open pull request."""
+    """Local copies of the repo's JSON files: the main branch's folder, then each open pull request's files that
+    main lacks (a pull request's snapshot also holds everything on main)."""
     from huggingface_hub import HfApi, constants, snapshot_download
 
     from ..hub import check_repo_id
@@ -193,8 +194,12 @@ def fetch(repo_id: str, include_prs: bool = False) -> list[Path]:
                 refs = [d.git_reference for d in HfApi().get_repo_discussions(
                     repo_id, repo_type="dataset", discussion_type="pull_request", discussion_status="open")]
             for revision in refs:
-                folders.append(Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                                      allow_patterns=["*.json"])))
+                pull = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                              allow_patterns=["*.json"]))
+                for f in sorted(pull.rglob("*.json")):
+                    on_main = folders[0] / f.relative_to(pull)
+                    if not (on_main.is_file() and on_main.read_bytes() == f.read_bytes()):
+                        folders.append(f)
     except MlxLlamaError:
         raise
     except Exception as e:

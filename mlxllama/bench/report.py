@@ -196,17 +196,17 @@ LEADERBOARD_COLUMNS = ["model · quant", "chip", "BW GB/s", "backend", "submissi
 
 def leaderboard(subs: list[dict]) -> list[dict]:
     """One row per (model/quant, chip, backend): how many submissions, the best pp and tg t/s (batch 1, the
-    group's main test shapes), the best tg's achieved GB/s, and the best bandwidth-normalized scores against the
+    row's main test shapes: pp512 and tg128 where run), the best tg's achieved GB/s, and the best bandwidth-normalized scores against the
     rated and the measured bandwidth. Rows are ordered by group, then best tg."""
     out = []
     for (model, quant), members in _groups(subs).items():
-        names = _batch1_tests(members)
-        pp, tg = _primary_pp(names), _primary_tg(names)
         cells: dict[tuple[str, str], list[dict]] = {}
         for s in members:
             cells.setdefault((chip_label(s), s["backend"]), []).append(s)
         rows = []
         for (chip, backend), runs in cells.items():
+            names = _batch1_tests(runs)
+            pp, tg = _primary_pp(names), _primary_tg(names)
             tests = [r for s in runs for r in test_rows(s) if r["batch"] == 1]
             pps = [r for r in tests if r["test"] == pp]
             tgs = [r for r in tests if r["test"] == tg]
@@ -296,9 +296,9 @@ def plot_tg_vs_bandwidth(subs: list[dict]) -> bytes:
     best: dict[str, tuple[float, float]] = {}
     ys_all, roof_top = [], 0.0
     for i, ((model, quant), members) in enumerate(groups.items()):
-        tg = _primary_tg(_batch1_tests(members))
         points, step_bytes = [], []
         for s in members:
+            tg = _primary_tg(_batch1_tests([s]))
             rated, how = _plot_bandwidth(s)
             t = next((t for t in s["tests"] if t["name"] == tg), None)
             if not rated or t is None:
@@ -313,7 +313,7 @@ def plot_tg_vs_bandwidth(subs: list[dict]) -> bytes:
             continue
         color = f"C{i % 10}"
         per_token = statistics.median(step_bytes)
-        roof_top = max(roof_top, xhi * 1e9 / per_token)
+        roof_top = max(roof_top, max(p[0] for p in points) * 1.45 * 1e9 / per_token)
         ax.plot([xlo, xhi], [xlo * 1e9 / per_token, xhi * 1e9 / per_token], color=color, lw=1.2, ls="--", alpha=0.8)
         ax.scatter([p[0] for p in points], [p[1] for p in points], color=color, s=26, zorder=3,
                    label=f"{model} {quant}: {per_token / 1e9:.2f} GB read per token (dashed: roofline)")
@@ -439,9 +439,9 @@ def html_page(subs: list[dict], png: bytes, problems: list[str] = (), duplicates
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mlxllama benchmark report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }}
 th {{ background: #f3f3f3; cursor: pointer; user-select: none; }}
 th[aria-sort="ascending"]::after {{ content: " \\25B2"; }} th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
 td:first-child, td:nth-child(2), td:nth-child(4) {{ text-align: left; }}
