@@ -43,7 +43,7 @@ def browse(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProces
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            "--disable-extensions", "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
            "--virtual-time-budget=10000", *args, page.as_uri()]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     return p
 

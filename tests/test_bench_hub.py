@@ -68,8 +68,7 @@ def test_bench_submit_report_round_trip(fakehub, smollm2, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f"pull request on dataset {REPO}: Benchmark: ")
     paths = [line.split()[1] for line in p.stdout.splitlines() if line.startswith("--- ")]
-    assert len(paths) == 2 and all(x.startswith("submissions/AMD-EPYC/") or x.startswith("submissions/")
-                                   for x in paths)
+    assert len(paths) == 2 and all(x.startswith("submissions/") and x.endswith(".json") for x in paths)
     assert not fakehub.requests("POST")
     # 4. the pull request
     p = cli(fakehub, home, "bench", "submit", *map(str, files), "--repo", REPO)
@@ -133,7 +132,7 @@ def test_submit_and_fetch_through_the_library(fakehub, tmp_path):
     env.update(HF_ENDPOINT=fakehub.url, HF_HOME=str(tmp_path / "hf"), HF_TOKEN=TOKEN, NO_PROXY="*",
                HF_HUB_DISABLE_PROGRESS_BARS="1", **{hub_submit.REPO_ENV: REPO})
     p = subprocess.run([sys.executable, "-c", LIBRARY_ROUND_TRIP, *map(str, sample_files(tmp_path, 2))], env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["repo"] == REPO and out["url"] == f"{fakehub.url}/datasets/{REPO}/discussions/1"
