@@ -322,6 +322,9 @@ def report_cmd(
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
     include_prs: bool = typer.Option(False, "--include-prs", help="With hf:OWNER/NAME, also preview the "
                                                                   "submissions in its open pull requests."),
+    with_reference: bool = typer.Option(False, "--with-reference", help="Add the bundled llama.cpp #4167 rows "
+                                                                        "(copies already among the sources count "
+                                                                        "once)."),
 ) -> None:
     """Aggregate submissions: print the leaderboard and markdown tables; write a PNG plot and a self-contained
     HTML page. Duplicates (the same run submitted twice) count once.
@@ -330,7 +333,7 @@ def report_cmd(
 
       mlxllama bench report benchmarks/reference --out report/
 
-      mlxllama bench report hf:mlxllama/bench-submissions --include-prs --out report/
+      mlxllama bench report hf:mlxllama/bench-submissions --include-prs --with-reference --out report/
     """
     from mlxllama.bench.reference import package_dir
     from mlxllama.bench.report import write_report
@@ -343,6 +346,8 @@ def report_cmd(
             paths += fetch(source[3:], include_prs=include_prs)
         else:
             paths.append(Path(source))
+    if with_reference and sources:
+        paths.append(package_dir())
     for p in paths:
         if not p.exists():
             raise UsageError(f"{p}: no such file or folder")
@@ -352,7 +357,7 @@ def report_cmd(
     for problem in rep.problems:
         typer.echo(f"skipped {problem}", err=True)
     if rep.submissions == 0:
-        raise UsageError(f"no valid submissions in {', '.join(map(str, paths))}")
+        raise UsageError(f"no valid submissions in {', '.join(map(str, sources or paths))}")
     typer.echo(rep.markdown)
     dropped = f", {rep.duplicates} duplicates dropped" if rep.duplicates else ""
     typer.echo(f"wrote {rep.png_path} and {rep.html_path} ({rep.submissions} submissions{dropped})", err=True)

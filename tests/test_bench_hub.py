@@ -21,10 +21,10 @@ TOKEN = "hf_alice_token"
 LLAMA_BENCH = Path(__file__).parent / "data" / "llama-bench"
 
 
-def seed(hub, **kwargs):
-    """The dataset as the project seeds it: a README and the #4167 reference rows."""
+def seed(hub, with_reference: bool = True, **kwargs):
+    """A dataset with a README, and (as a maintainer may seed it) copies of the #4167 reference rows."""
     files = {"README.md": b"# mlxllama benchmark submissions\n"}
-    for p in sorted(reference.package_dir().glob("*.json")):
+    for p in sorted(reference.package_dir().glob("*.json")) if with_reference else []:
         files[f"reference/{p.name}"] = p.read_bytes()
     hub.tokens[TOKEN] = "alice"
     return hub.add_repo(REPO, files, kind="datasets", **kwargs)
@@ -48,7 +48,7 @@ def cli(hub, home: Path, *args: str, token: str | None = TOKEN, **env: str):
 
 @pytest.mark.slow
 def test_bench_submit_report_round_trip(fakehub, smollm2, tmp_path):
-    seed(fakehub)
+    seed(fakehub, with_reference=False)  # a fresh dataset: the #4167 rows come from the package
     home, results = tmp_path / "hf", tmp_path / "results"
     # 1. a run on this machine, with llama-bench's depth and pp+tg shapes
     p = cli(fakehub, home, "bench", "-m", str(smollm2), "-p", "16", "-n", "8", "-r", "1", "-d", "0,8", "-pg", "8,4",
@@ -86,10 +86,13 @@ def test_bench_submit_report_round_trip(fakehub, smollm2, tmp_path):
     assert "create_pr=1" in commit.path and commit.headers["content-type"] == "application/x-ndjson"
     # 5. the report: main only, then with the open pull request beside the #4167 rows
     p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--out", str(tmp_path / "r0"), token=None)
+    assert "no valid submissions in" in one_error_line(p, 2)  # nothing merged yet
+    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--with-reference", "--out", str(tmp_path / "r0"))
     assert p.returncode == 0, p.stderr
     assert "SmolLM2" not in p.stdout and "| M2 Ultra 76c |" in p.stdout
     out = tmp_path / "report"
-    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--include-prs", "--out", str(out), token=None)
+    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--include-prs", "--with-reference", "--out", str(out),
+            token=None)
     assert p.returncode == 0, p.stderr
     board = p.stdout.split("## All submissions")[0]
     rows = [line.strip("| ").split(" | ") for line in board.splitlines() if line.startswith("| ")][1:]
@@ -100,14 +103,18 @@ def test_bench_submit_report_round_trip(fakehub, smollm2, tmp_path):
     assert "tg8@d8" in p.stdout and "pp8+tg4" in p.stdout and "tg128@d256" in p.stdout and "pp256+tg64" in p.stdout
     assert (out / "bench-report.png").stat().st_size > 10_000 and (out / "bench-report.html").is_file()
     # 6. offline, from the cache
-    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--include-prs", "--out", str(tmp_path / "r2"),
-            token=None, HF_HUB_OFFLINE="1")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split("## All submissions")[0] == board
-    # 7. the same files again: a second pull request, counted once
+    for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}):  # offline, or the hub unreachable
+        p = run_cli(["bench", "report", f"hf:{REPO}", "--include-prs", "--with-reference", "--out",
+                     str(tmp_path / "r2")], fakehub.url, home, **env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split("## All submissions")[0] == board
+    # 7. the same files again (a second pull request), and the reference in the dataset too: each counted once
     assert cli(fakehub, home, "bench", "submit", *map(str, files), "--repo", REPO).returncode == 0
-    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--include-prs", "--out", str(tmp_path / "r3"))
-    assert p.returncode == 0 and "2 duplicates dropped" in p.stderr, p.stderr
+    for p in reference.package_dir().glob("*.json"):
+        fakehub.repos[REPO].revisions["main"][f"reference/{p.name}"] = p.read_bytes()
+    p = cli(fakehub, home, "bench", "report", f"hf:{REPO}", "--include-prs", "--with-reference", "--out",
+            str(tmp_path / "r3"))
+    assert p.returncode == 0 and "(60 submissions, 60 duplicates dropped)" in p.stderr, p.stderr
     assert p.stdout.split("## All submissions")[0] == board
 
 

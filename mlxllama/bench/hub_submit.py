@@ -3,8 +3,8 @@ per submission; `fetch` downloads the repo's files (and, on request, those of it
 
 Files go under submissions/<chip>/<model>_<quant>/<date>_<backend>_<machine fingerprint>.json, so a listing sorts
 by chip, then model. Everything goes through huggingface_hub: create_commit(create_pr=True) for the pull request,
-snapshot_download for the data (HF cache; with HF_HUB_OFFLINE=1 the cached copy is used, and --include-prs previews
-the pull requests cached at the last online run).
+snapshot_download for the data (HF cache; offline, with HF_HUB_OFFLINE=1 or the hub out of reach, the cached copy
+is used, and --include-prs previews the pull requests cached at the last online run).
 
 Privacy: a submission carries no host name, user name, serial number or path; `privacy_problems` finds any, and
 `submit` refuses to send a file that has one.
@@ -13,6 +13,7 @@ Privacy: a submission carries no host name, user name, serial number or path; `p
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import socket
@@ -166,18 +167,37 @@ def submit(p: Plan) -> str:
 
 # --- fetch ---
 
-def _cached_pr_refs(repo_id: str) -> list[str]:
+def _cache_refs(repo_id: str) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    refs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs" / "refs" / "pr"
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
+
+
+def _cached_pr_refs(repo_id: str) -> list[str]:
+    refs = _cache_refs(repo_id) / "refs" / "pr"
     nums = sorted(int(p.name) for p in refs.glob("*") if p.name.isdigit()) if refs.is_dir() else []
     return [f"refs/pr/{n}" for n in nums]
+
+
+def _main(repo_id: str) -> Path | None:
+    """The main branch's JSON files; None when it has none (no snapshot folder is made for an empty selection)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        main = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json"]))
+    except LocalEntryNotFoundError:
+        if not (_cache_refs(repo_id) / "main").is_file():  # never fetched
+            raise
+        return None  # fetched before, and it had no JSON files
+    return main if main.is_dir() else None
 
 
 def fetch(repo_id: str, include_prs: bool = False) -> list[Path]:
     """Local copies of the repo's JSON files: the main branch's folder, then each open pull request's files that
     main lacks (a pull request's snapshot also holds everything on main)."""
+    import httpx2
     from huggingface_hub import HfApi, constants, snapshot_download
 
     from ..hub import check_repo_id
@@ -185,25 +205,32 @@ def fetch(repo_id: str, include_prs: bool = False) -> list[Path]:
     check_repo_id(repo_id)
     offline = constants.is_offline_mode()
     revision = "main"
+    quiet = logging.getLogger("huggingface_hub._snapshot_download")  # "No files matched": an empty dataset is fine
+    level, quiet.level = quiet.level, logging.ERROR
     try:
-        folders = [Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json"]))]
+        main = _main(repo_id)
+        folders = [main] if main else []
         if include_prs:
-            if offline:
-                refs = _cached_pr_refs(repo_id)
-            else:
-                refs = [d.git_reference for d in HfApi().get_repo_discussions(
-                    repo_id, repo_type="dataset", discussion_type="pull_request", discussion_status="open")]
+            refs = _cached_pr_refs(repo_id)
+            if not offline:
+                try:
+                    refs = [d.git_reference for d in HfApi().get_repo_discussions(
+                        repo_id, repo_type="dataset", discussion_type="pull_request", discussion_status="open")]
+                except httpx2.TransportError:  # unreachable: main came from the cache, and so do the PRs
+                    pass
             for revision in refs:
                 pull = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                               allow_patterns=["*.json"]))
                 for f in sorted(pull.rglob("*.json")):
-                    on_main = folders[0] / f.relative_to(pull)
-                    if not (on_main.is_file() and on_main.read_bytes() == f.read_bytes()):
+                    on_main = main / f.relative_to(pull) if main else None
+                    if not (on_main and on_main.is_file() and on_main.read_bytes() == f.read_bytes()):
                         folders.append(f)
     except MlxLlamaError:
         raise
     except Exception as e:
         raise explain(e, repo_id, "download", revision, offline) from e
+    finally:
+        quiet.level = level
     return folders
 
 
