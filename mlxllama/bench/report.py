@@ -440,11 +440,13 @@ def html_page(subs: list[dict], png: bytes, problems: list[str] = (), duplicates
 <html lang="en"><head><meta charset="utf-8"><title>mlxllama benchmark report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }}
 th {{ background: #f3f3f3; cursor: pointer; user-select: none; }}
 th[aria-sort="ascending"]::after {{ content: " \\25B2"; }} th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
-td:first-child, td:nth-child(2), td:nth-child(4) {{ text-align: left; }}
+td:first-child, td:nth-child(2), td:nth-child(4), th:first-child, th:nth-child(2), th:nth-child(4) {{
+  text-align: left; }}
+#leaderboard td:first-child {{ white-space: normal; max-width: 18em; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>mlxllama benchmark report</h1>
