@@ -38,43 +38,56 @@ def _context(model: Model, batch: int, depth: np.ndarray | None, more: int, step
     return cache
 
 
-def _prefill(model: Model, tokens: np.ndarray, cache, step: int = 512):
-    """Every position through the blocks, the last through the head, as generation prefills: the next token."""
-    for s in range(0, tokens.shape[1] - 1, step):
-        model.hidden(tokens[:, s: min(s + step, tokens.shape[1] - 1)], cache)
-        model.ops.eval(*cache.state())
-    return model.ops.argmax(model(tokens[:, -1:], cache, last_only=True)[:, -1, :])
-
-
-def _decode(model: Model, y, cache, n_gen: int):
-    batch = y.shape[0]
-    for _ in range(n_gen):
-        y = model.ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(batch, 1)
-        model.ops.async_eval(y)
-    return y
-
-
 def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, depth: np.ndarray | None = None) -> float:
-    """tokens [1, n], after `depth` [1, D] already in the cache."""
-    cache = _context(model, 1, depth, tokens.shape[1], step)
-    return tokens.shape[1] / _timed(model.ops, lambda: _prefill(model, tokens, cache, step))
+    """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills;
+    after `depth` [1, D] already in the cache."""
+    ops = model.ops
+    context = None if depth is None else _context(model, 1, depth, tokens.shape[1], step)
+
+    def run():
+        cache = context or model.make_cache(1, max_len=tokens.shape[1])
+        for s in range(0, tokens.shape[1] - 1, step):
+            model.hidden(tokens[:, s: min(s + step, tokens.shape[1] - 1)], cache)
+            ops.eval(*cache.state())
+        return ops.argmax(model(tokens[:, -1:], cache, last_only=True)[:, -1, :])
+
+    return tokens.shape[1] / _timed(ops, run)
 
 
 def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | None = None) -> float:
     """first [B, 1]: n_gen greedy steps for B sequences after `depth` [B, D] in the cache (empty by default, as
     llama-bench's tg); t/s counts the tokens of all of them."""
-    cache = _context(model, first.shape[0], depth, n_gen + 1)
-    return first.shape[0] * n_gen / _timed(model.ops, lambda: _decode(model, model.ops.asarray(first), cache, n_gen))
-
-
-def prompt_gen_tps(model: Model, tokens: np.ndarray, n_gen: int, depth: np.ndarray | None = None) -> float:
-    """llama-bench's pp+tg: the prompt tokens [1, n], then n_gen greedy steps, timed as one."""
-    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1)
+    ops = model.ops
+    batch = first.shape[0]
+    cache = _context(model, batch, depth, n_gen + 1)
 
     def run():
-        return _decode(model, _prefill(model, tokens, cache).reshape(1, 1), cache, n_gen)
+        y = ops.asarray(first)
+        for _ in range(n_gen):
+            y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(batch, 1)
+            ops.async_eval(y)
+        return y
 
-    return (tokens.shape[1] + n_gen) / _timed(model.ops, run)
+    return batch * n_gen / _timed(ops, run)
+
+
+def prompt_gen_tps(model: Model, tokens: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
+                   step: int = 512) -> float:
+    """llama-bench's pp+tg: the prompt tokens [1, n] prefilled, then n_gen greedy steps, timed as one."""
+    ops = model.ops
+    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1, step)
+
+    def run():
+        for s in range(0, tokens.shape[1] - 1, step):
+            model.hidden(tokens[:, s: min(s + step, tokens.shape[1] - 1)], cache)
+            ops.eval(*cache.state())
+        y = ops.argmax(model(tokens[:, -1:], cache, last_only=True)[:, -1, :]).reshape(1, 1)
+        for _ in range(n_gen):
+            y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(1, 1)
+            ops.async_eval(y)
+        return y
+
+    return (tokens.shape[1] + n_gen) / _timed(ops, run)
 
 
 def resident_weights(weights: dict, ops) -> dict:
