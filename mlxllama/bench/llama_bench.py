@@ -119,7 +119,8 @@ def convert(rows: list[dict], *, model: str | Path | None = None, chip: str | No
                         "gpu_cores": found.gpu_cores if found else None, "gpus": gpus},
             "chip": submissions.chip_block(found),
             "measured_bandwidth": None,
-            "versions": {**submissions.versions(), "mlx": None, "llama.cpp": str(first["build_commit"])},
+            "versions": {"mlxllama": submissions.versions()["mlxllama"], "mlx": None, "numpy": None, "python": None,
+                         "llama.cpp": str(first["build_commit"])},  # the importer's version, the run's build
             "model": {"id": path.name, "sha256": sha, "quant": quant, "accounting": acc.to_dict()},
             "backend": f"llama.cpp {backend}",
             "device": "gpu" if on_gpu else "cpu",
