@@ -55,6 +55,28 @@ def parse_batches(text: str) -> list[int]:
     return sorted(out)
 
 
+def parse_depths(text: str) -> list[int]:
+    """-d '0,512' -> [0, 512]: KV-cache depths before each timed test (llama-bench's -d)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise UsageError(f"-d/--depth: {part!r} is not a non-negative integer (write e.g. 0,512)")
+        if int(part) not in out:
+            out.append(int(part))
+    return out
+
+
+def parse_pg(text: str | None) -> tuple[int, int] | None:
+    """-pg '512,128' -> (512, 128): a prompt then generation, timed as one (llama-bench's -pg)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"-pg: expected PP,TG (two positive integers, e.g. 512,128), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_options(models, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit,
                   plot) -> BenchOptions:
     from mlxllama.bench.chips import lookup
@@ -119,21 +141,21 @@ def sweep_lines(sub: dict) -> list[str]:
 
     sweeps: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for t in sub["tests"]:
-        if t["n_gen"] > 0:
-            sweeps.setdefault((t["n_prompt"], t["n_gen"]), []).append(
+        if t["n_gen"] > 0 and not t["n_prompt"]:  # tg tests; the key is (depth, n_gen)
+            sweeps.setdefault((t.get("n_depth", 0), t["n_gen"]), []).append(
                 (t["batch"], sum(t["samples_tps"]) / len(t["samples_tps"])))
     chip = sub.get("chip") or {}
     bw = chip.get("rated_bandwidth_gbps") or (sub.get("measured_bandwidth") or {}).get("read_gbps")
     peak = chip.get("peak_fp16_tflops")
     acc = Accounting.from_dict(sub["model"]["accounting"])
     lines = []
-    for (n_prompt, n_gen), points in sweeps.items():
+    for (n_depth, n_gen), points in sweeps.items():
         if len(points) < 2:
             continue
         measured = measured_crossover([b for b, _ in points], [t for _, t in points])
-        text = f"batch sweep tg{n_gen}: measured crossover {_num(measured, 1)}"
+        text = f"batch sweep tg{n_gen}{f'@d{n_depth}' if n_depth else ''}: measured crossover {_num(measured, 1)}"
         if bw and peak:
-            ctx = mean_context(n_prompt, n_gen)
+            ctx = n_depth + mean_context(0, n_gen)
             predicted = crossover_batch(peak, acc.weight_bytes_per_token, acc.matmul_params, bw, acc.kv_bytes(ctx),
                                         acc.attn_flops_per_position * ctx)
             text += f", predicted {_num(predicted, 1)} ({bw:g} GB/s, {peak:g} TFLOPS)"
@@ -189,7 +211,7 @@ def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
 
     written = []
     for i, sub in enumerate(subs):
-        tests = [t for t in sub["tests"] if t["n_gen"] > 0]
+        tests = [t for t in sub["tests"] if t["n_gen"] > 0 and not t["n_prompt"]]
         if len({t["batch"] for t in tests}) < 2:
             continue
         chip = sub.get("chip") or {}
@@ -197,11 +219,11 @@ def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
         if not bw:
             continue
         t0 = tests[0]
-        same = [t for t in tests if (t["n_prompt"], t["n_gen"]) == (t0["n_prompt"], t0["n_gen"])]
+        same = [t for t in tests if (t.get("n_depth", 0), t["n_gen"]) == (t0.get("n_depth", 0), t0["n_gen"])]
         png, _, _ = plot_batch_sweep([t["batch"] for t in same],
                                      [sum(t["samples_tps"]) / len(t["samples_tps"]) for t in same],
                                      Accounting.from_dict(sub["model"]["accounting"]), bw,
-                                     chip.get("peak_fp16_tflops"), mean_context(t0["n_prompt"], t0["n_gen"]),
+                                     chip.get("peak_fp16_tflops"), t0.get("n_depth", 0) + mean_context(0, t0["n_gen"]),
                                      title=f"{sub['model']['id']} {sub['model']['quant']} on "
                                            f"{chip.get('name') or sub['device']}: batched decode")
         out = path if len(subs) == 1 else path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
@@ -230,6 +252,10 @@ def bench(
                                                                         "the chip's)."),
     submit: Optional[Path] = typer.Option(None, "--submit", help="Write one submission JSON per model here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the batch-sweep PNG here."),
+    depth: str = typer.Option("0", "-d", "--depth", help="Tokens already in the KV cache before each timed test "
+                                                         "(comma-separated, e.g. 0,4096); their KV reads count."),
+    pg: Optional[str] = typer.Option(None, "-pg", help="PP,TG: a prompt then generation, timed as one "
+                                                       "(e.g. 512,128)."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -242,13 +268,14 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
+    shapes = {"depths": parse_depths(depth), "pg": parse_pg(pg)}
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
 
     with progress_bar() as progress:
         subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
                          repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
-                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress)
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, **shapes)
     typer.echo(format_results(subs, opts.output))
     for sub in subs:
         for reason in validate(sub):
@@ -289,20 +316,38 @@ def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON f
 
 @bench_app.command("report")
 def report_cmd(
-    paths: Optional[List[Path]] = typer.Argument(None, help="Submission files or folders (default: the bundled "
-                                                            "llama.cpp #4167 reference data)."),
+    sources: Optional[List[str]] = typer.Argument(None, help="Submission files or folders, or hf:OWNER/NAME for a "
+                                                             "Hugging Face dataset (default: the bundled llama.cpp "
+                                                             "#4167 reference data)."),
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
+    include_prs: bool = typer.Option(False, "--include-prs", help="With hf:OWNER/NAME, also preview the "
+                                                                  "submissions in its open pull requests."),
+    with_reference: bool = typer.Option(False, "--with-reference", help="Add the bundled llama.cpp #4167 rows "
+                                                                        "(copies already among the sources count "
+                                                                        "once)."),
 ) -> None:
-    """Aggregate submissions: print markdown tables; write a PNG plot and a self-contained HTML page.
+    """Aggregate submissions: print the leaderboard and markdown tables; write a PNG plot and a self-contained
+    HTML page. Duplicates (the same run submitted twice) count once.
 
-    Example:
+    Examples:
 
       mlxllama bench report benchmarks/reference --out report/
+
+      mlxllama bench report hf:mlxllama/bench-submissions --include-prs --with-reference --out report/
     """
     from mlxllama.bench.reference import package_dir
     from mlxllama.bench.report import write_report
 
-    paths = list(paths or [package_dir()])
+    paths = []
+    for source in sources or [str(package_dir())]:
+        if source.startswith("hf:"):
+            from mlxllama.bench.hub_submit import fetch
+
+            paths += fetch(source[3:], include_prs=include_prs)
+        else:
+            paths.append(Path(source))
+    if with_reference and sources:
+        paths.append(package_dir())
     for p in paths:
         if not p.exists():
             raise UsageError(f"{p}: no such file or folder")
@@ -312,9 +357,67 @@ def report_cmd(
     for problem in rep.problems:
         typer.echo(f"skipped {problem}", err=True)
     if rep.submissions == 0:
-        raise UsageError(f"no valid submissions in {', '.join(map(str, paths))}")
+        raise UsageError(f"no valid submissions in {', '.join(map(str, sources or paths))}")
     typer.echo(rep.markdown)
-    typer.echo(f"wrote {rep.png_path} and {rep.html_path} ({rep.submissions} submissions)", err=True)
+    dropped = f", {rep.duplicates} duplicates dropped" if rep.duplicates else ""
+    typer.echo(f"wrote {rep.png_path} and {rep.html_path} ({rep.submissions} submissions{dropped})", err=True)
+
+
+@bench_app.command("submit")
+def submit_cmd(
+    files: List[Path] = typer.Argument(..., help="Submission JSON files (from bench --submit or bench import)."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="Dataset repo OWNER/NAME (default: "
+                                                            "$MLXLLAMA_BENCH_REPO, else mlxllama/bench-submissions)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be sent; send nothing."),
+) -> None:
+    """Open one pull request on the Hugging Face dataset adding these submissions (validated, and checked to
+    carry no host name, user name, serial number or path). Needs a token: `hf auth login` or HF_TOKEN.
+
+    Examples:
+
+      mlxllama bench submit results/*.json --dry-run
+
+      mlxllama bench submit results/*.json --repo me/my-bench
+    """
+    from mlxllama.bench import hub_submit
+
+    p = hub_submit.plan(files, repo or hub_submit.default_repo())
+    if dry_run:
+        typer.echo(p.describe())
+        typer.echo(f"dry run: nothing sent ({len(p.files)} files)", err=True)
+        return
+    url = hub_submit.submit(p)
+    typer.echo(f"opened {url} ({len(p.files)} submissions)")
+
+
+@bench_app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="llama-bench output: -o json or -o jsonl."),
+    fmt: str = typer.Option(..., "--format", help="Input format: llama-bench."),
+    out: Path = typer.Option(..., "--out", help="Folder for the submission files."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The GGUF file llama-bench ran (default: its "
+                                                               "model_filename, if it exists here)."),
+    chip: Optional[str] = typer.Option(None, "--chip", help="Chip to score against (default: from llama-bench's "
+                                                            "gpu_info/cpu_info)."),
+) -> None:
+    """Turn llama-bench results into submission files, one per model and setting.
+
+    Example:
+
+      llama-bench -m model.gguf -o json > lb.json && mlxllama bench import lb.json --format llama-bench --out results/
+    """
+    from mlxllama.bench.llama_bench import import_file
+
+    if fmt != "llama-bench":
+        raise UsageError(f"--format: only llama-bench is supported, got {fmt!r}")
+    if not file.is_file():
+        raise UsageError(f"{file}: no such file")
+    if model is not None and not model.is_file():
+        raise UsageError(f"--model {model}: no such file")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    for path in import_file(file, out, model=model, chip=chip):
+        typer.echo(f"wrote {path}")
 
 
 def estimate(

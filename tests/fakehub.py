@@ -1,11 +1,22 @@
 """A local stand-in for the Hugging Face hub: a real HTTP server on 127.0.0.1 that answers the requests
-huggingface_hub 2.x makes for model downloads.
+huggingface_hub 2.x makes for model and dataset downloads, and for commits and pull requests on dataset repos.
+{kind} is "models" or "datasets" (a repo answers only under its own kind); dataset files resolve under
+/datasets/{repo}.
 
-    GET  /api/models/{repo}[/revision/{rev}]         repo info: id, sha, siblings, gated
-    GET  /api/models/{repo}/tree/{rev}?recursive=..  file list: type, path, size, oid (+ lfs for weight files)
-    HEAD /{repo}/resolve/{rev}/{file}                metadata: X-Repo-Commit, ETag, Content-Length; weight files
+    GET  /api/{kind}/{repo}[/revision/{rev}]         repo info: id, sha, siblings, gated
+    GET  /api/{kind}/{repo}/tree/{rev}[/{path}]      file list: type, path, size, oid (+ lfs for weight files)
+    HEAD /[datasets/]{repo}/resolve/{rev}/{file}     metadata: X-Repo-Commit, ETag, Content-Length; weight files
                                                      ("LFS") answer 302 to a CDN address with X-Linked-Etag/-Size
-    GET  /{repo}/resolve/{rev}/{file}, /cdn/{sha256} the bytes, with Range -> 206
+    GET  /[datasets/]{repo}/resolve/{rev}/{file}, /cdn/{sha256}   the bytes, with Range -> 206
+    POST /api/{kind}/{repo}/preupload/{rev}          every file "regular" (no LFS upload step)
+    POST /api/{kind}/{repo}/commit/{rev}[?create_pr=1]   NDJSON: a header line, then "file" lines (base64) and
+                                                     "deletedFile" lines; with create_pr the commit goes to a new
+                                                     revision refs/pr/N (a copy of rev plus the changes) and an open
+                                                     pull request N is listed
+    GET  /api/{kind}/{repo}/discussions              pull requests (and their status), one page
+
+A revision is a branch name, a PR ref ("refs/pr/1", URL-quoted as one path segment) or a commit sha. Writes need
+a token from `tokens` (401 without or with an unknown one); a repo with `writers` set accepts only those (403).
 
 Errors carry the X-Error-Code header huggingface_hub dispatches on: RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo (401 without a token, 403 with one).
@@ -21,6 +32,7 @@ huggingface_hub takes the metadata from the 302 itself and fetches the bytes fro
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -28,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -36,9 +48,21 @@ LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".pkl")
 
 
 @dataclass
+class PullRequest:
+    num: int
+    title: str
+    description: str
+    author: str
+    status: str = "open"
+
+
+@dataclass
 class FakeRepo:
-    revisions: dict[str, dict[str, bytes]]  # branch name -> {path in repo: content}
+    revisions: dict[str, dict[str, bytes]]  # branch name or refs/pr/N -> {path in repo: content}
     gated: bool = False
+    kind: str = "models"  # or "datasets"
+    writers: set[str] | None = None  # tokens allowed to commit (None: every known token)
+    pulls: list[PullRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -58,6 +82,7 @@ class FakeHub:
     broken: dict[str, int] = field(default_factory=dict)  # file name -> HTTP status for GETs of its bytes
     throttle: float | None = None  # bytes per second for file bodies
     log: list[Request] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> user name
     port: int = 0
 
     @property
@@ -65,8 +90,9 @@ class FakeHub:
         return f"http://127.0.0.1:{self.port}"
 
     def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None,
-                 revisions: dict[str, dict[str, bytes]] | None = None, gated: bool = False) -> FakeRepo:
-        repo = FakeRepo(revisions=dict(revisions or {}), gated=gated)
+                 revisions: dict[str, dict[str, bytes]] | None = None, gated: bool = False,
+                 kind: str = "models") -> FakeRepo:
+        repo = FakeRepo(revisions=dict(revisions or {}), gated=gated, kind=kind)
         if files is not None:
             repo.revisions["main"] = files
         self.repos[repo_id] = repo
@@ -120,6 +146,9 @@ def make_handler(hub: FakeHub):
         def do_GET(self):
             self.route(body=True)
 
+        def do_POST(self):
+            self.route(body=True)
+
         # ---- plumbing
 
         def start(self, status: int, headers: dict[str, str]) -> None:
@@ -153,18 +182,41 @@ def make_handler(hub: FakeHub):
                     return self.error(404, "EntryNotFound", "Entry not found", body)
                 name, content = found
                 return self.send_file(name, content, {"ETag": f'"{parts[1]}"'}, body)
-            if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                return self.api(f"{parts[2]}/{parts[3]}", parts[4:], body)
+            if self.command == "POST":
+                if parts[:1] == ["api"] and len(parts) == 6 and parts[4] in ("preupload", "commit"):
+                    return self.write(parts[1], f"{parts[2]}/{parts[3]}", parts[4], parts[5])
+                return self.error(404, "NotFound", "not found", body)
+            if parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
+                return self.api(parts[1], f"{parts[2]}/{parts[3]}", parts[4:], body)
+            kind = "models"
+            if parts[:1] == ["datasets"]:
+                kind, parts = "datasets", parts[1:]
             if len(parts) >= 5 and parts[2] == "resolve":
-                return self.resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body)
+                return self.resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body, kind)
             self.error(404, "NotFound", "not found", body)
 
         # ---- endpoints
 
-        def api(self, repo_id: str, rest: list[str], body: bool) -> None:
-            if repo_id not in hub.repos:
-                return self.error(404, "RepoNotFound", "Repository not found", body)
-            repo = hub.repos[repo_id]
+        def find_repo(self, kind: str, repo_id: str, body: bool) -> FakeRepo | None:
+            repo = hub.repos.get(repo_id)
+            if repo is None or repo.kind != kind:
+                self.error(404, "RepoNotFound", "Repository not found", body)
+                return None
+            return repo
+
+        def api(self, kind: str, repo_id: str, rest: list[str], body: bool) -> None:
+            repo = self.find_repo(kind, repo_id, body)
+            if repo is None:
+                return
+            if rest == ["discussions"]:
+                pulls = [{"num": pr.num, "title": pr.title, "status": pr.status, "isPullRequest": True,
+                          "author": {"name": pr.author}, "createdAt": "2025-01-01T00:00:00.000Z",
+                          "repo": {"name": repo_id, "type": kind[:-1]}} for pr in reversed(repo.pulls)]
+                query = parse_qs(urlsplit(self.path).query)
+                if query.get("status", ["all"])[0] != "all":
+                    pulls = [p for p in pulls if p["status"] == query["status"][0]]
+                return self.reply_json({"discussions": pulls, "count": len(pulls), "start": 0,
+                                        "numClosedDiscussions": 0}, body)
             rev = rest[1] if len(rest) >= 2 and rest[0] in ("revision", "tree") else "main"
             branch = hub._branch(repo_id, rev)
             if branch is None:
@@ -172,8 +224,12 @@ def make_handler(hub: FakeHub):
             files = repo.revisions[branch]
             sha = hub.sha(repo_id, branch)
             if rest[:1] == ["tree"]:
+                under = "/".join(rest[2:])
+                if under:
+                    files = {n: c for n, c in files.items() if n.startswith(under + "/")}
                 entries = []
                 folders = sorted({"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)})
+                folders = [f for f in folders if f != under and f.startswith(under)]
                 for folder in folders:
                     entries.append({"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
                                     "size": 0, "path": folder})
@@ -191,10 +247,55 @@ def make_handler(hub: FakeHub):
                     "siblings": [{"rfilename": name} for name in sorted(files)]}
             self.reply_json(info, body)
 
-        def resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
-            if repo_id not in hub.repos:
-                return self.error(404, "RepoNotFound", "Repository not found", body)
-            repo = hub.repos[repo_id]
+        def write(self, kind: str, repo_id: str, action: str, rev: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            token = self.entry.headers.get("authorization", "").removeprefix("Bearer ")
+            if token not in hub.tokens:
+                return self.error(401, "Unauthorized", "Invalid credentials in Authorization header", True)
+            repo = self.find_repo(kind, repo_id, True)
+            if repo is None:
+                return
+            if repo.writers is not None and token not in repo.writers:
+                return self.error(403, "Forbidden", f"You don't have the rights to open a pull request on "
+                                  f"{repo_id}", True)
+            branch = hub._branch(repo_id, rev)
+            if branch is None:
+                return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}", True)
+            if action == "preupload":
+                files = json.loads(raw)["files"]
+                return self.reply_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                                   "oid": None} for f in files]}, True)
+            lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            if not lines or lines[0].get("key") != "header":
+                return self.error(400, "BadRequest", "the first line must be the commit header", True)
+            files = dict(repo.revisions[branch])
+            for line in lines[1:]:
+                value = line["value"]
+                if line["key"] == "file" and value.get("encoding") == "base64":
+                    files[value["path"]] = base64.b64decode(value["content"])
+                elif line["key"] == "deletedFile" and value["path"] in files:
+                    del files[value["path"]]
+                else:
+                    return self.error(400, "BadRequest", f"unsupported commit line {line['key']!r}", True)
+            prefix = f"{hub.url}/{'datasets/' if kind == 'datasets' else ''}{repo_id}"
+            pr_url = None
+            if parse_qs(urlsplit(self.path).query).get("create_pr") == ["1"]:
+                num = len(repo.pulls) + 1
+                header = lines[0]["value"]
+                repo.pulls.append(PullRequest(num, header.get("summary", ""), header.get("description", ""),
+                                              hub.tokens[token]))
+                branch = f"refs/pr/{num}"
+                pr_url = f"{prefix}/discussions/{num}"
+            repo.revisions[branch] = files
+            sha = hub.sha(repo_id, branch)
+            self.reply_json({"commitUrl": f"{prefix}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url},
+                            True)
+
+        def resolve(self, repo_id: str, rev: str, name: str, body: bool, kind: str = "models") -> None:
+            repo = self.find_repo(kind, repo_id, body)
+            if repo is None:
+                return
             if repo.gated:
                 if "authorization" not in self.entry.headers:
                     return self.error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "

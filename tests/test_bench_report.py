@@ -83,7 +83,7 @@ def test_write_report_files_and_html(tmp_path):
     page = rep.html_path.read_text()
     embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page).group(1)
     assert base64.b64decode(embedded) == rep.png_path.read_bytes()
-    assert page.count("<table>") == 2 and "<td>M2 Max 38c</td>" in page
+    assert page.count('<table class="sortable"') == 3 and "<td>M2 Max 38c</td>" in page  # leaderboard + 2
     assert "implausible.json" in page  # skipped files are listed
     assert "http" not in page.replace("http-equiv", "")  # self-contained
 

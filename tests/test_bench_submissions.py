@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def sample_submission(chip="M2 Max", quant="Q4_0", acc=Q4, tg=(60.0, 61.0, 59.5)
     tests = [make_test(512, 0, 1, list(pp), acc), make_test(0, 128, 1, list(tg), acc)]
     for b, tps in (batches or {}).items():
         tests.append(make_test(0, 128, b, tps, acc))
-    return make_submission(machine=machine, chip=the_chip, model_id=model_id, model_sha256="ab" * 32,
+    return make_submission(machine=machine, chip=the_chip, model_id=model_id, model_sha256=hashlib.sha256(f"{model_id} {quant}".encode()).hexdigest(),
                            quant=quant, accounting=acc, backend="mlx", device="gpu", tests=tests,
                            measured=BandwidthProbe("mlx", "gpu", 330.0, 370.0, 1 << 26, 5), date=date)
 
@@ -44,10 +45,36 @@ def test_test_names_and_records():
     assert format_test_name(512, 0) == "pp512"
     assert format_test_name(0, 128) == "tg128"
     assert format_test_name(0, 128, 8) == "tg128@B8"
-    assert format_test_name(512, 128, 1) == "tg128@d512"
+    assert format_test_name(512, 128, 1) == "pp512+tg128"
+    assert format_test_name(0, 128, 1, n_depth=512) == "tg128@d512"
+    assert format_test_name(512, 0, 4, n_depth=1024) == "pp512@d1024@B4"
     t = make_test(0, 128, 8, [100.0], Q4)
     assert t["bytes_per_step"] == Q4.weight_bytes_per_token + 8 * 64.5 * Q4.kv_bytes_per_position
     assert t["flops_per_token"] == 2 * Q4.matmul_params + 64.5 * Q4.attn_flops_per_position
+    assert "n_depth" not in t
+
+
+def test_depth_counts_the_kv_reads_at_that_depth():
+    W, K = Q4.weight_bytes_per_token, Q4.kv_bytes_per_position
+    t = make_test(0, 128, 1, [20.0], Q4, n_depth=4096)
+    assert t["name"] == "tg128@d4096" and t["n_depth"] == 4096
+    assert t["bytes_per_step"] == W + (4096 + 64.5) * K       # every step reads the 4096 cached positions too
+    assert t["flops_per_token"] == 2 * Q4.matmul_params + (4096 + 64.5) * Q4.attn_flops_per_position
+    pp = make_test(512, 0, 1, [300.0], Q4, n_depth=4096)
+    assert pp["name"] == "pp512@d4096" and pp["bytes_per_step"] == W + (4096 + 512) * K
+    assert pp["flops_per_token"] == 2 * Q4.matmul_params + (4096 + 256.5) * Q4.attn_flops_per_position
+    pg = make_test(512, 128, 1, [50.0], Q4)
+    assert pg["name"] == "pp512+tg128" and "n_depth" not in pg
+    assert pg["bytes_per_step"] == pytest.approx((W + 512 * K + 128 * (W + (512 + 64.5) * K)) / 640)
+    for test in (t, pp, pg):
+        sub = sample_submission()
+        sub["tests"].append(test)
+        assert validate(sub) == [], test["name"]
+    sub = sample_submission()
+    sub["tests"].append(dict(t, name="tg128"))
+    assert any("does not match" in r and "n_depth=4096" in r for r in validate(sub))
+    sub["tests"][-1] = dict(t, n_depth=-1)
+    assert any("n_depth: must be a non-negative integer" in r for r in validate(sub))
 
 
 def mutate(path: str, value, sub=None):

@@ -1,11 +1,14 @@
 """The timed benchmark: pp (prompt processing) and tg (decode, batch 1..B), llama-bench style.
 
 Tokens are random valid ids (tokenization and sampling stay out of the timed region; decode picks the argmax on the
-device, as greedy generation does). Each test runs once to warm up, then `repetitions` timed times.
+device, as greedy generation does). Each test runs once to warm up, then `repetitions` timed times. With a depth D
+(-d), D random tokens go into the KV cache untimed before the timed part; a pp+tg test (-pg) times a prompt then
+generation as one, as llama-bench does.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,22 +27,35 @@ def _timed(ops, fn) -> float:
     return timed(lambda: ops.eval(fn()), ops.synchronize)[0]
 
 
-def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512) -> float:
-    """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills."""
+def _context(model: Model, batch: int, depth: np.ndarray | None, more: int, step: int = 512):
+    """A cache holding `depth` [B, D] (untimed: the -d context), with room for `more` positions."""
+    n_depth = 0 if depth is None else depth.shape[1]
+    cache = model.make_cache(batch, max_len=n_depth + more)
+    for s in range(0, n_depth, step):
+        model.hidden(depth[:, s: s + step], cache)
+        model.ops.eval(*cache.state())
+    return cache
+
+
+def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, depth: np.ndarray | None = None) -> float:
+    """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills;
+    after `depth` [1, D] already in the cache."""
     ops = model.ops
+    context = None if depth is None else _context(model, 1, depth, tokens.shape[1], step)
 
     def run():
-        return ops.argmax(prefill(model, tokens, model.make_cache(1, max_len=tokens.shape[1]), step)[:, -1, :])
+        cache = context or model.make_cache(1, max_len=tokens.shape[1])
+        return ops.argmax(prefill(model, tokens, cache, step)[:, -1, :])
 
     return tokens.shape[1] / _timed(ops, run)
 
 
-def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
-    """first [B, 1]: n_gen greedy steps for B sequences from an empty cache (as llama-bench's tg); t/s counts the
-    tokens of all of them."""
+def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | None = None) -> float:
+    """first [B, 1]: n_gen greedy steps for B sequences after `depth` [B, D] in the cache (empty by default, as
+    llama-bench's tg); t/s counts the tokens of all of them."""
     ops = model.ops
     batch = first.shape[0]
-    cache = model.make_cache(batch, max_len=n_gen + 1)
+    cache = _context(model, batch, depth, n_gen + 1)
 
     def run():
         y = ops.asarray(first)
@@ -49,6 +65,22 @@ def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
         return y
 
     return batch * n_gen / _timed(ops, run)
+
+
+def prompt_gen_tps(model: Model, tokens: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
+                   step: int = 512) -> float:
+    """llama-bench's pp+tg: the prompt tokens [1, n] prefilled, then n_gen greedy steps, timed as one."""
+    ops = model.ops
+    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1, step)
+
+    def run():
+        y = ops.argmax(prefill(model, tokens, cache, step)[:, -1, :]).reshape(1, 1)
+        for _ in range(n_gen):
+            y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(1, 1)
+            ops.async_eval(y)
+        return y
+
+    return (tokens.shape[1] + n_gen) / _timed(ops, run)
 
 
 def resident_weights(weights: dict, ops) -> dict:
@@ -61,7 +93,8 @@ def resident_weights(weights: dict, ops) -> dict:
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
               chip=None, bandwidth_gbps: float | None = None,
-              progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> list[dict]:
+              progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
+              depths: list[int] | None = None, pg: tuple[int, int] | None = None) -> list[dict]:
     from .. import backends
 
     progress = progress or (lambda label, done, total: None)
@@ -78,29 +111,33 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
         acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
-        plan = ([("pp", 1)] if n_prompt else []) + ([("tg", b) for b in batches] if n_gen else [])
+        plan = []  # (n_prompt, n_gen, batch, depth) as llama-bench orders them
+        for d in depths or [0]:
+            plan += ([(n_prompt, 0, 1, d)] if n_prompt else []) + ([(0, n_gen, b, d) for b in batches] if n_gen else [])
+            plan += [(pg[0], pg[1], 1, d)] if pg else []
         total, done = len(plan) * (repetitions + 1), 0
         tests = []
-        for kind, batch in plan:
-            label = f"{path.name} {submissions.format_test_name(n_prompt if kind == 'pp' else 0, 0 if kind == 'pp' else n_gen, batch)}"
+        for p, g, batch, d in plan:
+            label = f"{path.name} {submissions.format_test_name(p, g, batch, d)}"
             samples = []
             for rep in range(repetitions + 1):
-                if kind == "pp":
-                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, n_prompt)))
+                depth = rng.choice(ordinary, size=(batch, d)) if d else None
+                if p and g:
+                    tps = prompt_gen_tps(model, rng.choice(ordinary, size=(1, p)), g, depth)
+                elif p:
+                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, p)), depth=depth)
                 else:
-                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), n_gen)
+                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), g, depth)
                 if rep:  # the first run warms up
                     samples.append(tps)
                 done += 1
                 progress(label, done, total)
-            if kind == "pp":
-                tests.append(submissions.make_test(n_prompt, 0, 1, samples, acc))
-            else:
-                tests.append(submissions.make_test(0, n_gen, batch, samples, acc))
+            tests.append(submissions.make_test(p, g, batch, samples, acc, n_depth=d))
         subs.append(submissions.make_submission(
             machine=machine, chip=chip or hardware.chip_for_device(machine, device),
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
-            model_id=ref if ref not in (None, "default") else f"default ({path.name})",
+            model_id=f"default ({path.name})" if ref in (None, "default") else (path.name if Path(ref).exists()
+                                                                                else ref),
             model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,
             backend=ops.name, device=device, tests=tests))
         del model, weights

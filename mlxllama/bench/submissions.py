@@ -18,10 +18,13 @@
                  "samples_tps": [612.0, 609.5], "bytes_per_step": 9.1e7, "flops_per_token": 2.7e8}]
     }
 
-A test is prompt processing ("pp512": n_gen 0, t/s = prompt tokens per second) or generation ("tg128": timed
-decode of n_gen tokens after n_prompt tokens of context, named "tg128@d512" when n_prompt > 0); "@B8" marks a
-batch of 8 sequences, whose t/s counts the tokens of all of them. bytes_per_step is what one forward step reads
-at the test's mean context (roofline.Accounting.bytes_per_step), flops_per_token the FLOPs per token there.
+Tests follow llama-bench's shapes: prompt processing ("pp512": n_gen 0, t/s = prompt tokens per second),
+generation ("tg128": n_prompt 0, timed decode of n_gen tokens) and both timed as one ("pp512+tg128": t/s = (n_prompt
++ n_gen) / time). n_depth (optional, default 0) counts tokens already in the KV cache before the timed part ("@d512"
+in the name); "@B8" marks a batch of 8 sequences, whose t/s counts the tokens of all of them. bytes_per_step is what
+one forward step reads at the test's mean context (roofline.Accounting.bytes_per_step: the KV reads at the depth
+included), flops_per_token the FLOPs per token there; for pp+tg, bytes_per_step is the bytes read per token over the
+whole test (the prefill's weight read shared by its tokens, then one weight read per generated token).
 
 A measured submission ("source": "measured") must carry the model file's sha256 and the mlxllama, numpy and
 python versions. Physically implausible: a tg sample above batch * rated bandwidth / bytes_per_step by more than
@@ -50,24 +53,45 @@ SCHEMA_VERSION = 1
 PLAUSIBILITY_MARGIN = 1.10
 ACCOUNTING_FIELDS = ("params", "matmul_params", "weight_bytes", "weight_bytes_per_token", "kv_bytes_per_position",
                      "attn_flops_per_position")
-_NAME_RE = re.compile(r"(pp|tg)(\d+)(?:@d(\d+))?(?:@B(\d+))?")
+_NAME_RE = re.compile(r"(?:pp\d+\+tg\d+|pp\d+|tg\d+)(?:@d\d+)?(?:@B\d+)?")
 
 
-def format_test_name(n_prompt: int, n_gen: int, batch: int = 1) -> str:
-    name = f"pp{n_prompt}" if n_gen == 0 else f"tg{n_gen}" + (f"@d{n_prompt}" if n_prompt else "")
-    return name + (f"@B{batch}" if batch > 1 else "")
-
-
-def make_test(n_prompt: int, n_gen: int, batch: int, samples_tps: list[float], acc: Accounting) -> dict:
-    """One test record; bytes and FLOPs come from the accounting at the test's mean context."""
-    ctx = mean_context(n_prompt, n_gen)
-    if n_gen == 0:
-        step_bytes = acc.weight_bytes_per_token + batch * acc.kv_bytes(n_prompt)
+def format_test_name(n_prompt: int, n_gen: int, batch: int = 1, n_depth: int = 0) -> str:
+    if n_prompt and n_gen:
+        name = f"pp{n_prompt}+tg{n_gen}"
     else:
+        name = f"tg{n_gen}" if n_gen else f"pp{n_prompt}"
+    return name + (f"@d{n_depth}" if n_depth else "") + (f"@B{batch}" if batch > 1 else "")
+
+
+def test_kind(t: dict) -> str:
+    """"pp", "tg" or "pg" (a prompt then generation, timed as one)."""
+    return "pg" if t["n_prompt"] and t["n_gen"] else ("tg" if t["n_gen"] else "pp")
+
+
+def test_context(n_prompt: int, n_gen: int, n_depth: int = 0) -> float:
+    """Mean positions attended per timed token: the depth plus the mean over the timed tokens."""
+    return n_depth + (mean_context(n_prompt, 0) if not n_gen else mean_context(0, n_prompt + n_gen))
+
+
+def make_test(n_prompt: int, n_gen: int, batch: int, samples_tps: list[float], acc: Accounting,
+              n_depth: int = 0) -> dict:
+    """One test record; bytes and FLOPs come from the accounting at the test's mean context, the KV cache's
+    n_depth positions included."""
+    ctx = test_context(n_prompt, n_gen, n_depth)
+    if n_gen == 0:  # one pass over the weights, the KV cache (depth and prompt) read once
+        step_bytes = acc.weight_bytes_per_token + batch * acc.kv_bytes(n_depth + n_prompt)
+    elif n_prompt == 0:
         step_bytes = acc.bytes_per_step(ctx, batch)
-    return {"name": format_test_name(n_prompt, n_gen, batch), "n_prompt": n_prompt, "n_gen": n_gen, "batch": batch,
-            "samples_tps": [float(s) for s in samples_tps], "bytes_per_step": float(step_bytes),
-            "flops_per_token": float(acc.flops_per_token(ctx))}
+    else:  # the prefill pass, then one step per generated token; per token of the whole test
+        prefill = acc.weight_bytes_per_token + batch * acc.kv_bytes(n_depth + n_prompt)
+        decode = n_gen * acc.bytes_per_step(n_depth + n_prompt + (n_gen + 1) / 2, batch)
+        step_bytes = (prefill + decode) / (n_prompt + n_gen)
+    test = {"name": format_test_name(n_prompt, n_gen, batch, n_depth), "n_prompt": n_prompt, "n_gen": n_gen}
+    if n_depth:
+        test["n_depth"] = n_depth
+    return {**test, "batch": batch, "samples_tps": [float(s) for s in samples_tps],
+            "bytes_per_step": float(step_bytes), "flops_per_token": float(acc.flops_per_token(ctx))}
 
 
 def versions() -> dict:
@@ -250,6 +274,9 @@ def _validate_test(t, where: str, rated_gbps: float | None, seen: set) -> list[s
     if reasons:
         return reasons
     name, n_prompt, n_gen, batch = t["name"], t["n_prompt"], t["n_gen"], t["batch"]
+    n_depth = t.get("n_depth", 0)
+    if not (_is_int(n_depth) and n_depth >= 0):
+        reasons.append(f"{where}.n_depth: must be a non-negative integer, got {n_depth!r}")
     if not (_is_int(n_prompt) and n_prompt >= 0):
         reasons.append(f"{where}.n_prompt: must be a non-negative integer, got {n_prompt!r}")
     if not (_is_int(n_gen) and n_gen >= 0):
@@ -259,10 +286,12 @@ def _validate_test(t, where: str, rated_gbps: float | None, seen: set) -> list[s
     if not reasons and n_prompt == 0 and n_gen == 0:
         reasons.append(f"{where}: n_prompt and n_gen are both 0")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        reasons.append(f"{where}.name: must look like pp512, tg128, tg128@d512 or tg128@B8, got {name!r}"[:200])
-    elif not reasons and name != format_test_name(n_prompt, n_gen, batch):
-        reasons.append(f"{where}.name: {name!r} does not match n_prompt={n_prompt}, n_gen={n_gen}, batch={batch} "
-                       f"(expected {format_test_name(n_prompt, n_gen, batch)!r})")
+        reasons.append(f"{where}.name: must look like pp512, tg128, pp512+tg128, tg128@d512 or tg128@B8, got "
+                       f"{name!r}"[:200])
+    elif not reasons and name != format_test_name(n_prompt, n_gen, batch, n_depth):
+        reasons.append(f"{where}.name: {name!r} does not match n_prompt={n_prompt}, n_gen={n_gen}, "
+                       f"n_depth={n_depth}, batch={batch} "
+                       f"(expected {format_test_name(n_prompt, n_gen, batch, n_depth)!r})")
     elif name in seen:
         reasons.append(f"{where}.name: duplicate test {name!r}")
     else:
@@ -288,6 +317,22 @@ def _validate_test(t, where: str, rated_gbps: float | None, seen: set) -> list[s
                        f"({bound:.2f} t/s at {rated_gbps:g} GB/s and {t['bytes_per_step'] / 1e9:.3f} GB per step): "
                        f"physically implausible")
     return reasons
+
+
+def machine_fingerprint(sub: dict) -> str:
+    """A short hash of what identifies the machine: its hardware block and the chip it is rated as."""
+    chip = sub.get("chip") or {}
+    ident = {"machine": sub.get("machine"), "chip": [chip.get("name"), chip.get("gpu_cores")]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def duplicate_key(sub: dict) -> str:
+    """Submissions with equal keys are the same run submitted twice: same machine, model file, backend, versions
+    and tests."""
+    tests = sorted(t.get("name") for t in sub.get("tests") or [] if isinstance(t, dict))
+    model = sub.get("model") or {}
+    return json.dumps([machine_fingerprint(sub), model.get("sha256") or [model.get("id"), model.get("quant")],
+                       sub.get("backend"), sub.get("device"), sub.get("versions"), tests], sort_keys=True, default=str)
 
 
 # --- files ---
