@@ -18,8 +18,9 @@ from mlxllama.errors import UsageError
 bench_app = typer.Typer(
     help="Benchmark prompt processing (pp) and text generation (tg) llama-bench style, with achieved GB/s and "
          "bandwidth-normalized scores.\n\n"
-         "  mlxllama bench -m default -p 512 -n 128 -r 5 --batch 1,8,64\n\n"
-         "  mlxllama bench validate results/*.json\n\n"
+         "\b\n"
+         "  mlxllama bench -m default -p 512 -n 128 -r 5 --batch 1,8,64\n"
+         "  mlxllama bench validate results/*.json\n"
          "  mlxllama bench report benchmarks/reference --out report/",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -216,7 +217,7 @@ def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    model: Optional[List[str]] = typer.Option(None, "-m", "--model", help="Model to benchmark (repeatable); "
+    model: Optional[List[str]] = typer.Option(None, "-m", "--model", metavar="MODEL", help="Model to benchmark (repeatable); "
                                                                           "default: the bundled default model."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens for the pp test; 0 skips it."),
     n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens for the tg test; 0 skips it."),
@@ -235,8 +236,8 @@ def bench(
 
     Examples:
 
+    \b
       mlxllama bench -m default -p 512 -n 128 -r 5
-
       mlxllama bench --batch 1,2,4,8,16,32,64 -n 32 --plot sweep.png --chip "M2 Max" --submit results/
     """
     if ctx.invoked_subcommand is not None:
@@ -262,11 +263,12 @@ def bench(
 
 
 @bench_app.command("validate")
-def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON files.")) -> None:
+def validate_cmd(files: List[Path] = typer.Argument(..., metavar="FILE", help="Submission JSON files.")) -> None:
     """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected.
 
     Example:
 
+    \b
       mlxllama bench validate results/*.json
     """
     from mlxllama.bench.submissions import read, validate
@@ -289,7 +291,7 @@ def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON f
 
 @bench_app.command("report")
 def report_cmd(
-    paths: Optional[List[Path]] = typer.Argument(None, help="Submission files or folders (default: the bundled "
+    paths: Optional[List[Path]] = typer.Argument(None, metavar="PATH", help="Submission files or folders (default: the bundled "
                                                             "llama.cpp #4167 reference data)."),
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
 ) -> None:
@@ -297,6 +299,7 @@ def report_cmd(
 
     Example:
 
+    \b
       mlxllama bench report benchmarks/reference --out report/
     """
     from mlxllama.bench.reference import package_dir
@@ -334,10 +337,9 @@ def estimate(
 
     Examples:
 
+    \b
       mlxllama estimate --chip "M2 Ultra" --params 7B --bits 4
-
       mlxllama estimate --bandwidth 1935 --tflops 312 --params 7B --bits 16
-
       mlxllama estimate --chip "M2 Max" -m default
     """
     from mlxllama.bench import roofline

@@ -83,7 +83,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
                     system: str | None = None, prefill_step_size: int = 512,
-                    sampling: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+                    sampling: SamplingParams | None = None,
+                    prefill_progress=None) -> Iterator[GenerationResponse]:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -103,7 +104,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
     start = time.perf_counter()
-    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size)
+    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size,
+                          prefill_progress=prefill_progress)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -135,12 +137,13 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
-                  prefill_step_size: int = 512) -> Iterator[int]:
+                  prefill_step_size: int = 512, prefill_progress=None) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
 
     Prefill runs in chunks of prefill_step_size with only the last position through the output head. With greedy
     sampling on MLX the token is chosen on the device and the next step is queued (mx.async_eval) before the
     current token is read back, so the host waits only for that one integer per token.
+    prefill_progress(done, total), if given, is called before prefill and after each chunk (prompt tokens).
     """
     sampler = sampler or Sampler(SamplingParams())
     ops = model.ops
@@ -156,9 +159,13 @@ def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | Non
 
     cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
     tokens = np.asarray(ids, dtype=np.int64)[None, :]
+    if prefill_progress is not None:
+        prefill_progress(0, len(ids))
     for s in range(0, len(ids) - 1, prefill_step_size):
         model.hidden(tokens[:, s: min(s + prefill_step_size, len(ids) - 1)], cache)
         ops.eval(*cache.state())
+        if prefill_progress is not None:
+            prefill_progress(min(s + prefill_step_size, len(ids) - 1), len(ids))
     y = pick(model(tokens[:, len(ids) - 1:], cache, last_only=True))
     if pipelined:
         ops.async_eval(y)
