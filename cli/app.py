@@ -50,6 +50,12 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     pass
 
 VERBOSE = {"on": False}
+INTERRUPT = {"reported": False}  # a command that handled Ctrl-C itself has printed its message
+
+
+def interrupted() -> typer.Exit:
+    INTERRUPT["reported"] = True
+    return typer.Exit(130)
 
 
 MODEL_HELP = ("Model: a local HF/MLX folder, a .gguf file, an HF repo id (optionally repo:file.gguf), "
@@ -196,7 +202,7 @@ def generate(
         sys.stdout.flush()
         typer.echo("[interrupted]", err=True)
         report(last)
-        raise typer.Exit(130)
+        raise interrupted()
     sys.stdout.write("\n")
     sys.stdout.flush()
     report(last)
@@ -410,7 +416,9 @@ def main() -> None:
             raise
         typer.echo(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
         sys.exit(1)
-    sys.exit(rc if isinstance(rc, int) else 0)  # a command that exits 130 has printed its own message
+    if rc == 130 and not INTERRUPT["reported"]:  # typer turns a Ctrl-C it catches into exit code 130, silently
+        typer.echo("interrupted", err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,31 @@ def _pipe_reader():
     return read
 
 
+@contextmanager
+def no_echo(on: bool):
+    """Keys typed during a reply are not echoed into it (they still wait for the next prompt); Ctrl-C still works."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        on = False
+    if not on:
+        yield
+        return
+    fd = sys.stdin.fileno()
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 @dataclass
 class Session:
     system: str | None
@@ -166,7 +192,8 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
 
     if tok.chat_template is None:
         raise UsageError("this model has no chat template; use `mlxllama generate` instead")
-    read = _editor() if sys.stdin.isatty() and sys.stdout.isatty() else _pipe_reader()
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    read = _editor() if terminal else _pipe_reader()
     session = Session(system=system, show_stats=show_stats, history=[])
     typer.echo(f"[chat] {banner}\n[chat] /help lists the commands; Enter sends, a trailing \\ continues the line",
                err=True)
@@ -176,8 +203,7 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
         except EOFError:
             line = None
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None  # main() prints "interrupted"
         if line is None:
             typer.echo("")
             return
@@ -192,12 +218,13 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
         session.history.append({"role": "user", "content": line})
         reply, last = [], None
         try:
-            for r in stream_generate(model, tok, session.history, max_tokens=max_tokens, system=session.system,
-                                     sampling=sampling):
-                sys.stdout.write(r.text)
-                sys.stdout.flush()
-                reply.append(r.text)
-                last = r
+            with no_echo(terminal):
+                for r in stream_generate(model, tok, session.history, max_tokens=max_tokens,
+                                         system=session.system, sampling=sampling):
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
+                    reply.append(r.text)
+                    last = r
         except KeyboardInterrupt:
             typer.echo("\n[interrupted]", err=True)
         except MlxLlamaError as e:
