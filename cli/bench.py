@@ -87,7 +87,7 @@ def _params(n_billion: float) -> str:
     return f"{n_billion:.2f} B" if n_billion >= 1 else f"{n_billion * 1e3:.2f} M"
 
 
-TABLE_COLUMNS = ("model", "size", "params", "quant", "backend", "device", "test", "t/s", "GB/s", "score",
+TABLE_COLUMNS = ("model", "weights", "resident", "params", "quant", "backend", "device", "test", "t/s", "GB/s", "score",
                  "score (meas)", "TFLOP/s", "FLOP score", "roofline t/s")
 
 
@@ -95,9 +95,10 @@ def table_cells(row: dict) -> list[str]:
     """One llama-bench style row; bandwidth figures only for tg tests, FLOP figures for all."""
     tg = row["n_gen"] > 0
     tps = f"{row['tps_mean']:.2f} ± {row['tps_sd']:.2f}"
-    return [row["model"], f"{row['size_gib']:.2f} GiB", _params(row["params_b"]), row["quant"], row["backend"],
-            row["device"], row["test"], tps, _num(row["gbps"], 1) if tg else "-",
-            _num(row["score"]) if tg else "-", _num(row["score_measured"]) if tg else "-",
+    meas = _num(row["score_measured"]) + (" †" if row.get("score_note") else "")
+    return [row["model"], f"{row['file_gib']:.2f} GiB", f"{row['size_gib']:.2f} GiB", _params(row["params_b"]),
+            row["quant"], row["backend"], row["device"], row["test"], tps, _num(row["gbps"], 1) if tg else "-",
+            _num(row["score"]) if tg else "-", meas if tg else "-",
             _num(row["tflops"], 3), _num(row["flop_score"]), _num(row["roofline_tps"], 1)]
 
 
@@ -116,7 +117,8 @@ def machine_line(sub: dict) -> str:
 
 def sweep_lines(sub: dict) -> list[str]:
     """The measured and predicted crossover of each batch sweep (tg tests differing only in batch)."""
-    from mlxllama.bench.roofline import Accounting, crossover_batch, mean_context, measured_crossover
+    from mlxllama.bench.roofline import (MIN_SWEEP_POINTS, Accounting, crossover_batch, mean_context,
+                                         measured_crossover, sweep_flattened)
 
     sweeps: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for t in sub["tests"]:
@@ -132,7 +134,14 @@ def sweep_lines(sub: dict) -> list[str]:
         if len(points) < 2:
             continue
         measured = measured_crossover([b for b, _ in points], [t for _, t in points])
-        text = f"batch sweep tg{n_gen}: measured crossover {_num(measured, 1)}"
+        if measured is None:
+            text = (f"batch sweep tg{n_gen}: measured crossover not measured ({len(points)} batch sizes; it takes "
+                    f"at least {MIN_SWEEP_POINTS} from batch 1 up to where t/s stops rising, e.g. "
+                    "--batch 1,2,4,8,16,32,64)")
+        else:
+            flat = sweep_flattened([b for b, _ in points], [t for _, t in points])
+            text = f"batch sweep tg{n_gen}: measured crossover {'' if flat else '>= '}{measured:.1f}" + \
+                ("" if flat else f" (t/s still rising at batch {max(b for b, _ in points)}: a lower bound)")
         if bw and peak:
             ctx = mean_context(n_prompt, n_gen)
             predicted = crossover_batch(peak, acc.weight_bytes_per_token, acc.matmul_params, bw, acc.kv_bytes(ctx),
@@ -161,6 +170,10 @@ def format_results(subs: list[dict], fmt: str) -> str:
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---:" if c in ("t/s",) else "---"
                                                                       for c in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    notes = list(dict.fromkeys(f"† {r['test']}: score (meas) {r['score_measured']:.2f} > 1 because "
+                               f"{r['score_note']}" for r in rows if r.get("score_note")))
+    lines += [""] + ["weights: the tensors as stored in the file; resident: as the backend holds and reads them "
+                     "(numpy widens quantized weights to float32 unless --numpy-weights quantized)"] + notes
     sweeps = [line for s in subs for line in sweep_lines(s)]
     if sweeps:
         lines += [""] + sweeps
@@ -326,10 +339,14 @@ def estimate(
                                                                         "chip's)."),
     tflops: Optional[float] = typer.Option(None, "--tflops", help="Peak TFLOPS (overrides the chip's fp16 peak)."),
     model: Optional[str] = typer.Option(None, "-m", "--model", help="Model to account exactly (its real tensors)."),
-    params: Optional[str] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7B."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight with --params: 2-8, or 16/32 for "
-                                                            "float (default 16)."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params."),
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7B: "
+                                         "the shape of the nearest known model (Llama-3.2-1B/3B, Llama-2-7B/13B, "
+                                         "Llama-3.1-8B/70B/405B, SmolLM2, ...)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A model's config.json (or its folder) for the "
+                                          "shape, instead of --params; no weights needed."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight with --params/--config: 2-8, or "
+                                                            "16/32 for float (default 16)."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params/--config."),
     ctx: int = typer.Option(512, "--ctx", help="Context length held in the KV cache."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length for the pp prediction."),
 ) -> None:
@@ -341,14 +358,15 @@ def estimate(
       mlxllama estimate --chip "M2 Ultra" --params 7B --bits 4
       mlxllama estimate --bandwidth 1935 --tflops 312 --params 7B --bits 16
       mlxllama estimate --chip "M2 Max" -m default
+      mlxllama estimate --chip "M2 Max" --config ./Llama-3.2-3B-Instruct/config.json --bits 4
     """
     from mlxllama.bench import roofline
     from mlxllama.bench.chips import lookup
 
-    if (model is None) == (params is None):
-        raise UsageError("give either -m MODEL or --params N (e.g. --params 7B --bits 4)")
+    if sum(x is not None for x in (model, params, config)) != 1:
+        raise UsageError("give one of -m MODEL, --params N (e.g. --params 7B --bits 4) or --config config.json")
     if model is not None and bits is not None:
-        raise UsageError("--bits applies to --params; a model's own tensors set its bits")
+        raise UsageError("--bits applies to --params and --config; a model's own tensors set its bits")
     the_chip = lookup(chip) if chip else None
     bw = bandwidth if bandwidth is not None else (the_chip.bandwidth_gbps if the_chip else None)
     if bw is None:
@@ -359,12 +377,22 @@ def estimate(
     if peak is not None and not (peak > 0 and math.isfinite(peak)):
         raise UsageError(f"--tflops must be a positive number, got {peak}")
 
-    if params is not None:
+    if params is not None or config is not None:
         bits = 16 if bits is None else bits
-        acc = roofline.account_params(roofline.parse_params(params), bits, group_size)
         per_weight = roofline.quant_bytes_per_weight(bits, group_size)
-        what = (f"{acc.params / 1e9:.2f} B params at {bits}-bit" + (f", group {group_size}" if bits < 16 else "")
-                + f" ({per_weight:.4g} bytes/weight); KV cache shaped like LLaMA-2 7B")
+        storage = (f"{bits}-bit" + (f", group {group_size}" if bits < 16 else "") + f" ({per_weight:.4g} bytes/weight)")
+        if config is not None:
+            shape, name, exact = _config_shape(config), str(config), True
+        else:
+            n = roofline.parse_params(params)
+            name, shape, exact = roofline.nearest_shape(n)
+        if exact:
+            acc = roofline.account_shape(shape, per_weight, norm_bytes=2)
+            what = (f"{name}'s shape: {acc.params / 1e9:.2f} B params at {storage}; {_shape_text(shape)}")
+        else:
+            acc = roofline.account_params(n, bits, group_size, shape=shape)
+            what = (f"{acc.params / 1e9:.2f} B params at {storage}; no known model of that size: KV cache "
+                    f"shaped like {name}, the nearest ({_shape_text(shape)})")
     else:
         from mlxllama.api import load_weights
 
@@ -375,6 +403,21 @@ def estimate(
                 f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
+
+
+def _config_shape(path: Path):
+    from mlxllama.config import ConfigError, from_hf_dict, read_json
+
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    return from_hf_dict(read_json(path, ConfigError, 1 << 20, "config"), str(path))
+
+
+def _shape_text(args) -> str:
+    gqa = args.num_attention_heads // args.num_key_value_heads
+    return (f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}"
+            + (f" (GQA {gqa}:1)" if gqa > 1 else ""))
 
 
 def format_estimate(est, acc, what: str, chip=None) -> str:

@@ -283,7 +283,8 @@ def test_generate_sigint_exit_code(generate_sigint):
 
 
 def test_chat_sigint_interrupts_the_reply_not_the_session(long_model):
-    p = subprocess.Popen([*CLI, "chat", "-m", str(long_model), "--backend", "numpy", "--max-tokens", "16000"],
+    p = subprocess.Popen([*CLI, "chat", "-m", str(long_model), "--backend", "numpy", "--max-tokens", "16000",
+                          "--temp", "0"],  # greedy: this random model then never samples its EOS
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdin.write(b"hello\n")
     p.stdin.flush()

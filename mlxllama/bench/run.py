@@ -73,7 +73,7 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     ops = backends.get_ops(backend)
     machine = hardware.detect()
     device = "gpu" if getattr(ops, "on_gpu", False) else "cpu"
-    measured = probe.probe(ops.name)
+    measured = probe.probe(ops.name, on_gpu=device == "gpu")
     rng = np.random.default_rng(seed)
     subs = []
     for ref in models or ["default"]:
@@ -82,6 +82,7 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
         model = Model(args, weights, ops)
         kv_bytes = 4 if str(getattr(ops, "float_dtype", "float32")).endswith("float32") else 2
         acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=kv_bytes)
+        file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = ([("pp", 1)] if n_prompt else []) + ([("tg", b) for b in batches] if n_gen else [])
@@ -108,6 +109,6 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
             model_id=ref if ref not in (None, "default") else f"default ({path.name})",
             model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,
-            backend=ops.name, device=device, tests=tests))
+            backend=ops.name, device=device, tests=tests, weight_file_bytes=file_bytes))
         del model, weights
     return subs

@@ -91,7 +91,8 @@ def chip_block(chip: Chip | None, rated_bandwidth_gbps: float | None = None) -> 
 def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model_sha256: str | None, quant: str,
                     accounting: Accounting, backend: str, device: str, tests: list[dict],
                     rated_bandwidth_gbps: float | None = None, measured: BandwidthProbe | None = None,
-                    source: str = "measured", date: str | None = None) -> dict:
+                    source: str = "measured", date: str | None = None,
+                    weight_file_bytes: int | None = None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "date": date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -100,9 +101,11 @@ def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model
         "chip": chip_block(chip, rated_bandwidth_gbps),
         "measured_bandwidth": None if measured is None else {
             "backend": measured.backend, "device": measured.device,
-            "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps},
+            "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps, "nbytes": measured.nbytes,
+            "threads": measured.threads, "llc_bytes": measured.llc_bytes},
         "versions": versions(),
-        "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict()},
+        "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict(),
+                  **({"weight_file_bytes": int(weight_file_bytes)} if weight_file_bytes else {})},
         "backend": backend,
         "device": device,
         "tests": tests,
