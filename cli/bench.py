@@ -77,6 +77,19 @@ def parse_options(models, n_prompt, n_gen, repetitions, batch, backend, output, 
                         chip=lookup(chip) if chip else None, bandwidth_gbps=bandwidth, submit=submit, plot=plot)
 
 
+def check_chip_claim(chip) -> None:
+    """--chip must not contradict the machine the run is on: an M2 claimed on an x86 CPU would score and submit
+    numbers against a bandwidth the run never had."""
+    if chip is None:
+        return
+    from mlxllama.bench import hardware
+
+    reason = hardware.chip_contradiction(hardware.detect().to_dict(), chip.name)
+    if reason:
+        raise UsageError(f"--chip: {reason}. Drop --chip to use the detected machine, or pass "
+                         "--bandwidth GB/s to score against a figure of your own")
+
+
 # --- formatting ---
 
 def _num(v, digits: int = 2) -> str:
@@ -256,6 +269,7 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
+    check_chip_claim(opts.chip)
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
 

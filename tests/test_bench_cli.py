@@ -7,7 +7,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mlxllama.bench import submissions
+from mlxllama.bench import hardware, submissions
+from mlxllama.bench.hardware import Machine
 from mlxllama.errors import UsageError
 from mlxllama_cli.bench import bench_app, estimate, parse_batches
 from test_bench_submissions import sample_submission
@@ -28,7 +29,21 @@ def fake_run(monkeypatch):
         return result["subs"]
 
     monkeypatch.setitem(sys.modules, "mlxllama.bench.run", types.SimpleNamespace(run_bench=run_bench))
+    monkeypatch.setattr(hardware, "detect", lambda: MAC)  # --chip is checked against the machine
     return calls, result
+
+
+MAC = Machine(system="Darwin", os="macOS 14.5", cpu="Apple M2 Ultra", cpu_cores=24, memory_bytes=192 << 30)
+X86 = Machine(system="Linux", os="Linux 6.8", cpu="AMD EPYC 7763", cpu_cores=2, memory_bytes=8 << 30)
+
+
+def test_bench_refuses_a_chip_the_machine_is_not(fake_run, monkeypatch):
+    calls, _ = fake_run
+    monkeypatch.setattr(hardware, "detect", lambda: X86)
+    res = runner.invoke(bench_app, ["--chip", "M2"])
+    assert isinstance(res.exception, UsageError) and calls == []  # refused before anything runs
+    assert "M2 (10-core GPU) is not this machine's chip (AMD EPYC 7763, Linux 6.8)" in str(res.exception)
+    assert "--bandwidth" in str(res.exception)
 
 
 def test_bench_default_prints_llama_bench_rows(fake_run):

@@ -200,6 +200,12 @@ def validate(obj) -> list[str]:
 
     chip = section("chip")
     rated = None
+    if chip and machine and measured_source:
+        from .hardware import chip_contradiction
+
+        contradiction = chip_contradiction(machine, chip.get("name"))
+        if contradiction:
+            bad(f"chip: {contradiction}; a measured submission is scored against the machine that ran it")
     if chip:
         field(chip, "chip", "name", is_str, "a non-empty string", nullable=True)
         field(chip, "chip", "gpu_cores", lambda v: _is_int(v) and v > 0, "a positive integer", nullable=True)
