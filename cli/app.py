@@ -363,21 +363,22 @@ def stage_progress():
     """A transient rich bar on stderr (only on a terminal); yields progress(label, done, total), total None for a
     step of unknown length."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("", total=None)
 
         def update(label: str, done: int, total: int | None) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            text = f"{label} {done}/{total}" if total else label
+            bar.update(task, description=text, completed=done, total=total)
 
         yield update
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.echo(f"warning: {message}", err=True)
+    print(f"warning: {message}", file=sys.stderr, flush=True)  # sys.stderr: a live rich bar prints it above itself
 
 
 from mlxllama_cli.bench import bench_app, estimate  # noqa: E402

@@ -196,16 +196,18 @@ def format_results(subs: list[dict], fmt: str) -> str:
 @contextmanager
 def progress_bar():
     """A rich progress bar on stderr (only on a terminal); yields the callback run_bench calls as
-    progress(label, done, total)."""
+    progress(label, done, total), total 0 for a step of unknown length."""
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("bench", total=None)
 
         def update(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            bar.update(task, description=f"{label} {done}/{total} runs" if total else label, completed=done,
+                       total=total or None)
 
         yield update
 

@@ -73,10 +73,12 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     ops = backends.get_ops(backend)
     machine = hardware.detect()
     device = "gpu" if getattr(ops, "on_gpu", False) else "cpu"
+    progress("measuring memory bandwidth", 0, 0)
     measured = probe.probe(ops.name, on_gpu=device == "gpu")
     rng = np.random.default_rng(seed)
     subs = []
     for ref in models or ["default"]:
+        progress(f"loading {ref}", 0, 0)
         path = resolve(ref)
         args, weights, tokenizer = load_path(path)
         model = Model(args, weights, ops)
