@@ -333,7 +333,8 @@ def models(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tra
 def download(
     repo: str = typer.Argument(..., help="HF repo id, e.g. mlx-community/SmolLM2-135M-Instruct-4bit"),
     revision: Optional[str] = typer.Option(None, help="Branch, tag or commit."),
-    include: Optional[List[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of files to fetch (repeatable). "
+    include: Optional[List[str]] = typer.Option(None, "--include", metavar="GLOB",
+                                                help="Glob of files to fetch (repeatable). "
                                                 "Default: config, tokenizer and weight files, never pickles."),
     file: Optional[str] = typer.Option(None, "--file", help="Fetch a single file, e.g. model.Q4_K_M.gguf."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Write here instead of the HF cache."),

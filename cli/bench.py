@@ -245,8 +245,9 @@ def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    model: Optional[List[str]] = typer.Option(None, "-m", "--model", metavar="MODEL", help="Model to benchmark (repeatable); "
-                                                                          "default: the bundled default model."),
+    model: Optional[List[str]] = typer.Option(None, "-m", "--model", metavar="MODEL",
+                                              help="Model to benchmark (repeatable); "
+                                                   "default: the bundled default model."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens for the pp test; 0 skips it."),
     n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens for the tg test; 0 skips it."),
     repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed repetitions (after a warm-up)."),
@@ -292,7 +293,8 @@ def bench(
 
 
 @bench_app.command("validate")
-def validate_cmd(files: List[Path] = typer.Argument(..., metavar="FILE", help="Submission JSON files.")) -> None:
+def validate_cmd(files: List[Path] = typer.Argument(..., metavar="FILE",
+                                                   help="Submission JSON files.")) -> None:
     """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected.
 
     Example:
@@ -320,8 +322,9 @@ def validate_cmd(files: List[Path] = typer.Argument(..., metavar="FILE", help="S
 
 @bench_app.command("report")
 def report_cmd(
-    paths: Optional[List[Path]] = typer.Argument(None, metavar="PATH", help="Submission files or folders (default: the bundled "
-                                                            "llama.cpp #4167 reference data)."),
+    paths: Optional[List[Path]] = typer.Argument(None, metavar="PATH",
+                                                 help="Submission files or folders (default: the bundled "
+                                                      "llama.cpp #4167 reference data)."),
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
 ) -> None:
     """Aggregate submissions: print markdown tables; write a PNG plot and a self-contained HTML page.

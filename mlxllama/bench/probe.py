@@ -37,6 +37,7 @@ class BandwidthProbe:
     runs: int           # timed runs of each kind
     threads: int = 1    # CPU threads the probe used
     llc_bytes: int | None = None  # the last-level cache it had to outgrow, where known
+    load_average: float | None = None  # the 1-minute load average when the probe finished (Unix)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +66,10 @@ def llc_bytes() -> int | None:
             if out.strip().isdigit() and int(out) > 0:
                 return int(out)
     return None
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def cpu_buffer_bytes(llc: int | None) -> int:
@@ -102,7 +107,7 @@ def probe_numpy(nbytes: int | None = None, runs: int = 7, max_seconds: float = 3
         deadline = time.perf_counter() + max_seconds / 2
         t_read, r2 = _best(read, runs, deadline)
     return BandwidthProbe("numpy", "cpu", 2 * src.nbytes / t_copy / 1e9, src.nbytes / t_read / 1e9,
-                          src.nbytes, min(r1, r2), threads, llc)
+                          src.nbytes, min(r1, r2), threads, llc, _load())
 
 
 def probe_mlx(nbytes: int | None = None, runs: int = 7, max_seconds: float = 3.0) -> BandwidthProbe:
@@ -119,7 +124,7 @@ def probe_mlx(nbytes: int | None = None, runs: int = 7, max_seconds: float = 3.0
     deadline = time.perf_counter() + max_seconds / 2
     t_read, r2 = _best(lambda: mx.eval(mx.sum(src)), runs, deadline)
     return BandwidthProbe("mlx", str(mx.default_device()), 2 * n * 4 / t_copy / 1e9, n * 4 / t_read / 1e9,
-                          n * 4, min(r1, r2), 1, llc)
+                          n * 4, min(r1, r2), 1, llc, _load())
 
 
 def probe(backend: str = "numpy", nbytes: int | None = None, runs: int = 7, max_seconds: float = 3.0,

@@ -46,6 +46,7 @@ def test_rows(sub: dict) -> list[dict]:
     peak = chip.get("peak_fp16_tflops")
     probe = sub.get("measured_bandwidth") or {}
     measured = probe.get("read_gbps")
+    cores = (sub.get("machine") or {}).get("cpu_cores")
     model = sub["model"]
     acc = model["accounting"]
     rows = []
@@ -71,7 +72,8 @@ def test_rows(sub: dict) -> list[dict]:
             "samples": len(t["samples_tps"]), "tps_mean": mean, "tps_sd": sd,
             "gbps": gbps, "score": gbps / rated if rated else None,
             "score_measured": score_measured,
-            "score_note": above_probe_reason(t["bytes_per_step"], probe) if tg and (score_measured or 0) > 1
+            "score_note": above_probe_reason(t["bytes_per_step"], probe, cores)
+            if tg and (score_measured or 0) > 1
             else None,
             "tflops": tflops, "flop_score": tflops / peak if peak else None,
             "roofline_tps": roof,
@@ -79,9 +81,13 @@ def test_rows(sub: dict) -> list[dict]:
     return rows
 
 
-def above_probe_reason(bytes_per_step: float, probe: dict) -> str:
+def above_probe_reason(bytes_per_step: float, probe: dict, cores: int | None = None) -> str:
     """Why decode read faster than the bandwidth probe measured (a score above 1 against it)."""
     llc = probe.get("llc_bytes")
+    load = probe.get("load_average")
+    if load is not None and cores and load > 0.75 * cores:
+        return (f"the machine was busy while probing (load average {load:.1f} on {cores} cores), so the probe read "
+                "low: re-run on an idle machine")
     if llc and bytes_per_step <= llc:
         return (f"the {bytes_per_step / 2**20:.0f} MiB read per step fit in the {llc / 2**20:.0f} MiB last-level "
                 "cache: caches, not memory, served it")

@@ -107,7 +107,8 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             else:
                 tests.append(submissions.make_test(0, n_gen, batch, samples, acc))
         subs.append(submissions.make_submission(
-            machine=machine, chip=hardware.chip_for_claim(machine, chip) or hardware.chip_for_device(machine, device),
+            machine=machine,
+            chip=hardware.chip_for_claim(machine, chip) or hardware.chip_for_device(machine, device),
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
             model_id=ref if ref not in (None, "default") else f"default ({path.name})",
             model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,

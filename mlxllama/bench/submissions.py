@@ -102,7 +102,7 @@ def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model
         "measured_bandwidth": None if measured is None else {
             "backend": measured.backend, "device": measured.device,
             "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps, "nbytes": measured.nbytes,
-            "threads": measured.threads, "llc_bytes": measured.llc_bytes},
+            "threads": measured.threads, "llc_bytes": measured.llc_bytes, "load_average": measured.load_average},
         "versions": versions(),
         "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict(),
                   **({"weight_file_bytes": int(weight_file_bytes)} if weight_file_bytes else {})},
