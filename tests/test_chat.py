@@ -109,12 +109,13 @@ class Terminal:
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
         os.close(slave)
         self.screen = b""
+        self.seen = 0  # expect() looks for its marker after the previous match
 
     def send(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
     def expect(self, marker: bytes, timeout: float = 60.0) -> bytes:
-        start = len(self.screen)
+        start = self.seen
         deadline = time.monotonic() + timeout
         while marker not in self.screen[start:]:
             left = deadline - time.monotonic()
@@ -128,7 +129,8 @@ class Terminal:
             if not chunk:
                 raise AssertionError(f"exited before {marker!r}; screen ends {self.screen[-400:]!r}")
             self.screen += chunk
-        return self.screen[start:]
+        self.seen = self.screen.index(marker, start) + len(marker)
+        return self.screen[start:self.seen]
 
     def close(self, timeout: float = 30.0) -> int | None:
         """The exit code, or None if it had to be killed (never raises, so a failed expect() stays the error)."""
