@@ -166,7 +166,7 @@ def generate(
       mlxllama generate "Why is the sky blue?"
       echo "Write a haiku about memory bandwidth" | mlxllama generate - --temp 0.7 --top-p 0.9 --seed 0
       mlxllama generate "def fib(n):" --no-chat -m ./SmolLM2-mlx --backend numpy --max-tokens 64
-      mlxllama generate "Name three colors." -q --stats json 2>stats.json
+      mlxllama generate "Name three colors." --stats json 2>stats.json     # -q: no stats at all
     """
     from mlxllama.errors import UsageError
     from mlxllama.generate import format_stats, stream_generate
