@@ -325,7 +325,7 @@ def available(engine: str, spec: dict) -> str | None:
             return spec.get("mlx_folder_error") or "no MLX folder"
     if engine == "llama.cpp":
         if importlib.util.find_spec("llama_cpp") is None:
-            return "llama-cpp-python is not installed (../shared/peers/install_llamacpp.sh)"
+            return "llama-cpp-python is not installed (bash benchmarks/install_llamacpp.sh)"
         if not spec.get("gguf"):
             return "the model is not a GGUF file"
     return None
@@ -386,7 +386,7 @@ def table(results: dict, spec: dict) -> str:
               "MLX peak: MLX's own peak allocation (mx.get_peak_memory), over weights + KV:"]
     lines += _grid(["engine", "weights", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)", "MLX peak",
                     "imports", "peak RSS"], memory)
-    lines += ["", "Ratios of medians, [of best runs] (>1: mlxllama faster; TTFT: peer time / ours):"]
+    ratios = []
     for ours in OURS:
         r = results.get(ours, {})
         for peer in PEERS:
@@ -402,7 +402,9 @@ def table(results: dict, spec: dict) -> str:
                     if r.get(key) and p.get(key):
                         parts.append(f"{name} by CPU time {p[key] / r[key]:.2f}x")
             if parts:
-                lines.append(f"{LABELS[ours]} vs {LABELS[peer]}: " + ", ".join(parts))
+                ratios.append(f"{LABELS[ours]} vs {LABELS[peer]}: " + ", ".join(parts))
+    if ratios:  # none when every peer was skipped
+        lines += ["", "Ratios of medians, [of best runs] (>1: mlxllama faster; TTFT: peer time / ours):"] + ratios
     lines += ["", "Engines:"] + [f"{LABELS[e]}: {r['detail']}, {r.get('device', '')}"
                                  for e, r in results.items() if r.get("detail")]
     return "\n".join(lines)

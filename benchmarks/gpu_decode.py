@@ -23,12 +23,11 @@ B, the step's bytes over B; for pp, one pass over the weights plus the prompt's 
 * tok/s; "of copy" divides by the measured copy bandwidth. Compute runs in MLXOps' float dtype (float16 on a GPU,
 float32 on the CPU, where MLX emulates float16 slowly); mlx-lm's parameters are cast to the same dtype.
 
-Running it on a machine with a GPU: install mlxllama with MLX's GPU build (`pip install -e ".[cuda]"` on Linux with
-CUDA; on a Mac MLX's Metal build comes with the base install), plus mlx-lm for the peer column, then
-    python benchmarks/gpu_decode.py --json gpu.json
-A few minutes for all three formats at the 7B shape; `--formats q4` (or --quick) shortens it. Where transformers is
-missing (mlx_lm/__init__ imports it), the script loads mlx_lm.models.* alone (the model code needs only mlx) and
-says so in its header.
+On a machine with an NVIDIA GPU:
+    pip install -e ".[cuda]" gguf mlx-lm==0.32.2 && python benchmarks/gpu_decode.py --json gpu.json
+Expect a few minutes for all three formats at the 7B shape; `--formats q4` (or --quick) shortens it. Without
+mlx-lm the script times mlxllama alone and says so; without transformers (which mlx_lm/__init__ imports) it loads
+mlx_lm.models.* alone (the model code needs only mlx) and says so in its header.
 
 Smoke run on the CPU:  python benchmarks/gpu_decode.py --shape tiny --quick --device cpu
 """
@@ -48,8 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
-import mlx.nn as nn
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+except ImportError:
+    sys.exit("gpu_decode.py needs MLX: pip install -e '.[cuda]' on Linux with an NVIDIA GPU (mlx on macOS)")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,11 +79,13 @@ LOOP = ("plain loop, same for both engines: model(y, cache) -> argmax on device 
 # -- mlx-lm ------------------------------------------------------------------------------------------------------
 
 def import_mlx_lm():
-    """(llama module, cache module, version, how it was imported).
+    """(llama module, cache module, version, how it was imported), or None when mlx-lm is not installed.
 
-    mlx_lm/__init__ imports transformers; where that is missing (the CUDA machine) the package is registered
-    without running its __init__ so that mlx_lm.models.* (plain mlx code) still import.
+    mlx_lm/__init__ imports transformers; where that is missing the package is registered without running its
+    __init__ so that mlx_lm.models.* (plain mlx code) still import.
     """
+    if importlib.util.find_spec("mlx_lm") is None:
+        return None
     how = "import mlx_lm"
     try:
         importlib.import_module("mlx_lm")
@@ -269,7 +273,9 @@ def bench_format(fmt: str, args: ModelArgs, opt, ops, mlx_lm, probe, log) -> dic
     acc = roofline.account_weights(args, resident(weights, float_dtype), kv_bytes=kv_bytes)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    engines = [mlxllama_engine(args, weights, ops), mlx_lm_engine(args, weights, float_dtype, mlx_lm)]
+    engines = [mlxllama_engine(args, weights, ops)]
+    if mlx_lm is not None:
+        engines.append(mlx_lm_engine(args, weights, float_dtype, mlx_lm))
     del weights
     gc.collect()
     mx.clear_cache()
@@ -282,9 +288,10 @@ def bench_format(fmt: str, args: ModelArgs, opt, ops, mlx_lm, probe, log) -> dic
     def ids(*shape):
         return mx.array(rng.integers(0, args.vocab_size, size=shape, dtype=np.int32))
 
-    agree = agreement(engines, ids(1, opt.prompt), opt.check_tokens)
-    log(f"[{fmt}] greedy agreement: {agree['same_prefix']}/{agree['n']} tokens, first-step logits differ by "
-        f"<= {agree['max_abs_logit_diff']:.3g} (logit std {agree['logit_std']:.3g})")
+    agree = agreement(engines, ids(1, opt.prompt), opt.check_tokens) if len(engines) == 2 else None
+    if agree is not None:
+        log(f"[{fmt}] greedy agreement: {agree['same_prefix']}/{agree['n']} tokens, first-step logits differ by "
+            f"<= {agree['max_abs_logit_diff']:.3g} (logit std {agree['logit_std']:.3g})")
 
     tests = [("pp", opt.pp, 1)] + [("tg", opt.tg, 1)] + [("tgb", opt.batch_gen, b) for b in opt.batches]
     rows = []
@@ -315,7 +322,7 @@ def bench_format(fmt: str, args: ModelArgs, opt, ops, mlx_lm, probe, log) -> dic
                 "frac_copy": gbps / probe.copy_gbps, "frac_read": gbps / probe.read_gbps,
                 "tflops": roofline.achieved_tflops(flops_per_token, tps)}
         for r in by_engine.values():
-            r["ratio_to_mlx_lm"] = r["tok_s"] / by_engine["mlx-lm"]["tok_s"]
+            r["ratio_to_mlx_lm"] = r["tok_s"] / by_engine["mlx-lm"]["tok_s"] if "mlx-lm" in by_engine else None
             rows.append(r)
         log(f"[{fmt}] {name}: " + ", ".join(f"{r['engine']} {r['tok_s']:.1f} tok/s" for r in by_engine.values()))
     peak = int(mx.get_peak_memory())
@@ -328,7 +335,8 @@ def bench_format(fmt: str, args: ModelArgs, opt, ops, mlx_lm, probe, log) -> dic
 def table(rows: list[dict]) -> str:
     head = ("format", "engine", "test", "tok/s", "MB/token", "GB/s", "of copy", "vs mlx-lm")
     body = [(r["format"], r["engine"], r["test"], f"{r['tok_s']:.1f}", f"{r['bytes_per_token'] / 1e6:.3f}",
-             f"{r['gbps']:.1f}", f"{100 * r['frac_copy']:.1f}%", f"{r['ratio_to_mlx_lm']:.2f}x") for r in rows]
+             f"{r['gbps']:.1f}", f"{100 * r['frac_copy']:.1f}%",
+             f"{r['ratio_to_mlx_lm']:.2f}x" if r["ratio_to_mlx_lm"] is not None else "-") for r in rows]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     left = 3  # text columns, then numbers
 
@@ -382,20 +390,24 @@ def main(argv=None) -> dict:
 
     args = SHAPES[opt.shape].validate(opt.shape)
     mlx_lm = import_mlx_lm()
+    if mlx_lm is None:
+        print("mlx-lm: skipped (not installed; pip install mlx-lm): timing mlxllama alone", flush=True)
     ops = MLXOps()
     on_gpu = mx.default_device() == mx.gpu
     probe = probe_mlx(nbytes=(1 << 30) if on_gpu else ((16 << 20) if quick else (64 << 20)),
                       runs=3 if quick else 10, max_seconds=0.5 if quick else 5.0)
     header = {
         "device": str(mx.default_device()), "backend_device": ops.device(), "platform": platform.platform(),
-        "python": platform.python_version(), "mlx": mx.__version__, "mlx_lm": mlx_lm[2], "mlx_lm_import": mlx_lm[3],
+        "python": platform.python_version(), "mlx": mx.__version__,
+        "mlx_lm": mlx_lm[2] if mlx_lm else None, "mlx_lm_import": mlx_lm[3] if mlx_lm else "not installed",
         "shape": opt.shape, "args": args.to_hf_dict(), "compute_dtype": str(ops.float_dtype).split(".")[-1],
         "loop": LOOP, "reps": opt.reps, "warmup": 1, "pp": opt.pp, "tg": opt.tg, "batch_gen": opt.batch_gen,
         "prompt": opt.prompt, "batches": opt.batches, "seed": opt.seed,
         "probe": probe.to_dict(),
     }
     print(f"device {header['device']} ({header['backend_device']}), mlx {mx.__version__}, "
-          f"mlx-lm {mlx_lm[2]} [{mlx_lm[3]}], compute {header['compute_dtype']}, shape {opt.shape}")
+          f"mlx-lm {header['mlx_lm'] or '-'} [{header['mlx_lm_import']}], compute {header['compute_dtype']}, "
+          f"shape {opt.shape}")
     print(f"measured bandwidth: copy {probe.copy_gbps:.1f} GB/s, read {probe.read_gbps:.1f} GB/s "
           f"({probe.nbytes >> 20} MiB buffer)")
     print(f"loop: {LOOP}; median of {opt.reps} after 1 warm-up, engines alternating", flush=True)
@@ -414,8 +426,9 @@ def main(argv=None) -> dict:
     print(table(rows))
     for f in result["formats"]:
         a = f["agreement"]
-        print(f"{f['format']}: greedy tokens agree {a['same_prefix']}/{a['n']}, first-step logits max |diff| "
-              f"{a['max_abs_logit_diff']:.3g}; weights {f['accounting']['weight_bytes'] / 1e9:.3f} GB; "
+        agree = (f"greedy tokens agree {a['same_prefix']}/{a['n']}, first-step logits max |diff| "
+                 f"{a['max_abs_logit_diff']:.3g}" if a else "no peer to agree with")
+        print(f"{f['format']}: {agree}; weights {f['accounting']['weight_bytes'] / 1e9:.3f} GB; "
               f"peak device memory {f['peak_memory_bytes'] / 1e9:.2f} GB")
     if opt.json:
         opt.json.write_text(json.dumps(result, indent=1))

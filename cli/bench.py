@@ -18,8 +18,9 @@ from mlxllama.errors import UsageError
 bench_app = typer.Typer(
     help="Benchmark prompt processing (pp) and text generation (tg) llama-bench style, with achieved GB/s and "
          "bandwidth-normalized scores.\n\n"
-         "  mlxllama bench -m default -p 512 -n 128 -r 5 --batch 1,8,64\n\n"
-         "  mlxllama bench validate results/*.json\n\n"
+         "\b\n"
+         "  mlxllama bench -m default -p 512 -n 128 -r 5 --batch 1,8,64\n"
+         "  mlxllama bench validate results/*.json\n"
          "  mlxllama bench report benchmarks/reference --out report/",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -98,6 +99,19 @@ def parse_options(models, n_prompt, n_gen, repetitions, batch, backend, output, 
                         chip=lookup(chip) if chip else None, bandwidth_gbps=bandwidth, submit=submit, plot=plot)
 
 
+def check_chip_claim(chip) -> None:
+    """--chip must not contradict the machine the run is on: an M2 claimed on an x86 CPU would score and submit
+    numbers against a bandwidth the run never had."""
+    if chip is None:
+        return
+    from mlxllama.bench import hardware
+
+    reason = hardware.chip_contradiction(hardware.detect().to_dict(), chip.name)
+    if reason:
+        raise UsageError(f"--chip: {reason}. Drop --chip to use the detected machine, or pass "
+                         "--bandwidth GB/s to score against a figure of your own")
+
+
 # --- formatting ---
 
 def _num(v, digits: int = 2) -> str:
@@ -108,7 +122,7 @@ def _params(n_billion: float) -> str:
     return f"{n_billion:.2f} B" if n_billion >= 1 else f"{n_billion * 1e3:.2f} M"
 
 
-TABLE_COLUMNS = ("model", "size", "params", "quant", "backend", "device", "test", "t/s", "GB/s", "score",
+TABLE_COLUMNS = ("model", "weights", "resident", "params", "quant", "backend", "device", "test", "t/s", "GB/s", "score",
                  "score (meas)", "TFLOP/s", "FLOP score", "roofline t/s")
 
 
@@ -116,9 +130,10 @@ def table_cells(row: dict) -> list[str]:
     """One llama-bench style row; bandwidth figures only for tg tests, FLOP figures for all."""
     tg = row["n_gen"] > 0
     tps = f"{row['tps_mean']:.2f} ± {row['tps_sd']:.2f}"
-    return [row["model"], f"{row['size_gib']:.2f} GiB", _params(row["params_b"]), row["quant"], row["backend"],
-            row["device"], row["test"], tps, _num(row["gbps"], 1) if tg else "-",
-            _num(row["score"]) if tg else "-", _num(row["score_measured"]) if tg else "-",
+    meas = _num(row["score_measured"]) + (" †" if row.get("score_note") else "")
+    return [row["model"], f"{row['file_gib']:.2f} GiB", f"{row['size_gib']:.2f} GiB", _params(row["params_b"]),
+            row["quant"], row["backend"], row["device"], row["test"], tps, _num(row["gbps"], 1) if tg else "-",
+            _num(row["score"]) if tg else "-", meas if tg else "-",
             _num(row["tflops"], 3), _num(row["flop_score"]), _num(row["roofline_tps"], 1)]
 
 
@@ -137,7 +152,8 @@ def machine_line(sub: dict) -> str:
 
 def sweep_lines(sub: dict) -> list[str]:
     """The measured and predicted crossover of each batch sweep (tg tests differing only in batch)."""
-    from mlxllama.bench.roofline import Accounting, crossover_batch, mean_context, measured_crossover
+    from mlxllama.bench.roofline import (MIN_SWEEP_POINTS, Accounting, crossover_batch, mean_context,
+                                         measured_crossover, sweep_flattened)
 
     sweeps: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for t in sub["tests"]:
@@ -153,7 +169,15 @@ def sweep_lines(sub: dict) -> list[str]:
         if len(points) < 2:
             continue
         measured = measured_crossover([b for b, _ in points], [t for _, t in points])
-        text = f"batch sweep tg{n_gen}{f'@d{n_depth}' if n_depth else ''}: measured crossover {_num(measured, 1)}"
+        name = f"tg{n_gen}" + (f"@d{n_depth}" if n_depth else "")
+        if measured is None:
+            text = (f"batch sweep {name}: measured crossover not measured ({len(points)} batch sizes; it takes "
+                    f"at least {MIN_SWEEP_POINTS} from batch 1 up to where t/s stops rising, e.g. "
+                    "--batch 1,2,4,8,16,32,64)")
+        else:
+            flat = sweep_flattened([b for b, _ in points], [t for _, t in points])
+            text = f"batch sweep {name}: measured crossover {'' if flat else '>= '}{measured:.1f}" + \
+                ("" if flat else f" (t/s still rising at batch {max(b for b, _ in points)}: a lower bound)")
         if bw and peak:
             ctx = n_depth + mean_context(0, n_gen)
             predicted = crossover_batch(peak, acc.weight_bytes_per_token, acc.matmul_params, bw, acc.kv_bytes(ctx),
@@ -182,6 +206,10 @@ def format_results(subs: list[dict], fmt: str) -> str:
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---:" if c in ("t/s",) else "---"
                                                                       for c in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    notes = list(dict.fromkeys(f"† {r['test']}: score (meas) {r['score_measured']:.2f} > 1 because "
+                               f"{r['score_note']}" for r in rows if r.get("score_note")))
+    lines += [""] + ["weights: the tensors as stored in the file; resident: as the backend holds and reads them "
+                     "(numpy widens quantized weights to float32 unless --numpy-weights quantized)"] + notes
     sweeps = [line for s in subs for line in sweep_lines(s)]
     if sweeps:
         lines += [""] + sweeps
@@ -191,16 +219,18 @@ def format_results(subs: list[dict], fmt: str) -> str:
 @contextmanager
 def progress_bar():
     """A rich progress bar on stderr (only on a terminal); yields the callback run_bench calls as
-    progress(label, done, total)."""
+    progress(label, done, total), total 0 for a step of unknown length."""
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("bench", total=None)
 
         def update(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            bar.update(task, description=f"{label} {done}/{total} runs" if total else label, completed=done,
+                       total=total or None)
 
         yield update
 
@@ -238,8 +268,9 @@ def write_sweep_plots(subs: list[dict], path: Path) -> list[Path]:
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    model: Optional[List[str]] = typer.Option(None, "-m", "--model", help="Model to benchmark (repeatable); "
-                                                                          "default: the bundled default model."),
+    model: Optional[List[str]] = typer.Option(None, "-m", "--model", metavar="MODEL",
+                                              help="Model to benchmark (repeatable); "
+                                                   "default: the bundled default model."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens for the pp test; 0 skips it."),
     n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens for the tg test; 0 skips it."),
     repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed repetitions (after a warm-up)."),
@@ -261,14 +292,15 @@ def bench(
 
     Examples:
 
+    \b
       mlxllama bench -m default -p 512 -n 128 -r 5
-
       mlxllama bench --batch 1,2,4,8,16,32,64 -n 32 --plot sweep.png --chip "M2 Max" --submit results/
     """
     if ctx.invoked_subcommand is not None:
         return
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
     shapes = {"depths": parse_depths(depth), "pg": parse_pg(pg)}
+    check_chip_claim(opts.chip)
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
 
@@ -289,11 +321,13 @@ def bench(
 
 
 @bench_app.command("validate")
-def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON files.")) -> None:
+def validate_cmd(files: List[Path] = typer.Argument(..., metavar="FILE",
+                                                   help="Submission JSON files.")) -> None:
     """Check submissions: one reason per line for each rejected file; exit 1 if any is rejected.
 
     Example:
 
+    \b
       mlxllama bench validate results/*.json
     """
     from mlxllama.bench.submissions import read, validate
@@ -316,9 +350,10 @@ def validate_cmd(files: List[Path] = typer.Argument(..., help="Submission JSON f
 
 @bench_app.command("report")
 def report_cmd(
-    sources: Optional[List[str]] = typer.Argument(None, help="Submission files or folders, or hf:OWNER/NAME for a "
-                                                             "Hugging Face dataset (default: the bundled llama.cpp "
-                                                             "#4167 reference data)."),
+    sources: Optional[List[str]] = typer.Argument(None, metavar="SOURCE",
+                                                 help="Submission files or folders, or hf:OWNER/NAME for a Hugging "
+                                                      "Face dataset (default: the bundled llama.cpp #4167 "
+                                                      "reference data)."),
     out: Path = typer.Option(Path("bench-report"), "--out", help="Folder for bench-report.png and .html."),
     include_prs: bool = typer.Option(False, "--include-prs", help="With hf:OWNER/NAME, also preview the "
                                                                   "submissions in its open pull requests."),
@@ -331,6 +366,7 @@ def report_cmd(
 
     Examples:
 
+    \b
       mlxllama bench report benchmarks/reference --out report/
 
       mlxllama bench report hf:mlxllama/bench-submissions --include-prs --with-reference --out report/
@@ -426,10 +462,14 @@ def estimate(
                                                                         "chip's)."),
     tflops: Optional[float] = typer.Option(None, "--tflops", help="Peak TFLOPS (overrides the chip's fp16 peak)."),
     model: Optional[str] = typer.Option(None, "-m", "--model", help="Model to account exactly (its real tensors)."),
-    params: Optional[str] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7B."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight with --params: 2-8, or 16/32 for "
-                                                            "float (default 16)."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params."),
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7B: "
+                                         "the shape of the nearest known model (Llama-3.2-1B/3B, Llama-2-7B/13B, "
+                                         "Llama-3.1-8B/70B/405B, SmolLM2, ...)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A model's config.json (or its folder) for the "
+                                          "shape, instead of --params; no weights needed."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight with --params/--config: 2-8, or "
+                                                            "16/32 for float (default 16)."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params/--config."),
     ctx: int = typer.Option(512, "--ctx", help="Context length held in the KV cache."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length for the pp prediction."),
 ) -> None:
@@ -437,19 +477,19 @@ def estimate(
 
     Examples:
 
+    \b
       mlxllama estimate --chip "M2 Ultra" --params 7B --bits 4
-
       mlxllama estimate --bandwidth 1935 --tflops 312 --params 7B --bits 16
-
       mlxllama estimate --chip "M2 Max" -m default
+      mlxllama estimate --chip "M2 Max" --config ./Llama-3.2-3B-Instruct/config.json --bits 4
     """
     from mlxllama.bench import roofline
     from mlxllama.bench.chips import lookup
 
-    if (model is None) == (params is None):
-        raise UsageError("give either -m MODEL or --params N (e.g. --params 7B --bits 4)")
+    if sum(x is not None for x in (model, params, config)) != 1:
+        raise UsageError("give one of -m MODEL, --params N (e.g. --params 7B --bits 4) or --config config.json")
     if model is not None and bits is not None:
-        raise UsageError("--bits applies to --params; a model's own tensors set its bits")
+        raise UsageError("--bits applies to --params and --config; a model's own tensors set its bits")
     the_chip = lookup(chip) if chip else None
     bw = bandwidth if bandwidth is not None else (the_chip.bandwidth_gbps if the_chip else None)
     if bw is None:
@@ -460,12 +500,22 @@ def estimate(
     if peak is not None and not (peak > 0 and math.isfinite(peak)):
         raise UsageError(f"--tflops must be a positive number, got {peak}")
 
-    if params is not None:
+    if params is not None or config is not None:
         bits = 16 if bits is None else bits
-        acc = roofline.account_params(roofline.parse_params(params), bits, group_size)
         per_weight = roofline.quant_bytes_per_weight(bits, group_size)
-        what = (f"{acc.params / 1e9:.2f} B params at {bits}-bit" + (f", group {group_size}" if bits < 16 else "")
-                + f" ({per_weight:.4g} bytes/weight); KV cache shaped like LLaMA-2 7B")
+        storage = (f"{bits}-bit" + (f", group {group_size}" if bits < 16 else "") + f" ({per_weight:.4g} bytes/weight)")
+        if config is not None:
+            shape, name, exact = _config_shape(config), str(config), True
+        else:
+            n = roofline.parse_params(params)
+            name, shape, exact = roofline.nearest_shape(n)
+        if exact:
+            acc = roofline.account_shape(shape, per_weight, norm_bytes=2)
+            what = (f"{name}'s shape: {acc.params / 1e9:.2f} B params at {storage}; {_shape_text(shape)}")
+        else:
+            acc = roofline.account_params(n, bits, group_size, shape=shape)
+            what = (f"{acc.params / 1e9:.2f} B params at {storage}; no known model of that size: KV cache "
+                    f"shaped like {name}, the nearest ({_shape_text(shape)})")
     else:
         from mlxllama.api import load_weights
 
@@ -476,6 +526,21 @@ def estimate(
                 f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
+
+
+def _config_shape(path: Path):
+    from mlxllama.config import ConfigError, from_hf_dict, read_json
+
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    return from_hf_dict(read_json(path, ConfigError, 1 << 20, "config"), str(path))
+
+
+def _shape_text(args) -> str:
+    gqa = args.num_attention_heads // args.num_key_value_heads
+    return (f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}"
+            + (f" (GQA {gqa}:1)" if gqa > 1 else ""))
 
 
 def format_estimate(est, acc, what: str, chip=None) -> str:

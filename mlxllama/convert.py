@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -29,8 +30,18 @@ def quantization_section(weights: dict) -> dict | None:
     return section
 
 
+def requantized(weights: dict, bits: int, group_size: int) -> str | None:
+    """The quantized formats that quantizing to (bits, group_size) would dequantize and requantize, e.g. 'q4 g32',
+    or None when nothing already quantized would change."""
+    kinds = sorted({f"q{w.bits} g{w.group_size}" for w in weights.values()
+                    if isinstance(w, QuantizedWeight) and (w.bits, w.group_size) != (bits, group_size)})
+    return ", ".join(kinds) or None
+
+
 def convert_model(src, dst, quantize: bool = False, bits: int = 4, group_size: int = 64, dtype: str = "float16",
-                  force: bool = False, revision: str | None = None) -> Path:
+                  force: bool = False, revision: str | None = None, progress=None) -> Path:
+    """progress(label, done, total), if given, follows the stages (total None where the length is unknown)."""
+    progress = progress or (lambda label, done, total: None)
     dst = Path(dst)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -40,15 +51,22 @@ def convert_model(src, dst, quantize: bool = False, bits: int = 4, group_size: i
         raise UsageError(f"--group-size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, got {group_size}")
     if dst.exists() and not force:
         raise ModelFileError(f"{dst} already exists; pass --force to replace it")
+    progress(f"reading {src}", 0, None)
     args, weights, tokenizer = load_weights(src, revision)
     np_dtype = DTYPES[dtype]
     if quantize:
         from .quant import quantize_weights
 
-        weights, args = quantize_weights(weights, args, group_size=group_size, bits=bits, dtype=np_dtype)
+        lossy = requantized(weights, bits, group_size)
+        if lossy:
+            warnings.warn(f"{src} is already quantized ({lossy}): requantizing it to q{bits} g{group_size} loses "
+                          "quality; convert without -q to keep the exact repack", stacklevel=2)
+        weights, args = quantize_weights(weights, args, group_size=group_size, bits=bits, dtype=np_dtype,
+                                         progress=lambda done, total: progress("quantizing", done, total))
     else:
         weights = {k: w if isinstance(w, QuantizedWeight) else np.asarray(w).astype(np_dtype, copy=False)
                    for k, w in weights.items()}
         args = args.replace(quantization=quantization_section(weights))
     args = args.replace(torch_dtype=dtype)
+    progress(f"writing {dst}", 0, None)
     return save_mlx(dst, args, weights, tokenizer, force=force)

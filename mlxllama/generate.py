@@ -90,14 +90,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
                     system: str | None = None, prefill_step_size: int = 512,
                     sampling: SamplingParams | None = None, logits_processors: Sequence[LogitsProcessor] = (),
-                    sampler: Callable[[np.ndarray], int] | None = None,
-                    logprobs: bool | int = False) -> Iterator[GenerationResponse]:
+                    sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
+                    prefill_progress: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
     """Generate from a prompt, one GenerationResponse per token.
 
     Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
     host, in order, on each step's logits (float64 [vocab]) with the token ids so far; `sampler` then picks the token
     from the processed logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability,
-    an integer k for the k most likely tokens' too."""
+    an integer k for the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is
+    processed (prompt tokens)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -128,7 +129,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     ops = model.ops
     start = time.perf_counter()
     steps = _steps(model, ids, max_tokens, chooser, prefill_step_size, logits_processors, sampler,
-                   logprobs is not False)
+                   logprobs is not False, prefill_progress)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -167,27 +168,32 @@ def _top(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(t), float(logprobs[t])) for t in best]
 
 
-def prefill(model, tokens, cache, step: int = 512):
+def prefill(model, tokens, cache, step: int = 512, progress: Callable[[int, int], None] | None = None):
     """Run tokens [B, n] through the model in chunks of `step`, every position but the last only through the blocks
     (filling the cache), the last also through the output head. Returns the logits of the last position, [B, 1, V].
-    Generation, bench and the benchmarks all prefill this way."""
+    Generation, bench and the benchmarks all prefill this way. progress(done, n) before and after each chunk."""
     n = tokens.shape[1]
+    if progress is not None:
+        progress(0, n)
     for s in range(0, n - 1, step):
         model.hidden(tokens[:, s: min(s + step, n - 1)], cache)
         model.ops.eval(*cache.state())
+        if progress is not None:
+            progress(min(s + step, n - 1), n)
     return model(tokens[:, n - 1:], cache, last_only=True)
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
-                  prefill_step_size: int = 512) -> Iterator[int]:
+                  prefill_step_size: int = 512, prefill_progress=None) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text)."""
-    for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size):
+    for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size,
+                           prefill_progress=prefill_progress):
         yield token
 
 
 def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_step_size: int,
            processors: Sequence[LogitsProcessor] = (), custom: Callable | None = None,
-           logprobs: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
+           logprobs: bool = False, prefill_progress=None) -> Iterator[tuple[int, np.ndarray | None]]:
     """(token, log-probabilities [vocab] or None) per step.
 
     With greedy sampling and nothing else asking for the logits, the token is chosen on the device (argmax), and
@@ -210,7 +216,8 @@ def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_ste
         return int(custom(row) if custom else sampler(row, history)), lp
 
     cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
-    y, lp = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
+    y, lp = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size,
+                         prefill_progress))
     if pipelined:
         ops.async_eval(y)
     for n in range(max_tokens):

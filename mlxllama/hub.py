@@ -275,7 +275,11 @@ def download(
     tqdm_class = None if progress else _silent_tqdm()
     local_dir = str(Path(local_dir).expanduser()) if local_dir is not None else None
 
+    unreachable = None if offline else unreachable_reason(constants.ENDPOINT)
     try:
+        if unreachable:
+            # huggingface_hub would retry for about 24 s; the cache may still hold the files
+            offline = True
         if not offline and local_dir is None:
             _remove_orphan_partials(repo_id)
         if filename is not None:
@@ -293,7 +297,48 @@ def download(
     except MlxLlamaError:
         raise
     except Exception as e:
+        if unreachable:
+            raise NetworkError(f"cannot reach {constants.ENDPOINT}: {unreachable}, and "
+                               f"{repo_id + (':' + filename if filename else '')} is not in the local cache") from e
         raise _explain(e, repo_id, revision, filename, offline) from e
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable_reason(endpoint: str, timeout: float = 5.0, retry_after: float = 1.0) -> str | None:
+    """Why the hub at `endpoint` cannot be reached, or None if a TCP connection to it opens.
+
+    A host name that does not resolve fails at once; a refused or timed-out connection is tried once more after
+    `retry_after` seconds. Behind a proxy only the proxy can tell, so the check is skipped."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    url = urlsplit(endpoint)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return None  # a malformed port: huggingface_hub reports it
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"the host {host} does not resolve ({e.strerror})"
+    except (OSError, UnicodeError):
+        return None
+    for attempt in range(2):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return None
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+        if attempt == 0:
+            time.sleep(retry_after)
+    return f"{reason} (tried twice)"
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -210,12 +210,12 @@ def is_quantizable(name: str) -> bool:
 
 
 def quantize_weights(weights: dict, args: ModelArgs, group_size: int = 64, bits: int = 4,
-                     dtype=np.float16) -> tuple[dict, ModelArgs]:
+                     dtype=np.float16, progress=None) -> tuple[dict, ModelArgs]:
     """Quantize a model in the internal layout as mlx-lm's convert would after casting to `dtype`.
 
     Linears, the embedding and lm_head become QuantizedWeight; everything else is cast to `dtype`.
     Already-quantized tensors with the same (bits, group_size) pass through untouched; others are
-    dequantized, cast to `dtype` and requantized.
+    dequantized, cast to `dtype` and requantized. progress(done, total) is called after each tensor.
     """
     _check_params(group_size, bits)
     dtype = np.dtype(dtype)
@@ -223,6 +223,8 @@ def quantize_weights(weights: dict, args: ModelArgs, group_size: int = 64, bits:
         raise UsageError(f"quantization dtype must be float16 or float32, got {dtype}")
     out = {}
     for name, w in weights.items():
+        if progress is not None:
+            progress(len(out), len(weights))
         if not is_quantizable(name):
             if isinstance(w, QuantizedWeight):
                 raise UsageError(f"tensor {name} is quantized but should be a float vector")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from mlxllama.bench import hardware, probe
@@ -72,6 +74,29 @@ def test_probe_numpy_small():
 
 def test_probe_mlx_small():
     pytest.importorskip("mlx.core", reason="mlx not installed")
-    p = probe.probe("mlx", nbytes=4 << 20, runs=2, max_seconds=0.5)
+    p = probe.probe_mlx(nbytes=4 << 20, runs=2, max_seconds=0.5)
     assert p.backend == "mlx" and p.device.startswith("Device(")
     assert p.copy_gbps > 0 and p.read_gbps > 0
+
+
+def test_probe_outgrows_the_last_level_cache_and_uses_every_core():
+    # MLX on a CPU is probed with numpy on all cores: MLX's CPU reductions are compute-bound and would read low
+    p = probe.probe("mlx", nbytes=4 << 20, runs=2, max_seconds=0.5, on_gpu=False)
+    assert p.backend == "numpy" and p.threads == (os.cpu_count() or 1)
+    llc = probe.llc_bytes()
+    assert probe.cpu_buffer_bytes(llc) >= max(256 << 20, 4 * (llc or 0)) or probe.cpu_buffer_bytes(llc) == 1 << 30
+    assert probe.cpu_buffer_bytes(64 << 20) == 256 << 20 and probe.cpu_buffer_bytes(128 << 20) == 512 << 20
+
+
+def test_chip_comes_from_the_detected_machine():
+    m2max = lookup("M2 Max")
+    detected = Machine(system="Darwin", os="macOS 14.5", cpu="Apple M2 Max", cpu_cores=12, memory_bytes=None,
+                       gpu_cores=38, chip=m2max)
+    assert hardware.chip_for_claim(detected, lookup("M2 Max 30")) == m2max  # the detected core count wins
+    uncounted = Machine(system="Darwin", os="macOS 14.5", cpu="Apple M2 Max", cpu_cores=12, memory_bytes=None,
+                        chip=m2max)
+    assert hardware.chip_for_claim(uncounted, lookup("M2 Max 30")) == lookup("M2 Max 30")  # cores unknown here
+    assert hardware.chip_for_claim(detected, None) is None
+    x86 = Machine(system="Linux", os="Linux 6.8", cpu="AMD EPYC", cpu_cores=2, memory_bytes=None)
+    assert hardware.chip_contradiction(x86.to_dict(), "M2") is not None
+    assert hardware.chip_contradiction(detected.to_dict(), "M2 Max 30") is None

@@ -109,3 +109,13 @@ def test_batch_sweep_plot(tmp_path):
     assert predicted == pytest.approx(w / 400e9 / per_seq)
     png, predicted, _ = report.plot_batch_sweep([1, 2], [10, 19], Q4, 400, None, 64.5)
     assert predicted is None and decode_png(png).shape[:2] == (650, 1000)
+
+
+def test_score_above_the_probe_names_its_cause():
+    from mlxllama.bench.report import above_probe_reason
+
+    mib = 1 << 20
+    assert "fit in the 32 MiB last-level cache" in above_probe_reason(20 * mib, {"llc_bytes": 32 * mib})
+    busy = above_probe_reason(500 * mib, {"llc_bytes": 32 * mib, "nbytes": 256 * mib, "load_average": 12.0}, 2)
+    assert "load average 12.0 on 2 cores" in busy
+    assert "one CPU thread" in above_probe_reason(500 * mib, {"threads": 1, "device": "cpu"})

@@ -5,7 +5,8 @@ import pytest
 
 from mlxllama.bench import roofline
 from mlxllama.bench.roofline import (LLAMA2_7B, Accounting, account_params, account_shape, account_weights,
-                                     crossover_batch, estimate, mean_context, measured_crossover)
+                                     crossover_batch, estimate, mean_context, measured_crossover,
+                                     sweep_flattened)
 from mlxllama.config import ModelArgs
 from mlxllama.errors import UsageError
 from mlxllama.weights import QuantizedWeight, expected_shapes
@@ -133,6 +134,10 @@ def test_measured_crossover():
     assert measured_crossover([1, 2, 4, 8, 16], [10, 20, 39, 60, 62]) == pytest.approx(6.2)
     assert measured_crossover([2, 4], [1, 2]) is None
     assert measured_crossover([1], [1]) is None
+    assert measured_crossover([1, 8], [10, 60]) is None  # two points are no finding
+    assert measured_crossover([1, 4, 16], [10, 39, 62]) is None
+    assert sweep_flattened([1, 2, 4, 8, 16], [10, 20, 39, 60, 62])
+    assert not sweep_flattened([1, 2, 4, 8], [10, 20, 39, 60])
 
 
 def test_estimate_m2_ultra_7b_q4():

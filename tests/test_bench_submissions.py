@@ -7,7 +7,7 @@ import pytest
 
 from mlxllama.bench import reference, submissions
 from mlxllama.bench.chips import lookup
-from mlxllama.bench.hardware import Machine
+from mlxllama.bench.hardware import Gpu, Machine
 from mlxllama.bench.probe import BandwidthProbe
 from mlxllama.bench.roofline import LLAMA2_7B, account_shape
 from mlxllama.bench.submissions import format_test_name, make_submission, make_test, validate
@@ -21,14 +21,43 @@ def sample_submission(chip="M2 Max", quant="Q4_0", acc=Q4, tg=(60.0, 61.0, 59.5)
                       batches=None, model_id="LLaMA-2 7B", date="2025-01-02T03:04:05Z"):
     """A valid measured submission (shared by the report and CLI tests)."""
     the_chip = lookup(chip) if chip else None
-    machine = Machine(system="Darwin", os="macOS 14.5", cpu="Apple M2 Max", cpu_cores=12,
-                      memory_bytes=64 << 30, model="Mac14,6", gpu_cores=38, chip=the_chip)
+    if the_chip is None or the_chip.vendor == "Apple":  # the machine that chip is in
+        machine = Machine(system="Darwin", os="macOS 14.5", cpu=f"Apple {the_chip.family if the_chip else 'M2 Max'}",
+                          cpu_cores=12, memory_bytes=64 << 30, model="Mac14,6",
+                          gpu_cores=the_chip.gpu_cores if the_chip else 38, chip=the_chip)
+    else:
+        machine = Machine(system="Linux", os="Linux 6.8", cpu="AMD EPYC", cpu_cores=64, memory_bytes=512 << 30,
+                          gpus=[Gpu(the_chip.name, 81920)], chip=the_chip)
     tests = [make_test(512, 0, 1, list(pp), acc), make_test(0, 128, 1, list(tg), acc)]
     for b, tps in (batches or {}).items():
         tests.append(make_test(0, 128, b, tps, acc))
     return make_submission(machine=machine, chip=the_chip, model_id=model_id, model_sha256=hashlib.sha256(f"{model_id} {quant}".encode()).hexdigest(),
                            quant=quant, accounting=acc, backend="mlx", device="gpu", tests=tests,
                            measured=BandwidthProbe("mlx", "gpu", 330.0, 370.0, 1 << 26, 5), date=date)
+
+
+X86 = {"system": "Linux", "os": "Linux 6.8", "cpu": "AMD EPYC 7763", "cpu_cores": 2, "memory_bytes": 8 << 30,
+       "model": None, "gpu_cores": None, "gpus": []}
+
+
+@pytest.mark.parametrize("machine, chip, ok", [
+    (X86, "M2 (10-core GPU)", False),                                    # an M2 claimed on an x86 CPU
+    (X86, "A100 SXM4 80GB", False),                                      # a GPU the machine does not have
+    ({**X86, "gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_mb": 81920}]}, "A100 SXM4 80GB", True),
+    ({"system": "Darwin", "os": "macOS 14.5", "cpu": "Apple M2 Max", "gpus": []}, "M2 Ultra (76-core GPU)", False),
+    ({"system": "Darwin", "os": "macOS 14.5", "cpu": "Apple M2 Max", "gpus": []}, "M2 Max (30-core GPU)", True),
+    (X86, None, True),                                                   # no chip claimed
+])
+def test_measured_chip_must_be_the_machines(machine, chip, ok):
+    sub = sample_submission()
+    sub["machine"], sub["chip"]["name"] = machine, chip
+    reasons = [r for r in validate(sub) if r.startswith("chip:")]
+    assert (reasons == []) == ok, reasons
+    if not ok:
+        assert "is not" in reasons[0] and "chip" in reasons[0]
+    sub["source"] = "llama.cpp discussion #4167"  # published figures: no machine to compare against
+    sub["model"]["sha256"] = None
+    assert [r for r in validate(sub) if r.startswith("chip:")] == []
 
 
 def test_sample_is_valid_and_json_roundtrips(tmp_path):

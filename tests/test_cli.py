@@ -139,3 +139,48 @@ def test_convert_example(tmp_path):
                         "numpy"], capture_output=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr.decode()
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_version_short_help_and_bare_command():
+    r = mlxllama("--version")
+    assert r.returncode == 0 and r.stdout.decode().strip() == "mlxllama 0.1.0"
+    r = mlxllama("-h")
+    assert r.returncode == 0 and "Commands:" in r.stdout.decode()
+    r = mlxllama()  # bare: the help on stdout and success, not an error
+    assert r.returncode == 0 and "Commands:" in r.stdout.decode() and r.stderr == b""
+    r = mlxllama("bench", "-h")
+    assert r.returncode == 0 and "-m, --model MODEL" in r.stdout.decode() and "<list[" not in r.stdout.decode()
+
+
+def test_help_follows_the_terminal_width_and_keeps_examples_whole():
+    wide = mlxllama("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    example = 'echo "Write a haiku about memory bandwidth" | mlxllama generate - --temp 0.7 --top-p 0.9 --seed 0'
+    assert example in wide  # one line, pasteable
+    assert any(len(line) > 100 for line in wide.splitlines())  # option help uses the width
+    narrow = mlxllama("generate", "--help", env={"COLUMNS": "60"}).stdout.decode()
+    assert example in narrow  # examples are never rewrapped
+    for text in (wide, narrow):
+        assert "<list[str]>" not in text and "--stop TEXT" in text
+
+
+def test_chat_help_describes_every_option_and_the_defaults():
+    out = mlxllama("chat", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    options = [line for line in out.splitlines() if line.startswith("  -")]
+    assert len(options) >= 14
+    for line in options:
+        assert len(line.split("  ")) > 2 or line.rstrip().endswith(")"), f"no description: {line!r}"
+    assert "temp 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition-penalty 1.0" in " ".join(out.split())
+    assert "/reset" in out and "/system" in out and "/stats" in out
+
+
+def test_generate_quiet_and_stats_json(tiny_hf):
+    base = ("generate", "The quick brown", "-m", str(tiny_hf), "--max-tokens", "5", "--backend", "numpy")
+    quiet = mlxllama(*base, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr.decode() == "" and quiet.stdout.strip()
+    r = mlxllama(*base, "--stats", "json")
+    assert r.returncode == 0, r.stderr.decode()
+    stats = json.loads(r.stderr.decode().strip().splitlines()[-1])
+    assert stats["generation_tokens"] == 5 and stats["finish_reason"] == "length" and stats["prompt_tokens"] > 0
+    assert set(stats) >= {"prompt_tps", "generation_tps", "peak_memory_gb", "prompt_time_s"}
+    bad = mlxllama(*base, "--stats", "xml")
+    assert bad.returncode == 2 and "--stats must be text or json" in bad.stderr.decode()

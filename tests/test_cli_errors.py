@@ -211,7 +211,84 @@ def test_convert_sigint_mid_write_cleans_up(convert_sigint):
 
 def test_convert_sigint_exit_code(convert_sigint):
     dst, rc, err = convert_sigint
-    assert rc == INTERRUPTED and "interrupted" in err
+    assert rc == INTERRUPTED and err.count("interrupted") == 1, err
+
+
+SLOW_LOADER = """
+import sys, time
+import mlxllama.loaders
+
+def stalled_load(path):
+    sys.stderr.write("LOADING\\n")
+    sys.stderr.flush()
+    time.sleep(120)
+
+mlxllama.loaders.load = stalled_load
+from mlxllama_cli.app import main
+sys.argv = ["mlxllama", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sigint_during_load_prints_one_line(models, command):
+    args = [command, "-m", str(models["tiny"]), "--backend", "numpy"] + (["hi"] if command == "generate" else [])
+    p = subprocess.Popen([sys.executable, "-c", SLOW_LOADER, *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stderr.readline() == b"LOADING\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    err = err.decode()
+    assert p.returncode == INTERRUPTED, err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
+
+
+def test_convert_files_follow_the_umask(models, tmp_path):
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        dst = tmp_path / f"out-{umask:o}"
+        r = cli("convert", models["tiny"], dst, preexec_fn=lambda u=umask: os.umask(u))
+        assert r.returncode == 0, r.stderr
+        modes = {p.name: p.stat().st_mode & 0o777 for p in dst.iterdir()}
+        assert set(modes.values()) == {mode}, modes  # model.safetensors included
+
+
+def test_racing_converts_to_one_new_folder_one_wins(models, tmp_path):
+    dst = tmp_path / "raced"
+    procs = [subprocess.Popen([*CLI, "convert", str(models["tiny"]), str(dst)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, MODEL_FILE, MODEL_FILE], results
+    for code, err in results:
+        if code:
+            assert err.strip() == f"error: {dst} already exists; pass --force to replace it", err
+    assert (dst / "config.json").exists() and _leftovers(dst) == []
+
+
+def test_rename_onto_a_folder_that_appeared_meanwhile_is_refused(tmp_path):
+    from mlxllama.errors import ModelFileError
+    from mlxllama.loaders.mlx_folder import _rename_new
+
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "config.json").write_text("{}")  # the other convert's finished folder
+    with pytest.raises(ModelFileError, match="already exists"):
+        _rename_new(tmp_path / "tmp", tmp_path / "dst")
+    assert (tmp_path / "dst" / "config.json").read_text() == "{}"
+
+
+def test_convert_q_on_a_quantized_model_warns_in_one_line(models, tmp_path):
+    q4 = tmp_path / "q4"
+    assert cli("convert", models["tiny"], q4, "-q", "--group-size", "32").returncode == 0
+    r = cli("convert", q4, tmp_path / "again", "-q", "--bits", "8", "--group-size", "32")  # dequantized, requantized
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "already quantized (q4 g32)" in lines[0]
+    assert "loses quality" in lines[0] and "without -q" in lines[0]
+    r = cli("convert", q4, tmp_path / "same", "-q", "--group-size", "32")  # same format: passes through exactly
+    assert r.returncode == 0 and r.stderr == b""
+    r = cli("convert", q4, tmp_path / "repack")  # no -q: the exact repack, no warning
+    assert r.returncode == 0 and r.stderr == b""
 
 
 def _can_mount_tmpfs(where: Path) -> bool:
@@ -278,10 +355,12 @@ def test_generate_sigint_stops_cleanly(generate_sigint):
 
 def test_generate_sigint_exit_code(generate_sigint):
     assert generate_sigint[2] == INTERRUPTED
+    assert generate_sigint[1].count("interrupted") == 1, generate_sigint[1]  # "[interrupted]", once
 
 
 def test_chat_sigint_interrupts_the_reply_not_the_session(long_model):
-    p = subprocess.Popen([*CLI, "chat", "-m", str(long_model), "--backend", "numpy", "--max-tokens", "16000"],
+    p = subprocess.Popen([*CLI, "chat", "-m", str(long_model), "--backend", "numpy", "--max-tokens", "16000",
+                          "--temp", "0"],  # greedy: this random model then never samples its EOS
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdin.write(b"hello\n")
     p.stdin.flush()

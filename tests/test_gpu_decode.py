@@ -124,3 +124,14 @@ def test_mlx_lm_models_import_without_transformers():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("Model make_prompt_cache mlx_lm.models only")
+
+
+def test_missing_mlx_lm_is_skipped_with_one_line(monkeypatch, capsys):
+    gd = load_script()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlx_lm" else real(name, *a))
+    result = gd.main(["--shape", "tiny", "--quick", "--device", "cpu", "--formats", "q4", "--batches", "1"])
+    out = capsys.readouterr().out
+    assert "mlx-lm: skipped (not installed; pip install mlx-lm): timing mlxllama alone" in out
+    assert {r["engine"] for r in result["rows"]} == {"mlxllama"} and result["formats"][0]["agreement"] is None
+    assert "no peer to agree with" in out

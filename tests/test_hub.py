@@ -311,6 +311,21 @@ def test_network_errors_are_one_line(fakehub, tmp_path, case):
     assert complete_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("endpoint, expect", [
+    ("refused", "Connection refused (tried twice), and acme/tiny-GGUF:x.gguf is not in the local cache"),
+    ("http://no-such-host.invalid", "the host no-such-host.invalid does not resolve"),
+])
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path, endpoint, expect):
+    # huggingface_hub alone retried 5 times over 24 s and logged each retry
+    url = f"http://127.0.0.1:{closed_port()}" if endpoint == "refused" else endpoint
+    t0 = time.monotonic()
+    p = run_cli(["download", "acme/tiny-GGUF", "--file", "x.gguf"], url, tmp_path)
+    elapsed = time.monotonic() - t0
+    line = one_error_line(p, 4)
+    assert expect in line, line
+    assert elapsed < 15, elapsed  # one retry after a second at most; interpreter start-up is the rest
+
+
 def test_gated_error_with_progress_bars_still_ends_in_one_error_line(fakehub, tmp_path):
     fakehub.add_repo("acme/gated", repo_files(), gated=True)
     p = run_cli(["download", "acme/gated"], fakehub.url, tmp_path, bars=True)
@@ -330,6 +345,8 @@ def test_offline_uses_populated_cache(fakehub, tmp_path):
         (["download", REPO, "--offline"], {}, online.stdout),
         (["download", REPO], {"HF_HUB_OFFLINE": "1"}, online.stdout),
         (["download", "acme/tiny-GGUF", "--file", "tiny.Q4_0.gguf", "--offline"], {}, online_gguf.stdout),
+        (["download", REPO], {}, online.stdout),  # not offline, but the hub cannot be reached: the cache serves
+        (["download", "acme/tiny-GGUF", "--file", "tiny.Q4_0.gguf"], {}, online_gguf.stdout),
     ]:
         p = run_cli(args, dead, tmp_path, **env)
         assert p.returncode == 0, p.stderr
@@ -425,3 +442,14 @@ def test_resolve_local(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert hub.resolve(str(tmp_path)) == tmp_path
     assert hub.resolve(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
+
+
+def test_reachability_check_is_skipped_behind_a_proxy(monkeypatch):
+    from mlxllama.hub import PROXY_VARIABLES, unreachable_reason
+
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    dead = f"http://127.0.0.1:{closed_port()}"
+    assert unreachable_reason(dead, retry_after=0) is not None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # only the proxy can tell
+    assert unreachable_reason(dead, retry_after=0) is None

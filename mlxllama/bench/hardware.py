@@ -66,6 +66,38 @@ def chip_for_device(machine: Machine, device: str) -> Chip | None:
     return None
 
 
+def chip_contradiction(machine: dict, chip_name: str | None) -> str | None:
+    """Why a chip claimed for a run cannot be the machine's (submission dicts), or None when it can be or when
+    there is nothing to compare: an Apple chip needs a Mac of that family, an NVIDIA one a detected GPU of it."""
+    chip = find(chip_name) if chip_name else None
+    if chip is None or not machine:
+        return None
+    system, cpu = machine.get("system"), machine.get("cpu") or ""
+    gpus = [g.get("name") or "" for g in machine.get("gpus") or [] if isinstance(g, dict)]
+    where = ", ".join(x for x in (cpu, machine.get("os") or system) if x) or "an unknown machine"
+    if chip.vendor == "Apple":
+        if (system and system != "Darwin") or (cpu and not cpu.lower().startswith("apple")):
+            return f"{chip.name} is not this machine's chip ({where})"
+        detected = find(cpu) if cpu else None
+        if detected is not None and detected.family != chip.family:
+            return f"{chip.name} is not this machine's chip ({detected.family}: {where})"
+        return None
+    if not any((g := find(name)) is not None and g.family == chip.family for name in gpus):
+        found = ", ".join(gpus) or "none detected"
+        return f"{chip.name} is not among this machine's chips ({where}; GPUs: {found})"
+    return None
+
+
+def chip_for_claim(machine: Machine, claimed: Chip | None) -> Chip | None:
+    """The chip a run is scored against: the detected one where there is one (a claimed variant of the same
+    family is kept only where detection could not count the GPU cores), else the claim."""
+    if claimed is None or machine.chip is None:
+        return claimed
+    if claimed.family == machine.chip.family and machine.gpu_cores is None and claimed.vendor == "Apple":
+        return claimed
+    return machine.chip
+
+
 def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

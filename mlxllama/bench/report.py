@@ -44,7 +44,9 @@ def test_rows(sub: dict) -> list[dict]:
     chip = sub.get("chip") or {}
     rated = chip.get("rated_bandwidth_gbps")
     peak = chip.get("peak_fp16_tflops")
-    measured = (sub.get("measured_bandwidth") or {}).get("read_gbps")
+    probe = sub.get("measured_bandwidth") or {}
+    measured = probe.get("read_gbps")
+    cores = (sub.get("machine") or {}).get("cpu_cores")
     model = sub["model"]
     acc = model["accounting"]
     rows = []
@@ -60,18 +62,44 @@ def test_rows(sub: dict) -> list[dict]:
             roof = tokens_per_step * bw * 1e9 / t["bytes_per_step"]
             if peak:
                 roof = min(roof, peak * 1e12 / t["flops_per_token"])
+        score_measured = gbps / measured if measured else None
         rows.append({
-            "model": model["id"], "size_gib": acc["weight_bytes"] / 2**30, "params_b": acc["params"] / 1e9,
+            "model": model["id"], "size_gib": acc["weight_bytes"] / 2**30,
+            "file_gib": (model.get("weight_file_bytes") or acc["weight_bytes"]) / 2**30,
+            "params_b": acc["params"] / 1e9,
             "quant": model["quant"], "backend": sub["backend"], "device": sub["device"], "chip": chip_label(sub),
             "test": t["name"], "n_prompt": t["n_prompt"], "n_gen": t["n_gen"], "n_depth": t.get("n_depth", 0),
             "batch": t["batch"],
             "samples": len(t["samples_tps"]), "tps_mean": mean, "tps_sd": sd,
             "gbps": gbps, "score": gbps / rated if rated else None,
-            "score_measured": gbps / measured if measured else None,
+            "score_measured": score_measured,
+            "score_note": above_probe_reason(t["bytes_per_step"], probe, cores)
+            if tg and (score_measured or 0) > 1
+            else None,
             "tflops": tflops, "flop_score": tflops / peak if peak else None,
             "roofline_tps": roof,
         })
     return rows
+
+
+def above_probe_reason(bytes_per_step: float, probe: dict, cores: int | None = None) -> str:
+    """Why decode read faster than the bandwidth probe measured (a score above 1 against it)."""
+    llc = probe.get("llc_bytes")
+    load = probe.get("load_average")
+    if load is not None and cores and load > 0.75 * cores:
+        return (f"the machine was busy while probing (load average {load:.1f} on {cores} cores), so the probe read "
+                "low: re-run on an idle machine")
+    if llc and bytes_per_step <= llc:
+        return (f"the {bytes_per_step / 2**20:.0f} MiB read per step fit in the {llc / 2**20:.0f} MiB last-level "
+                "cache: caches, not memory, served it")
+    if probe.get("nbytes") and llc and probe["nbytes"] < 2 * llc:
+        return (f"the probe's {probe['nbytes'] / 2**20:.0f} MiB buffer was not much larger than the "
+                f"{llc / 2**20:.0f} MiB last-level cache")
+    threads = probe.get("threads")
+    if threads == 1 and probe.get("device") == "cpu":
+        return "the probe ran on one CPU thread while the decode kernels used every core"
+    return ("the probe measured less than decode reached: a machine under load while probing (re-run it idle), "
+            "or part of the model served from caches")
 
 
 # --- loading ---

@@ -36,6 +36,40 @@ LLAMA2_7B = ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=1100
                       num_attention_heads=32, num_key_value_heads=32, head_dim=128)
 
 
+def _shape(vocab, hidden, inter, layers, heads, kv_heads, head_dim, tied=False) -> ModelArgs:
+    return ModelArgs(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                     tie_word_embeddings=tied)
+
+
+# The published config.json of each model: what `--params N` stands for (the nearest by parameter count).
+KNOWN_SHAPES = {
+    "SmolLM2-135M": _shape(49152, 576, 1536, 30, 9, 3, 64, tied=True),
+    "SmolLM2-360M": _shape(49152, 960, 2560, 32, 15, 5, 64, tied=True),
+    "Llama-3.2-1B": _shape(128256, 2048, 8192, 16, 32, 8, 64, tied=True),
+    "SmolLM2-1.7B": _shape(49152, 2048, 8192, 24, 32, 32, 64, tied=True),
+    "Llama-3.2-3B": _shape(128256, 3072, 8192, 28, 24, 8, 128, tied=True),
+    "Llama-2-7B": LLAMA2_7B,
+    "Llama-3.1-8B": _shape(128256, 4096, 14336, 32, 32, 8, 128),
+    "Llama-2-13B": _shape(32000, 5120, 13824, 40, 40, 40, 128),
+    "CodeLlama-34B": _shape(32000, 8192, 22016, 48, 64, 8, 128),
+    "Llama-3.1-70B": _shape(128256, 8192, 28672, 80, 64, 8, 128),
+    "Llama-3.1-405B": _shape(128256, 16384, 53248, 126, 128, 8, 128),
+}
+SHAPE_TOLERANCE = 1.25  # --params within this factor of a known model's count means that model
+
+
+def shape_params(args: ModelArgs) -> int:
+    return account_shape(args, 2.0).params
+
+
+def nearest_shape(params: int) -> tuple[str, ModelArgs, bool]:
+    """(name, shape, exact): the known model nearest to `params` weights; exact when within SHAPE_TOLERANCE."""
+    name = min(KNOWN_SHAPES, key=lambda k: abs(math.log(shape_params(KNOWN_SHAPES[k]) / params)))
+    ratio = shape_params(KNOWN_SHAPES[name]) / params
+    return name, KNOWN_SHAPES[name], 1 / SHAPE_TOLERANCE <= ratio <= SHAPE_TOLERANCE
+
+
 @dataclass(frozen=True)
 class Accounting:
     params: int                   # every weight element (logical, unpacked), the whole embedding table included
@@ -250,16 +284,27 @@ def crossover_batch(peak_tflops: float, weight_bytes: float, matmul_params: floa
     return (weight_bytes / bw) / per_seq
 
 
+MIN_SWEEP_POINTS = 4  # batch sizes, batch 1 among them: fewer cannot show where the curve bends
+FLAT_GAIN = 1.10        # the last doubling of the batch gained less than this: the curve has flattened
+
+
 def measured_crossover(batches: list[int], tokens_per_s: list[float]) -> float | None:
     """Where the measured batch-1 line (B * tg1) meets the measured plateau (the best tok/s): best / tg1.
 
     The same construction as the roofline crossover, with the machine's effective bandwidth and compute in place
-    of the rated ones. If the curve has not flattened by the largest batch this is a lower bound.
+    of the rated ones. None without batch 1 and at least MIN_SWEEP_POINTS batch sizes. If the curve has not
+    flattened by the largest batch (sweep_flattened) this is a lower bound.
     """
     pairs = sorted(zip(batches, tokens_per_s))
-    if not pairs or pairs[0][0] != 1 or len(pairs) < 2:
+    if not pairs or pairs[0][0] != 1 or len(pairs) < MIN_SWEEP_POINTS:
         return None
     return max(t for _, t in pairs) / pairs[0][1]
+
+
+def sweep_flattened(batches: list[int], tokens_per_s: list[float]) -> bool:
+    """Whether tok/s stopped rising: the largest batch gained less than FLAT_GAIN over the one before."""
+    pairs = sorted(zip(batches, tokens_per_s))
+    return len(pairs) >= 2 and pairs[-1][1] < FLAT_GAIN * pairs[-2][1]
 
 
 @dataclass(frozen=True)

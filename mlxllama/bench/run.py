@@ -101,14 +101,17 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     ops = backends.get_ops(backend)
     machine = hardware.detect()
     device = "gpu" if ops.on_gpu else "cpu"
-    measured = probe.probe(ops.name)
+    progress("measuring memory bandwidth", 0, 0)
+    measured = probe.probe(ops.name, on_gpu=ops.on_gpu)
     rng = np.random.default_rng(seed)
     subs = []
     for ref in models or ["default"]:
+        progress(f"loading {ref}", 0, 0)
         path = resolve(ref)
         args, weights, tokenizer = loaders.load(path)
         model = Model(args, weights, ops)
         acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
+        file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = []  # (n_prompt, n_gen, batch, depth) as llama-bench orders them
@@ -134,11 +137,12 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
                 progress(label, done, total)
             tests.append(submissions.make_test(p, g, batch, samples, acc, n_depth=d))
         subs.append(submissions.make_submission(
-            machine=machine, chip=chip or hardware.chip_for_device(machine, device),
+            machine=machine,
+            chip=hardware.chip_for_claim(machine, chip) or hardware.chip_for_device(machine, device),
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
             model_id=f"default ({path.name})" if ref in (None, "default") else (path.name if Path(ref).exists()
                                                                                 else ref),
             model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,
-            backend=ops.name, device=device, tests=tests))
+            backend=ops.name, device=device, tests=tests, weight_file_bytes=file_bytes))
         del model, weights
     return subs

@@ -117,7 +117,8 @@ def chip_block(chip: Chip | None, rated_bandwidth_gbps: float | None = None) -> 
 def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model_sha256: str | None, quant: str,
                     accounting: Accounting, backend: str, device: str, tests: list[dict],
                     rated_bandwidth_gbps: float | None = None, measured: BandwidthProbe | None = None,
-                    source: str = "measured", date: str | None = None) -> dict:
+                    source: str = "measured", date: str | None = None,
+                    weight_file_bytes: int | None = None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "date": date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -126,9 +127,11 @@ def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model
         "chip": chip_block(chip, rated_bandwidth_gbps),
         "measured_bandwidth": None if measured is None else {
             "backend": measured.backend, "device": measured.device,
-            "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps},
+            "copy_gbps": measured.copy_gbps, "read_gbps": measured.read_gbps, "nbytes": measured.nbytes,
+            "threads": measured.threads, "llc_bytes": measured.llc_bytes, "load_average": measured.load_average},
         "versions": versions(),
-        "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict()},
+        "model": {"id": model_id, "sha256": model_sha256, "quant": quant, "accounting": accounting.to_dict(),
+                  **({"weight_file_bytes": int(weight_file_bytes)} if weight_file_bytes else {})},
         "backend": backend,
         "device": device,
         "tests": tests,
@@ -223,6 +226,12 @@ def validate(obj) -> list[str]:
 
     chip = section("chip")
     rated = None
+    if chip and machine and measured_source:
+        from .hardware import chip_contradiction
+
+        contradiction = chip_contradiction(machine, chip.get("name"))
+        if contradiction:
+            bad(f"chip: {contradiction}; a measured submission is scored against the machine that ran it")
     if chip:
         field(chip, "chip", "name", is_str, "a non-empty string", nullable=True)
         field(chip, "chip", "gpu_cores", lambda v: _is_int(v) and v > 0, "a positive integer", nullable=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -100,10 +101,14 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
         tokenizer.save(tmp)
+        mode = 0o666 & ~_umask()  # safetensors' writer creates 0600 files; every file follows the umask
         for p in tmp.iterdir():
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        if folder.exists() or folder.is_symlink():
+        if not force:
+            _rename_new(tmp, folder)
+        elif folder.exists() or folder.is_symlink():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
             tmp.rename(folder)
@@ -115,6 +120,8 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
             tmp.rename(folder)
         tmp = None
         _fsync_dir(folder.parent)
+    except ModelFileError:
+        raise
     except Exception as e:
         # OSError from Python, SafetensorError or a plain Exception from the Rust writers: all are I/O here.
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -123,6 +130,23 @@ def save_mlx(folder: Path, args: ModelArgs, weights: dict, tokenizer, force: boo
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _rename_new(tmp: Path, folder: Path) -> None:
+    """Rename tmp to a folder that must not exist: a rename onto a non-empty folder fails, so of two saves racing
+    to one new folder exactly one wins."""
+    try:
+        os.rename(tmp, folder)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) or folder.exists():
+            raise ModelFileError(f"{folder} already exists; pass --force to replace it") from None
+        raise
 
 
 def _remove_stale_partials(folder: Path) -> None:

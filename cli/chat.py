@@ -1,0 +1,240 @@
+"""`mlxllama chat`: sampling defaults and the REPL.
+
+On a terminal the input line is a prompt_toolkit editor (history on the arrow keys, Emacs keys, bracketed paste);
+from a pipe it reads plain lines, so scripts and tests can drive it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from mlxllama.errors import ConfigError, MlxLlamaError, UsageError
+
+# llama.cpp's defaults (common/common.h, common_params_sampling): temp 0.80, top_k 40, top_p 0.95, min_p 0.05,
+# penalty_repeat 1.00 (off). Chat samples because greedy decoding sends a small model into loops.
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
+# What transformers assumes for a key generation_config.json leaves out.
+HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+SAMPLING_KEYS = tuple(LLAMA_CPP_DEFAULTS)
+FLAGS = {"temperature": "temp", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+         "repetition_penalty": "repetition-penalty"}
+
+DEFAULTS_HELP = ("Sampling defaults: the model's generation_config.json where it has one, else llama.cpp's (temp "
+                 "0.8, top-k 40, top-p 0.95, min-p 0.05, repetition-penalty 1.0); each flag overrides one.")
+
+COMMANDS = """\
+/help            this list
+/reset           forget the conversation
+/system          show the system message; /system TEXT sets it, /system - removes it
+/stats           per-reply stats on or off
+/exit, /quit     leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+//text           send a line that begins with '/'
+Enter sends. End a line with \\ (or press Alt-Enter) to continue on the next line; pasted text is one message."""
+
+
+def generation_defaults(model_path: Path | None) -> tuple[dict, str]:
+    """(sampling values, where they came from): generation_config.json's sampling keys when the model folder has
+    any, with transformers' defaults for the rest (do_sample false means greedy); else llama.cpp's defaults."""
+    from mlxllama.config import read_json
+
+    path = model_path / "generation_config.json" if model_path is not None and model_path.is_dir() else None
+    if path is None or not path.is_file():
+        return dict(LLAMA_CPP_DEFAULTS), "llama.cpp defaults"
+    gen = read_json(path, ConfigError, 1 << 20, "generation config")
+    if not isinstance(gen, dict) or not any(k in gen for k in (*SAMPLING_KEYS, "do_sample")):
+        return dict(LLAMA_CPP_DEFAULTS), "llama.cpp defaults"
+    values = dict(HF_DEFAULTS)
+    for key in SAMPLING_KEYS:
+        v = gen.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, int) if key == "top_k" else isinstance(v, (int, float)) and math.isfinite(v)
+        if isinstance(v, bool) or not ok:
+            raise ConfigError(f"{path}: {key} must be a number, got {v!r}"[:200])
+        values[key] = v
+    if gen.get("do_sample") is False:
+        values["temperature"] = 0.0
+    return values, "the model's generation_config.json"
+
+
+def describe(values: dict) -> str:
+    return ", ".join(f"{FLAGS[k].replace('repetition-penalty', 'repeat-penalty')} {values[k]:g}"
+                     for k in SAMPLING_KEYS)
+
+
+def stats_line(r) -> str:
+    return (f"[{r.generation_tokens} tokens at {r.generation_tps:.1f} t/s; prompt {r.prompt_tokens} tokens at "
+            f"{r.prompt_tps:.1f} t/s; peak memory {r.peak_memory:.2f} GB]")
+
+
+def _editor():
+    """A prompt_toolkit session: Enter sends, a trailing backslash or Alt-Enter adds a line, Ctrl-C clears the
+    line (and at an empty prompt leaves), the arrow keys walk this session's history."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("enter")
+    def _send(event):
+        buf = event.current_buffer
+        if buf.document.is_cursor_at_the_end and buf.text.endswith("\\"):
+            buf.delete_before_cursor(1)
+            buf.insert_text("\n")
+        else:
+            buf.validate_and_handle()
+
+    @keys.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    @keys.add("c-c")
+    def _interrupt(event):
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
+    session = PromptSession(history=InMemoryHistory(), key_bindings=keys, multiline=True,
+                            prompt_continuation=lambda width, line, wrap: ".. ".rjust(width))
+    return lambda: session.prompt(">> ")
+
+
+def _pipe_reader():
+    """Lines from a pipe: one message each, joined while a line ends with a backslash. None at end of input."""
+    def read():
+        sys.stdout.write(">> ")
+        sys.stdout.flush()
+        parts = []
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                return "\n".join(parts) if parts else None
+            line = line.rstrip("\r\n")
+            if line.endswith("\\"):
+                parts.append(line[:-1])
+                continue
+            parts.append(line)
+            return "\n".join(parts)
+    return read
+
+
+@contextmanager
+def no_echo(on: bool):
+    """Keys typed during a reply are not echoed into it (they still wait for the next prompt); Ctrl-C still works."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        on = False
+    if not on:
+        yield
+        return
+    fd = sys.stdin.fileno()
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+@dataclass
+class Session:
+    system: str | None
+    show_stats: bool
+    history: list
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            typer.echo(COMMANDS, err=True)
+        elif name == "/reset":
+            self.history.clear()
+            typer.echo("[history cleared]", err=True)
+        elif name == "/system":
+            if not arg:
+                typer.echo(f"[system message: {self.system!r}]" if self.system else "[no system message]",
+                           err=True)
+            elif arg == "-":
+                self.system = None
+                typer.echo("[system message removed]", err=True)
+            else:
+                self.system = arg
+                typer.echo("[system message set; it applies from the next reply]", err=True)
+        elif name == "/stats":
+            self.show_stats = not self.show_stats
+            typer.echo(f"[per-reply stats {'on' if self.show_stats else 'off'}]", err=True)
+        else:
+            typer.echo(f"[unknown command {name}; /help lists them, and //text sends a line beginning with /]",
+                       err=True)
+        return True
+
+
+def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats: bool, banner: str) -> None:
+    from mlxllama.generate import stream_generate
+
+    if tok.chat_template is None:
+        raise UsageError("this model has no chat template; use `mlxllama generate` instead")
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    read = _editor() if terminal else _pipe_reader()
+    session = Session(system=system, show_stats=show_stats, history=[])
+    typer.echo(f"[chat] {banner}\n[chat] /help lists the commands; Enter sends, a trailing \\ continues the line",
+               err=True)
+    while True:
+        try:
+            line = read()
+        except EOFError:
+            line = None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None  # main() prints "interrupted"
+        if line is None:
+            typer.echo("")
+            return
+        if line.startswith("/") and not line.startswith("//"):
+            if not session.command(line):
+                return
+            continue
+        if line.startswith("//"):
+            line = line[1:]
+        if not line.strip():
+            continue
+        session.history.append({"role": "user", "content": line})
+        reply, last = [], None
+        try:
+            with no_echo(terminal):
+                for r in stream_generate(model, tok, session.history, max_tokens=max_tokens,
+                                         system=session.system, sampling=sampling):
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
+                    reply.append(r.text)
+                    last = r
+        except KeyboardInterrupt:
+            typer.echo("\n[interrupted]", err=True)
+        except MlxLlamaError as e:
+            session.history.pop()
+            typer.echo(f"\nerror: {e}", err=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        session.history.append({"role": "assistant", "content": "".join(reply)})
+        if last is not None and last.finish_reason == "length":
+            typer.echo(f"[reply cut at {last.generation_tokens} tokens: --max-tokens]", err=True)
+        if session.show_stats and last is not None:
+            typer.echo(stats_line(last), err=True)
