@@ -64,6 +64,14 @@ NUMPY_WEIGHTS_HELP = ("numpy backend only: float32 (fastest) or quantized (about
                       "decode); default: $MLXLLAMA_NUMPY_WEIGHTS or float32.")
 
 
+KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of --kv-group-size along each head)."
+MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the latest (a rotating window)."
+
+
+def _kv_kwargs(kv_bits, kv_group_size, max_kv_size) -> dict:
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "max_kv_size": max_kv_size}
+
+
 def _load(model: Optional[str], backend: str, revision: Optional[str], numpy_weights: Optional[str] = None):
     import mlxllama
 
@@ -88,6 +96,9 @@ def generate(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy. auto: MLX on a GPU, else numpy."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for a repo id."),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come.
@@ -104,6 +115,7 @@ def generate(
 
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
     m, tok = _load(model, backend, revision, numpy_weights)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
@@ -139,6 +151,9 @@ def chat(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Chat with a model in a REPL. Type /reset to forget the conversation, /exit (or Ctrl-D) to leave.
@@ -151,6 +166,7 @@ def chat(
     from mlxllama.generate import stream_generate
 
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
     m, tok = _load(model, backend, revision, numpy_weights)
     if tok.chat_template is None:
         raise UsageError("this model has no chat template; use `mlxllama generate` instead")
@@ -174,6 +190,11 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
+        from mlxllama.context import trim_turns
+
+        history[:], dropped = trim_turns(tok, history, m.args.max_position_embeddings, max_tokens, system)
+        if dropped:
+            typer.echo(f"[context full: dropped the {dropped} oldest messages]", err=True)
         reply = []
         try:
             for r in stream_generate(m, tok, history, max_tokens=max_tokens, system=system, **kwargs):
@@ -283,6 +304,9 @@ from mlxllama_cli.bench import bench_app, estimate  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.command()(estimate)
+from mlxllama_cli.quality import register as _register_quality  # noqa: E402
+
+_register_quality(app)
 
 
 def main() -> None:

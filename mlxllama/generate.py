@@ -8,7 +8,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .cache import CacheSettings
 from .errors import UsageError
+from .memory import check_model, kv_bytes, wired_limit
 from .sampling import Sampler, SamplingParams
 
 
@@ -83,7 +85,10 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
                     system: str | None = None, prefill_step_size: int = 512,
-                    sampling: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+                    sampling: SamplingParams | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
+                    max_kv_size: int | None = None) -> Iterator[GenerationResponse]:
+    """kv_bits (8 or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that many positions (the
+    first 4 and the latest). Before anything is allocated, the memory need is checked (memory.check_model)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -102,11 +107,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     if len(ids) >= ctx:
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
     max_tokens = min(max_tokens, ctx - len(ids))
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
+        model.args.head_dim)
+    check_model(model, len(ids) + max_tokens, 1, settings)
     stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
     start = time.perf_counter()
-    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size)
+    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size,
+                          cache_settings=settings)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -149,7 +158,7 @@ def prefill(model, tokens, cache, step: int = 512):
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
-                  prefill_step_size: int = 512) -> Iterator[int]:
+                  prefill_step_size: int = 512, cache_settings: CacheSettings | None = None) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
 
     With greedy sampling the token is chosen on the device (argmax), and where the backend is lazy (MLX) the next
@@ -168,7 +177,13 @@ def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | Non
             return ops.argmax(last)
         return int(sampler(ops.to_numpy(last)[0], history))
 
-    cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
+    length = min(model.args.max_position_embeddings, len(ids) + max_tokens)
+    cache = model.make_cache(1, max_len=length, settings=cache_settings)
+    with wired_limit(model, kv_bytes(model.args, length, 1, ops.kv_bytes, cache_settings)):
+        yield from _steps(model, ops, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size)
+
+
+def _steps(model, ops, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size):
     y = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
     if pipelined:
         ops.async_eval(y)

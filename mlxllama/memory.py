@@ -181,8 +181,8 @@ def chip_memories(chip) -> list[DeviceMemory]:
     for gb in memory_sizes_gb(chip):
         total = gb * 2**30
         if chip.vendor == "Apple":
-            out.append(DeviceMemory(int(gpu_share(total)), f"{chip.family} {gb} GB (~{gpu_share(total) / 2**30:.0f} "
-                                                           f"GiB for the GPU)", metal=True, total=total))
+            out.append(DeviceMemory(int(gpu_share(total)), f"{chip.family} {gb} GB, ~{gpu_share(total) / GB:.1f} "
+                                                           f"GB of it for the GPU", metal=True, total=total))
         else:
             out.append(DeviceMemory(int(total), f"{chip.name} ({gb} GB)", total=total))
     return out
