@@ -373,6 +373,11 @@ def estimate(
                 f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
+    if model is not None:  # the fit check's line, as `mlxllama fit` prints it
+        from mlxllama_cli.quality import estimate_memory_lines
+
+        for line in estimate_memory_lines(args, weights, ctx, the_chip):
+            typer.echo(line)
 
 
 def format_estimate(est, acc, what: str, chip=None) -> str:

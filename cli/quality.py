@@ -25,6 +25,24 @@ def memory_lines(args, weights, ops, ctx: int, batch: int, settings, chip=None) 
     return lines, any(memory.fits(need, d) for d in devices)
 
 
+def _ops_for(chip, backend: str = "auto", numpy_weights=None):
+    """The backend whose layout the check assumes: with a chip, MLX in float16 as on that chip's GPU."""
+    from mlxllama import backends
+
+    if chip is not None and backend in ("auto", "mlx"):
+        import mlx.core as mx
+        from mlxllama.backends.mlx_ops import MLXOps
+
+        return MLXOps(dtype=mx.float16)
+    return backends.get_ops(backend, numpy_weights=numpy_weights)
+
+
+def estimate_memory_lines(args, weights, ctx: int, chip=None) -> list[str]:
+    from mlxllama.cache import CacheSettings
+
+    return memory_lines(args, weights, _ops_for(chip), ctx, 1, CacheSettings(), chip)[0]
+
+
 def fit(
     model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context to hold in the KV cache (default: the model's)."),
@@ -46,20 +64,14 @@ def fit(
 
       mlxllama fit -m ./Llama-3-8B-4bit --ctx 32768 --kv-bits 4 --chip "M2 Max"
     """
-    from mlxllama import api, backends
+    from mlxllama import api
     from mlxllama.bench.chips import lookup
     from mlxllama.cache import CacheSettings
 
     if batch < 1:
         raise UsageError(f"--batch must be at least 1, got {batch}")
     the_chip = lookup(chip) if chip else None
-    if the_chip is not None and backend in ("auto", "mlx"):
-        import mlx.core as mx
-        from mlxllama.backends.mlx_ops import MLXOps
-
-        ops = MLXOps(dtype=mx.float16)  # how MLX holds the model on that chip's GPU
-    else:
-        ops = backends.get_ops(backend, numpy_weights=numpy_weights)
+    ops = _ops_for(the_chip, backend, numpy_weights)
     args, weights, _ = api.load_weights(model)
     if ctx is None:
         ctx = args.max_position_embeddings
