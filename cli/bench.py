@@ -230,6 +230,9 @@ def bench(
                                                                         "the chip's)."),
     submit: Optional[Path] = typer.Option(None, "--submit", help="Write one submission JSON per model here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the batch-sweep PNG here."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: a quantized KV cache (counted in the "
+                                                                  "bytes per token)."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -244,11 +247,14 @@ def bench(
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
+    from mlxllama.cache import CacheSettings
+
+    kv = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size).validate()
 
     with progress_bar() as progress:
         subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
                          repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
-                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress)
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, cache_settings=kv)
     typer.echo(format_results(subs, opts.output))
     for sub in subs:
         for reason in validate(sub):

@@ -28,22 +28,23 @@ def _timed(ops, fn) -> float:
     return time.perf_counter() - t0
 
 
-def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512) -> float:
+def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, settings=None) -> float:
     """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills."""
     ops = model.ops
 
     def run():
-        return ops.argmax(prefill(model, tokens, model.make_cache(1, max_len=tokens.shape[1]), step)[:, -1, :])
+        return ops.argmax(prefill(model, tokens, model.make_cache(1, max_len=tokens.shape[1], settings=settings),
+                                  step)[:, -1, :])
 
     return tokens.shape[1] / _timed(ops, run)
 
 
-def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
+def decode_tps(model: Model, first: np.ndarray, n_gen: int, settings=None) -> float:
     """first [B, 1]: n_gen greedy steps for B sequences from an empty cache (as llama-bench's tg); t/s counts the
     tokens of all of them."""
     ops = model.ops
     batch = first.shape[0]
-    cache = model.make_cache(batch, max_len=n_gen + 1)
+    cache = model.make_cache(batch, max_len=n_gen + 1, settings=settings)
 
     def run():
         y = ops.asarray(first)
@@ -65,8 +66,11 @@ def resident_weights(weights: dict, ops) -> dict:
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
               chip=None, bandwidth_gbps: float | None = None,
-              progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> list[dict]:
+              progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
+              cache_settings=None) -> list[dict]:
+    """cache_settings (cache.CacheSettings): a quantized KV cache; the accounting counts its bytes."""
     from .. import backends
+    from ..cache import CacheSettings, kv_element_bytes
 
     progress = progress or (lambda label, done, total: None)
     ops = backends.get_ops(backend)
@@ -79,7 +83,9 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
         path = resolve(ref)
         args, weights, tokenizer = loaders.load(path)
         model = Model(args, weights, ops)
-        acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
+        kv = cache_settings or CacheSettings()
+        acc = roofline.account_weights(args, resident_weights(weights, ops),
+                                       kv_bytes=kv_element_bytes(ops.kv_bytes, kv.kv_bits, kv.kv_group_size))
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = ([("pp", 1)] if n_prompt else []) + ([("tg", b) for b in batches] if n_gen else [])
@@ -90,9 +96,9 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             samples = []
             for rep in range(repetitions + 1):
                 if kind == "pp":
-                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, n_prompt)))
+                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, n_prompt)), settings=cache_settings)
                 else:
-                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), n_gen)
+                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), n_gen, settings=cache_settings)
                 if rep:  # the first run warms up
                     samples.append(tps)
                 done += 1
