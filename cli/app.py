@@ -89,6 +89,14 @@ NUMPY_WEIGHTS_HELP = ("numpy backend only: float32 (fastest) or quantized (about
                       "decode); default: $MLXLLAMA_NUMPY_WEIGHTS or float32.")
 
 
+KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of --kv-group-size along each head)."
+MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the latest (a rotating window)."
+
+
+def _kv_kwargs(kv_bits, kv_group_size, max_kv_size) -> dict:
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "max_kv_size": max_kv_size}
+
+
 def _load(model: Optional[str], backend: str, revision: Optional[str], numpy_weights: Optional[str] = None):
     import mlxllama
 
@@ -156,6 +164,9 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats on stderr: only the generated text."),
     stats: str = typer.Option("text", "--stats", metavar="text|json",
                               help="Stats on stderr as text lines, or as one JSON object (for scripts)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come. Decoding is greedy unless --temp > 0.
@@ -175,6 +186,7 @@ def generate(
         raise UsageError(f"--stats must be text or json, got {stats!r}")
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
     m, tok = _load(model, backend, revision, numpy_weights)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
@@ -225,6 +237,9 @@ def chat(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy. auto: MLX on a GPU, else numpy."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for a repo id."),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Chat with a model in a REPL with a line editor (history on the arrow keys).
@@ -258,7 +273,7 @@ def chat(
                                                               else "") + ")"
     m, tok = _load(str(path), backend, None, numpy_weights)
     repl.run(m, tok, system=system, sampling=kwargs["sampling"], max_tokens=max_tokens, show_stats=stats,
-             banner=banner)
+             banner=banner, cache_kwargs=_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
 
 
 @app.command()
@@ -386,6 +401,9 @@ from mlxllama_cli.bench import bench_app, estimate  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.command()(estimate)
+from mlxllama_cli.quality import register as _register_quality  # noqa: E402
+
+_register_quality(app)
 
 
 def main() -> None:

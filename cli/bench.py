@@ -287,6 +287,9 @@ def bench(
                                                          "(comma-separated, e.g. 0,4096); their KV reads count."),
     pg: Optional[str] = typer.Option(None, "-pg", help="PP,TG: a prompt then generation, timed as one "
                                                        "(e.g. 512,128)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: a quantized KV cache (counted in the "
+                                                                  "bytes per token)."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -303,11 +306,14 @@ def bench(
     check_chip_claim(opts.chip)
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
+    from mlxllama.cache import CacheSettings
+
+    kv = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size).validate()
 
     with progress_bar() as progress:
         subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
                          repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
-                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, **shapes)
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, cache_settings=kv, **shapes)
     typer.echo(format_results(subs, opts.output))
     for sub in subs:
         for reason in validate(sub):
@@ -526,6 +532,11 @@ def estimate(
                 f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
+    if model is not None:  # the fit check's line, as `mlxllama fit` prints it
+        from mlxllama_cli.quality import estimate_memory_lines
+
+        for line in estimate_memory_lines(args, weights, ctx, the_chip):
+            typer.echo(line)
 
 
 def _config_shape(path: Path):

@@ -187,7 +187,9 @@ class Session:
         return True
 
 
-def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats: bool, banner: str) -> None:
+def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats: bool, banner: str,
+        cache_kwargs: dict | None = None) -> None:
+    from mlxllama.context import trim_turns
     from mlxllama.generate import stream_generate
 
     if tok.chat_template is None:
@@ -216,11 +218,15 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
         if not line.strip():
             continue
         session.history.append({"role": "user", "content": line})
+        session.history[:], dropped = trim_turns(tok, session.history, model.args.max_position_embeddings,
+                                                 max_tokens, session.system)
+        if dropped:
+            typer.echo(f"[context full: dropped the {dropped} oldest messages]", err=True)
         reply, last = [], None
         try:
             with no_echo(terminal):
                 for r in stream_generate(model, tok, session.history, max_tokens=max_tokens,
-                                         system=session.system, sampling=sampling):
+                                         system=session.system, sampling=sampling, **(cache_kwargs or {})):
                     sys.stdout.write(r.text)
                     sys.stdout.flush()
                     reply.append(r.text)

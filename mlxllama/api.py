@@ -25,12 +25,19 @@ def load_weights(ref: str | Path | None = None, revision: str | None = None):
 
 
 def load(ref: str | Path | None = None, backend: str = "auto", revision: str | None = None,
-         numpy_weights: str | None = None):
+         numpy_weights: str | None = None, ctx: int = 0, batch: int = 1, cache_settings=None):
     """Load a model and its tokenizer. backend: "auto" (MLX on a GPU, else numpy), "mlx" or "numpy".
     numpy_weights: "float32" (fastest; quantized weights are widened at load) or "quantized" (about a fifth of
-    the memory, slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32"."""
+    the memory, slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32".
+    Before the weights are laid out (the loader's tensors are memory-mapped), the fit check runs for the weights as
+    the backend will hold them + a KV cache of ctx x batch (cache_settings: cache.CacheSettings) + activations,
+    and raises memory.DoesNotFit where the device cannot hold them."""
+    from . import memory
+
     ops = backends.get_ops(backend, numpy_weights=numpy_weights)
     args, weights, tokenizer = load_weights(ref, revision)
+    need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.kv_bytes, cache_settings)
+    memory.ensure_fits(need, memory.device_memory(ops), args)
     return Model(args, weights, ops, release=True), tokenizer
 
 

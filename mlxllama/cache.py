@@ -1,12 +1,82 @@
-"""KV cache: one buffer per layer for keys and one for values, written in place.
+"""KV caches: per layer, buffers for keys and values written in place.
 
 Where the caller knows how many tokens the cache will hold (generation knows prompt + max_tokens), the buffers are
 allocated once for exactly that; otherwise (`grow=True`: a chat, a server slot) they start at `step` tokens and
 grow by whole steps, each growth one copy. What the forward pass uses: `offset` (tokens stored), `update` and
 `advance`; `trim` rolls back (rejected speculative tokens).
+
+Three kinds, one interface (offset, update, advance, trim, nbytes, state):
+  KVCache           keys and values in the backend's float dtype.
+  QuantizedKVCache  keys and values quantized along head_dim as they are stored (MLX's affine format, 8 or 4 bits,
+                    a scale and a bias per group); `update` returns QuantizedKV tuples that ops.attention attends
+                    to without widening the cache (on MLX, mx.quantized_matmul, as mlx-lm does).
+  RotatingKVCache   at most `max_size` positions: the first `keep` (attention sinks) and a ring of the most recent
+                    max_size - keep (mlx-lm's RotatingKVCache). Positions keep counting (RoPE sees the true ones).
+CacheSettings says which one a generation, a chat or a server slot wants; make_cache builds it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends.contract import QuantizedKV
+from .errors import UsageError
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """kv_bits: None (float K/V) or 4 / 8; kv_group_size: the quantization group along head_dim;
+    max_kv_size: None (every position) or a rotating window of that many positions, the first `keep` kept."""
+
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    max_kv_size: int | None = None
+    keep: int = 4
+
+    def validate(self, head_dim: int | None = None) -> "CacheSettings":
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise UsageError(f"--kv-bits must be 4 or 8, got {self.kv_bits}")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise UsageError(f"--kv-group-size must be 32, 64 or 128, got {self.kv_group_size}")
+        if self.kv_bits is not None and head_dim is not None and head_dim % self.kv_group_size:
+            raise UsageError(f"--kv-group-size {self.kv_group_size} does not divide the head size {head_dim}")
+        if self.max_kv_size is not None:
+            if self.max_kv_size <= self.keep:
+                raise UsageError(f"--max-kv-size must be more than the {self.keep} kept first tokens, "
+                                 f"got {self.max_kv_size}")
+            if self.kv_bits is not None:
+                raise UsageError("--max-kv-size and --kv-bits do not combine yet; choose one")
+        return self
+
+    @property
+    def default(self) -> bool:
+        return self.kv_bits is None and self.max_kv_size is None
+
+
+def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64) -> float:
+    """Bytes one K or V element takes in the cache: the float size, or bits/8 plus a scale and a bias (float_bytes
+    each) per group."""
+    if kv_bits is None:
+        return float(float_bytes)
+    return kv_bits / 8 + 2 * float_bytes / group_size
+
+
+def make_cache(ops, args, batch: int, max_len: int | None = None, settings: CacheSettings | None = None):
+    """The cache `settings` asks for, for a model of `args`: exactly max_len tokens, or growing up to the context."""
+    s = (settings or CacheSettings()).validate(args.head_dim)
+    shape = (ops, args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim)
+    length = max_len or args.max_position_embeddings
+    if s.max_kv_size is not None:
+        if args.sliding_window is not None and s.max_kv_size > args.sliding_window:
+            raise UsageError(f"--max-kv-size {s.max_kv_size} is more than the model's sliding window "
+                             f"({args.sliding_window}); give at most that")
+        return RotatingKVCache(*shape, max_size=min(s.max_kv_size, length), keep=s.keep)
+    if s.kv_bits is not None:
+        return QuantizedKVCache(*shape, length, grow=max_len is None, bits=s.kv_bits, group_size=s.kv_group_size)
+    return KVCache(*shape, length, grow=max_len is None)
 
 
 class KVCache:
@@ -18,33 +88,46 @@ class KVCache:
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.max_len = max_len
         self.grow = grow
+        # per layer, a tuple of buffers for the keys and one for the values (one array each here; a quantized
+        # cache keeps data, scales and biases)
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.offset = 0  # tokens stored
         self.capacity = 0  # tokens the buffers hold
 
-    def _reserve(self, needed: int) -> None:
+    # What is stored for k [B, KV, L, D]: a tuple of arrays [B, KV, L, ...] (the subclasses encode; this one not).
+    def _encode(self, k) -> tuple:
+        return (k,)
+
+    def _decode(self, parts: tuple):
+        return parts[0]
+
+    def _reserve(self, needed: int, like: tuple) -> None:
         if needed > self.max_len:
             raise ValueError(f"the KV cache holds at most {self.max_len} tokens; {needed} needed")
         cap = min(self.max_len, -(-needed // self.step) * self.step) if self.grow else self.max_len
-        shape = (self.batch, self.kv_heads, cap - self.capacity, self.head_dim)
         for i in range(len(self.keys)):
-            extra_k, extra_v = self.ops.zeros(shape), self.ops.zeros(shape)
-            if self.keys[i] is None:
-                self.keys[i], self.values[i] = extra_k, extra_v
-            else:
-                self.keys[i] = self.ops.concatenate([self.keys[i][:, :, : self.capacity], extra_k], axis=2)
-                self.values[i] = self.ops.concatenate([self.values[i][:, :, : self.capacity], extra_v], axis=2)
+            for store in (self.keys, self.values):
+                extra = tuple(self.ops.zeros((self.batch, self.kv_heads, cap - self.capacity) + p.shape[3:],
+                                             dtype=p.dtype) for p in like)
+                if store[i] is None:
+                    store[i] = extra
+                else:
+                    store[i] = tuple(self.ops.concatenate([a[:, :, : self.capacity], e], axis=2)
+                                     for a, e in zip(store[i], extra))
         self.capacity = cap
 
     def update(self, layer: int, k, v):
         """Store k, v [B, KV, L, D] at the current offset; return the keys and values up to it, inclusive."""
         start, end = self.offset, self.offset + k.shape[2]
+        ks, vs = self._encode(k), self._encode(v)
         if end > self.capacity:
-            self._reserve(end)
-        self.keys[layer][:, :, start:end, :] = k
-        self.values[layer][:, :, start:end, :] = v
-        return self.keys[layer][:, :, :end, :], self.values[layer][:, :, :end, :]
+            self._reserve(end, ks)
+        for store, new in ((self.keys[layer], ks), (self.values[layer], vs)):
+            for buf, part in zip(store, new):
+                buf[:, :, start:end, ...] = part
+        return (self._decode(tuple(a[:, :, :end] for a in self.keys[layer])),
+                self._decode(tuple(a[:, :, :end] for a in self.values[layer])))
 
     def advance(self, n: int) -> None:
         self.offset += n
@@ -56,8 +139,93 @@ class KVCache:
         return n
 
     def state(self):
-        return [a for a in self.keys + self.values if a is not None]
+        return [a for parts in self.keys + self.values if parts is not None for a in parts]
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.state())
+
+
+class QuantizedKVCache(KVCache):
+    """Keys and values quantized as they are stored (ops.quantize_kv: mx.quantize's format on MLX, bit for bit the
+    same in numpy); update returns QuantizedKV tuples."""
+
+    def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 grow: bool = False, bits: int = 8, group_size: int = 64):
+        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_len, grow)
+        CacheSettings(kv_bits=bits, kv_group_size=group_size).validate(head_dim)
+        self.bits, self.group_size = bits, group_size
+
+    def _encode(self, k) -> tuple:
+        q = self.ops.quantize_kv(k, self.group_size, self.bits)
+        return (q.data, q.scales, q.biases)
+
+    def _decode(self, parts: tuple):
+        return QuantizedKV(*parts, self.group_size, self.bits)
+
+
+class RotatingKVCache(KVCache):
+    """At most max_size positions: the first `keep` and the latest max_size - keep, in a ring.
+
+    One token at a time, the new one overwrites the oldest ring slot and attention gets the whole buffer (its
+    order does not matter to a single query: keys were rotated before they were stored). A chunk of several
+    tokens that overflows gets the kept positions in temporal order with the chunk appended, so that its causal
+    mask holds, and the buffer is rewritten in order from that (mlx-lm's RotatingKVCache does the same).
+    """
+
+    def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_size: int,
+                 keep: int = 4):
+        if max_size <= keep:
+            raise UsageError(f"a rotating KV cache needs more than {keep} positions, got {max_size}")
+        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_size, grow=True)
+        self.max_size, self.keep = max_size, keep
+        self._next = keep  # the ring slot the next single token goes to, once the buffer is full
+        self._pending = None  # the ring slot after this step's update (the same for every layer)
+
+    @property
+    def stored(self) -> int:
+        """Positions held (at most max_size)."""
+        return min(self.offset, self.max_size)
+
+    def _in_order(self, buf):
+        """The held positions of one buffer, oldest first."""
+        if self.offset <= self.max_size or self._next == self.keep:
+            return buf[:, :, : self.stored]
+        return self.ops.concatenate([buf[:, :, : self.keep], buf[:, :, self._next:], buf[:, :, self.keep: self._next]],
+                                    axis=2)
+
+    def update(self, layer: int, k, v):
+        L = k.shape[2]
+        if self.offset + L <= self.max_size:  # not full yet: an ordinary cache
+            self._pending = self.keep
+            return super().update(layer, k, v)
+        if self.capacity < self.max_size:
+            self._reserve(self.max_size, (k,))
+        (kb,), (vb,) = self.keys[layer], self.values[layer]
+        if L == 1 and self.offset >= self.max_size:
+            slot = self._next
+            kb[:, :, slot: slot + 1] = k
+            vb[:, :, slot: slot + 1] = v
+            self._pending = slot + 1 if slot + 1 < self.max_size else self.keep
+            return kb, vb
+        ks = self.ops.concatenate([self._in_order(kb), k], axis=2)
+        vs = self.ops.concatenate([self._in_order(vb), v], axis=2)
+        ring = self.max_size - self.keep
+        for buf, full in ((kb, ks), (vb, vs)):
+            buf[:, :, : self.keep] = full[:, :, : self.keep]
+            buf[:, :, self.keep:] = full[:, :, full.shape[2] - ring:]
+        self._pending = self.keep
+        return ks, vs
+
+    def advance(self, n: int) -> None:
+        super().advance(n)
+        if self._pending is not None:
+            self._next, self._pending = self._pending, None
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        if n and self.offset > self.max_size:
+            raise UsageError(f"a rotating KV cache of {self.max_size} positions cannot roll back once it has "
+                             f"wrapped ({self.offset} tokens seen): the overwritten positions are gone")
+        self.offset -= n
+        return n

@@ -8,7 +8,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .cache import CacheSettings
 from .errors import UsageError
+from .memory import check_model, kv_bytes, wired_limit
 from .sampling import Sampler, SamplingParams
 
 
@@ -91,14 +93,17 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     system: str | None = None, prefill_step_size: int = 512,
                     sampling: SamplingParams | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                     sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
-                    prefill_progress: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
+                    prefill_progress: Callable[[int, int], None] | None = None, kv_bits: int | None = None,
+                    kv_group_size: int = 64, max_kv_size: int | None = None) -> Iterator[GenerationResponse]:
     """Generate from a prompt, one GenerationResponse per token.
 
     Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
     host, in order, on each step's logits (float64 [vocab]) with the token ids so far; `sampler` then picks the token
     from the processed logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability,
     an integer k for the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is
-    processed (prompt tokens)."""
+    processed (prompt tokens). kv_bits (8 or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that
+    many positions (the first 4 and the latest). Before anything is allocated, the memory need is checked
+    (memory.check_model)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -124,12 +129,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
     at_limit = "length" if max_tokens <= ctx - len(ids) else "context"
     max_tokens = min(max_tokens, ctx - len(ids))
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
+        model.args.head_dim)
+    check_model(model, len(ids) + max_tokens, 1, settings)
     stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
     start = time.perf_counter()
     steps = _steps(model, ids, max_tokens, chooser, prefill_step_size, logits_processors, sampler,
-                   logprobs is not False, prefill_progress)
+                   logprobs is not False, prefill_progress, settings)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -184,16 +192,18 @@ def prefill(model, tokens, cache, step: int = 512, progress: Callable[[int, int]
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
-                  prefill_step_size: int = 512, prefill_progress=None) -> Iterator[int]:
+                  prefill_step_size: int = 512, prefill_progress=None,
+                  cache_settings: CacheSettings | None = None) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text)."""
     for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size,
-                           prefill_progress=prefill_progress):
+                           prefill_progress=prefill_progress, cache_settings=cache_settings):
         yield token
 
 
 def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_step_size: int,
            processors: Sequence[LogitsProcessor] = (), custom: Callable | None = None,
-           logprobs: bool = False, prefill_progress=None) -> Iterator[tuple[int, np.ndarray | None]]:
+           logprobs: bool = False, prefill_progress=None,
+           cache_settings: CacheSettings | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
     """(token, log-probabilities [vocab] or None) per step.
 
     With greedy sampling and nothing else asking for the logits, the token is chosen on the device (argmax), and
@@ -215,7 +225,15 @@ def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_ste
             row = np.asarray(process(history, row), dtype=np.float64)
         return int(custom(row) if custom else sampler(row, history)), lp
 
-    cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
+    length = min(model.args.max_position_embeddings, len(ids) + max_tokens)
+    cache = model.make_cache(1, max_len=length, settings=cache_settings)
+    with wired_limit(model, kv_bytes(model.args, length, 1, ops.kv_bytes, cache_settings)):
+        yield from _decode(model, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size,
+                           prefill_progress)
+
+
+def _decode(model, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size, prefill_progress):
+    ops = model.ops
     y, lp = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size,
                          prefill_progress))
     if pipelined:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cache import KVCache
+from .cache import CacheSettings, KVCache, make_cache
 from .config import ModelArgs
 from .memory import return_freed_memory
 from .rope import rope_inv_freq
@@ -80,11 +80,11 @@ class Model:
     def device(self) -> str:
         return self.ops.device()
 
-    def make_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """A cache for exactly max_len tokens, allocated once; without max_len, one that grows up to the context."""
-        a = self.args
-        return KVCache(self.ops, a.num_hidden_layers, batch_size, a.num_key_value_heads, a.head_dim,
-                       max_len or a.max_position_embeddings, grow=max_len is None)
+    def make_cache(self, batch_size: int = 1, max_len: int | None = None,
+                   settings: CacheSettings | None = None) -> KVCache:
+        """A cache for exactly max_len tokens, allocated once; without max_len, one that grows up to the context.
+        settings: quantized K/V or a rotating window (cache.CacheSettings)."""
+        return make_cache(self.ops, self.args, batch_size, max_len, settings)
 
     def __call__(self, tokens, cache: KVCache, last_only: bool = False):
         """tokens [B, L] (ints) -> logits [B, L, vocab], or [B, 1, vocab] with last_only."""

@@ -10,9 +10,30 @@ except for `.nbytes`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+
+class QuantizedKV(NamedTuple):
+    """Keys or values as a quantized cache holds them: MLX's affine layout along head_dim (mx.quantize's), in the
+    backend's arrays. data uint32 [B, KV, T, Dh * bits / 32]; scales and biases [B, KV, T, Dh / group_size]."""
+
+    data: Any
+    scales: Any
+    biases: Any
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple:
+        B, KV, T, W = self.data.shape
+        return (B, KV, T, W * 32 // self.bits)
+
+    def sliced(self, start: int | None = None, stop: int | None = None) -> "QuantizedKV":
+        """Positions [start, stop) along T."""
+        t = slice(start, stop)
+        return self._replace(data=self.data[:, :, t], scales=self.scales[:, :, t], biases=self.biases[:, :, t])
 
 
 @runtime_checkable
@@ -29,6 +50,7 @@ class Backend(Protocol):
     def peak_memory(self) -> int: ...  # bytes: the backend's own peak allocation, or the process's peak RSS
 
     # weight preparation, once at load
+    def prepared_nbytes(self, w) -> int: ...  # bytes prepare_* will hold for a loader's tensor (the fit check)
     def prepare_linear(self, parts: list) -> Any: ...  # same-input projections [out_i, in] fused by output rows
     def prepare_norm(self, w) -> Any: ...  # also biases and other vectors
     def prepare_embedding(self, w) -> Any: ...
@@ -43,7 +65,9 @@ class Backend(Protocol):
     def linear(self, x, w) -> Any: ...  # x [..., in] @ W.T
     def rms_norm(self, x, w, eps: float) -> Any: ...  # w broadcasts against x's trailing axes
     def rope(self, x, offset: int, table) -> Any: ...  # x [B, heads, L, Dh], positions offset.. (HF order)
+    # k and v: arrays, or QuantizedKV (a quantized cache's), attended without widening the whole cache
     def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None) -> Any: ...
+    def quantize_kv(self, x, group_size: int, bits: int) -> QuantizedKV: ...  # x [B, KV, L, Dh]
     def swiglu(self, gate, up) -> Any: ...
 
     # arrays and evaluation

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..weights import QuantizedWeight
+from .contract import QuantizedKV
 
 DEQUANTIZED_MATMUL_ROWS = 16  # on the CPU, inputs with at least this many rows take the dequantize-then-matmul path
 BLOCKED_ATTENTION_ROWS = 16  # on the CPU, causal attention over at least this many queries goes block by block
@@ -49,6 +50,13 @@ class MLXOps:
                               group_size=w.group_size, bits=w.bits)
             return w.astype(self.float_dtype)
         return mx.array(np.asarray(w)).astype(self.float_dtype)
+
+    def prepared_nbytes(self, w) -> int:
+        """Bytes prepare_* will hold for a loader's tensor: quantized ones packed with scales and biases in the
+        compute dtype, the rest in it."""
+        if isinstance(w, QuantizedWeight):
+            return int(w.weight.nbytes + 2 * w.scales.size * self.float_bytes)
+        return int(np.prod(w.shape)) * self.float_bytes
 
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by stacking output rows; quantized rows stack exactly. Scales and biases
@@ -140,7 +148,12 @@ class MLXOps:
         if window is not None and T <= window:
             window = None  # every key is inside the window
         if window is not None and L == 1:
-            k, v, window = k[:, :, -window:], v[:, :, -window:], None
+            if isinstance(k, QuantizedKV):
+                k, v, window = k.sliced(-window), v.sliced(-window), None
+            else:
+                k, v, window = k[:, :, -window:], v[:, :, -window:], None
+        if isinstance(k, QuantizedKV):
+            return self._quantized_attention(q, k, v, scale, causal, window)
         if self.on_gpu or L < BLOCKED_ATTENTION_ROWS or not causal:
             mask = "causal" if causal and L > 1 else None
             if window is not None:
@@ -159,6 +172,27 @@ class MLXOps:
             seen = _visible(mx.arange(s, e)[:, None] + past, mx.arange(past + e)[None, :], window)
             outs.append(mx.softmax(mx.where(seen, scores, -mx.inf), axis=-1) @ vg[:, :, :, : past + e])
         return mx.concatenate(outs, axis=3).reshape(B, H, L, D)
+
+    def _quantized_attention(self, q, k: QuantizedKV, v: QuantizedKV, scale: float, causal: bool, window):
+        """Attention over quantized keys and values, as mlx-lm's quantized_scaled_dot_product_attention: the scores
+        are mx.quantized_matmul of the queries with the packed keys, the output that of the probabilities with the
+        packed values; no float copy of the cache is made."""
+        B, H, L, D = q.shape
+        KV, T = k.shape[1], k.shape[2]
+        qg = (q * scale).reshape(B, KV, H // KV, L, D)
+        kq = [a[:, :, None] for a in (k.data, k.scales, k.biases)]  # [B, KV, 1, T, ...] against the q groups
+        vq = [a[:, :, None] for a in (v.data, v.scales, v.biases)]
+        scores = mx.quantized_matmul(qg, *kq, transpose=True, group_size=k.group_size, bits=k.bits)
+        if causal and (L > 1 or window is not None):
+            seen = _visible(mx.arange(T - L, T)[:, None], mx.arange(T)[None, :], window)
+            scores = mx.where(seen, scores, mx.finfo(scores.dtype).min)
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        out = mx.quantized_matmul(probs, *vq, transpose=False, group_size=v.group_size, bits=v.bits)
+        return out.reshape(B, H, L, D)
+
+    def quantize_kv(self, x, group_size: int, bits: int) -> QuantizedKV:
+        data, scales, biases = mx.quantize(x, group_size=group_size, bits=bits)
+        return QuantizedKV(data, scales, biases, group_size, bits)
 
     def swiglu(self, gate, up):
         return nn_silu(gate) * up

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..weights import QuantizedWeight
+from .contract import QuantizedKV
 
 WEIGHT_MODES = ("float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
@@ -82,6 +83,15 @@ class NumpyOps:
         return "cpu (numpy)"
 
     # -- weight preparation (once, at load) -----------------------------------------------------------------
+
+    def prepared_nbytes(self, w) -> int:
+        """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "quantized"
+        mode codes (4-bit two per byte, others one per byte) with float32 scales and biases."""
+        if isinstance(w, QuantizedWeight) and self.weights_mode == "quantized":
+            rows, cols = w.shape
+            code = 0.5 if w.bits == 4 and cols % 2 == 0 else 1
+            return int(rows * cols * code) + 2 * int(w.scales.size) * 4
+        return int(np.prod(w.shape)) * 4
 
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by output rows; lay the result out as [in, out]."""
@@ -263,7 +273,13 @@ class NumpyOps:
         if window is not None and T <= window:
             window = None
         if window is not None and L == 1:
-            k, v, T, window = k[:, :, -window:], v[:, :, -window:], window, None
+            if isinstance(k, QuantizedKV):
+                k, v = k.sliced(-window), v.sliced(-window)
+            else:
+                k, v = k[:, :, -window:], v[:, :, -window:]
+            T, window = window, None
+        if isinstance(k, QuantizedKV):  # a quantized cache: widened here, per call (numpy has no quantized matmul)
+            k, v = _dequantize_kv(k), _dequantize_kv(v)
         rep = H // KV
         qg = (q * np.float32(scale)).reshape(B, KV, rep, L, D)
         kt = k.transpose(0, 1, 3, 2)[:, :, None]  # [B, KV, 1, D, T]
@@ -286,6 +302,15 @@ class NumpyOps:
 
         self._run(block, list(range(0, L, _QUERY_BLOCK))[::-1])  # longest blocks first
         return out.reshape(B, H, L, D)
+
+    def quantize_kv(self, x: np.ndarray, group_size: int, bits: int) -> QuantizedKV:
+        """mx.quantize's format along the last axis, bit for bit (quant.quantize)."""
+        from ..quant import quantize
+
+        lead = x.shape[:-1]
+        qw = quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1]), group_size, bits)
+        return QuantizedKV(qw.weight.reshape(*lead, -1), qw.scales.reshape(*lead, -1), qw.biases.reshape(*lead, -1),
+                           group_size, bits)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         t = np.negative(gate)
@@ -386,6 +411,18 @@ def _causal_bias(n: int) -> np.ndarray:
 
 
 # -- quantized weights ---------------------------------------------------------------------------------------
+
+def _dequantize_kv(x: QuantizedKV) -> np.ndarray:
+    """float32 [B, KV, T, D]: scale * q + bias in float32, as mx.quantized_matmul forms them."""
+    from ..quant import unpack
+
+    B, KV, T, D = x.shape
+    q = unpack(np.ascontiguousarray(x.data), x.bits).reshape(B, KV, T, D // x.group_size, x.group_size)
+    w = q.astype(np.float32)
+    w *= x.scales[..., None]
+    w += x.biases[..., None]
+    return w.reshape(B, KV, T, D)
+
 
 def _dense_rows(w, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a weight as float32 [rows, in]; quantized rows are dequantized with float32 scales,

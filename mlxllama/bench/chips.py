@@ -87,3 +87,21 @@ def lookup(name: str, gpu_cores: int | None = None) -> Chip:
         raise UsageError(f"unknown chip {name!r}{cores}; known: {', '.join(families)} "
                          f"(optionally with a GPU core count, e.g. 'M2 Max 30'), or pass --bandwidth")
     return chip
+
+
+# Unified memory (Apple) sizes each family is sold with, in GB, from Apple's technical specifications pages; an NVIDIA
+# row's memory is in its name ("A100 SXM4 80GB", "H200 SXM 141GB").
+APPLE_MEMORY_GB = {
+    "M1": (8, 16), "M1 Pro": (16, 32), "M1 Max": (32, 64), "M1 Ultra": (64, 128),
+    "M2": (8, 16, 24), "M2 Pro": (16, 32), "M2 Max": (32, 64, 96), "M2 Ultra": (64, 128, 192),
+    "M3": (8, 16, 24), "M3 Pro": (18, 36), "M3 Max": (36, 48, 64, 96, 128), "M3 Ultra": (96, 256, 512),
+    "M4": (16, 24, 32), "M4 Pro": (24, 48, 64), "M4 Max": (36, 48, 64, 128),
+}
+
+
+def memory_sizes_gb(chip: Chip) -> tuple[int, ...]:
+    """The memory sizes (GB) the chip comes with, smallest first; () where the table does not say."""
+    if chip.vendor == "Apple":
+        return APPLE_MEMORY_GB.get(chip.family, ())
+    m = re.search(r"(\d+)\s*GB", chip.name)
+    return (int(m.group(1)),) if m else ()

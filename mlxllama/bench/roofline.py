@@ -109,8 +109,9 @@ def _elements(t) -> int:
     return int(np.prod(shape))
 
 
-def _kv_and_attention(args: ModelArgs, kv_bytes: int) -> tuple[int, int]:
-    kv = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * kv_bytes
+def _kv_and_attention(args: ModelArgs, kv_bytes: float) -> tuple[int, int]:
+    """kv_bytes per K or V element: a float size, or a quantized cache's (cache.kv_element_bytes)."""
+    kv = round(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * kv_bytes)
     attn = 4 * args.num_hidden_layers * args.num_attention_heads * args.head_dim
     return kv, attn
 

@@ -27,35 +27,37 @@ def _timed(ops, fn) -> float:
     return timed(lambda: ops.eval(fn()), ops.synchronize)[0]
 
 
-def _context(model: Model, batch: int, depth: np.ndarray | None, more: int, step: int = 512):
+def _context(model: Model, batch: int, depth: np.ndarray | None, more: int, step: int = 512, settings=None):
     """A cache holding `depth` [B, D] (untimed: the -d context), with room for `more` positions."""
     n_depth = 0 if depth is None else depth.shape[1]
-    cache = model.make_cache(batch, max_len=n_depth + more)
+    cache = model.make_cache(batch, max_len=n_depth + more, settings=settings)
     for s in range(0, n_depth, step):
         model.hidden(depth[:, s: s + step], cache)
         model.ops.eval(*cache.state())
     return cache
 
 
-def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, depth: np.ndarray | None = None) -> float:
+def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, depth: np.ndarray | None = None,
+                settings=None) -> float:
     """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills;
     after `depth` [1, D] already in the cache."""
     ops = model.ops
-    context = None if depth is None else _context(model, 1, depth, tokens.shape[1], step)
+    context = None if depth is None else _context(model, 1, depth, tokens.shape[1], step, settings)
 
     def run():
-        cache = context or model.make_cache(1, max_len=tokens.shape[1])
+        cache = context or model.make_cache(1, max_len=tokens.shape[1], settings=settings)
         return ops.argmax(prefill(model, tokens, cache, step)[:, -1, :])
 
     return tokens.shape[1] / _timed(ops, run)
 
 
-def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | None = None) -> float:
+def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
+               settings=None) -> float:
     """first [B, 1]: n_gen greedy steps for B sequences after `depth` [B, D] in the cache (empty by default, as
     llama-bench's tg); t/s counts the tokens of all of them."""
     ops = model.ops
     batch = first.shape[0]
-    cache = _context(model, batch, depth, n_gen + 1)
+    cache = _context(model, batch, depth, n_gen + 1, settings=settings)
 
     def run():
         y = ops.asarray(first)
@@ -68,10 +70,10 @@ def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | 
 
 
 def prompt_gen_tps(model: Model, tokens: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
-                   step: int = 512) -> float:
+                   step: int = 512, settings=None) -> float:
     """llama-bench's pp+tg: the prompt tokens [1, n] prefilled, then n_gen greedy steps, timed as one."""
     ops = model.ops
-    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1, step)
+    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1, step, settings)
 
     def run():
         y = ops.argmax(prefill(model, tokens, cache, step)[:, -1, :]).reshape(1, 1)
@@ -94,8 +96,11 @@ def resident_weights(weights: dict, ops) -> dict:
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
               chip=None, bandwidth_gbps: float | None = None,
               progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
-              depths: list[int] | None = None, pg: tuple[int, int] | None = None) -> list[dict]:
+              depths: list[int] | None = None, pg: tuple[int, int] | None = None,
+              cache_settings=None) -> list[dict]:
+    """cache_settings (cache.CacheSettings): a quantized KV cache; the accounting counts its bytes."""
     from .. import backends
+    from ..cache import CacheSettings, kv_element_bytes
 
     progress = progress or (lambda label, done, total: None)
     ops = backends.get_ops(backend)
@@ -110,7 +115,9 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
         path = resolve(ref)
         args, weights, tokenizer = loaders.load(path)
         model = Model(args, weights, ops)
-        acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
+        kv = cache_settings or CacheSettings()
+        acc = roofline.account_weights(args, resident_weights(weights, ops),
+                                       kv_bytes=kv_element_bytes(ops.kv_bytes, kv.kv_bits, kv.kv_group_size))
         file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
@@ -126,11 +133,12 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             for rep in range(repetitions + 1):
                 depth = rng.choice(ordinary, size=(batch, d)) if d else None
                 if p and g:
-                    tps = prompt_gen_tps(model, rng.choice(ordinary, size=(1, p)), g, depth)
+                    tps = prompt_gen_tps(model, rng.choice(ordinary, size=(1, p)), g, depth,
+                                         settings=cache_settings)
                 elif p:
-                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, p)), depth=depth)
+                    tps = prefill_tps(model, rng.choice(ordinary, size=(1, p)), depth=depth, settings=cache_settings)
                 else:
-                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), g, depth)
+                    tps = decode_tps(model, rng.choice(ordinary, size=(batch, 1)), g, depth, settings=cache_settings)
                 if rep:  # the first run warms up
                     samples.append(tps)
                 done += 1

@@ -316,6 +316,20 @@ def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None):
     return w[row_index] if row_index is not None else w
 
 
+def _release_pages(data: np.memmap, offset: int, nbytes: int) -> None:
+    """Drop a converted tensor's file pages from this process's resident set (they stay in the page cache), so
+    that the file and the repacked copy are not both resident while the rest loads."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(len(mm), -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):
+        pass
+
+
 def _torch_dtype(qtype: QT) -> str:
     return {QT.BF16: "bfloat16", QT.F32: "float32"}.get(qtype, "float16")
 
@@ -377,5 +391,7 @@ def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight],
             weights[internal] = _convert(data, info, row_index)
         except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:
             raise ModelFileError(f"{path}: cannot convert tensor {info.name} ({info.qtype.name}): {e}") from None
+        if weights[internal].__class__ is QuantizedWeight:
+            _release_pages(data, info.offset, info.nbytes)  # repacked: its file pages need not stay resident
     check_weights(weights, args, source)
     return args, weights, meta
