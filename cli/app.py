@@ -64,6 +64,11 @@ NUMPY_WEIGHTS_HELP = ("numpy backend only: float32 (fastest) or quantized (about
                       "decode); default: $MLXLLAMA_NUMPY_WEIGHTS or float32.")
 
 
+PARALLEL_HELP = ("Run over the ranks of mlx.launch: tensor (every layer split; bandwidth adds up) or pipeline "
+                 "(layer ranges; memory adds up). E.g. mlx.launch --hosts ip0,ip1 -- mlxllama generate ... "
+                 "--parallel tensor")
+
+
 def _load(model: Optional[str], backend: str, revision: Optional[str], numpy_weights: Optional[str] = None):
     import mlxllama
 
@@ -88,6 +93,7 @@ def generate(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy. auto: MLX on a GPU, else numpy."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for a repo id."),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help=PARALLEL_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come.
@@ -104,7 +110,14 @@ def generate(
 
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    m, tok = _load(model, backend, revision, numpy_weights)
+    if parallel is not None:
+        from mlxllama import distributed
+
+        m, tok = distributed.setup(model, parallel, backend=backend, revision=revision)
+        if m is None:  # another rank than 0: it served rank 0's forward passes
+            return
+    else:
+        m, tok = _load(model, backend, revision, numpy_weights)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
     try:
@@ -119,6 +132,9 @@ def generate(
         if last is not None:
             typer.echo(format_stats(last), err=True)
         raise typer.Exit(130)
+    finally:
+        if parallel is not None:
+            m.close()
     sys.stdout.write("\n")
     if last is not None:
         typer.echo("=" * 10, err=True)

@@ -143,7 +143,7 @@ def prefill(model, tokens, cache, step: int = 512):
     Generation, bench and the benchmarks all prefill this way."""
     n = tokens.shape[1]
     for s in range(0, n - 1, step):
-        model.hidden(tokens[:, s: min(s + step, n - 1)], cache)
+        model.fill(tokens[:, s: min(s + step, n - 1)], cache)
         model.ops.eval(*cache.state())
     return model(tokens[:, n - 1:], cache, last_only=True)
 

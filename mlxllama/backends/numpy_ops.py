@@ -32,6 +32,8 @@ import numpy as np
 from ..errors import UsageError
 from ..weights import QuantizedWeight
 
+NOT_DISTRIBUTED = "the numpy backend runs in one process; distributed inference (--parallel) needs --backend mlx"
+
 WEIGHT_MODES = ("float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
@@ -145,8 +147,10 @@ class NumpyOps:
     def asarray(self, tokens) -> np.ndarray:
         return np.asarray(tokens, dtype=np.int64)
 
-    def embedding(self, table, ids: np.ndarray) -> np.ndarray:
+    def embedding(self, table, ids: np.ndarray, start: int | None = None) -> np.ndarray:
         """Columns `ids` of the [hidden, vocab] table, as [*ids.shape, hidden]."""
+        if start is not None:
+            raise UsageError(NOT_DISTRIBUTED)
         flat = ids.reshape(-1)
         if isinstance(table, QLinear):
             cols = _dequantize_columns(table, flat)
@@ -286,6 +290,12 @@ class NumpyOps:
 
         self._run(block, list(range(0, L, _QUERY_BLOCK))[::-1])  # longest blocks first
         return out.reshape(B, H, L, D)
+
+    def all_sum(self, x):  # one process: the sum over ranks is x (tensor parallelism needs --backend mlx)
+        return x
+
+    def all_gather(self, x):
+        return x
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         t = np.negative(gate)
