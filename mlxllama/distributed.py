@@ -168,13 +168,14 @@ class Watchdog:
 
     @contextlib.contextmanager
     def guard(self, what: str):
+        outer = (self._what, self._deadline)
         self._what, self._deadline = what, time.monotonic() + self.seconds
         try:
             yield
         except RuntimeError as e:  # MLX's backends raise when a peer's connection drops
             raise DistributedError(f"rank {self.rank}: lost another rank while {what} ({e})") from None
         finally:
-            self._deadline = None
+            self._what, self._deadline = outer
 
     def _watch(self):
         while True:
@@ -219,6 +220,10 @@ class _WatchedOps:
         with self._dog.guard("waiting for a forward pass"):
             self._ops.synchronize()
 
+    def async_eval(self, *xs):  # may wait for room in the stream's queue
+        with self._dog.guard("queueing a forward pass"):
+            self._ops.async_eval(*xs)
+
 
 # -- loading --------------------------------------------------------------------------------------------------------
 
@@ -254,7 +259,22 @@ def load_shard(ref, mode: str, group, backend: str = "mlx", revision: str | None
     return Shard(model, plan, args, tokenizer)
 
 
-def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None):
+def describe(shard: Shard) -> str:
+    """One line: what this rank holds."""
+    p, a = shard.plan, shard.args
+    if p.mode == "tensor":
+        what = (f"{a.num_attention_heads // p.size} of {a.num_attention_heads} heads, "
+                f"{a.intermediate_size // p.size} of {a.intermediate_size} MLP rows in each of {a.num_hidden_layers} "
+                "layers")
+    else:
+        r = p.layers(a)
+        what = f"layers {r.start}-{r.stop - 1} of {a.num_hidden_layers}" + (", embedding and head" if p.rank == 0
+                                                                            else "")
+    return (f"[rank {p.rank} of {p.size}, {p.mode} parallel] {what}: "
+            f"{shard.model.resident_nbytes / 1e6:.1f} MB of weights")
+
+
+def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None, quiet: bool = False):
     """For commands run under mlx.launch (generate, serve): on rank 0, (Driver, tokenizer) to use as a Model; on the
     other ranks, serve rank 0's forward passes until it closes, then (None, None): the caller just returns."""
     group = init_group()
@@ -263,6 +283,9 @@ def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None):
                          f"mlx.launch --hosts 127.0.0.1 -n 2 -- mlxllama generate ... --parallel {mode}")
     dog = Watchdog(group.rank(), timeout_seconds())
     shard = load_shard(ref, mode, group, backend, revision)
+    if not quiet:
+        sys.stderr.write(describe(shard) + "\n")
+        sys.stderr.flush()
     with dog.guard("loading (waiting for every rank to load its shard)"):
         import mlx.core as mx
 
@@ -310,7 +333,7 @@ class Driver:
             sent = mx.distributed.all_sum(h, group=self._group)
         else:
             sent = mx.distributed.send(h, 1, group=self._group)
-        mx.async_eval(sent)
+        self.ops.async_eval(sent)
 
     def make_cache(self, batch_size: int = 1, max_len: int | None = None):
         self._tell(_CACHE, batch_size, 0, 0, 0, max_len or 0)
@@ -327,12 +350,12 @@ class Driver:
                 out = self.local.hidden(tokens, cache)
             else:
                 out = self.local(tokens, cache, last_only=head == _HEAD_LAST)
-            mx.async_eval(out)  # all of it, as the other ranks do: the same collectives in the same order
+            self.ops.async_eval(out)  # all of it, as the other ranks do: the same collectives in the same order
             return out
         h = self.local.hidden(tokens, cache)
         sent = mx.distributed.send(h, 1, group=self._group)
         if head == _HEAD_NONE:
-            mx.async_eval(sent)  # the next chunk starts here while the next rank works on this one
+            self.ops.async_eval(sent)  # the next chunk starts here while the next rank works on this one
             return None
         back = mx.distributed.recv_like(h[:, -1:] if head == _HEAD_LAST else h, self.size - 1, group=self._group)
         return mx.depends(back, sent)
@@ -357,7 +380,7 @@ class Driver:
         try:
             with self._dog.guard("closing"):
                 self._tell(_STOP, 0, 0, 0, 0, 0)
-                self._mx.synchronize()
+                self.ops.synchronize()
         except DistributedError:
             pass  # a rank is gone already: nothing to release
 
@@ -381,7 +404,7 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
                 hdr = mx.distributed.recv_like(zeros, rank - 1, group=group)
             mx.eval(hdr)
         except RuntimeError as e:
-            raise DistributedError(f"rank {rank}: lost rank 0 ({e})") from None
+            raise DistributedError(f"rank {rank}: lost another rank while waiting for rank 0 ({e})") from None
         cmd, B, L, offset, head, max_len = (int(x) for x in np.array(hdr))
         with watchdog.guard(f"running a step for rank 0 (command {cmd})"):
             if plan.mode == "pipeline" and rank + 1 < size:
