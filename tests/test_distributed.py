@@ -245,3 +245,39 @@ def test_a_rank_that_stops_answering_trips_the_watchdog(tmp_path, tiny):
 def test_smollm2_over_ranks_gives_the_tokens_of_one_process(tmp_path, smollm2, mode, n):
     ref_tokens, ref_bytes = _reference(smollm2, 8)
     _check_equal_and_halved(_run_ranks(tmp_path, n, mode, smollm2, 8), ref_tokens, ref_bytes, n)
+
+
+# -- the estimate ---------------------------------------------------------------------------------------------------
+
+def test_cluster_estimate_arithmetic():
+    from mlxllama.bench import cluster
+
+    ln = cluster.Link("test", "ring", 1.0, 100.0, "made up")  # 1 GB/s, 100 us
+    kw = dict(bytes_per_token=40e9, weight_bytes=40e9, layers=80, hidden=8192, vocab=128000, bandwidth_gbps=800,
+              nodes=2, ln=ln)
+    t = cluster.estimate(mode="tensor", **kw)
+    allreduce = 2 * (100e-6 + 8192 * 2 / 2 / 1e9)  # 2 (N-1) messages of M / N bytes
+    gather = 100e-6 + 64000 * 2 / 1e9
+    assert t.read_s == pytest.approx(40e9 / 2 / 800e9)
+    assert t.link_s == pytest.approx(163 * allreduce + gather)
+    p = cluster.estimate(mode="pipeline", **kw)
+    assert p.read_s == pytest.approx(40e9 / 800e9) and p.link_s == pytest.approx(2 * (100e-6 + 16384 / 1e9))
+    assert t.memory_bytes == p.memory_bytes == 20e9
+    one = cluster.estimate(mode="tensor", **dict(kw, nodes=1))
+    assert one.link_s == 0 and one.tps == pytest.approx(800 / 40)
+
+
+def test_estimate_cli_says_which_mode_wins():
+    from typer.testing import CliRunner
+
+    from mlxllama_cli.app import app
+
+    run = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "70B", "--bits", "4", "--nodes", "2",
+                                   "--link", "tb5"])
+    assert run.exit_code == 0, run.output
+    assert "wins        tensor" in run.output and "2 hops a token" in run.output
+    run = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "70B", "--nodes", "2", "--link",
+                                   "tb4", "--parallel", "pipeline"])
+    assert run.exit_code == 0 and "wins        pipeline" in run.output
+    bad = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "7B", "--nodes", "2", "--link", "wifi"])
+    assert bad.exit_code != 0
