@@ -230,6 +230,10 @@ def bench(
                                                                         "the chip's)."),
     submit: Optional[Path] = typer.Option(None, "--submit", help="Write one submission JSON per model here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the batch-sweep PNG here."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Under mlx.launch: tensor or pipeline over "
+                                                                    "the ranks; the submission records them."),
+    link: Optional[str] = typer.Option(None, "--link", help="With --parallel: the link the ranks use, recorded "
+                                                            "(tb4, tb5, tb5-ring, 10gbe, 1gbe, loopback...)."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -248,7 +252,9 @@ def bench(
     with progress_bar() as progress:
         subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
                          repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
-                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress)
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, parallel=parallel, link=link)
+    if subs is None:  # a rank other than 0 under mlx.launch: it served rank 0's runs
+        return
     typer.echo(format_results(subs, opts.output))
     for sub in subs:
         for reason in validate(sub):

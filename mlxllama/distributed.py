@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import loaders
+from .bench.roofline import _kv_and_attention, quant_label
 from .config import ModelArgs
 from .errors import MlxLlamaError, ModelFileError, UsageError
 from .model import Model
+from .weights import LAYER_LINEARS, QuantizedWeight
 
 MODES = ("tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0
@@ -235,6 +237,41 @@ class Shard:
     plan: Plan
     args: ModelArgs
     tokenizer: object
+    accounting: dict  # roofline.Accounting's fields for this rank's part (summed over ranks by setup)
+    quant: str
+
+
+def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
+    """roofline.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
+    weights as the backend holds them; the fields add up over the ranks (norms counted on every tensor rank)."""
+    def nbytes(w):
+        return w.nbytes if isinstance(w, QuantizedWeight) else int(np.prod(w.shape)) * ops.float_bytes
+
+    def elements(w):
+        return int(np.prod(w.shape))
+
+    total = sum(nbytes(w) for w in weights.values())
+    embed, head = weights.get("model.embed_tokens"), weights.get("lm_head")
+    per_token = total
+    if embed is not None:
+        per_token += -nbytes(embed) + -(-nbytes(embed) // embed.shape[0]) + (nbytes(embed) if head is None else 0)
+    head = head if head is not None else embed
+    linears = sum(elements(w) for k, w in weights.items() if k.startswith("model.layers.") and k.endswith(
+        LAYER_LINEARS))
+    kv, attn = _kv_and_attention(args, ops.kv_bytes)
+    return {"params": sum(elements(w) for w in weights.values()),
+            "matmul_params": linears + (elements(head) if head is not None else 0), "weight_bytes": total,
+            "weight_bytes_per_token": per_token, "kv_bytes_per_position": kv, "attn_flops_per_position": attn}
+
+
+def _sum_over_ranks(values: dict, group) -> dict:
+    """Exact sums of non-negative integers over the ranks (as 20-bit digits: MLX sums int32)."""
+    import mlx.core as mx
+
+    keys = list(values)
+    digits = np.array([[values[k] >> 40, (values[k] >> 20) & 0xFFFFF, values[k] & 0xFFFFF] for k in keys], np.int32)
+    total = np.array(mx.distributed.all_sum(mx.array(digits), group=group)).astype(np.int64)
+    return {k: int((d[0] << 40) + (d[1] << 20) + d[2]) for k, d in zip(keys, total)}
 
 
 def load_shard(ref, mode: str, group, backend: str = "mlx", revision: str | None = None) -> Shard:
@@ -252,11 +289,13 @@ def load_shard(ref, mode: str, group, backend: str = "mlx", revision: str | None
     args, weights, tokenizer = loaders.load(api.resolve(ref, revision), shard=plan.shard)
     weights = {plan.local_name(args, k): w for k, w in weights.items()}
     ops = MLXOps(group=group if mode == "tensor" and group.size() > 1 else None)
+    local_args = plan.local_args(args)
+    accounting, quant = _accounting(local_args, weights, ops), quant_label(weights)
     try:
-        model = Model(plan.local_args(args), weights, ops, release=True, vocab_start=plan.vocab_start(args))
+        model = Model(local_args, weights, ops, release=True, vocab_start=plan.vocab_start(args))
     except KeyError as e:
         raise ModelFileError(f"rank {plan.rank}: tensor {e} is missing from its shard") from None
-    return Shard(model, plan, args, tokenizer)
+    return Shard(model, plan, args, tokenizer, accounting, quant)
 
 
 def describe(shard: Shard) -> str:
@@ -289,7 +328,7 @@ def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None, qui
     with dog.guard("loading (waiting for every rank to load its shard)"):
         import mlx.core as mx
 
-        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))  # every rank has loaded
+        shard.accounting = _sum_over_ranks(shard.accounting, group)  # also: every rank has loaded
     if group.rank() == 0:
         return Driver(shard, group, dog), shard.tokenizer
     serve_rank0(shard, group, dog)
@@ -311,6 +350,7 @@ class Driver:
         self.plan = shard.plan
         self.ops = _WatchedOps(self.local.ops, watchdog)
         self.rank, self.size = group.rank(), group.size()
+        self.accounting, self.quant = shard.accounting, shard.quant  # the whole model's, all ranks summed
         self.closed = False
 
     @property

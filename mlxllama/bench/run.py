@@ -65,10 +65,15 @@ def resident_weights(weights: dict, ops) -> dict:
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,
               chip=None, bandwidth_gbps: float | None = None,
-              progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> list[dict]:
+              progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
+              parallel: str | None = None, link: str | None = None) -> list[dict] | None:
+    """parallel (under mlx.launch): each model over the ranks (distributed.setup); rank 0 times and returns the
+    submissions, which record the node count and `link`; the other ranks serve it and return None."""
     from .. import backends
 
     progress = progress or (lambda label, done, total: None)
+    if parallel is not None:
+        backend = "mlx"
     ops = backends.get_ops(backend)
     machine = hardware.detect()
     device = "gpu" if ops.on_gpu else "cpu"
@@ -77,9 +82,19 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     subs = []
     for ref in models or ["default"]:
         path = resolve(ref)
-        args, weights, tokenizer = loaders.load(path)
-        model = Model(args, weights, ops)
-        acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
+        cluster = None
+        if parallel is not None:
+            from .. import distributed
+
+            model, tokenizer = distributed.setup(path, parallel, backend=backend, quiet=True)
+            if model is None:
+                continue
+            args, weights, acc = model.args, None, roofline.Accounting(**model.accounting)
+            cluster = {"nodes": model.size, "link": link or "unknown", "parallel": parallel}
+        else:
+            args, weights, tokenizer = loaders.load(path)
+            model = Model(args, weights, ops)
+            acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=ops.kv_bytes)
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = ([("pp", 1)] if n_prompt else []) + ([("tg", b) for b in batches] if n_gen else [])
@@ -105,7 +120,10 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             machine=machine, chip=chip or hardware.chip_for_device(machine, device),
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
             model_id=ref if ref not in (None, "default") else f"default ({path.name})",
-            model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,
-            backend=ops.name, device=device, tests=tests))
+            model_sha256=submissions.model_sha256(path),
+            quant=roofline.quant_label(weights) if weights is not None else model.quant, accounting=acc,
+            backend=ops.name, device=device, tests=tests, cluster=cluster))
+        if cluster is not None:
+            model.close()
         del model, weights
-    return subs
+    return subs if parallel is None or subs else None
