@@ -316,6 +316,8 @@ def describe(shard: Shard) -> str:
 def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None, quiet: bool = False):
     """For commands run under mlx.launch (generate, serve): on rank 0, (Driver, tokenizer) to use as a Model; on the
     other ranks, serve rank 0's forward passes until it closes, then (None, None): the caller just returns."""
+    if mode not in MODES:
+        raise UsageError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
     group = init_group()
     if group.size() < 2:
         raise UsageError(f"--parallel {mode} needs 2 or more ranks: start it with mlx.launch, e.g. "

@@ -281,3 +281,38 @@ def test_estimate_cli_says_which_mode_wins():
     assert run.exit_code == 0 and "wins        pipeline" in run.output
     bad = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "7B", "--nodes", "2", "--link", "wifi"])
     assert bad.exit_code != 0
+
+
+def test_submissions_record_the_cluster_and_score_tensor_runs_against_every_node():
+    from mlxllama.bench import roofline, submissions
+    from mlxllama.bench.hardware import Machine
+
+    acc = roofline.account_params(7_000_000_000, 4)
+    fast = 1.5 * 400e9 / acc.bytes_per_step(roofline.mean_context(0, 8))  # 1.5x one node's roofline
+    test = submissions.make_test(0, 8, 1, [fast], acc)
+
+    def sub(cluster):
+        return submissions.make_submission(
+            machine=Machine(system="Darwin", os="macOS 15", cpu="Apple M2 Max", cpu_cores=12, memory_bytes=1 << 36),
+            chip=None, rated_bandwidth_gbps=400, model_id="m", model_sha256="0" * 64, quant="q4 g64",
+            accounting=acc, backend="mlx", device="gpu", tests=[test], cluster=cluster)
+
+    assert "cluster" not in sub(None) and any("implausible" in r for r in submissions.validate(sub(None)))
+    two = sub({"nodes": 2, "link": "tb5", "parallel": "tensor"})
+    assert submissions.validate(two) == []
+    assert any("implausible" in r for r in submissions.validate(sub({"nodes": 2, "link": "tb5",
+                                                                      "parallel": "pipeline"})))
+    assert any("cluster.nodes" in r for r in submissions.validate(sub({"nodes": 1, "link": "x", "parallel": "tensor"})))
+
+
+def test_parallel_outside_mlx_launch_is_one_clear_line(tiny):
+    cli = [sys.executable, "-c", "from mlxllama_cli.app import main; main()"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    r = subprocess.run(cli + ["generate", "hi", "-m", str(tiny), "--parallel", "tensor"], capture_output=True,
+                       text=True, timeout=RUN_TIMEOUT, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --parallel tensor needs 2 or more ranks: start it with mlx.launch, e.g. mlx.launch --hosts "
+        "127.0.0.1 -n 2 -- mlxllama generate ... --parallel tensor"]
+    r = subprocess.run(cli + ["generate", "hi", "-m", str(tiny), "--parallel", "sideways"], capture_output=True,
+                       text=True, timeout=RUN_TIMEOUT, env=env)
+    assert r.returncode == 2 and "tensor, pipeline" in r.stderr
