@@ -112,6 +112,19 @@ def test_gguf_rows_and_columns_are_cut_before_the_repack(tmp_path, qtype):
     _assert_shard_equals_cut(path, Plan("pipeline", 1, 2))
 
 
+@pytest.mark.filterwarnings("ignore:.*requantized")
+def test_gguf_k_quants_are_cut_on_their_blocks(tmp_path):
+    from gguf.constants import GGMLQuantizationType as QT
+    from test_gguf import hf_weights, write_gguf
+
+    path = tmp_path / "m-q4_k.gguf"
+    write_gguf(path, hf_weights(), QT.Q4_K)
+    _assert_shard_equals_cut(path, Plan("pipeline", 0, 2))  # rows, then the per-row requantization
+    # o_proj's input is 4 heads x 64: half of it (128 columns) ends inside a 256-value Q4_K block
+    with pytest.raises(ModelFileError, match="attn_output.*Q4_K blocks of 256"):
+        loaders.load(path, shard=Plan("tensor", 0, 2).shard)
+
+
 def test_sizes_that_do_not_divide_are_refused(tiny):
     args, _, _ = loaders.load(tiny)
     with pytest.raises(UsageError, match=r"num_key_value_heads \(2\) does not divide by 3"):
