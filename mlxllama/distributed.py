@@ -127,23 +127,23 @@ def _divisors(args: ModelArgs, n: int) -> str:
 
 
 def pipeline_layers(args: ModelArgs, n: int) -> list[int]:
-    """Layers per rank, contiguous, balancing memory: rank 0 also holds the embedding table, norm and head."""
+    """Layers per rank, contiguous, balancing parameter counts: rank 0 also holds the embedding table and head."""
     h, v = args.hidden_size, args.vocab_size
     layer = (2 * args.num_attention_heads + 2 * args.num_key_value_heads) * args.head_dim * h \
         + 3 * h * args.intermediate_size
     ends = v * h * (1 if args.tie_word_embeddings else 2)
     L = args.num_hidden_layers
-    best = None
-    for first in range(1, L - n + 2):  # rank 0's share; the rest spread evenly
-        rest = [(L - first) // (n - 1) + (k < (L - first) % (n - 1)) for k in range(n - 1)] if n > 1 else []
-        if n == 1:
-            rest, first = [], L
-        load = max([first * layer + ends] + [c * layer for c in rest])
-        if best is None or load < best[0]:
-            best = (load, [first] + rest)
-        if n == 1:
-            break
-    return best[1]
+    if n == 1:
+        return [L]
+
+    def split(first: int) -> list[int]:  # rank 0 takes `first` layers, the others the rest, evenly
+        rest = L - first
+        return [first] + [rest // (n - 1) + (k < rest % (n - 1)) for k in range(n - 1)]
+
+    def heaviest(counts: list[int]) -> int:
+        return max([counts[0] * layer + ends] + [c * layer for c in counts[1:]])
+
+    return min((split(first) for first in range(1, L - n + 2)), key=heaviest)
 
 
 # -- the group and the watchdog -------------------------------------------------------------------------------------
@@ -409,6 +409,11 @@ class Driver:
 
     def fill(self, tokens, cache) -> None:
         self._step(tokens, cache, _HEAD_NONE)
+
+    def head(self, h):
+        if self.plan.mode == "tensor":  # every rank holds part of the head: only a whole step can reach them all
+            raise UsageError("a tensor-parallel model computes logits in one step: call model(tokens, cache)")
+        return self.local.head(h)
 
     def __call__(self, tokens, cache, last_only: bool = False):
         out = self._step(tokens, cache, _HEAD_LAST if last_only else _HEAD_ALL)

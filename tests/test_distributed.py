@@ -228,13 +228,17 @@ def test_mlx_launch_runs_the_cli(tmp_path, tiny):
 
 def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path, tiny):
     start = time.monotonic()
-    env = {"MLXLLAMA_DIST_TIMEOUT": "30"}  # MLX raises when a peer's sockets close; the watchdog bounds the rest
+    # MLX's ring raises when a peer's sockets close, but now and then (about 1 run in 3 here) a collective already
+    # queued waits forever instead: the watchdog ends that one
+    env = {"MLXLLAMA_DIST_TIMEOUT": "10"}
+    clear = ("lost another rank while", "no answer from the other ranks for 10 s while")
     (rc0, _, err0), (rc1, _, _) = _run_ranks(tmp_path, 2, "tensor", tiny, 40, fault="die:1:4", env=env)
     assert rc1 == 9 and rc0 == 1
-    assert "rank 0: lost another rank" in err0 and "Traceback" not in err0
+    assert err0.startswith("error: rank 0: ") or "\nerror: rank 0: " in err0
+    assert any(c in err0 for c in clear) and "Traceback" not in err0
     (rc0, _, _), (rc1, _, err1) = _run_ranks(tmp_path, 2, "pipeline", tiny, 40, fault="die:0:4", env=env)
     assert rc0 == 9 and rc1 == 1
-    assert "rank 1: lost another rank" in err1 and "Traceback" not in err1
+    assert "error: rank 1: " in err1 and any(c in err1 for c in clear) and "Traceback" not in err1
     assert time.monotonic() - start < RUN_TIMEOUT
 
 
