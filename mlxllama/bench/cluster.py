@@ -118,10 +118,14 @@ def format_cluster(single_tps: float, ests: list[ClusterEstimate], layers: int) 
         detail = (f"{e.messages} collectives a token (2 per layer x {layers} + {EXTRA_ALLREDUCES} + the logits "
                   "all_gather)" if e.mode == "tensor" else f"{e.messages} hops a token")
         lines.append(f"{e.mode:<12}{e.tps:.1f} t/s over {e.nodes} nodes ({e.read_s * 1e3:.2f} ms reading + "
-                     f"{e.link_s * 1e3:.2f} ms on the link; {detail}); {e.memory_bytes / 1e9:.1f} GB of weights a "
-                     f"node; {e.tps / single_tps:.2f}x one node")
+                     f"{e.link_s * 1e3:.2f} ms on the link; {detail}); {_size(e.memory_bytes)} of weights a node; "
+                     f"{e.tps / single_tps:.3g}x one node")
     best = max(ests, key=lambda e: e.tps)
     lines.append(f"wins        {best.mode}" + ("" if len(ests) < 2 else
                                                f" ({best.tps / min(e.tps for e in ests):.2f}x the other)"))
     lines.append(f"source      {ln.source}")
     return lines
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
