@@ -31,9 +31,9 @@ class Model:
         """release=True empties `weights` as each tensor is laid out for the backend, so that the loader's copy
         and the backend's never coexist in full (lower peak memory while loading).
 
-        A rank of a distributed run (distributed.py) passes its own args (its heads, intermediate rows, layers) and
-        weights: vocab_start, where the embedding table and head hold only the vocabulary rows from there; without
-        an embedding table (a middle pipeline stage) the model runs only its blocks."""
+        A rank of a distributed run (distributed.py) passes the args of its part (heads and MLP rows, or layers)
+        and only its weights; vocab_start: the first vocabulary row its embedding table and head hold (tensor
+        parallel). Without an embedding table (a later pipeline stage) the model runs only blocks()."""
         self.args, self.ops = args, ops
         self.vocab_start = vocab_start
         self.weights_nbytes = sum(w.nbytes for w in weights.values())
