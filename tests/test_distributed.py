@@ -208,6 +208,40 @@ def test_two_ranks_give_the_tokens_of_one_process(tmp_path, request, mode, fixtu
     _check_equal_and_halved(_run_ranks(tmp_path, 2, mode, model, 12), ref_tokens, ref_bytes, 2)
 
 
+def _family_folder(folder: Path, sp_dir: Path, family: str) -> Path:
+    """The tiny model with LLaMA's attention_bias (q/k/v/o biases) or as Qwen3 (per-head q/k norms)."""
+    from safetensors.numpy import load_file, save_file
+
+    make_hf_folder(folder, seed=5, tokenizer_dir=sp_dir, intermediate_size=128)
+    cfg = json.loads((folder / "config.json").read_text())
+    w = load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(7)
+    d = cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.self_attn."
+        if family == "bias":
+            for n in "qkvo":
+                w[p + f"{n}_proj.bias"] = (0.1 * rng.standard_normal(w[p + f"{n}_proj.weight"].shape[0])).astype(
+                    np.float32)
+        else:
+            w[p + "q_norm.weight"] = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
+            w[p + "k_norm.weight"] = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
+    if family == "bias":
+        cfg["attention_bias"] = True
+    else:
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    save_file(w, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["bias", "qk_norm"])
+def test_tensor_parallel_keeps_biases_and_head_norms(tmp_path, sp_dir, family):
+    model = _family_folder(tmp_path / family, sp_dir, family)
+    ref_tokens, ref_bytes = _reference(model, 8)
+    _check_equal_and_halved(_run_ranks(tmp_path, 2, "tensor", model, 8), ref_tokens, ref_bytes, 2)
+
+
 @pytest.mark.skipif(shutil.which("mlx.launch") is None and not (Path(sys.executable).parent / "mlx.launch").exists(),
                     reason="mlx.launch is not installed")
 def test_mlx_launch_runs_the_cli(tmp_path, tiny):
