@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ from .weights import LAYER_LINEARS, QuantizedWeight
 
 MODES = ("tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0
-_CACHE, _RUN, _STOP = 1, 2, 3  # header commands
+_CACHE, _RUN, _STOP, _FREE = 1, 2, 3, 4  # header commands
+_HEADER = 7  # cmd, batch, length, cache offset, what the step returns, max_len (new cache), cache id
 _HEAD_NONE, _HEAD_ALL, _HEAD_LAST = 0, 1, 2  # what a step returns: nothing (prompt chunks), every position, the last
 
 
@@ -354,6 +356,11 @@ class Driver:
         self.rank, self.size = group.rank(), group.size()
         self.accounting, self.quant = shard.accounting, shard.quant  # the whole model's, all ranks summed
         self.closed = False
+        # Each cache of rank 0 has its counterpart on the other ranks, by id; a cache rank 0 drops is freed there
+        # with the next message. One lock keeps each announcement next to its step when threads share the model.
+        self._ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._next_id, self._dropped = 1, []
+        self._lock = threading.RLock()
 
     @property
     def resident_nbytes(self) -> int:
@@ -378,14 +385,27 @@ class Driver:
         self.ops.async_eval(sent)
 
     def make_cache(self, batch_size: int = 1, max_len: int | None = None):
-        self._tell(_CACHE, batch_size, 0, 0, 0, max_len or 0)
-        return self.local.make_cache(batch_size, max_len)
+        with self._lock:
+            cid, self._next_id = self._next_id, self._next_id + 1
+            self._tell(_CACHE, batch_size, 0, 0, 0, max_len or 0, cid)
+            cache = self.local.make_cache(batch_size, max_len)
+            self._ids[cache] = cid
+            weakref.finalize(cache, self._dropped.append, cid)
+            return cache
 
     def _step(self, tokens, cache, head: int):
+        with self._lock:
+            while self._dropped:
+                self._tell(_FREE, 0, 0, 0, 0, 0, self._dropped.pop())
+            if cache not in self._ids:
+                raise UsageError("this cache was not made by this model's make_cache")
+            return self._run(tokens, cache, head)
+
+    def _run(self, tokens, cache, head: int):
         mx = self._mx
         tokens = self.local.ops.asarray(tokens).astype(mx.int32)
         B, L = tokens.shape
-        self._tell(_RUN, B, L, cache.offset, head, 0)
+        self._tell(_RUN, B, L, cache.offset, head, 0, self._ids[cache])
         if self.plan.mode == "tensor":
             tokens = mx.distributed.all_sum(tokens, group=self._group)  # the others contribute zeros
             if head == _HEAD_NONE:
@@ -426,7 +446,7 @@ class Driver:
         self.closed = True
         try:
             with self._dog.guard("closing"):
-                self._tell(_STOP, 0, 0, 0, 0, 0)
+                self._tell(_STOP, 0, 0, 0, 0, 0, 0)
                 self.ops.synchronize()
         except DistributedError:
             pass  # a rank is gone already: nothing to release
@@ -441,8 +461,8 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
 
     model, plan = shard.model, shard.plan
     rank, size = group.rank(), group.size()
-    cache = None
-    zeros = mx.zeros((6,), dtype=mx.int32)
+    caches = {}
+    zeros = mx.zeros((_HEADER,), dtype=mx.int32)
     while True:
         try:
             if plan.mode == "tensor":
@@ -452,7 +472,7 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
             mx.eval(hdr)
         except RuntimeError as e:
             raise DistributedError(f"rank {rank}: lost another rank while waiting for rank 0 ({e})") from None
-        cmd, B, L, offset, head, max_len = (int(x) for x in np.array(hdr))
+        cmd, B, L, offset, head, max_len, cid = (int(x) for x in np.array(hdr))
         with watchdog.guard(f"running a step for rank 0 (command {cmd})"):
             if plan.mode == "pipeline" and rank + 1 < size:
                 mx.async_eval(mx.distributed.send(hdr, rank + 1, group=group))
@@ -460,10 +480,14 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
                 mx.synchronize()
                 return
             if cmd == _CACHE:
-                cache = model.make_cache(B, max_len or None)
+                caches[cid] = model.make_cache(B, max_len or None)
                 continue
+            if cmd == _FREE:
+                caches.pop(cid, None)
+                continue
+            cache = caches.get(cid)
             if cmd != _RUN or cache is None:
-                raise DistributedError(f"rank {rank}: unexpected message {cmd} from rank 0")
+                raise DistributedError(f"rank {rank}: unexpected message {cmd} (cache {cid}) from rank 0")
             if cache.offset > offset:  # rank 0 trimmed its cache (e.g. rejected draft tokens)
                 cache.trim(cache.offset - offset)
             if plan.mode == "tensor":

@@ -4,7 +4,9 @@
 
 Every rank prints {"rank", "resident"} (its weight bytes as the backend holds them); rank 0 then generates N_TOKENS
 greedily from fixed prompt ids (prompt chunks of 3 tokens) and prints {"tokens", "tps"}. FAULT "die:R:K" makes
-rank R exit abruptly at its K-th pass through its blocks, "hang:R:K" makes it stop answering there.
+rank R exit abruptly at its K-th pass through its blocks, "hang:R:K" makes it stop answering there; "interleave"
+runs two generations (PROMPT and PROMPT reversed) step by step in turn, each with its own cache, and prints
+{"tokens", "tokens2"}.
 """
 
 import json
@@ -26,7 +28,7 @@ def main() -> None:
     dog = distributed.Watchdog(rank, distributed.timeout_seconds())
     shard = distributed.load_shard(model, mode, group)
     print(json.dumps({"rank": rank, "resident": shard.model.resident_nbytes}), flush=True)
-    if fault:
+    if fault and fault != "interleave":
         kind, who, after = fault.split(":")
         if int(who) == rank:
             blocks, calls = shard.model.blocks, [0]
@@ -45,6 +47,12 @@ def main() -> None:
         return
     driver = distributed.Driver(shard, group, dog)
     ids = PROMPT if shard.args.vocab_size > 1000 else [t % shard.args.vocab_size for t in PROMPT]
+    if fault == "interleave":
+        pairs = list(zip(generate_step(driver, ids, n, prefill_step_size=3),
+                         generate_step(driver, ids[::-1], n, prefill_step_size=3)))
+        driver.close()
+        print(json.dumps({"tokens": [a for a, _ in pairs], "tokens2": [b for _, b in pairs]}), flush=True)
+        return
     start = time.perf_counter()
     tokens = list(generate_step(driver, ids, n, prefill_step_size=3))
     tps = len(tokens) / (time.perf_counter() - start)

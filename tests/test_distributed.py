@@ -235,6 +235,20 @@ def _family_folder(folder: Path, sp_dir: Path, family: str) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_two_generations_in_turn_keep_their_own_caches(tmp_path, tiny, mode):
+    import mlxllama
+    from dist_rank import PROMPT
+    from mlxllama.generate import generate_step
+
+    m, _ = mlxllama.load(tiny, backend="mlx")
+    want = [list(generate_step(m, ids, 6, prefill_step_size=3)) for ids in (PROMPT, PROMPT[::-1])]
+    results = _run_ranks(tmp_path, 2, mode, tiny, 6, fault="interleave")
+    assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:]
+    got = _json_lines(results[0][1])[-1]
+    assert [got["tokens"], got["tokens2"]] == want
+
+
 @pytest.mark.parametrize("family", ["bias", "qk_norm"])
 def test_tensor_parallel_keeps_biases_and_head_norms(tmp_path, sp_dir, family):
     model = _family_folder(tmp_path / family, sp_dir, family)
