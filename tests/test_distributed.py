@@ -77,6 +77,15 @@ def test_tensor_shards_of_a_float_folder_are_views_halving_the_bytes(tiny):
         assert 0.45 < _nbytes(part) / _nbytes(full) < 0.55
 
 
+def test_bfloat16_folders_are_widened_only_where_kept(tmp_path, sp_dir):
+    pytest.importorskip("torch")
+    folder = make_hf_folder(tmp_path / "bf16", dtype="bfloat16", tokenizer_dir=sp_dir, intermediate_size=128)
+    for plan in (Plan("tensor", 1, 2), Plan("pipeline", 1, 2)):
+        _, full, part = _assert_shard_equals_cut(folder, plan)
+        assert all(type(w) is np.ndarray and w.dtype == np.float32 for w in part.values())
+        assert _nbytes(part) < 0.6 * _nbytes(full)
+
+
 def test_pipeline_shards_keep_whole_layers(tiny):
     plan = Plan("pipeline", 1, 2)
     args, full, part = _assert_shard_equals_cut(tiny, plan)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..config import ModelArgs, load_config
 from ..errors import ModelFileError
-from ..weights import cut
+from ..weights import QuantizedWeight, cut
+from .safetensors_io import BF16
 
 
 def load(path: str | Path, shard=None) -> tuple[ModelArgs, dict, object]:
@@ -39,7 +42,8 @@ def load(path: str | Path, shard=None) -> tuple[ModelArgs, dict, object]:
         from .mlx_folder import read_mlx_weights as read
     else:
         from .hf import read_hf_weights as read
-    weights = read(path, args)  # read-only memmaps (and QuantizedWeight views of them): nothing is read yet
+    # read-only memmaps (and QuantizedWeight views of them): nothing is read yet; a shard widens bf16 once cut
+    weights = read(path, args, lazy_bf16=shard is not None)
     if shard is not None:
         weights = cut_weights(weights, lambda name, shape: shard(args, name, shape))
     return args, weights, load_tokenizer(path, args.eos_token_id)
@@ -52,7 +56,14 @@ def cut_weights(weights: dict, keep) -> dict:
         part = keep(name, tuple(w.shape))
         if part is not None:
             try:
-                out[name] = cut(w, *part)
+                out[name] = _widened(cut(w, *part))
             except ModelFileError as e:
                 raise ModelFileError(f"{name}: {e}") from None
     return out
+
+
+def _widened(w):
+    """bf16 parts (safetensors_io.BF16) as float32 arrays; everything else as it is."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.weight, _widened(w.scales), _widened(w.biases), w.group_size, w.bits)
+    return np.asarray(w) if isinstance(w, BF16) else w
