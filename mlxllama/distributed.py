@@ -330,8 +330,6 @@ def setup(ref, mode: str, backend: str = "mlx", revision: str | None = None, qui
         sys.stderr.write(describe(shard) + "\n")
         sys.stderr.flush()
     with dog.guard("loading (waiting for every rank to load its shard)"):
-        import mlx.core as mx
-
         shard.accounting = _sum_over_ranks(shard.accounting, group)  # also: every rank has loaded
     if group.rank() == 0:
         return Driver(shard, group, dog), shard.tokenizer
