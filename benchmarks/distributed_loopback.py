@@ -98,7 +98,8 @@ def main() -> None:
         if ranks:
             rows = launch(mode, ranks, a.model, a.tokens, a.timeout)
             tps = rows[0]["tps"]
-            shares = "  ".join(f"r{r['rank']} {r['resident'] / 1e6:.1f} MB ({r['resident'] / bytes1:.2f})" for r in rows)
+            shares = "  ".join(f"r{r['rank']} {r['resident'] / 1e6:.1f} MB ({r['resident'] / bytes1:.2f})"
+                               for r in rows)
             print(f"{mode + ' x' + str(ranks):<12} {tps:>8.1f} {tps / tps1:>7.2f}  {shares}")
 
 

@@ -353,7 +353,8 @@ def test_estimate_cli_says_which_mode_wins():
     run = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "70B", "--nodes", "2", "--link",
                                    "tb4", "--parallel", "pipeline"])
     assert run.exit_code == 0 and "wins        pipeline" in run.output
-    bad = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "7B", "--nodes", "2", "--link", "wifi"])
+    bad = CliRunner().invoke(app, ["estimate", "--chip", "M2 Ultra", "--params", "7B", "--nodes", "2",
+                                   "--link", "wifi"])
     assert bad.exit_code != 0
 
 
