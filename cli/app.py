@@ -95,6 +95,9 @@ MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the lat
 
 def _kv_kwargs(kv_bits, kv_group_size, max_kv_size) -> dict:
     return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "max_kv_size": max_kv_size}
+PARALLEL_HELP = ("Run over the ranks of mlx.launch: tensor (every layer split; bandwidth adds up) or pipeline "
+                 "(layer ranges; memory adds up). E.g. mlx.launch --hosts ip0,ip1 -- mlxllama generate ... "
+                 "--parallel tensor")
 
 
 def _load(model: Optional[str], backend: str, revision: Optional[str], numpy_weights: Optional[str] = None):
@@ -167,6 +170,7 @@ def generate(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help=PARALLEL_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come. Decoding is greedy unless --temp > 0.
@@ -187,7 +191,14 @@ def generate(
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
     kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
-    m, tok = _load(model, backend, revision, numpy_weights)
+    if parallel is not None:
+        from mlxllama import distributed
+
+        m, tok = distributed.setup(model, parallel, backend=backend, revision=revision)
+        if m is None:  # another rank than 0: it served rank 0's forward passes
+            return
+    else:
+        m, tok = _load(model, backend, revision, numpy_weights)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
     bar = PrefillProgress()
@@ -215,6 +226,9 @@ def generate(
         typer.echo("[interrupted]", err=True)
         report(last)
         raise interrupted()
+    finally:
+        if parallel is not None:
+            m.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
     report(last)

@@ -290,6 +290,10 @@ def bench(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: a quantized KV cache (counted in the "
                                                                   "bytes per token)."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Under mlx.launch: tensor or pipeline over "
+                                                                    "the ranks; the submission records them."),
+    link: Optional[str] = typer.Option(None, "--link", help="With --parallel: the link the ranks use, recorded "
+                                                            "(tb4, tb5, tb5-ring, 10gbe, 1gbe, loopback...)."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -313,7 +317,10 @@ def bench(
     with progress_bar() as progress:
         subs = run_bench(models=opts.models, n_prompt=opts.n_prompt, n_gen=opts.n_gen,
                          repetitions=opts.repetitions, batches=opts.batches, backend=opts.backend, chip=opts.chip,
-                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, cache_settings=kv, **shapes)
+                         bandwidth_gbps=opts.bandwidth_gbps, progress=progress, cache_settings=kv,
+                         parallel=parallel, link=link, **shapes)
+    if subs is None:  # a rank other than 0 under mlx.launch: it served rank 0's runs
+        return
     typer.echo(format_results(subs, opts.output))
     for sub in subs:
         for reason in validate(sub):
@@ -478,6 +485,11 @@ def estimate(
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size with --params/--config."),
     ctx: int = typer.Option(512, "--ctx", help="Context length held in the KV cache."),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length for the pp prediction."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Machines of this chip (mlx.launch ranks): predict "
+                                                              "tensor- and pipeline-parallel decode."),
+    link: str = typer.Option("tb5", "--link", help="With --nodes: tb4 | tb5 (jaccl RDMA) | tb5-ring | 10gbe | 1gbe."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="With --nodes: tensor or pipeline (default: "
+                                                                    "both, and which wins)."),
 ) -> None:
     """Predict tg and pp tokens/s from the roofline, and the batch where decode turns compute-bound.
 
@@ -488,6 +500,8 @@ def estimate(
       mlxllama estimate --bandwidth 1935 --tflops 312 --params 7B --bits 16
       mlxllama estimate --chip "M2 Max" -m default
       mlxllama estimate --chip "M2 Max" --config ./Llama-3.2-3B-Instruct/config.json --bits 4
+
+      mlxllama estimate --chip "M2 Ultra" --params 70B --bits 4 --nodes 2 --link tb5
     """
     from mlxllama.bench import roofline
     from mlxllama.bench.chips import lookup
@@ -532,6 +546,16 @@ def estimate(
                 f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
+    if nodes is not None or parallel is not None:
+        from mlxllama.bench import cluster
+
+        ln = cluster.link(link)
+        shape = (args.num_hidden_layers, args.hidden_size, args.vocab_size) if model is not None \
+            else cluster.nearest_shape(acc.params)
+        ests = [cluster.estimate(bytes_per_token=acc.bytes_per_token(ctx), weight_bytes=acc.weight_bytes,
+                                 layers=shape[0], hidden=shape[1], vocab=shape[2], bandwidth_gbps=bw,
+                                 nodes=nodes or 2, ln=ln, mode=m) for m in ([parallel] if parallel else cluster.MODES)]
+        typer.echo("\n".join(cluster.format_cluster(est.tg_tps, ests, shape[0])))
     if model is not None:  # the fit check's line, as `mlxllama fit` prints it
         from mlxllama_cli.quality import estimate_memory_lines
 

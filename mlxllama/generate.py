@@ -184,7 +184,7 @@ def prefill(model, tokens, cache, step: int = 512, progress: Callable[[int, int]
     if progress is not None:
         progress(0, n)
     for s in range(0, n - 1, step):
-        model.hidden(tokens[:, s: min(s + step, n - 1)], cache)
+        model.fill(tokens[:, s: min(s + step, n - 1)], cache)
         model.ops.eval(*cache.state())
         if progress is not None:
             progress(min(s + step, n - 1), n)

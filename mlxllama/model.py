@@ -27,16 +27,23 @@ class Layer(NamedTuple):  # a tuple, so that mx.compile can take a layer's weigh
 
 
 class Model:
-    def __init__(self, args: ModelArgs, weights: dict, ops, release: bool = False):
+    def __init__(self, args: ModelArgs, weights: dict, ops, release: bool = False, vocab_start: int | None = None):
         """release=True empties `weights` as each tensor is laid out for the backend, so that the loader's copy
-        and the backend's never coexist in full (lower peak memory while loading)."""
+        and the backend's never coexist in full (lower peak memory while loading).
+
+        A rank of a distributed run (distributed.py) passes the args of its part (heads and MLP rows, or layers)
+        and only its weights; vocab_start: the first vocabulary row its embedding table and head hold (tensor
+        parallel). Without an embedding table (a later pipeline stage) the model runs only blocks()."""
         self.args, self.ops = args, ops
+        self.vocab_start = vocab_start
         self.weights_nbytes = sum(w.nbytes for w in weights.values())
         take = weights.pop if release else weights.__getitem__
-        self.embed = ops.prepare_embedding(take("model.embed_tokens"))
+        self.embed = self.lm_head = self.norm = None
+        if "model.embed_tokens" in weights:
+            self.embed = ops.prepare_embedding(take("model.embed_tokens"))
         if args.tie_word_embeddings:
-            self.lm_head = ops.tied_head(self.embed)
-        else:
+            self.lm_head = None if self.embed is None else ops.tied_head(self.embed)
+        elif "lm_head" in weights:
             self.lm_head = ops.prepare_linear([take("lm_head")])
         self.layers = []
         H, KV = args.num_attention_heads, args.num_key_value_heads
@@ -60,7 +67,8 @@ class Model:
                 down=ops.prepare_linear([take(p + "mlp.down_proj")]),
                 qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
             ))
-        self.norm = ops.prepare_norm(take("model.norm"))
+        if "model.norm" in weights:
+            self.norm = ops.prepare_norm(take("model.norm"))
         self.rope = ops.rope_table(rope_inv_freq(args))
         if release:
             return_freed_memory()
@@ -71,7 +79,7 @@ class Model:
     @property
     def resident_nbytes(self) -> int:
         """Bytes of the weights as the backend holds them (numpy's float32 mode: 4 per weight)."""
-        held = {id(w): w for w in (self.embed, self.norm, self.lm_head)}
+        held = {id(w): w for w in (self.embed, self.norm, self.lm_head) if w is not None}
         for layer in self.layers:
             held.update((id(w), w) for w in layer if w is not None)
         return sum(int(w.nbytes) for w in held.values())
@@ -94,16 +102,26 @@ class Model:
             return self.head(h[:, -1:, :] if last_only else h)
 
     def head(self, h):
-        return self.ops.linear(self.ops.rms_norm(h, self.norm, self.args.rms_norm_eps), self.lm_head)
+        """Logits of the whole vocabulary: a rank holding part of it gathers the others' (all_gather)."""
+        return self.ops.all_gather(self.ops.linear(self.ops.rms_norm(h, self.norm, self.args.rms_norm_eps),
+                                                   self.lm_head))
 
     def hidden(self, tokens, cache: KVCache):
         """Run the transformer blocks over tokens [B, L], filling the cache; returns hidden states [B, L, D]."""
+        tokens = self.ops.asarray(tokens)
+        with self.ops.forward_scope(tokens.shape[0] * tokens.shape[1]):
+            return self.blocks(self.ops.all_sum(self.ops.embedding(self.embed, tokens, self.vocab_start)), cache)
+
+    def fill(self, tokens, cache: KVCache) -> None:
+        """hidden() whose result is not needed (prompt chunks): a pipeline need not send it back."""
+        self.hidden(tokens, cache)
+
+    def blocks(self, h, cache: KVCache):
+        """Run the transformer blocks over hidden states h [B, L, D], filling the cache."""
         ops, a = self.ops, self.args
-        tokens = ops.asarray(tokens)
-        B, L = tokens.shape
+        B, L, _ = h.shape
         offset = cache.offset
         with ops.forward_scope(B * L):
-            h = ops.embedding(self.embed, tokens)
             for i, layer in enumerate(self.layers):
                 q, k, v = self._attn_in(h, layer, offset)
                 k, v = cache.update(i, k, v)
@@ -133,7 +151,8 @@ class Model:
         ops, a = self.ops, self.args
         B, L, _ = h.shape
         F = a.intermediate_size
-        attn = ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o)
+        # o and down are row-parallel on a tensor-parallel rank: each holds part of the sum (all_sum adds them)
+        attn = ops.all_sum(ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o))
         h = h + (attn if layer.o_bias is None else attn + layer.o_bias)
         gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)
-        return h + ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down)
+        return h + ops.all_sum(ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down))

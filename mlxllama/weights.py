@@ -101,3 +101,18 @@ def check_weights(weights: dict, args: "ModelArgs", source: str) -> None:
         shape = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
         if tuple(shape) != s:
             raise ModelFileError(f"{source}: tensor {k} has shape {tuple(shape)}, config implies {s}")
+
+
+def cut(w, rows: slice = slice(None), cols: slice = slice(None)):
+    """w[rows, cols] for a 2-D weight, or w[rows] for a vector, as a view where the layout allows (a memmap stays
+    unread). Quantized weights are cut on group boundaries; a column range inside a group is refused."""
+    if isinstance(w, QuantizedWeight):
+        c0, c1, _ = cols.indices(w.shape[1])
+        g = w.group_size
+        if c0 % g or c1 % g:
+            raise ModelFileError(f"columns {c0}:{c1} of a weight quantized in groups of {g} do not fall on group "
+                                 "boundaries")
+        words = slice(c0 * w.bits // 32, c1 * w.bits // 32)
+        groups = slice(c0 // g, c1 // g)
+        return QuantizedWeight(w.weight[rows, words], w.scales[rows, groups], w.biases[rows, groups], g, w.bits)
+    return w[rows] if w.ndim == 1 else w[rows, cols]

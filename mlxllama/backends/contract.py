@@ -61,7 +61,8 @@ class Backend(Protocol):
 
     # the ops of the forward pass
     def asarray(self, tokens) -> Any: ...
-    def embedding(self, table, ids) -> Any: ...
+    def embedding(self, table, ids, start: int | None = None) -> Any: ...  # start: table holds rows start.. only
+    # (ids outside them give zero rows); None: the whole vocabulary
     def linear(self, x, w) -> Any: ...  # x [..., in] @ W.T
     def rms_norm(self, x, w, eps: float) -> Any: ...  # w broadcasts against x's trailing axes
     def rope(self, x, offset: int, table) -> Any: ...  # x [B, heads, L, Dh], positions offset.. (HF order)
@@ -69,6 +70,10 @@ class Backend(Protocol):
     def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None) -> Any: ...
     def quantize_kv(self, x, group_size: int, bits: int) -> QuantizedKV: ...  # x [B, KV, L, Dh]
     def swiglu(self, gate, up) -> Any: ...
+
+    # tensor parallelism (distributed.py): identities unless the backend holds a group of ranks
+    def all_sum(self, x) -> Any: ...  # the sum of x over the ranks (row-parallel partial products)
+    def all_gather(self, x) -> Any: ...  # the ranks' x concatenated along the last axis, rank order (logits)
 
     # arrays and evaluation
     def zeros(self, shape, dtype=None) -> Any: ...

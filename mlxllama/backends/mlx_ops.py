@@ -27,11 +27,12 @@ class MLXOps:
     lazy = True
     keeps_quantized = True
 
-    def __init__(self, dtype=None):
+    def __init__(self, dtype=None, group=None):
         # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where MLX emulates half precision.
         self.on_gpu = gpu_available()
         self.float_dtype = dtype or (mx.float16 if self.on_gpu else mx.float32)
         self.float_bytes = self.kv_bytes = self.float_dtype.size
+        self.group = group  # an mx.distributed group whose ranks each hold a tensor-parallel shard; None: alone
 
     def device(self) -> str:
         d = mx.default_device()
@@ -115,7 +116,11 @@ class MLXOps:
     def asarray(self, tokens):
         return tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
 
-    def embedding(self, table, ids):
+    def embedding(self, table, ids, start: int | None = None):
+        if start is not None:  # a vocabulary shard: rows of other ranks' ids are zero (all_sum fills them in)
+            rows = (table.weight if isinstance(table, QLinear) else table).shape[0]
+            mine = (ids >= start) & (ids < start + rows)
+            return mx.where(mine[..., None], self.embedding(table, mx.where(mine, ids - start, 0)), 0)
         if isinstance(table, QLinear):
             return mx.dequantize(table.weight[ids], table.scales[ids], table.biases[ids],
                                  group_size=table.group_size, bits=table.bits).astype(self.float_dtype)
@@ -196,6 +201,16 @@ class MLXOps:
 
     def swiglu(self, gate, up):
         return nn_silu(gate) * up
+
+    def all_sum(self, x):
+        return x if self.group is None else mx.distributed.all_sum(x, group=self.group)
+
+    def all_gather(self, x):
+        if self.group is None:
+            return x
+        n = self.group.size()
+        g = mx.distributed.all_gather(x, group=self.group)  # [n * B, ...]: stacked along the first axis
+        return mx.moveaxis(g.reshape(n, *x.shape), 0, -2).reshape(*x.shape[:-1], n * x.shape[-1])
 
     def zeros(self, shape, dtype=None):
         return mx.zeros(shape, dtype=dtype or self.float_dtype)

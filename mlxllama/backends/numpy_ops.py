@@ -33,6 +33,8 @@ from ..errors import UsageError
 from ..weights import QuantizedWeight
 from .contract import QuantizedKV
 
+NOT_DISTRIBUTED = "the numpy backend runs in one process; distributed inference (--parallel) needs --backend mlx"
+
 WEIGHT_MODES = ("float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
@@ -155,8 +157,10 @@ class NumpyOps:
     def asarray(self, tokens) -> np.ndarray:
         return np.asarray(tokens, dtype=np.int64)
 
-    def embedding(self, table, ids: np.ndarray) -> np.ndarray:
+    def embedding(self, table, ids: np.ndarray, start: int | None = None) -> np.ndarray:
         """Columns `ids` of the [hidden, vocab] table, as [*ids.shape, hidden]."""
+        if start is not None:
+            raise UsageError(NOT_DISTRIBUTED)
         flat = ids.reshape(-1)
         if isinstance(table, QLinear):
             cols = _dequantize_columns(table, flat)
@@ -311,6 +315,12 @@ class NumpyOps:
         qw = quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1]), group_size, bits)
         return QuantizedKV(qw.weight.reshape(*lead, -1), qw.scales.reshape(*lead, -1), qw.biases.reshape(*lead, -1),
                            group_size, bits)
+
+    def all_sum(self, x):  # one process: the sum over ranks is x (tensor parallelism needs --backend mlx)
+        return x
+
+    def all_gather(self, x):
+        return x
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         t = np.negative(gate)

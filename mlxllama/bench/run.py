@@ -97,12 +97,16 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
               chip=None, bandwidth_gbps: float | None = None,
               progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
               depths: list[int] | None = None, pg: tuple[int, int] | None = None,
-              cache_settings=None) -> list[dict]:
-    """cache_settings (cache.CacheSettings): a quantized KV cache; the accounting counts its bytes."""
+              cache_settings=None, parallel: str | None = None, link: str | None = None) -> list[dict] | None:
+    """cache_settings (cache.CacheSettings): a quantized KV cache; the accounting counts its bytes.
+    parallel (under mlx.launch): each model over the ranks (distributed.setup); rank 0 times and returns the
+    submissions, which record the node count and `link`; the other ranks serve it and return None."""
     from .. import backends
     from ..cache import CacheSettings, kv_element_bytes
 
     progress = progress or (lambda label, done, total: None)
+    if parallel is not None:
+        backend = "mlx"
     ops = backends.get_ops(backend)
     machine = hardware.detect()
     device = "gpu" if ops.on_gpu else "cpu"
@@ -113,12 +117,23 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     for ref in models or ["default"]:
         progress(f"loading {ref}", 0, 0)
         path = resolve(ref)
-        args, weights, tokenizer = loaders.load(path)
-        model = Model(args, weights, ops)
-        kv = cache_settings or CacheSettings()
-        acc = roofline.account_weights(args, resident_weights(weights, ops),
-                                       kv_bytes=kv_element_bytes(ops.kv_bytes, kv.kv_bits, kv.kv_group_size))
-        file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
+        cluster = None
+        if parallel is not None:
+            from .. import distributed
+
+            model, tokenizer = distributed.setup(path, parallel, backend=backend, quiet=True)
+            if model is None:
+                continue
+            args, weights, acc = model.args, None, roofline.Accounting(**model.accounting)
+            cluster = {"nodes": model.size, "link": link or "unknown", "parallel": parallel}
+            file_bytes = None
+        else:
+            args, weights, tokenizer = loaders.load(path)
+            model = Model(args, weights, ops)
+            kv = cache_settings or CacheSettings()
+            acc = roofline.account_weights(args, resident_weights(weights, ops),
+                                           kv_bytes=kv_element_bytes(ops.kv_bytes, kv.kv_bits, kv.kv_group_size))
+            file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])
         plan = []  # (n_prompt, n_gen, batch, depth) as llama-bench orders them
@@ -150,7 +165,10 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
             rated_bandwidth_gbps=bandwidth_gbps, measured=measured,
             model_id=f"default ({path.name})" if ref in (None, "default") else (path.name if Path(ref).exists()
                                                                                 else ref),
-            model_sha256=submissions.model_sha256(path), quant=roofline.quant_label(weights), accounting=acc,
-            backend=ops.name, device=device, tests=tests, weight_file_bytes=file_bytes))
+            model_sha256=submissions.model_sha256(path),
+            quant=roofline.quant_label(weights) if weights is not None else model.quant, accounting=acc,
+            backend=ops.name, device=device, tests=tests, weight_file_bytes=file_bytes, cluster=cluster))
+        if cluster is not None:
+            model.close()
         del model, weights
-    return subs
+    return subs if parallel is None or subs else None

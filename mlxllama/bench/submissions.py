@@ -14,6 +14,7 @@
                 "accounting": {Accounting fields: params, matmul_params, weight_bytes, weight_bytes_per_token,
                                kv_bytes_per_position, attn_flops_per_position}},
       "backend": "mlx", "device": "gpu",
+      "cluster": {"nodes": 2, "link": "tb5", "parallel": "tensor"},   only for runs over mlx.launch ranks
       "tests": [{"name": "tg128@B8", "n_prompt": 0, "n_gen": 128, "batch": 8,
                  "samples_tps": [612.0, 609.5], "bytes_per_step": 9.1e7, "flops_per_token": 2.7e8}]
     }
@@ -118,8 +119,9 @@ def make_submission(*, machine: Machine, chip: Chip | None, model_id: str, model
                     accounting: Accounting, backend: str, device: str, tests: list[dict],
                     rated_bandwidth_gbps: float | None = None, measured: BandwidthProbe | None = None,
                     source: str = "measured", date: str | None = None,
-                    weight_file_bytes: int | None = None) -> dict:
-    return {
+                    weight_file_bytes: int | None = None, cluster: dict | None = None) -> dict:
+    """cluster: {"nodes", "link", "parallel"} for a run over mlx.launch ranks (absent for one process)."""
+    return ({"cluster": cluster} if cluster else {}) | {
         "schema_version": SCHEMA_VERSION,
         "date": date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": source,
@@ -260,6 +262,17 @@ def validate(obj) -> list[str]:
         if acc is not None:
             for key in ACCOUNTING_FIELDS:
                 field(acc, "model.accounting", key, lambda v: _is_int(v) and v > 0, "a positive integer")
+
+    cluster = obj.get("cluster")
+    if cluster is not None:
+        if not isinstance(cluster, dict):
+            bad("cluster: must be an object")
+        else:
+            nodes = field(cluster, "cluster", "nodes", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+            field(cluster, "cluster", "link", is_str, "a non-empty string")
+            mode = field(cluster, "cluster", "parallel", lambda v: v in ("tensor", "pipeline"), "tensor or pipeline")
+            if rated and nodes and mode == "tensor":
+                rated *= nodes  # every node reads its part of each token's bytes
 
     tests = obj.get("tests", ...)
     if tests is ...:

@@ -303,17 +303,27 @@ def _requantize(dense: np.ndarray, qtype: QT) -> QuantizedWeight:
     return quant.quantize(src, _REQUANT_GROUP, 8 if qtype in _REQUANT_8BIT else 4)
 
 
-def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None):
+def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None, cols: slice = slice(None)):
+    """One tensor in the internal layout; cols (a distributed rank's part) is cut from the raw blocks where it falls
+    on block boundaries, so the repack reads only that part."""
     raw = data[info.offset:info.offset + info.nbytes]
     if len(info.shape) == 2 and info.qtype not in _DENSE:
         rows = raw.reshape(info.shape[0], -1)
         if row_index is not None:
             rows = rows[row_index]
+        c0, c1, _ = cols.indices(info.shape[1])
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        if (c0, c1) != (0, info.shape[1]):
+            if c0 % block or c1 % block:
+                raise ModelFileError(f"columns {c0}:{c1} of tensor {info.name} do not fall on its {info.qtype.name} "
+                                     f"blocks of {block}")
+            rows = rows[:, c0 // block * type_size: c1 // block * type_size]
         if info.qtype in _NATIVE:
             return _repack(rows, info.qtype)
         return _requantize(gguf.quants.dequantize(rows, info.qtype), info.qtype)
     w = _dense(raw, info)
-    return w[row_index] if row_index is not None else w
+    w = w[row_index] if row_index is not None else w
+    return w[:, cols] if w.ndim == 2 else w
 
 
 def _release_pages(data: np.memmap, offset: int, nbytes: int) -> None:
@@ -334,8 +344,9 @@ def _torch_dtype(qtype: QT) -> str:
     return {QT.BF16: "bfloat16", QT.F32: "float32"}.get(qtype, "float16")
 
 
-def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight], dict]:
-    """(args, weights in the internal layout, metadata). Raises ModelFileError (ConfigError for metadata)."""
+def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight], dict]:
+    """(args, weights in the internal layout, metadata). Raises ModelFileError (ConfigError for metadata).
+    shard: see loaders.load; the kept rows and columns are cut before conversion (repacks work row by row)."""
     path = Path(path)
     source = str(path)
     header = _read_header(path)
@@ -377,21 +388,28 @@ def load_gguf(path) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight],
     requantized: set[str] = set()
     permuted = families.by_name(args.family).gguf_permuted
     for internal, info in infos.items():
+        part = (slice(None), slice(None)) if shard is None else shard(args, internal, info.shape)
+        if part is None:
+            continue
+        rows, cols = part
         row_index = None
         if permuted and internal.endswith(("self_attn.q_proj", "self_attn.q_proj.bias")):
             row_index = _unpermute_rows(info.shape[0], args.num_attention_heads)
         elif permuted and internal.endswith(("self_attn.k_proj", "self_attn.k_proj.bias")):
             row_index = _unpermute_rows(info.shape[0], args.num_key_value_heads)
+        if rows != slice(None):
+            row_index = (np.arange(info.shape[0]) if row_index is None else row_index)[rows]
         if info.qtype not in _DENSE + _NATIVE and len(info.shape) == 2 and info.qtype.name not in requantized:
             requantized.add(info.qtype.name)
             bits = 8 if info.qtype in _REQUANT_8BIT else 4
             warnings.warn(f"{path}: {info.qtype.name} tensors are requantized to {bits}-bit affine "
                           f"(group {_REQUANT_GROUP}); expect a small accuracy loss", stacklevel=2)
         try:
-            weights[internal] = _convert(data, info, row_index)
+            weights[internal] = _convert(data, info, row_index, cols)
         except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:
             raise ModelFileError(f"{path}: cannot convert tensor {info.name} ({info.qtype.name}): {e}") from None
         if weights[internal].__class__ is QuantizedWeight:
             _release_pages(data, info.offset, info.nbytes)  # repacked: its file pages need not stay resident
-    check_weights(weights, args, source)
+    if shard is None:
+        check_weights(weights, args, source)
     return args, weights, meta

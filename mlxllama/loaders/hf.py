@@ -12,9 +12,9 @@ from ..weights import check_weights
 from .safetensors_io import internal_name, read_tensors
 
 
-def read_hf_weights(folder: Path, args: ModelArgs) -> dict:
+def read_hf_weights(folder: Path, args: ModelArgs, lazy_bf16: bool = False) -> dict:
     weights = {}
-    tensors = read_tensors(folder)
+    tensors = read_tensors(folder, lazy_bf16)
     scales = next((n for n in tensors if n.endswith(".scales")), None)
     if scales is not None:
         raise ModelFileError(f"{folder}: {plain(scales[:-len('.scales')])} is quantized but config.json has no "

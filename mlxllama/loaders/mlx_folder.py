@@ -18,8 +18,8 @@ from ..weights import QuantizedWeight, check_weights
 from .safetensors_io import file_name, internal_name, read_tensors
 
 
-def read_mlx_weights(folder: Path, args: ModelArgs) -> dict:
-    tensors = read_tensors(folder)
+def read_mlx_weights(folder: Path, args: ModelArgs, lazy_bf16: bool = False) -> dict:
+    tensors = read_tensors(folder, lazy_bf16)
     q = args.quantization or {}
     weights: dict = {}
     for name, arr in tensors.items():

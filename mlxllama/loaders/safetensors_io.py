@@ -67,8 +67,28 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def load(path: Path) -> dict[str, np.ndarray]:
-    """Tensors as read-only memmap views; bf16 widened to float32 (exact)."""
+class BF16:
+    """A bfloat16 tensor not read yet (lazy_bf16): slicing keeps it unread; np.asarray widens it to float32, exactly."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray):
+        self.raw = raw  # uint16 view of the file
+
+    shape = property(lambda self: self.raw.shape)
+    ndim = property(lambda self: self.raw.ndim)
+    nbytes = property(lambda self: self.raw.size * 4)
+
+    def __getitem__(self, key) -> "BF16":
+        return BF16(self.raw[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        w = (self.raw.astype(np.uint32) << 16).view(np.float32)
+        return w if dtype is None else w.astype(dtype)
+
+
+def load(path: Path, lazy_bf16: bool = False) -> dict[str, np.ndarray]:
+    """Tensors as read-only memmap views; bf16 widened to float32 (exact), or left as BF16 views with lazy_bf16."""
     header, start = read_header(path)
     if not header:
         return {}
@@ -79,7 +99,7 @@ def load(path: Path) -> dict[str, np.ndarray]:
         dt = DTYPES[info["dtype"]]
         arr = mm[start + begin: start + end].view(dt).reshape(info["shape"])
         if info["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            arr = BF16(arr) if lazy_bf16 else np.asarray(BF16(arr))
         out[name] = arr
     return out
 
@@ -125,11 +145,11 @@ def file_name(internal: str) -> str:
     return internal if internal.endswith(".bias") else internal + ".weight"
 
 
-def read_tensors(folder: Path) -> dict[str, np.ndarray]:
+def read_tensors(folder: Path, lazy_bf16: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a folder's safetensors files (one or sharded), by file name."""
     tensors: dict[str, np.ndarray] = {}
     for path in weight_files(folder):
-        for name, arr in load(path).items():
+        for name, arr in load(path, lazy_bf16).items():
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             if name in tensors:
