@@ -8,6 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import speculative as spec
 from .errors import UsageError
 from .sampling import Sampler, SamplingParams
 
@@ -83,7 +84,11 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     seed: int | None = None, stop: list[str] | str | None = None, chat: bool | None = None,
                     system: str | None = None, prefill_step_size: int = 512,
-                    sampling: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+                    sampling: SamplingParams | None = None, speculate: str | None = None, num_draft: int = 8,
+                    draft_model=None) -> Iterator[GenerationResponse]:
+    """speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a reference with the same
+    vocabulary) drafts up to num_draft tokens per forward pass; the output follows plain decoding exactly
+    (speculative.py)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -94,6 +99,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
         raise UsageError("pass sampling settings either as sampling=SamplingParams(...) or as keyword arguments, "
                          "not both")
     sampler = Sampler(sampling or loose)
+    speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
     ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
     if max(ids) >= model.args.vocab_size:
         raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
@@ -106,7 +112,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
     ops = model.ops
     start = time.perf_counter()
-    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size)
+    steps = generate_step(model, ids, max_tokens, sampler=sampler, prefill_step_size=prefill_step_size,
+                          speculate=speculation)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -149,8 +156,10 @@ def prefill(model, tokens, cache, step: int = 512):
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
-                  prefill_step_size: int = 512) -> Iterator[int]:
+                  prefill_step_size: int = 512, speculate: spec.SpeculativeConfig | None = None,
+                  stats: spec.SpeculativeStats | None = None) -> Iterator[int]:
     """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
+    With `speculate`, decoding goes to speculative.decode (counts in `stats`).
 
     With greedy sampling the token is chosen on the device (argmax), and where the backend is lazy (MLX) the next
     step is queued (async_eval) before the current token is read back, so the host waits only for that one integer
@@ -169,6 +178,12 @@ def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | Non
         return int(sampler(ops.to_numpy(last)[0], history))
 
     cache = model.make_cache(1, max_len=min(model.args.max_position_embeddings, len(ids) + max_tokens))
+    if speculate is not None:
+        yield from spec.decode(model, cache, prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache,
+                                                     prefill_step_size),
+                               ids, max_tokens, sampler, speculate,
+                               prefill=lambda m, t, c: prefill(m, t, c, prefill_step_size), stats=stats)
+        return
     y = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size))
     if pipelined:
         ops.async_eval(y)

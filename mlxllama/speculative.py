@@ -1,0 +1,378 @@
+"""Speculative decoding: a drafter proposes up to k tokens, the target model scores all of them in one forward pass
+(k + 1 positions for one read of the weights), and an exact verifier keeps the longest acceptable prefix plus one
+token of the target's own. Rejected positions are rolled back in the KV cache (KVCache.trim).
+
+Drafters:
+  "lookup"  prompt lookup: the continuation of the most recent earlier occurrence of the last n tokens of the prompt
+            and output (n from ngram_max down to ngram_min, longest first). No second model; deterministic, so
+            its draft distribution is a point mass.
+  "draft"   a smaller model with the same vocabulary (checked at load), run autoregressively with its own cache.
+
+Verification is exact. Greedy: a draft token is kept while it equals the target's argmax at its position, so the
+output is the plain greedy output. Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): keep
+draft token d with probability min(1, p(d) / q(d)); at the first rejection draw from max(p - q, 0) renormalized;
+when every draft is kept draw one more token from p. p is the target's distribution after the sampler's own
+transforms (temperature, top-k/p, min-p, repetition penalty), so the tokens follow exactly what plain sampling
+draws from.
+
+How many tokens to draft (AdaptiveK) is chosen each step from the measured cost of a forward pass over r rows and
+the recent acceptance rate: the k that maximizes expected tokens per second, 0 (a plain step) when no k pays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import UsageError
+from .sampling import Sampler
+
+MODES = ("lookup", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    mode: str = "lookup"  # "lookup" or "draft"
+    num_draft: int = 8  # most tokens drafted per target forward pass
+    draft_model: object = None  # "draft": a Model with the target's vocabulary (load_draft checks it)
+    ngram_max: int = 3  # lookup: longest n-gram matched
+    ngram_min: int = 1
+    adaptive: bool = True  # False: always draft num_draft tokens where the drafter has them
+
+    def validate(self) -> "SpeculativeConfig":
+        if self.mode not in MODES:
+            raise UsageError(f"speculate must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("num_draft", "ngram_max", "ngram_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.num_draft > 64:
+            raise UsageError(f"num-draft must be at most 64, got {self.num_draft}")
+        if self.ngram_min > self.ngram_max:
+            raise UsageError("ngram-min must not exceed ngram-max")
+        if self.mode == "draft" and self.draft_model is None:
+            raise UsageError("speculate='draft' needs a draft model (--draft-model)")
+        if self.mode == "lookup" and self.draft_model is not None:
+            raise UsageError("a draft model is only used with speculate='draft'")
+        return self
+
+
+@dataclass
+class SpeculativeStats:
+    forwards: int = 0  # target forward passes after the prefill (plain steps included)
+    drafted: int = 0  # draft tokens scored by the target
+    accepted: int = 0  # of those, kept
+    tokens: int = 0  # tokens produced by those forward passes
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+
+# -- drafters --------------------------------------------------------------------------------------------------
+
+class PromptLookup:
+    """The continuation of the most recent earlier occurrence of the history's last n tokens, longest n first."""
+
+    free = True  # costs nothing next to a forward pass: can be consulted on plain steps too
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    def propose(self, history: list[int], k: int, sampler: Sampler | None = None):
+        arr = np.asarray(history, dtype=np.int64)
+        L = arr.shape[0]
+        for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
+            tail = arr[L - n:]
+            starts = np.flatnonzero(arr[: L - n] == tail[0])  # an earlier occurrence ends before the tail does
+            for j in range(1, n):
+                starts = starts[arr[starts + j] == tail[j]]
+            if starts.size:
+                s = int(starts[-1]) + n
+                return [int(t) for t in arr[s: s + k]], None
+        return [], None
+
+    def reset(self) -> None:
+        pass
+
+
+class DraftModel:
+    """A smaller model drafting autoregressively, with its own KV cache kept in step with the accepted tokens."""
+
+    free = False
+
+    def __init__(self, model, max_len: int, prefill: Callable, vocab_size: int):
+        self.model = model
+        self.cache = model.make_cache(1, max_len=max_len)
+        self.prefill = prefill  # prefill(model, tokens [1, n], cache) -> last-position logits
+        self.vocab_size = vocab_size  # the target's: q is laid out over it
+        self.tokens: list[int] = []  # what the draft cache holds
+
+    def propose(self, history: list[int], k: int, sampler: Sampler):
+        ops = self.model.ops
+        common = _common_prefix(self.tokens, history)
+        if common == len(history):  # the last token must go through the model to draft from it
+            common -= 1
+        self.cache.trim(self.cache.offset - common)
+        del self.tokens[common:]
+        feed = history[common:]
+        logits = self.prefill(self.model, np.asarray(feed, dtype=np.int64)[None, :], self.cache)
+        self.tokens += feed
+        greedy = not sampler.p.needs_host_logits
+        out, qs = [], []
+        for i in range(k):
+            last = logits[:, -1, :]
+            if greedy:
+                t = int(ops.to_numpy(ops.argmax(last)).reshape(-1)[0])
+            else:
+                q = _fit(sampler.probs(ops.to_numpy(last)[0], history + out), self.vocab_size)
+                t = int(sampler.rng.choice(q.shape[0], p=q))
+                qs.append(q)
+            out.append(t)
+            if i + 1 < k:
+                logits = self.model(np.asarray([[t]], dtype=np.int64), self.cache, last_only=True)
+                self.tokens.append(t)
+        return out, (np.stack(qs) if qs else None)
+
+    def reset(self) -> None:
+        self.cache.trim(self.cache.offset)
+        self.tokens = []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def _fit(p: np.ndarray, size: int) -> np.ndarray:
+    """A draft distribution over the target's vocabulary size (padded vocabularies may differ in length)."""
+    if p.shape[0] == size:
+        return p
+    if p.shape[0] > size:
+        p = p[:size]
+        return p / p.sum()
+    return np.concatenate([p, np.zeros(size - p.shape[0])])
+
+
+def check_vocabulary(target_tok, draft_tok, target_args, draft_args, name: str = "the draft model") -> None:
+    """The draft model must tokenize exactly as the target: same size, same token for every id, same specials."""
+    if target_tok.vocab_size != draft_tok.vocab_size:
+        raise UsageError(f"{name} has a vocabulary of {draft_tok.vocab_size} tokens, the model "
+                         f"{target_tok.vocab_size}: speculative decoding needs the same vocabulary")
+    for i in range(target_tok.vocab_size):
+        if target_tok.id_to_token(i) != draft_tok.id_to_token(i):
+            raise UsageError(f"{name}'s token {i} is {draft_tok.id_to_token(i)!r}, the model's "
+                             f"{target_tok.id_to_token(i)!r}: speculative decoding needs the same vocabulary")
+    if min(target_args.vocab_size, draft_args.vocab_size) < target_tok.vocab_size:
+        raise UsageError(f"{name}'s embedding has fewer rows than its tokenizer has tokens")
+
+
+def load_draft(ref, target_model, target_tokenizer):
+    """Load a draft model onto the target's backend and check that it shares the target's vocabulary."""
+    from . import hub, loaders
+    from .model import Model
+
+    args, weights, tok = loaders.load(hub.resolve(str(ref)))
+    check_vocabulary(target_tokenizer, tok, target_model.args, args, name=f"draft model {ref}")
+    return Model(args, weights, target_model.ops, release=True)
+
+
+def make_config(speculate, num_draft: int = 8, draft_model=None, *, target_model=None,
+                target_tokenizer=None) -> SpeculativeConfig | None:
+    """stream_generate's speculate=/num_draft=/draft_model= as a checked config (None: plain decoding).
+    draft_model: a Model, or a reference loaded (and checked against the target's tokenizer) here."""
+    if speculate is None:
+        if draft_model is not None:
+            raise UsageError("a draft model is given but speculate is not 'draft'")
+        return None
+    if isinstance(speculate, SpeculativeConfig):
+        return speculate.validate()
+    if speculate not in MODES:
+        raise UsageError(f"speculate must be one of {', '.join(MODES)}, got {speculate!r}")
+    if draft_model is not None and not hasattr(draft_model, "make_cache"):
+        if speculate != "draft":
+            raise UsageError("a draft model is only used with speculate='draft'")
+        draft_model = load_draft(draft_model, target_model, target_tokenizer)
+    elif draft_model is not None and target_model is not None and draft_model.ops is not target_model.ops:
+        raise UsageError("the draft model must be loaded on the same backend as the model")
+    return SpeculativeConfig(mode=speculate, num_draft=num_draft, draft_model=draft_model).validate()
+
+
+# -- how many tokens to draft -----------------------------------------------------------------------------------
+
+class AdaptiveK:
+    """Chooses k, the tokens to draft, as the k maximizing E(k) / T(k): E(k) = 1 + a + ... + a^k tokens expected
+    per target forward at acceptance rate a, T(k) = time of a forward over k + 1 rows + k draft tokens' time.
+    Costs are moving averages of measured times per row count (unmeasured counts interpolated, at first a guess
+    of 10% more per row); the acceptance rate is a decaying count of kept and rejected drafts. A drafter that costs
+    nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again; a
+    costly one is retried now and then, less often each time it still does not pay."""
+
+    def __init__(self, k_max: int, adaptive: bool = True, free: bool = True):
+        self.k_max, self.adaptive, self.free = k_max, adaptive, free
+        self.kept, self.missed = 1.0, 1.0  # prior: a = 0.5
+        self.cost: dict[int, float] = {}  # rows -> seconds per forward
+        self.draft_cost = 0.0  # seconds per drafted token
+        self.probe_interval, self.countdown = 8, 8
+
+    @property
+    def acceptance(self) -> float:
+        return self.kept / (self.kept + self.missed)
+
+    def forward_cost(self, rows: int) -> float:
+        c = self.cost
+        if rows in c:
+            return c[rows]
+        base = c.get(1) or (min(c.values()) if c else 1.0)
+        below = [r for r in c if r < rows]
+        above = [r for r in c if r > rows]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return c[lo] + (c[hi] - c[lo]) * (rows - lo) / (hi - lo)
+        if below:
+            lo = max(below)
+            return c[lo] + 0.1 * base * (rows - lo)
+        if above:
+            hi = min(above)
+            return max(base, c[hi] - 0.1 * base * (hi - rows))
+        return base * (1 + 0.1 * (rows - 1))
+
+    def choose(self) -> int:
+        if not self.adaptive:
+            return self.k_max
+        a = min(self.acceptance, 0.999)
+        best, best_rate = 0, 1.0 / self.forward_cost(1)
+        expected = 1.0
+        for k in range(1, self.k_max + 1):
+            expected += a ** k
+            rate = expected / (self.forward_cost(k + 1) + k * self.draft_cost)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0 and not self.free:
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self.probe_interval = min(2 * self.probe_interval, 128)
+                self.countdown = self.probe_interval
+                return min(2, self.k_max)
+        elif best:
+            self.probe_interval = 8
+        return best
+
+    def record_forward(self, rows: int, seconds: float) -> None:
+        prev = self.cost.get(rows)
+        self.cost[rows] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+
+    def record_draft_time(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            self.draft_cost = 0.7 * self.draft_cost + 0.3 * seconds / tokens if self.draft_cost else seconds / tokens
+
+    def record_drafts(self, drafted: int, accepted: int) -> None:
+        """A round of `drafted` tokens of which the first `accepted` were kept."""
+        if drafted == 0:
+            return
+        decay = 0.85 ** drafted
+        self.kept = decay * self.kept + accepted
+        self.missed = decay * self.missed + (1 if accepted < drafted else 0)
+
+
+# -- the verifier -----------------------------------------------------------------------------------------------
+
+def verify(model, logits, drafts: list[int], q, history: list[int], sampler: Sampler) -> tuple[int, int]:
+    """logits [1, n + 1, V] of the target at the last token and the n drafts. Returns (kept drafts, next token)."""
+    ops = model.ops
+    n = len(drafts)
+    if not sampler.p.needs_host_logits:  # greedy, argmax on the device: only n + 1 integers come back
+        target = ops.to_numpy(ops.argmax(logits[0])).reshape(-1)
+        a = 0
+        while a < n and drafts[a] == int(target[a]):
+            a += 1
+        return a, int(target[a])
+    rows = ops.to_numpy(logits[0])
+    rng = sampler.rng
+    for i in range(n):
+        context = history + drafts[:i]
+        d = drafts[i]
+        if sampler.p.greedy:  # greedy with a repetition penalty: p is a point mass
+            t = sampler(rows[i], context)
+            if t != d:
+                return i, t
+            continue
+        p = sampler.probs(rows[i], context)
+        qd = 1.0 if q is None else float(q[i][d])
+        if qd > 0 and rng.random() * qd < p[d]:  # kept with probability min(1, p(d) / q(d))
+            continue
+        if q is None:
+            residual = p.copy()
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(p - q[i], 0.0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p
+        return i, int(rng.choice(residual.shape[0], p=residual))
+    return n, sampler(rows[n], history + drafts)
+
+
+def make_drafter(config: SpeculativeConfig, model, max_len: int, prefill: Callable):
+    if config.mode == "lookup":
+        return PromptLookup(config.ngram_max, config.ngram_min)
+    return DraftModel(config.draft_model, max_len, prefill, model.args.vocab_size)
+
+
+def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampler, config: SpeculativeConfig,
+           prefill: Callable, stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """After the prompt's prefill (cache filled with ids, logits its last position's [1, 1, V]), yield max_tokens
+    token ids, speculating. prefill(model, tokens [1, n], cache) -> last logits (the draft model's catch-up)."""
+    ops = model.ops
+    stats = stats if stats is not None else SpeculativeStats()
+    drafter = make_drafter(config, model, cache.max_len, prefill)
+    policy = AdaptiveK(config.num_draft, config.adaptive, free=drafter.free)
+    history = list(ids)
+    y = sampler(ops.to_numpy(logits[:, -1, :])[0], history) if sampler.p.needs_host_logits else \
+        int(ops.to_numpy(ops.argmax(logits[:, -1, :])).reshape(-1)[0])
+    history.append(y)
+    yield y
+    produced = 1
+    while produced < max_tokens:
+        room = max_tokens - produced - 1  # drafts past this would be cut anyway
+        k = min(policy.choose(), room)
+        drafts, q = [], None
+        watch = None
+        if k > 0:
+            t0 = time.perf_counter()
+            drafts, q = drafter.propose(history, k, sampler)
+            policy.record_draft_time(len(drafts), time.perf_counter() - t0)
+        elif drafter.free and room > 0:
+            watch = drafter.propose(history, 1, sampler)[0]  # what lookup would have drafted
+        t0 = time.perf_counter()
+        if drafts:
+            out = model(np.asarray([[y] + drafts], dtype=np.int64), cache)
+            kept, y = verify(model, out, drafts, q, history, sampler)
+            cache.trim(len(drafts) - kept)
+            new = drafts[:kept] + [y]
+            policy.record_drafts(len(drafts), kept)
+            stats.drafted += len(drafts)
+            stats.accepted += kept
+        else:
+            out = model(np.asarray([[y]], dtype=np.int64), cache, last_only=True)
+            y = sampler(ops.to_numpy(out[:, -1, :])[0], history) if sampler.p.needs_host_logits else \
+                int(ops.to_numpy(ops.argmax(out[:, -1, :])).reshape(-1)[0])
+            new = [y]
+            if watch:
+                policy.record_drafts(1, int(watch[0] == y))
+        policy.record_forward(len(drafts) + 1, time.perf_counter() - t0)
+        stats.forwards += 1
+        stats.tokens += len(new)
+        for t in new:
+            history.append(t)
+            produced += 1
+            yield t
