@@ -88,6 +88,11 @@ def generate(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy. auto: MLX on a GPU, else numpy."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for a repo id."),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from the prompt and output) "
+                                            "or draft (--draft-model): several tokens per forward pass, same output."),
+    num_draft: int = typer.Option(8, "--num-draft", help="Most tokens drafted per forward pass (with --speculate)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model with the same vocabulary "
+                                              "(--speculate draft)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come.
@@ -99,12 +104,18 @@ def generate(
       echo "Write a haiku about memory bandwidth" | mlxllama generate - --temp 0.7 --top-p 0.9 --seed 0
 
       mlxllama generate "def fib(n):" --no-chat -m ./SmolLM2-mlx --backend numpy --max-tokens 64
+
+      mlxllama generate "Quote this exactly: ..." --speculate lookup --num-draft 8
     """
     from mlxllama.generate import format_stats, stream_generate
+    from mlxllama.speculative import check_options, make_config
 
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    check_options(speculate, num_draft, draft_model is not None)  # option errors before the model loads
     m, tok = _load(model, backend, revision, numpy_weights)
+    if speculate is not None:
+        kwargs["speculate"] = make_config(speculate, num_draft, draft_model, target_model=m, target_tokenizer=tok)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
     try:

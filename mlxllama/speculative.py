@@ -187,21 +187,29 @@ def load_draft(ref, target_model, target_tokenizer):
     return Model(args, weights, target_model.ops, release=True)
 
 
+def check_options(speculate, num_draft: int = 8, has_draft_model: bool = False) -> None:
+    """The speculate=/num_draft=/draft_model= combination, before anything is loaded."""
+    if speculate is None:
+        if has_draft_model:
+            raise UsageError("a draft model is given but speculate is not 'draft'")
+        return
+    if isinstance(speculate, SpeculativeConfig):
+        return
+    if speculate not in MODES:
+        raise UsageError(f"speculate must be one of {', '.join(MODES)}, got {speculate!r}")
+    SpeculativeConfig(mode=speculate, num_draft=num_draft, draft_model=True if has_draft_model else None).validate()
+
+
 def make_config(speculate, num_draft: int = 8, draft_model=None, *, target_model=None,
                 target_tokenizer=None) -> SpeculativeConfig | None:
     """stream_generate's speculate=/num_draft=/draft_model= as a checked config (None: plain decoding).
     draft_model: a Model, or a reference loaded (and checked against the target's tokenizer) here."""
+    check_options(speculate, num_draft, draft_model is not None)
     if speculate is None:
-        if draft_model is not None:
-            raise UsageError("a draft model is given but speculate is not 'draft'")
         return None
     if isinstance(speculate, SpeculativeConfig):
         return speculate.validate()
-    if speculate not in MODES:
-        raise UsageError(f"speculate must be one of {', '.join(MODES)}, got {speculate!r}")
     if draft_model is not None and not hasattr(draft_model, "make_cache"):
-        if speculate != "draft":
-            raise UsageError("a draft model is only used with speculate='draft'")
         draft_model = load_draft(draft_model, target_model, target_tokenizer)
     elif draft_model is not None and target_model is not None and draft_model.ops is not target_model.ops:
         raise UsageError("the draft model must be loaded on the same backend as the model")
