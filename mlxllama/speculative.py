@@ -87,6 +87,7 @@ class PromptLookup:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
 
     def propose(self, history: list[int], k: int, sampler: Sampler | None = None):
+        """(up to k tokens, None: a point mass, the length of the n-gram matched: 0 when none)."""
         arr = np.asarray(history, dtype=np.int64)
         L = arr.shape[0]
         for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
@@ -96,8 +97,8 @@ class PromptLookup:
                 starts = starts[arr[starts + j] == tail[j]]
             if starts.size:
                 s = int(starts[-1]) + n
-                return [int(t) for t in arr[s: s + k]], None
-        return [], None
+                return [int(t) for t in arr[s: s + k]], None, n
+        return [], None, 0
 
     def reset(self) -> None:
         pass
@@ -139,7 +140,7 @@ class DraftModel:
             if i + 1 < k:
                 logits = self.model(np.asarray([[t]], dtype=np.int64), self.cache, last_only=True)
                 self.tokens.append(t)
-        return out, (np.stack(qs) if qs else None)
+        return out, (np.stack(qs) if qs else None), 0
 
     def reset(self) -> None:
         self.cache.trim(self.cache.offset)
@@ -222,20 +223,21 @@ class AdaptiveK:
     """Chooses k, the tokens to draft, as the k maximizing E(k) / T(k): E(k) = 1 + a + ... + a^k tokens expected
     per target forward at acceptance rate a, T(k) = time of a forward over k + 1 rows + k draft tokens' time.
     Costs are moving averages of measured times per row count (unmeasured counts interpolated, at first a guess
-    of 10% more per row); the acceptance rate is a decaying count of kept and rejected drafts. A drafter that costs
-    nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again; a
-    costly one is retried now and then, less often each time it still does not pay."""
+    of 10% more per row); the acceptance rate is a decaying count of kept and rejected drafts, kept per bucket
+    (lookup: the length of the n-gram matched, whose drafts are right far more often when longer). A drafter that
+    costs nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again;
+    a costly one is retried now and then, less often each time it still does not pay."""
 
     def __init__(self, k_max: int, adaptive: bool = True, free: bool = True):
         self.k_max, self.adaptive, self.free = k_max, adaptive, free
-        self.kept, self.missed = 1.0, 1.0  # prior: a = 0.5
+        self.counts: dict[int, list[float]] = {}  # bucket -> [kept, missed]
         self.cost: dict[int, float] = {}  # rows -> seconds per forward
         self.draft_cost = 0.0  # seconds per drafted token
         self.probe_interval, self.countdown = 8, 8
 
-    @property
-    def acceptance(self) -> float:
-        return self.kept / (self.kept + self.missed)
+    def acceptance(self, bucket: int = 0) -> float:
+        kept, missed = self.counts.get(bucket, (1.0, 1.0))  # prior: a = 0.5
+        return kept / (kept + missed)
 
     def forward_cost(self, rows: int) -> float:
         c = self.cost
@@ -255,13 +257,15 @@ class AdaptiveK:
             return max(base, c[hi] - 0.1 * base * (hi - rows))
         return base * (1 + 0.1 * (rows - 1))
 
-    def choose(self) -> int:
-        if not self.adaptive:
-            return self.k_max
-        a = min(self.acceptance, 0.999)
+    def choose(self, bucket: int = 0, available: int | None = None) -> int:
+        """k for the next step, at most `available` (the drafts the drafter has)."""
+        k_max = self.k_max if available is None else min(self.k_max, available)
+        if not self.adaptive or k_max == 0:
+            return k_max
+        a = min(self.acceptance(bucket), 0.999)
         best, best_rate = 0, 1.0 / self.forward_cost(1)
         expected = 1.0
-        for k in range(1, self.k_max + 1):
+        for k in range(1, k_max + 1):
             expected += a ** k
             rate = expected / (self.forward_cost(k + 1) + k * self.draft_cost)
             if rate > best_rate:
@@ -271,7 +275,7 @@ class AdaptiveK:
             if self.countdown <= 0:
                 self.probe_interval = min(2 * self.probe_interval, 128)
                 self.countdown = self.probe_interval
-                return min(2, self.k_max)
+                return min(2, k_max)
         elif best:
             self.probe_interval = 8
         return best
@@ -284,13 +288,14 @@ class AdaptiveK:
         if tokens:
             self.draft_cost = 0.7 * self.draft_cost + 0.3 * seconds / tokens if self.draft_cost else seconds / tokens
 
-    def record_drafts(self, drafted: int, accepted: int) -> None:
+    def record_drafts(self, drafted: int, accepted: int, bucket: int = 0) -> None:
         """A round of `drafted` tokens of which the first `accepted` were kept."""
         if drafted == 0:
             return
+        c = self.counts.setdefault(bucket, [1.0, 1.0])
         decay = 0.85 ** drafted
-        self.kept = decay * self.kept + accepted
-        self.missed = decay * self.missed + (1 if accepted < drafted else 0)
+        c[0] = decay * c[0] + accepted
+        c[1] = decay * c[1] + (1 if accepted < drafted else 0)
 
 
 # -- the verifier -----------------------------------------------------------------------------------------------
@@ -352,22 +357,26 @@ def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampl
     produced = 1
     while produced < max_tokens:
         room = max_tokens - produced - 1  # drafts past this would be cut anyway
-        k = min(policy.choose(), room)
-        drafts, q = [], None
-        watch = None
-        if k > 0:
-            t0 = time.perf_counter()
-            drafts, q = drafter.propose(history, k, sampler)
-            policy.record_draft_time(len(drafts), time.perf_counter() - t0)
-        elif drafter.free and room > 0:
-            watch = drafter.propose(history, 1, sampler)[0]  # what lookup would have drafted
+        drafts, q, bucket, watch = [], None, 0, None
+        if drafter.free:  # propose first: how good the match is decides k
+            found, q, bucket = drafter.propose(history, min(config.num_draft, max(room, 1)), sampler)
+            k = policy.choose(bucket, min(len(found), room))
+            drafts = found[:k]
+            if not drafts and found:
+                watch = found[0]  # scored against the token the plain step picks
+        else:
+            k = min(policy.choose(), room)
+            if k > 0:
+                t0 = time.perf_counter()
+                drafts, q, bucket = drafter.propose(history, k, sampler)
+                policy.record_draft_time(len(drafts), time.perf_counter() - t0)
         t0 = time.perf_counter()
         if drafts:
             out = model(np.asarray([[y] + drafts], dtype=np.int64), cache)
             kept, y = verify(model, out, drafts, q, history, sampler)
             cache.trim(len(drafts) - kept)
             new = drafts[:kept] + [y]
-            policy.record_drafts(len(drafts), kept)
+            policy.record_drafts(len(drafts), kept, bucket)
             stats.drafted += len(drafts)
             stats.accepted += kept
         else:
@@ -375,8 +384,8 @@ def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampl
             y = sampler(ops.to_numpy(out[:, -1, :])[0], history) if sampler.p.needs_host_logits else \
                 int(ops.to_numpy(ops.argmax(out[:, -1, :])).reshape(-1)[0])
             new = [y]
-            if watch:
-                policy.record_drafts(1, int(watch[0] == y))
+            if watch is not None:
+                policy.record_drafts(1, int(watch == y), bucket)
         policy.record_forward(len(drafts) + 1, time.perf_counter() - t0)
         stats.forwards += 1
         stats.tokens += len(new)
