@@ -213,3 +213,25 @@ def test_smollm2_greedy_lookup_is_plain_greedy(smollm2, backend):
     assert stats.accepted > 0
     plain, fast, stats = _both(model, ids, 24, spec.SpeculativeConfig("draft", 4, draft_model=model, adaptive=False))
     assert fast == plain
+
+
+def test_cli_bench_speculate(tiny_hf, sp_dir, tmp_path):
+    long_ctx = make_hf_folder(tmp_path / "m", tokenizer_dir=sp_dir, max_position_embeddings=1024)
+    short = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "lookup", "-m",
+                            str(tiny_hf), "--backend", "numpy", "-n", "12", "-r", "1", "--bandwidth", "100"],
+                           capture_output=True, text=True, timeout=300)
+    assert short.returncode == 2 and "outgrows the model's context" in short.stderr
+    r = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "lookup", "-m", str(long_ctx),
+                        "--backend", "numpy", "-n", "12", "-r", "1", "--bandwidth", "100"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = [c.strip() for c in rows[0]], rows[1:]
+    assert header[:8] == ["task", "mode", "tokens", "tok/s", "x plain", "accept", "tok/fwd", "eff. score"]
+    assert {(c[0].strip(), c[1].strip()) for c in body} == {(t, m) for t in ("quote", "code", "summary", "free")
+                                                            for m in ("plain", "lookup")}
+    assert all(float(c[3]) > 0 and float(c[7]) > 0 for c in body)
+    assert "100.0 GB/s (given)" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "draft", "-m",
+                          str(tiny_hf)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "needs a draft model" in bad.stderr

@@ -120,7 +120,7 @@ def run(*, model: str | None, backend: str, modes: list[str], n_gen: int, num_dr
         draft_model: str | None = None, tasks: list[str] | None = None, bandwidth_gbps: float | None = None,
         chip=None, repetitions: int = 1) -> tuple[list[dict], str]:
     """Plain and speculative greedy decoding of each task; rows with tok/s, acceptance, tokens per forward and
-    the effective score (best of `repetitions` runs each). Returns (rows, what the bandwidth is)."""
+    the effective score (the median of `repetitions` runs each). Returns (rows, what the bandwidth is)."""
     from .. import backends
     from ..errors import UsageError
 
@@ -137,14 +137,33 @@ def run(*, model: str | None, backend: str, modes: list[str], n_gen: int, num_dr
     rows = []
     for task in tasks or list(TASKS):
         ids = task_ids(tok, task)
+        if len(ids) + n_gen > target.args.max_position_embeddings:
+            raise UsageError(f"the {task} prompt has {len(ids)} tokens: with {n_gen} more it outgrows the model's "
+                             f"context ({target.args.max_position_embeddings})")
         for mode in ["plain"] + [m for m in modes if m != "plain"]:
             config = None if mode == "plain" else SpeculativeConfig(mode, num_draft, draft_model=draft
                                                                     if mode == "draft" else None)
             runs = [timed_generation(target, ids, n_gen, eos, config, task, mode) for _ in range(repetitions)]
-            best = max(runs, key=lambda r: r.tps)
-            ctx = len(ids) + len(best.tokens) / 2
-            rows.append(best.row(acc.bytes_per_token(ctx), bw))
+            mid = sorted(runs, key=lambda r: r.tps)[len(runs) // 2]
+            ctx = len(ids) + len(mid.tokens) / 2
+            rows.append(mid.row(acc.bytes_per_token(ctx), bw))
     return rows, f"{bw:.1f} GB/s ({bw_what})"
+
+
+def run_cli(*, models: list[str], backend: str, speculate: str, n_gen: int, num_draft: int,
+            draft_model: str | None, repetitions: int, bandwidth_gbps: float | None, chip) -> str:
+    """`mlxllama bench --speculate`: the table and the bandwidth it is scored against."""
+    from ..errors import UsageError
+    from ..speculative import check_options
+
+    check_options(speculate, num_draft, draft_model is not None)
+    if len(models) > 1:
+        raise UsageError("--speculate measures one model at a time")
+    rows, bw = run(model=models[0] if models else None, backend=backend, modes=[speculate], n_gen=n_gen,
+                   num_draft=num_draft, draft_model=draft_model, bandwidth_gbps=bandwidth_gbps, chip=chip,
+                   repetitions=repetitions)
+    return (format_rows(rows) + f"\n\neffective score: tok/s x bytes a plain decode step reads / {bw}; "
+            "above 1.0 is past the batch-1 roofline")
 
 
 def format_rows(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
