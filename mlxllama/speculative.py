@@ -341,25 +341,29 @@ def make_drafter(config: SpeculativeConfig, model, max_len: int, prefill: Callab
     return DraftModel(config.draft_model, max_len, prefill, model.args.vocab_size)
 
 
-def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampler, config: SpeculativeConfig,
-           prefill: Callable, stats: SpeculativeStats | None = None) -> Iterator[int]:
-    """After the prompt's prefill (cache filled with ids, logits its last position's [1, 1, V]), yield max_tokens
-    token ids, speculating. prefill(model, tokens [1, n], cache) -> last logits (the draft model's catch-up)."""
-    ops = model.ops
-    stats = stats if stats is not None else SpeculativeStats()
-    drafter = make_drafter(config, model, cache.max_len, prefill)
-    policy = AdaptiveK(config.num_draft, config.adaptive, free=drafter.free)
-    history = list(ids)
-    y = sampler(ops.to_numpy(logits[:, -1, :])[0], history) if sampler.p.needs_host_logits else \
-        int(ops.to_numpy(ops.argmax(logits[:, -1, :])).reshape(-1)[0])
-    history.append(y)
-    yield y
-    produced = 1
-    while produced < max_tokens:
-        room = max_tokens - produced - 1  # drafts past this would be cut anyway
+class Speculator:
+    """One sequence's speculative decoding, a target forward pass at a time: the hook for a serving engine.
+
+    The sequence owns a batch-1 KV cache holding every token of `history` but the last (as after a prefill and
+    the first sampled token). Each step() drafts, scores the drafts in one forward pass [1, k + 1] on that cache,
+    rolls the rejected positions back and returns the new tokens (1 to k + 1; the last is not yet in the cache).
+    room: how many tokens after the next one are still wanted (drafting stops there)."""
+
+    def __init__(self, model, config: SpeculativeConfig, sampler: Sampler, history: list[int], max_len: int,
+                 prefill: Callable, stats: SpeculativeStats | None = None):
+        self.model, self.config, self.sampler = model, config, sampler
+        self.history = list(history)
+        self.stats = stats if stats is not None else SpeculativeStats()
+        self.drafter = make_drafter(config, model, max_len, prefill)
+        self.policy = AdaptiveK(config.num_draft, config.adaptive, free=self.drafter.free)
+
+    def step(self, cache, room: int) -> list[int]:
+        model, sampler, policy, drafter, history = self.model, self.sampler, self.policy, self.drafter, self.history
+        ops = model.ops
+        y = history[-1]
         drafts, q, bucket, watch = [], None, 0, None
         if drafter.free:  # propose first: how good the match is decides k
-            found, q, bucket = drafter.propose(history, min(config.num_draft, max(room, 1)), sampler)
+            found, q, bucket = drafter.propose(history, min(self.config.num_draft, max(room, 1)), sampler)
             k = policy.choose(bucket, min(len(found), room))
             drafts = found[:k]
             if not drafts and found:
@@ -377,19 +381,37 @@ def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampl
             cache.trim(len(drafts) - kept)
             new = drafts[:kept] + [y]
             policy.record_drafts(len(drafts), kept, bucket)
-            stats.drafted += len(drafts)
-            stats.accepted += kept
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += kept
         else:
             out = model(np.asarray([[y]], dtype=np.int64), cache, last_only=True)
-            y = sampler(ops.to_numpy(out[:, -1, :])[0], history) if sampler.p.needs_host_logits else \
-                int(ops.to_numpy(ops.argmax(out[:, -1, :])).reshape(-1)[0])
+            y = _pick(ops, out, sampler, history)
             new = [y]
             if watch is not None:
                 policy.record_drafts(1, int(watch == y), bucket)
         policy.record_forward(len(drafts) + 1, time.perf_counter() - t0)
-        stats.forwards += 1
-        stats.tokens += len(new)
-        for t in new:
-            history.append(t)
+        self.stats.forwards += 1
+        self.stats.tokens += len(new)
+        history.extend(new)
+        return new
+
+
+def _pick(ops, logits, sampler: Sampler, history: list[int]) -> int:
+    last = logits[:, -1, :]
+    if sampler.p.needs_host_logits:
+        return sampler(ops.to_numpy(last)[0], history)
+    return int(ops.to_numpy(ops.argmax(last)).reshape(-1)[0])
+
+
+def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampler, config: SpeculativeConfig,
+           prefill: Callable, stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """After the prompt's prefill (cache filled with ids, logits its last position's [1, 1, V]), yield max_tokens
+    token ids, speculating. prefill(model, tokens [1, n], cache) -> last logits (the draft model's catch-up)."""
+    y = _pick(model.ops, logits, sampler, list(ids))
+    yield y
+    spec = Speculator(model, config, sampler, list(ids) + [y], cache.max_len, prefill, stats)
+    produced = 1
+    while produced < max_tokens:
+        for t in spec.step(cache, max_tokens - produced - 1):
             produced += 1
             yield t

@@ -235,3 +235,23 @@ def test_cli_bench_speculate(tiny_hf, sp_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "draft", "-m",
                           str(tiny_hf)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs a draft model" in bad.stderr
+
+
+def test_speculator_steps_interleaved_sequences_as_an_engine_would(tiny_hf):
+    """Two sequences, each with its own cache, stepped in turn (a serving engine's use): each matches plain."""
+    model, tok = mlxllama.load(str(tiny_hf), backend="numpy")
+    prompts = [_prompt(tok), prompt_tokens(tok, "Hello world! How are you today? Hello world!")]
+    want = [list(generate_step(model, ids, 25)) for ids in prompts]
+    config = spec.SpeculativeConfig("lookup", 4, adaptive=False)
+    seqs = []
+    for ids in prompts:
+        cache = model.make_cache(1)  # growing, as a server slot's
+        first = int(prefill(model, np.asarray([ids]), cache)[0, -1].argmax())
+        seqs.append((spec.Speculator(model, config, Sampler(SamplingParams()), ids + [first], 256,
+                                     lambda m, t, c: prefill(m, t, c)), cache, [first]))
+    while any(len(out) < 25 for _, _, out in seqs):
+        for sp, cache, out in seqs:
+            if len(out) < 25:
+                out.extend(sp.step(cache, 25 - len(out) - 1))
+    assert [out for _, _, out in seqs] == want
+    assert sum(sp.stats.accepted for sp, _, _ in seqs) > 0
