@@ -86,6 +86,7 @@ def main() -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     path = resolve(args.model)
 
+    costs = {}  # name -> () -> verification costs, measured after the runs
     engines = {}  # name -> (run(mode, ids, n_gen) -> (tokens, tps, stats), bytes per token at ctx, bandwidth)
     ids_by_task = None
     for name in [b for b in args.backends.split(",") if b]:
@@ -106,6 +107,7 @@ def main() -> int:
             return r.tokens, r.tps, r.stats
 
         engines[f"mlxllama {name}"] = (run, acc.bytes_per_token, bw, bw_what, ["plain"] + modes)
+        costs[f"mlxllama {name}"] = lambda model=model: sb.verification_costs(model, ids_by_task[tasks[0]])
         print(f"mlxllama {name}: scored against {bw:.1f} GB/s ({bw_what}); {acc.weight_bytes_per_token / 1e6:.0f} MB "
               "of weights read per plain step", file=sys.stderr)
     if not args.no_llama_cpp:
@@ -162,6 +164,9 @@ def main() -> int:
     for engine, (_, _, bw, what, _) in engines.items():
         print(f"\n{engine}: effective score against {bw:.1f} GB/s ({what})", end="")
     print()
+    for engine, measure in costs.items():
+        print(f"\n{engine}: one forward pass scoring r positions, after the {tasks[0]} prompt (best of 5):\n")
+        print(sb.format_costs(measure()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -22,7 +22,7 @@ the recent acceptance rate: the k that maximizes expected tokens per second, 0 (
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -66,6 +66,7 @@ class SpeculativeStats:
     drafted: int = 0  # draft tokens scored by the target
     accepted: int = 0  # of those, kept
     tokens: int = 0  # tokens produced by those forward passes
+    seconds: dict = field(default_factory=dict)  # rows scored -> [total seconds, forward passes]
 
     @property
     def acceptance_rate(self) -> float:
@@ -389,7 +390,11 @@ class Speculator:
             new = [y]
             if watch is not None:
                 policy.record_drafts(1, int(watch == y), bucket)
-        policy.record_forward(len(drafts) + 1, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        policy.record_forward(len(drafts) + 1, dt)
+        spent = self.stats.seconds.setdefault(len(drafts) + 1, [0.0, 0])
+        spent[0] += dt
+        spent[1] += 1
         self.stats.forwards += 1
         self.stats.tokens += len(new)
         history.extend(new)

@@ -225,13 +225,15 @@ def test_cli_bench_speculate(tiny_hf, sp_dir, tmp_path):
                         "--backend", "numpy", "-n", "12", "-r", "1", "--bandwidth", "100"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    first_table = r.stdout.split("\n\n")[0]
+    rows = [line.split("|")[1:-1] for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = [c.strip() for c in rows[0]], rows[1:]
     assert header[:8] == ["task", "mode", "tokens", "tok/s", "x plain", "accept", "tok/fwd", "eff. score"]
     assert {(c[0].strip(), c[1].strip()) for c in body} == {(t, m) for t in ("quote", "code", "summary", "free")
                                                             for m in ("plain", "lookup")}
     assert all(float(c[3]) > 0 and float(c[7]) > 0 for c in body)
     assert "100.0 GB/s (given)" in r.stdout
+    assert "| rows scored | ms | x one decode step |" in r.stdout and "| 9 |" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "draft", "-m",
                           str(tiny_hf)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs a draft model" in bad.stderr

@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import loaders
 from ..api import resolve
 from ..generate import generate_step, prompt_tokens
@@ -98,6 +100,31 @@ def timed_generation(model, ids: list[int], n_gen: int, eos: set, config: Specul
     return SpecRun(task, mode, out, (len(out) - 1) / elapsed if elapsed > 0 and len(out) > 1 else 0.0, stats)
 
 
+def verification_costs(model, ids: list[int], rows=(1, 2, 3, 4, 5, 9, 13, 17), reps: int = 5) -> dict[int, float]:
+    """Seconds of one target forward pass scoring r positions (all r through the output head, as the verifier
+    does; r = 1 is a plain decode step) after the prompt ids, the best of `reps`, the row counts interleaved."""
+    from ..generate import prefill
+
+    ops = model.ops
+    cache = model.make_cache(1, max_len=len(ids) + max(rows))
+    prefill(model, np.asarray([ids], dtype=np.int64), cache)
+    best = {r: float("inf") for r in rows}
+    for _ in range(reps + 1):  # the first round warms up
+        for r in rows:
+            t0 = time.perf_counter()
+            out = model(np.asarray([ids[-r:]], dtype=np.int64), cache, last_only=r == 1)
+            ops.to_numpy(ops.argmax(out[0]))
+            best[r] = min(best[r], time.perf_counter() - t0)
+            cache.trim(r)
+    return best
+
+
+def format_costs(costs: dict[int, float]) -> str:
+    base = costs[1]
+    return "\n".join(["| rows scored | ms | x one decode step |", "|---|---|---|"] +
+                     [f"| {r} | {t * 1e3:.1f} | {t / base:.2f} |" for r, t in costs.items()])
+
+
 def load_for_bench(ref, ops):
     """(Model, tokenizer, the roofline accounting of what the backend reads per token)."""
     path = resolve(ref)
@@ -120,7 +147,8 @@ def run(*, model: str | None, backend: str, modes: list[str], n_gen: int, num_dr
         draft_model: str | None = None, tasks: list[str] | None = None, bandwidth_gbps: float | None = None,
         chip=None, repetitions: int = 1) -> tuple[list[dict], str]:
     """Plain and speculative greedy decoding of each task; rows with tok/s, acceptance, tokens per forward and
-    the effective score (the median of `repetitions` runs each). Returns (rows, what the bandwidth is)."""
+    the effective score (the median of `repetitions` runs each). Returns (rows, what the bandwidth is, the
+    verification costs per row count)."""
     from .. import backends
     from ..errors import UsageError
 
@@ -147,7 +175,8 @@ def run(*, model: str | None, backend: str, modes: list[str], n_gen: int, num_dr
             mid = sorted(runs, key=lambda r: r.tps)[len(runs) // 2]
             ctx = len(ids) + len(mid.tokens) / 2
             rows.append(mid.row(acc.bytes_per_token(ctx), bw))
-    return rows, f"{bw:.1f} GB/s ({bw_what})"
+    costs = verification_costs(target, task_ids(tok, (tasks or list(TASKS))[0]), reps=max(2, repetitions))
+    return rows, f"{bw:.1f} GB/s ({bw_what})", costs
 
 
 def run_cli(*, models: list[str], backend: str, speculate: str, n_gen: int, num_draft: int,
@@ -159,11 +188,11 @@ def run_cli(*, models: list[str], backend: str, speculate: str, n_gen: int, num_
     check_options(speculate, num_draft, draft_model is not None)
     if len(models) > 1:
         raise UsageError("--speculate measures one model at a time")
-    rows, bw = run(model=models[0] if models else None, backend=backend, modes=[speculate], n_gen=n_gen,
+    rows, bw, costs = run(model=models[0] if models else None, backend=backend, modes=[speculate], n_gen=n_gen,
                    num_draft=num_draft, draft_model=draft_model, bandwidth_gbps=bandwidth_gbps, chip=chip,
                    repetitions=repetitions)
     return (format_rows(rows) + f"\n\neffective score: tok/s x bytes a plain decode step reads / {bw}; "
-            "above 1.0 is past the batch-1 roofline")
+            "above 1.0 is past the batch-1 roofline\n\nverification cost (one forward pass):\n\n" + format_costs(costs))
 
 
 def format_rows(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
