@@ -76,7 +76,8 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--num-draft", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (on a shared machine its two-thread "
+                                                           "OpenMP barrier collapses when another process holds a core)")
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s to score against (default: the chip's "
                                                                   "rated bandwidth, else measured)")
     ap.add_argument("--no-llama-cpp", action="store_true")

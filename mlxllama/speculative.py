@@ -101,9 +101,6 @@ class PromptLookup:
                 return [int(t) for t in arr[s: s + k]], None, n
         return [], None, 0
 
-    def reset(self) -> None:
-        pass
-
 
 class DraftModel:
     """A smaller model drafting autoregressively, with its own KV cache kept in step with the accepted tokens."""
@@ -142,10 +139,6 @@ class DraftModel:
                 logits = self.model(np.asarray([[t]], dtype=np.int64), self.cache, last_only=True)
                 self.tokens.append(t)
         return out, (np.stack(qs) if qs else None), 0
-
-    def reset(self) -> None:
-        self.cache.trim(self.cache.offset)
-        self.tokens = []
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
