@@ -5,11 +5,11 @@ lookup decoding (llama-cpp-python's LlamaPromptLookupDecoding) on the same promp
     python benchmarks/speculative.py --backends numpy,mlx --reps 1 --n-gen 64
     python benchmarks/speculative.py --draft-model path/to/small-model --modes lookup,draft
 
-Tasks (mlxllama.bench.speculative.TASKS, chat-templated): quote a passage, rewrite a function with one change,
-summarize a text (prompt lookup finds their output in the prompt) and a free-form question (the hard case: little
-to look up, so speculation has to back off). Each run is greedy, at most --n-gen tokens, stopping at an end token;
-tok/s counts the tokens after the first (prefill excluded). Repetitions of every engine and mode are interleaved,
-so that a shared machine's changing load hits each alike; the median is reported.
+Tasks (mlxllama.bench.speculative.TASKS, chat-templated): continue a quotation from a given passage, rewrite a
+function with one change, summarize a text (prompt lookup finds their output in the prompt) and a free-form
+question (the hard case: little to look up, so speculation has to back off). Each run is greedy, at most --n-gen
+tokens, stopping at an end token; tok/s counts the tokens after the first (prefill excluded). Repetitions of every
+engine and mode are interleaved, so that a shared machine's changing load hits each alike; the median is reported.
 
 Columns: accept = kept drafts / drafted tokens; tok/fwd = tokens per target forward pass; eff. score = tok/s x the
 bytes a plain decode step reads (the backend's weights as held, plus the KV cache at the mean context) / bandwidth

@@ -54,7 +54,8 @@ TEXT = (
     "one pass, keeping the ones it agrees with.")
 
 TASKS: dict[str, str] = {
-    "quote": "Quote this passage exactly, word for word:\n\n" + PASSAGE,
+    "quote": "Continue the quotation from the passage below, word for word.\n\nPassage: " + PASSAGE +
+             "\n\nQuotation: \"Four score and seven years ago our fathers brought forth",
     "code": "Rewrite this function so that it raises TypeError instead of ValueError. Keep everything else "
             "exactly the same.\n\n```python\n" + FUNCTION + "```",
     "summary": "Summarize the following text in a few sentences, using its own words:\n\n" + TEXT,
