@@ -9,7 +9,8 @@ Tasks (mlxllama.bench.speculative.TASKS, chat-templated): continue a quotation f
 function with one change, summarize a text (prompt lookup finds their output in the prompt) and a free-form
 question (the hard case: little to look up, so speculation has to back off). Each run is greedy, at most --n-gen
 tokens, stopping at an end token; tok/s counts the tokens after the first (prefill excluded). Repetitions of every
-engine and mode are interleaved, so that a shared machine's changing load hits each alike; the median is reported.
+engine and mode are interleaved, so that a shared machine's changing load hits each alike; tok/s is the median,
+"x plain" the median of each run's ratio to the plain run just before it.
 
 Columns: accept = kept drafts / drafted tokens; tok/fwd = tokens per target forward pass; eff. score = tok/s x the
 bytes a plain decode step reads (the backend's weights as held, plus the KV cache at the mean context) / bandwidth
@@ -144,20 +145,22 @@ def main() -> int:
         stats = runs[0][2]
         plain_tokens = results[(task, engine, "plain")][0][0]
         ctx = len(ids_by_task[task]) + len(tokens) / 2
-        rows.append(dict(task=task, engine=engine, mode=mode, n_gen=len(tokens), tps=tps,
+        rows.append(dict(task=task, engine=engine, mode=mode, n_gen=len(tokens), tps=tps, tps_runs=[r[1] for r in runs],
                          acceptance=None if stats is None or mode == "plain" else stats.acceptance_rate,
                          tokens_per_forward=(1.0 if mode == "plain" else None) if stats is None or mode == "plain"
                          else stats.tokens_per_forward,
                          score=roofline.bandwidth_score(per_ctx(ctx), tps, bw),
                          same=tokens == plain_tokens if mode != "plain" else ""))
-    plain = {(r["task"], r["engine"]): r["tps"] for r in rows if r["mode"] == "plain"}
+    # x plain: the median over repetitions of each run's tok/s over the plain run just before it (same engine and
+    # task), which a shared machine's slow drifts in load affect less than a ratio of medians
+    ratio = {(task, engine, mode): statistics.median(r[1] / p[1] for r, p in zip(runs, results[(task, engine, "plain")]))
+             for (task, engine, mode), runs in results.items()}
     cols = ("task", "engine", "mode", "tokens", "tok/s", "x plain", "accept", "tok/fwd", "eff. score", "same")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
-        base = plain.get((r["task"], r["engine"]))
         cells = [r["task"], r["engine"], r["mode"], str(r["n_gen"]), f"{r['tps']:.1f}",
-                 f"{r['tps'] / base:.2f}" if base else "-",
+                 f"{ratio[(r['task'], r['engine'], r['mode'])]:.2f}",
                  "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
                  "-" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}",
                  f"{r['score']:.2f}", {True: "yes", False: "no", "": ""}[r["same"]]]

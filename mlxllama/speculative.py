@@ -216,11 +216,14 @@ def make_config(speculate, num_draft: int = 8, draft_model=None, *, target_model
 class AdaptiveK:
     """Chooses k, the tokens to draft, as the k maximizing E(k) / T(k): E(k) = 1 + a + ... + a^k tokens expected
     per target forward at acceptance rate a, T(k) = time of a forward over k + 1 rows + k draft tokens' time.
+    Drafting is chosen only when it promises `margin` times a plain step's rate.
     Costs are moving averages of measured times per row count (unmeasured counts interpolated, at first a guess
     of 10% more per row); the acceptance rate is a decaying count of kept and rejected drafts, kept per bucket
     (lookup: the length of the n-gram matched, whose drafts are right far more often when longer). A drafter that
     costs nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again;
     a costly one is retried now and then, less often each time it still does not pay."""
+
+    margin = 1.1  # drafting must promise this much over a plain step: a wrong guess costs more than it saves
 
     def __init__(self, k_max: int, adaptive: bool = True, free: bool = True):
         self.k_max, self.adaptive, self.free = k_max, adaptive, free
@@ -257,7 +260,7 @@ class AdaptiveK:
         if not self.adaptive or k_max == 0:
             return k_max
         a = min(self.acceptance(bucket), 0.999)
-        best, best_rate = 0, 1.0 / self.forward_cost(1)
+        best, best_rate = 0, self.margin / self.forward_cost(1)
         expected = 1.0
         for k in range(1, k_max + 1):
             expected += a ** k
