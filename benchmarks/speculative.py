@@ -146,7 +146,8 @@ def main() -> int:
         plain_tokens = results[(task, engine, "plain")][0][0]
         ctx = len(ids_by_task[task]) + len(tokens) / 2
         rows.append(dict(task=task, engine=engine, mode=mode, n_gen=len(tokens), tps=tps, tps_runs=[r[1] for r in runs],
-                         acceptance=None if stats is None or mode == "plain" else stats.acceptance_rate,
+                         acceptance=None if stats is None or mode == "plain" or not stats.drafted
+                         else stats.acceptance_rate,
                          tokens_per_forward=(1.0 if mode == "plain" else None) if stats is None or mode == "plain"
                          else stats.tokens_per_forward,
                          score=roofline.bandwidth_score(per_ctx(ctx), tps, bw),

@@ -74,7 +74,7 @@ class SpecRun:
     def row(self, bytes_per_token: float, bandwidth_gbps: float | None) -> dict:
         s = self.stats
         return dict(task=self.task, mode=self.mode, n_gen=len(self.tokens), tps=self.tps,
-                    acceptance=s.acceptance_rate if self.mode != "plain" else None,
+                    acceptance=s.acceptance_rate if self.mode != "plain" and s.drafted else None,
                     tokens_per_forward=s.tokens_per_forward if s.forwards else 1.0,
                     score=roofline.bandwidth_score(bytes_per_token, self.tps, bandwidth_gbps) if bandwidth_gbps
                     else None)
