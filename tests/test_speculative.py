@@ -211,7 +211,7 @@ def test_smollm2_greedy_lookup_is_plain_greedy(smollm2, backend):
     plain, fast, stats = _both(model, ids, 48, spec.SpeculativeConfig("lookup", 8))
     assert fast == plain
     assert stats.accepted > 0
-    plain, fast, stats = _both(model, ids, 24, spec.SpeculativeConfig("draft", 4, draft_model=model, adaptive=False))
+    plain, fast, stats = _both(model, ids, 12, spec.SpeculativeConfig("draft", 4, draft_model=model, adaptive=False))
     assert fast == plain
 
 
