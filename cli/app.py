@@ -171,6 +171,11 @@ def generate(
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
     parallel: Optional[str] = typer.Option(None, "--parallel", help=PARALLEL_HELP),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from the prompt and output) "
+                                            "or draft (--draft-model): several tokens per forward pass, same output."),
+    num_draft: int = typer.Option(8, "--num-draft", help="Most tokens drafted per forward pass (with --speculate)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model with the same vocabulary "
+                                              "(--speculate draft)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come. Decoding is greedy unless --temp > 0.
@@ -182,14 +187,18 @@ def generate(
       echo "Write a haiku about memory bandwidth" | mlxllama generate - --temp 0.7 --top-p 0.9 --seed 0
       mlxllama generate "def fib(n):" --no-chat -m ./SmolLM2-mlx --backend numpy --max-tokens 64
       mlxllama generate "Name three colors." --stats json 2>stats.json     # -q: no stats at all
+
+      mlxllama generate "Quote this exactly: ..." --speculate lookup --num-draft 8
     """
     from mlxllama.errors import UsageError
     from mlxllama.generate import format_stats, stream_generate
+    from mlxllama.speculative import check_options, make_config
 
     if stats not in STATS_FORMATS:
         raise UsageError(f"--stats must be text or json, got {stats!r}")
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    check_options(speculate, num_draft, draft_model is not None)  # option errors before the model loads
     kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
     if parallel is not None:
         from mlxllama import distributed
@@ -199,6 +208,8 @@ def generate(
             return
     else:
         m, tok = _load(model, backend, revision, numpy_weights)
+    if speculate is not None:
+        kwargs["speculate"] = make_config(speculate, num_draft, draft_model, target_model=m, target_tokenizer=tok)
     use_chat = tok.chat_template is not None if chat is None else chat
     last = None
     bar = PrefillProgress()

@@ -294,6 +294,12 @@ def bench(
                                                                     "the ranks; the submission records them."),
     link: Optional[str] = typer.Option(None, "--link", help="With --parallel: the link the ranks use, recorded "
                                                             "(tb4, tb5, tb5-ring, 10gbe, 1gbe, loopback...)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup or draft: time speculative against "
+                                            "plain decoding on task prompts (acceptance, tokens per forward, "
+                                            "effective score)."),
+    num_draft: int = typer.Option(8, "--num-draft", help="With --speculate: most tokens drafted per forward."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="With --speculate draft: the draft "
+                                              "model (same vocabulary)."),
 ) -> None:
     """Run the benchmark (when no subcommand is given).
 
@@ -302,12 +308,21 @@ def bench(
     \b
       mlxllama bench -m default -p 512 -n 128 -r 5
       mlxllama bench --batch 1,2,4,8,16,32,64 -n 32 --plot sweep.png --chip "M2 Max" --submit results/
+
+      mlxllama bench --speculate lookup -n 128 -r 3
     """
     if ctx.invoked_subcommand is not None:
         return
     opts = parse_options(model, n_prompt, n_gen, repetitions, batch, backend, output, chip, bandwidth, submit, plot)
     shapes = {"depths": parse_depths(depth), "pg": parse_pg(pg)}
     check_chip_claim(opts.chip)
+    if speculate is not None or draft_model is not None:
+        from mlxllama.bench.speculative import run_cli
+
+        typer.echo(run_cli(models=opts.models, backend=opts.backend, speculate=speculate, n_gen=opts.n_gen,
+                           num_draft=num_draft, draft_model=draft_model, repetitions=opts.repetitions,
+                           bandwidth_gbps=opts.bandwidth_gbps, chip=opts.chip))
+        return
     from mlxllama.bench.run import run_bench
     from mlxllama.bench.submissions import validate, write
     from mlxllama.cache import CacheSettings

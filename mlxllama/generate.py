@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .cache import CacheSettings
+from . import speculative as spec
 from .errors import UsageError
 from .memory import check_model, kv_bytes, wired_limit
 from .sampling import Sampler, SamplingParams
@@ -94,7 +95,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     sampling: SamplingParams | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                     sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
                     prefill_progress: Callable[[int, int], None] | None = None, kv_bits: int | None = None,
-                    kv_group_size: int = 64, max_kv_size: int | None = None) -> Iterator[GenerationResponse]:
+                    kv_group_size: int = 64, max_kv_size: int | None = None, speculate: str | None = None,
+                    num_draft: int = 8, draft_model=None) -> Iterator[GenerationResponse]:
     """Generate from a prompt, one GenerationResponse per token.
 
     Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
@@ -103,7 +105,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     an integer k for the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is
     processed (prompt tokens). kv_bits (8 or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that
     many positions (the first 4 and the latest). Before anything is allocated, the memory need is checked
-    (memory.check_model)."""
+    (memory.check_model). speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a
+    reference with the same vocabulary) drafts up to num_draft tokens per forward pass; the output follows plain
+    decoding exactly (speculative.py)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -120,6 +124,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     else:
         raise UsageError(f"logprobs must be true, false or an integer from 0 to 20, got {logprobs!r}")
     chooser = Sampler(sampling or loose)
+    if speculate is not None and (logits_processors or sampler is not None or logprobs is not False):
+        raise UsageError("speculative decoding does not combine with logits_processors, sampler or logprobs yet")
+    speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
     ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
     if max(ids) >= model.args.vocab_size:
         raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
@@ -137,7 +144,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     ops = model.ops
     start = time.perf_counter()
     steps = _steps(model, ids, max_tokens, chooser, prefill_step_size, logits_processors, sampler,
-                   logprobs is not False, prefill_progress, settings)
+                   logprobs is not False, prefill_progress, settings, speculation)
     detok = tokenizer.detokenizer()
     prompt_time = gen_start = None
     finish = None
@@ -193,17 +200,20 @@ def prefill(model, tokens, cache, step: int = 512, progress: Callable[[int, int]
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
                   prefill_step_size: int = 512, prefill_progress=None,
-                  cache_settings: CacheSettings | None = None) -> Iterator[int]:
-    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text)."""
+                  cache_settings: CacheSettings | None = None, speculate: spec.SpeculativeConfig | None = None,
+                  stats: spec.SpeculativeStats | None = None) -> Iterator[int]:
+    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
+    With `speculate`, decoding goes to speculative.decode (counts in `stats`)."""
     for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size,
-                           prefill_progress=prefill_progress, cache_settings=cache_settings):
+                           prefill_progress=prefill_progress, cache_settings=cache_settings, speculate=speculate,
+                           stats=stats):
         yield token
 
 
 def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_step_size: int,
            processors: Sequence[LogitsProcessor] = (), custom: Callable | None = None,
-           logprobs: bool = False, prefill_progress=None,
-           cache_settings: CacheSettings | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
+           logprobs: bool = False, prefill_progress=None, cache_settings: CacheSettings | None = None,
+           speculate=None, stats=None) -> Iterator[tuple[int, np.ndarray | None]]:
     """(token, log-probabilities [vocab] or None) per step.
 
     With greedy sampling and nothing else asking for the logits, the token is chosen on the device (argmax), and
@@ -228,6 +238,13 @@ def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_ste
     length = min(model.args.max_position_embeddings, len(ids) + max_tokens)
     cache = model.make_cache(1, max_len=length, settings=cache_settings)
     with wired_limit(model, kv_bytes(model.args, length, 1, ops.kv_bytes, cache_settings)):
+        if speculate is not None:
+            first = prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size,
+                            prefill_progress)
+            for token in spec.decode(model, cache, first, ids, max_tokens, sampler, speculate,
+                                     prefill=lambda m, t, c: prefill(m, t, c, prefill_step_size), stats=stats):
+                yield token, None
+            return
         yield from _decode(model, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size,
                            prefill_progress)
 

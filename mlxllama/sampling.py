@@ -58,6 +58,23 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """logits: [vocab] float; history: token ids so far (for the repetition penalty)."""
+        order, kept = self._kept(logits, history)
+        if kept is None:
+            return int(order)
+        return int(order[self.rng.choice(kept.shape[0], p=kept)])
+
+    def probs(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """The distribution __call__ draws from, over the whole vocabulary (greedy: all mass on the argmax)."""
+        order, kept = self._kept(logits, history)
+        out = np.zeros(np.shape(logits)[-1], np.float64)
+        if kept is None:
+            out[order] = 1.0
+        else:
+            out[order] = kept
+        return out
+
+    def _kept(self, logits: np.ndarray, history: list[int]):
+        """(argmax, None) when greedy, else (token ids by falling probability, their kept probabilities)."""
         p = self.p
         logits = np.asarray(logits, dtype=np.float64).copy()
         if p.repetition_penalty != 1.0 and history:
@@ -66,7 +83,7 @@ class Sampler:
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
-            return int(np.argmax(logits))
+            return int(np.argmax(logits)), None
         logits /= p.temperature
         logits -= logits.max()
         probs = np.exp(logits)
@@ -84,4 +101,4 @@ class Sampler:
         keep[0] = True
         kept = np.where(keep, sorted_p, 0.0)
         kept /= kept.sum()
-        return int(order[self.rng.choice(kept.shape[0], p=kept)])
+        return order, kept
