@@ -55,6 +55,12 @@ class KVCache:
         self.offset -= n
         return n
 
+    def prefix(self, n: int) -> list:
+        """Copies of the first n tokens' keys and values, [(k, v)] per layer, k and v [B, KV, n, D]: what a prefix
+        cache saves, and gives back to a fresh cache through update() and advance()."""
+        cat = self.ops.concatenate
+        return [(cat([k[:, :, :n]], axis=2), cat([v[:, :, :n]], axis=2)) for k, v in zip(self.keys, self.values)]
+
     def state(self):
         return [a for a in self.keys + self.values if a is not None]
 
