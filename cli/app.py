@@ -283,6 +283,8 @@ from mlxllama_cli.bench import bench_app, estimate  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.command()(estimate)
+from mlxllama_cli.serve import serve  # noqa: E402
+app.command()(serve)
 
 
 def main() -> None:
