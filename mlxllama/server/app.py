@@ -8,8 +8,10 @@ key, 413 for a body over the limit, 429 (with Retry-After) on a full queue, 503 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import signal
 import time
 import uuid
 from collections import Counter
@@ -370,7 +372,17 @@ def run(config: ServeConfig) -> None:
                     **config.engine_options).start()
     model_id = config.model_id or (path.stem if path.is_file() else path.name)
     app = create_app(engine, model_id, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's own re-raises the signal after shutting down: exit 0 instead
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
                                            access_log=False))
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
