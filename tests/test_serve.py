@@ -310,3 +310,18 @@ def test_smollm2_parallel_equals_solo(smollm2):
                 model=MODEL_ID, messages=[{"role": "user", "content": q}], max_tokens=24,
                 temperature=0).choices[0].message.content, questions))
     assert got == expect
+
+
+def test_chat_loop_hook_reuses_the_history(tiny):
+    """What `mlxllama chat` calls per turn: Engine.stream_generate with the whole history, one engine kept."""
+    m, tok = tiny
+    engine = Engine(m, tok, max_batch=1, prefix_cache=PrefixCache(16 << 20))
+    history = [{"role": "user", "content": "Hello world!"}]
+    reply = "".join(r.text for r in engine.stream_generate(history, max_tokens=8, system="Be brief."))
+    assert reply == mlxllama.generate(m, tok, history, max_tokens=8, system="Be brief.")
+    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    before = engine.stats.cached_tokens
+    last = list(engine.stream_generate(history, max_tokens=8, system="Be brief."))[-1]
+    first_turn = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + history[:1])))
+    assert engine.stats.cached_tokens - before >= first_turn - 1
+    assert last.finish_reason in ("stop", "length")
