@@ -23,7 +23,7 @@ def serve(
     prefix_cache_bytes: int = typer.Option(512 << 20, "--prefix-cache-bytes", help="Byte budget of the prefix "
                                                                                    "cache (KV of seen prompts); 0 "
                                                                                    "turns it off."),
-    prefill_chunk: int = typer.Option(64, "--prefill-chunk", help="Most prompt tokens per step while other "
+    prefill_chunk: int = typer.Option(32, "--prefill-chunk", help="Most prompt tokens per step while other "
                                                                   "sequences decode (bounds their stall)."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Model name in /v1/models (default: the "
                                                                     "file's or folder's name)."),

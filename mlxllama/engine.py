@@ -148,7 +148,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64,
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 32,
                  prefill_step: int = 512, prefix_cache: PrefixCache | None = None,
                  make_cache: Callable[[int], object] | None = None):
         """make_cache(max_len) -> a fresh cache for one sequence (default: model.make_cache(1, max_len)); the

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import json
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -43,7 +44,7 @@ class ServeConfig:
     model_id: str | None = None  # the name /v1/models reports and requests may give; default: the file's stem
     max_batch: int = 8
     max_queue: int = 64
-    prefill_chunk: int = 64
+    prefill_chunk: int = 32
     prefix_cache_bytes: int = 512 << 20
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
@@ -364,6 +365,13 @@ def run(config: ServeConfig) -> None:
     from .. import api
     from ..prefix_cache import PrefixCache
 
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     path = api.resolve(config.model, config.revision)
     model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
     engine = Engine(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
@@ -387,4 +395,7 @@ def run(config: ServeConfig) -> None:
                                            access_log=False))
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
           f"max batch {config.max_batch})", flush=True)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
