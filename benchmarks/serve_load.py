@@ -117,11 +117,11 @@ async def one_stream(client: httpx.AsyncClient, server: Server, content: str, to
     return {"start": t0, "arrivals": arrivals, "tokens": n}
 
 
-async def load(server: Server, streams: int, tokens: int, timeout: float) -> dict:
+async def load(server: Server, streams: int, tokens: int, timeout: float, salt: int = 0) -> dict:
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 4)) as client:
         t0, c0 = time.perf_counter(), cpu_seconds(server.proc.pid)
-        res = await asyncio.gather(*(one_stream(client, server, QUESTIONS[i % len(QUESTIONS)], tokens, timeout)
-                                     for i in range(streams)))
+        res = await asyncio.gather(*(one_stream(client, server, f"({salt}.{i}) {QUESTIONS[i % len(QUESTIONS)]}",
+                                                tokens, timeout) for i in range(streams)))
         wall, cpu = time.perf_counter() - t0, cpu_seconds(server.proc.pid) - c0
     ttft = [r["arrivals"][0] - r["start"] for r in res if r["arrivals"]]
     itl = [b - a for r in res for a, b in zip(r["arrivals"], r["arrivals"][1:])]
@@ -134,14 +134,15 @@ async def load(server: Server, streams: int, tokens: int, timeout: float) -> dic
             "ttft99": pct(ttft, 99), "itl50": pct(itl, 50), "itl99": pct(itl, 99)}
 
 
-async def join_test(server: Server, streams: int, join_words: int, tokens: int, timeout: float) -> dict:
+async def join_test(server: Server, streams: int, join_words: int, tokens: int, timeout: float,
+                    salt: int = 0) -> dict:
     """Streams decode; once each has a few tokens a long prompt joins. ITL of the running streams from the join
     until the long request's first token, against their ITL median over the whole run."""
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 4)) as client:
         progress = [[] for _ in range(streams)]
-        tasks = [asyncio.create_task(one_stream(client, server, QUESTIONS[i], tokens, timeout, progress[i]))
-                 for i in range(streams)]
-        long_prompt = " ".join((JOIN_WORDS * (join_words // 10 + 1)).split()[:join_words])
+        tasks = [asyncio.create_task(one_stream(client, server, f"(join {salt}.{i}) {QUESTIONS[i]}", tokens,
+                                                timeout, progress[i])) for i in range(streams)]
+        long_prompt = f"({salt}) " + " ".join((JOIN_WORDS * (join_words // 10 + 1)).split()[:join_words])
         deadline = time.monotonic() + timeout  # until every running stream has a few tokens
         while time.monotonic() < deadline and not all(len(p) >= 4 for p in progress):
             if all(t.done() for t in tasks):
@@ -178,13 +179,14 @@ def start_servers(args, gguf: Path) -> list[Server]:
                                             "--n_threads", str(args.threads), "--n_threads_batch",
                                             str(args.threads), "--model_alias", "model",
                                             "--interrupt_requests", "False"], port, "model", env))
-    if "llama-server" in engines:  # llama.cpp's own server: continuous batching over -np slots
+    if "llama-server" in engines:  # llama.cpp's own server: continuous batching over -np slots; --poll 0: its
+        # threads sleep rather than spin while waiting (spinning collapses on cores shared with other processes)
         port = free_port()
         slots = max(args.streams)
         servers.append(Server("llama-server", [args.llama_server, "-m", str(gguf), "--port", str(port),
                                                "--host", "127.0.0.1", "-np", str(slots), "-c", str(1024 * slots),
                                                "-t", str(args.threads), "-tb", str(args.threads), "-a", "model",
-                                               "--no-webui"], port, "model", env))
+                                               "--no-webui", "--poll", "0"], port, "model", env))
     if "mlx-lm" in engines:
         from mlxllama.convert import convert_model
 
@@ -248,9 +250,9 @@ def main(argv=None) -> int:
             results[s.name] = {"loads": []}
         for b in args.streams:
             runs: dict[str, list] = {s.name: [] for s in live}
-            for _ in range(args.reps):
+            for rep in range(args.reps):
                 for s in live:  # engines alternate at each load level: a shared machine's load hits both alike
-                    r = asyncio.run(load(s, b, args.tokens, args.timeout))
+                    r = asyncio.run(load(s, b, args.tokens, args.timeout, salt=1000 * b + rep))
                     runs[s.name].append(r)
                     print(f"{s.name:10s} B={b:<3d} {r['aggregate']:7.1f} tok/s aggregate", file=sys.stderr,
                           flush=True)
@@ -258,8 +260,8 @@ def main(argv=None) -> int:
                 rs = sorted(runs[s.name], key=lambda r: r["aggregate"])
                 results[s.name]["loads"].append(dict(rs[len(rs) // 2], reps=[r["aggregate"] for r in rs]))
         for s in live:
-            joins = sorted((asyncio.run(join_test(s, args.join_streams, args.join_tokens, 48, args.timeout))
-                            for _ in range(args.reps)), key=lambda j: j["ratio"])
+            joins = sorted((asyncio.run(join_test(s, args.join_streams, args.join_tokens, 48, args.timeout,
+                                                  salt=rep)) for rep in range(args.reps)), key=lambda j: j["ratio"])
             results[s.name]["join"] = joins[len(joins) // 2]
     finally:
         for s in servers:
