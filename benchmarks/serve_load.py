@@ -186,7 +186,8 @@ def start_servers(args, gguf: Path) -> list[Server]:
         servers.append(Server("llama-server", [args.llama_server, "-m", str(gguf), "--port", str(port),
                                                "--host", "127.0.0.1", "-np", str(slots), "-c", str(1024 * slots),
                                                "-t", str(args.threads), "-tb", str(args.threads), "-a", "model",
-                                               "--no-webui", "--poll", "0"], port, "model", env))
+                                               "--no-webui", "--poll", "0", *args.llama_server_args.split()],
+                                port, "model", env))
     if "mlx-lm" in engines:
         from mlxllama.convert import convert_model
 
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-server", default=shutil.which("llama-server"),
                     help="llama.cpp's llama-server binary (built from the source llama-cpp-python vendors); "
                          "adds the engine llama-server")
+    ap.add_argument("--llama-server-args", default="", help="more llama-server options, e.g. '-c 4096'")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="mlxllama serve --prefill-chunk")
     ap.add_argument("--reps", type=int, default=1, help="repetitions of each load level (the median is shown)")
     ap.add_argument("--join-streams", type=int, default=4)
