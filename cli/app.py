@@ -429,6 +429,8 @@ app.command()(estimate)
 from mlxllama_cli.quality import register as _register_quality  # noqa: E402
 
 _register_quality(app)
+from mlxllama_cli.serve import serve  # noqa: E402
+app.command()(serve)
 
 
 def main() -> None:

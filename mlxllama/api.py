@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import backends, loaders
 from .config import ModelArgs
+from .engine import BatchResponse, batch_generate  # noqa: F401  (re-exported)
 from .generate import GenerationResponse, generate, stream_generate  # noqa: F401  (re-exported)
 from .model import Model
 
@@ -41,4 +42,5 @@ def load(ref: str | Path | None = None, backend: str = "auto", revision: str | N
     return Model(args, weights, ops, release=True), tokenizer
 
 
-__all__ = ["load", "load_weights", "generate", "stream_generate", "GenerationResponse", "Model", "ModelArgs"]
+__all__ = ["load", "load_weights", "generate", "stream_generate", "batch_generate", "BatchResponse",
+           "GenerationResponse", "Model", "ModelArgs"]

@@ -138,6 +138,13 @@ class KVCache:
         self.offset -= n
         return n
 
+    def prefix(self, n: int) -> list:
+        """Copies of the first n tokens' keys and values, [(k, v)] per layer, k and v [B, KV, n, D]: what a prefix
+        cache saves, and gives back to a fresh cache through update() and advance(). Float caches only: the
+        quantized and rotating caches set prefix to None."""
+        cat = self.ops.concatenate
+        return [(cat([k[0][:, :, :n]], axis=2), cat([v[0][:, :, :n]], axis=2)) for k, v in zip(self.keys, self.values)]
+
     def state(self):
         return [a for parts in self.keys + self.values if parts is not None for a in parts]
 
@@ -149,6 +156,8 @@ class KVCache:
 class QuantizedKVCache(KVCache):
     """Keys and values quantized as they are stored (ops.quantize_kv: mx.quantize's format on MLX, bit for bit the
     same in numpy); update returns QuantizedKV tuples."""
+
+    prefix = None  # the prefix cache holds float K/V
 
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
                  grow: bool = False, bits: int = 8, group_size: int = 64):
@@ -172,6 +181,8 @@ class RotatingKVCache(KVCache):
     tokens that overflows gets the kept positions in temporal order with the chunk appended, so that its causal
     mask holds, and the buffer is rewritten in order from that (mlx-lm's RotatingKVCache does the same).
     """
+
+    prefix = None  # positions may have been overwritten: nothing to save as a prefix
 
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_size: int,
                  keep: int = 4):

@@ -132,6 +132,13 @@ class Model:
 
     def _attn_in_impl(self, h, layer: Layer, offset):
         """h [B, L, hidden] -> q [B, H, L, D], k and v [B, KV, L, D], q and k rotated for positions offset..."""
+        H = self.args.num_attention_heads
+        qk, v = self._qkv_heads(h, layer)
+        qk = self.ops.rope(qk, offset, self.rope)
+        return qk[:, :H], qk[:, H:], v
+
+    def _qkv_heads(self, h, layer: Layer):
+        """h [B, L, hidden] -> q and k heads together [B, H + KV, L, D] (normed, not rotated), v [B, KV, L, D]."""
         ops, a = self.ops, self.args
         B, L, _ = h.shape
         H, KV, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
@@ -142,9 +149,35 @@ class Model:
         qk = qkv[..., : (H + KV) * D].reshape(B, L, H + KV, D)
         if layer.qk_norm is not None:
             qk = ops.rms_norm(qk, layer.qk_norm, a.rms_norm_eps)
-        qk = ops.rope(qk.transpose(0, 2, 1, 3), offset, self.rope)
         v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-        return qk[:, :H], qk[:, H:], v
+        return qk.transpose(0, 2, 1, 3), v
+
+    def forward_batch(self, chunks: list, caches: list):
+        """One step over several sequences, each with its own cache: chunks[i] is sequence i's new token ids (one
+        decode token, or a piece of its prompt). The linears run once over all sequences' rows, flattened
+        together; RoPE and attention run per sequence against its own cache. Returns the logits of each chunk's
+        last token, [len(chunks), vocab]."""
+        ops, a = self.ops, self.args
+        H = a.num_attention_heads
+        lens = [len(c) for c in chunks]
+        ends = np.cumsum(lens)
+        tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
+        with ops.forward_scope(int(ends[-1])):
+            h = ops.embedding(self.embed, tokens)
+            for i, layer in enumerate(self.layers):
+                qk, v = self._qkv_heads(h, layer)
+                outs = []
+                for cache, n, end in zip(caches, lens, ends):
+                    rows = slice(int(end) - n, int(end))
+                    qk_s = ops.rope(qk[:, :, rows], cache.offset, self.rope)
+                    k, vv = cache.update(i, qk_s[:, H:], v[:, :, rows])
+                    outs.append(ops.attention(qk_s[:, :H], k, vv, a.head_dim ** -0.5, causal=True,
+                                              window=a.sliding_window))
+                h = self._attn_out_mlp(h, outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=2), layer)
+            for cache, n in zip(caches, lens):
+                cache.advance(n)
+            last = [h[:, int(e) - 1: int(e)] for e in ends]
+            return self.head(last[0] if len(last) == 1 else ops.concatenate(last, axis=1))[0]
 
     def _attn_out_mlp_impl(self, h, o, layer: Layer):
         """The attention output projection and the MLP, each added to the residual stream h."""

@@ -39,6 +39,7 @@ WEIGHT_MODES = ("float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
 _PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
+_GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2.._PARALLEL_ROWS - 1 rows
 
 
 class QLinear:
@@ -178,7 +179,14 @@ class NumpyOps:
             y = self._quantized_matmul(x2, w)
         elif rows == 1:
             y = np.matmul(x2[0], w)
-        elif rows < _PARALLEL_ROWS or self.threads == 1:
+        elif rows < _PARALLEL_ROWS:
+            # a few rows (a batched decode step): a packed sgemm over the whole weight would copy all of it per
+            # call; instead one column block at a time, each small enough to stay in cache while every row uses it
+            y = np.empty((rows, w.shape[1]), np.float32)
+            step = max(64, _GEMM_BLOCK // (4 * w.shape[0]) // 64 * 64)
+            blocks = [slice(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
+            self._run(lambda c: np.matmul(x2, w[:, c], out=y[:, c]), blocks)
+        elif self.threads == 1:
             y = np.matmul(x2, w)
         else:
             y = np.empty((rows, w.shape[1]), np.float32)

@@ -1,0 +1,56 @@
+"""`mlxllama serve`: the OpenAI-compatible server (mlxllama/server/app.py). Options map one to one onto ServeConfig."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from mlxllama.errors import UsageError
+
+
+def serve(
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model: a folder, a .gguf file, an HF repo id or "
+                                                                     "'default'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the "
+                                                         "network (then set --api-key)."),
+    port: int = typer.Option(8080, "--port"),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most sequences decoding at once."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a batch slot; more get 429."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' "
+                                                                   "(default: $MLXLLAMA_API_KEY)."),
+    prefix_cache_bytes: int = typer.Option(512 << 20, "--prefix-cache-bytes", help="Byte budget of the prefix "
+                                                                                   "cache (KV of seen prompts); 0 "
+                                                                                   "turns it off."),
+    prefill_chunk: int = typer.Option(32, "--prefill-chunk", help="Most prompt tokens per step while other "
+                                                                  "sequences decode (bounds their stall)."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Model name in /v1/models (default: the "
+                                                                    "file's or folder's name)."),
+    max_body_bytes: int = typer.Option(8 << 20, "--max-body-bytes", help="Largest request body accepted."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to "
+                                                                            "finish on SIGTERM."),
+    backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
+    revision: Optional[str] = typer.Option(None, "--revision"),
+    numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy backend: float32 or "
+                                                                              "quantized."),
+):
+    """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
+
+    Example:
+
+      mlxllama serve -m default --port 8080 --max-batch 8
+    """
+    from mlxllama.server.app import ServeConfig, run
+
+    for name, v in (("--port", port), ("--max-batch", max_batch), ("--max-queue", max_queue),
+                    ("--prefill-chunk", prefill_chunk), ("--max-body-bytes", max_body_bytes)):
+        if v < 1 or (name == "--port" and v > 65535):
+            raise UsageError(f"{name} must be a positive integer{' up to 65535' if name == '--port' else ''}")
+    if prefix_cache_bytes < 0 or shutdown_timeout < 0:
+        raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
+    run(ServeConfig(model=model, host=host, port=port, backend=backend, revision=revision,
+                    numpy_weights=numpy_weights, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
+                    prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
+                    api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
+                    shutdown_timeout=shutdown_timeout))

@@ -1,0 +1,119 @@
+"""Request bodies in OpenAI's shapes, validated by pydantic. Unknown keys are ignored; OpenAI parameters that this
+server does not implement are rejected when set (never silently ignored)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    model_validator,
+)
+
+MAX_MESSAGES = 4096
+MAX_STOP = 16
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Generation(_Body):
+    model: Optional[str] = None
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, lt=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2 ** 63)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    user: Optional[str] = None
+    # OpenAI parameters this server does not implement: rejected when set
+    logit_bias: Optional[dict] = None
+    tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    response_format: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("logit_bias", "tools", "tool_choice"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("response_format other than text is not supported by this server")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class CompletionRequest(_Generation):
+    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: Optional[str] = None
+    best_of: Optional[StrictInt] = Field(None, ge=1, le=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        p = self.prompt
+        if isinstance(p, list) and p and not isinstance(p[0], int):
+            if len(p) != 1:
+                raise ValueError("one prompt per request (send several requests: they are batched)")
+            self.prompt = p[0]
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.prompt in ("", []):
+            raise ValueError("the prompt is empty")
+        return self

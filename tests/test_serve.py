@@ -1,0 +1,327 @@
+"""`mlxllama serve` against real clients over a real loopback socket: the official openai package, httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+import mlxllama
+from mlxllama.engine import Engine
+from mlxllama.prefix_cache import PrefixCache
+from mlxllama.server.app import ServeConfig, create_app
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+MODEL_ID = "tiny"
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tiny_hf, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_chat") / "tiny"
+    shutil.copytree(tiny_hf, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(chat_folder):
+    return mlxllama.load(chat_folder, backend="numpy")
+
+
+@contextmanager
+def serving(model, tok, **options):
+    """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port); yields (base_url, engine)."""
+    import uvicorn
+
+    engine_opts = {k: options.pop(k) for k in ("max_batch", "max_queue", "prefill_chunk") if k in options}
+    engine = Engine(model, tok, prefix_cache=PrefixCache(options.pop("prefix_cache_bytes", 32 << 20)),
+                    **engine_opts).start()
+    config = ServeConfig(shutdown_timeout=2.0, **options)
+    app = create_app(engine, MODEL_ID, config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with serving(*tiny, max_batch=8) as s:
+        yield s
+
+
+def client(base):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def wait_for(cond, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+MSGS = [[{"role": "user", "content": c}] for c in ("Hello world!", "The quick brown fox", "Numbers: 1 2 3",
+                                                   "Memory bandwidth", "def main():", "café crème")]
+
+
+def solo_chat(tiny, messages, n):
+    m, tok = tiny
+    return mlxllama.generate(m, tok, messages, max_tokens=n)
+
+
+def test_openai_chat_and_stream(server, tiny):
+    base, _ = server
+    c = client(base)
+    r = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=12, temperature=0)
+    text = r.choices[0].message.content
+    assert text == solo_chat(tiny, MSGS[0], 12)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # the same prompt again: its KV comes from the prefix cache, streamed requests included
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+
+
+def test_openai_completions_with_logprobs(server, tiny):
+    base, _ = server
+    m, tok = tiny
+    r = client(base).completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=6, temperature=0,
+                                        logprobs=2)
+    assert r.choices[0].text == mlxllama.generate(m, tok, "The quick brown", max_tokens=6)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == r.usage.completion_tokens and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_second_chat_turn_reuses_the_first(server):
+    base, _ = server
+    c = client(base)
+    turn1 = [{"role": "user", "content": "Apple Silicon has unified memory"}]
+    a = c.chat.completions.create(model=MODEL_ID, messages=turn1, max_tokens=8, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": a.choices[0].message.content},
+                     {"role": "user", "content": "and more?"}]
+    b = c.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=8, temperature=0)
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens - 1
+
+
+def test_parallel_greedy_requests_equal_their_solo_outputs(server, tiny):
+    base, engine = server
+    c = client(base)
+    expect = [solo_chat(tiny, msgs, 16) for msgs in MSGS]
+    before = dict(engine.stats.batch_sizes)
+
+    def ask(msgs):
+        return c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=16, temperature=0,
+                                         stream=True)
+
+    with ThreadPoolExecutor(len(MSGS)) as pool:
+        streams = list(pool.map(ask, MSGS))
+        got = list(pool.map(lambda s: "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices),
+                            streams))
+    assert got == expect
+    batched = {k: v - before.get(k, 0) for k, v in engine.stats.batch_sizes.items() if k > 1}
+    assert any(v > 0 for v in batched.values())  # they did share steps
+
+
+def test_disconnect_frees_the_sequence(server):
+    base, engine = server
+    cancelled = engine.stats.requests["cancelled"]
+    body = {"model": MODEL_ID, "messages": MSGS[1], "max_tokens": 200, "temperature": 1.0, "seed": 1,
+            "stop": ["never-appears"], "stream": True}
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                    break
+            assert engine.active == 1
+    assert wait_for(lambda: engine.stats.requests["cancelled"] > cancelled and engine.active == 0)
+
+
+def test_errors_are_openai_json(server):
+    base, _ = server
+    url = base + "/v1/chat/completions"
+    ok = {"model": MODEL_ID, "messages": MSGS[0], "max_tokens": 2}
+    cases = [
+        (b"{not json", "invalid_json", None),
+        (dict(ok, temperature="hot"), "invalid_value", "temperature"),
+        (dict(ok, temperature=5), "invalid_value", "temperature"),
+        (dict(ok, top_p=0), "invalid_value", "top_p"),
+        (dict(ok, max_tokens=0), "invalid_value", "max_tokens"),
+        (dict(ok, seed=-1), "invalid_value", "seed"),
+        (dict(ok, messages=[]), "invalid_value", "messages"),
+        (dict(ok, messages=[{"role": "user", "content": "x"}] * 5000), "invalid_value", "messages"),
+        (dict(ok, messages=[{"role": "wizard", "content": "x"}]), "invalid_value", None),
+        (dict(ok, messages=[{"role": "user", "content": "word " * 2000}]), "context_length_exceeded", "messages"),
+        (dict(ok, model="gpt-4"), "model_not_found", "model"),
+        (dict(ok, n=2), "invalid_value", "n"),
+        (dict(ok, tools=[{"type": "function"}]), "invalid_value", None),
+        (dict(ok, top_logprobs=2), "invalid_value", None),
+    ]
+    with httpx.Client(timeout=30) as h:
+        for body, code, param in cases:
+            if isinstance(body, bytes):
+                r = h.post(url, content=body, headers={"content-type": "application/json"})
+            else:
+                r = h.post(url, json=body)
+            assert r.status_code == 400, (body if isinstance(body, bytes) else list(body), r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+            assert err["code"] == code and err["message"]
+            if param:
+                assert err["param"] == param
+        r = h.post(base + "/v1/completions", json={"model": MODEL_ID, "prompt": [5, 10 ** 9]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = h.post(url, content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        # the engine is still serving
+        assert h.post(url, json=ok).status_code == 200
+        assert h.get(base + "/health").json() == {"status": "ok"}
+        assert h.get(base + "/v1/models").json()["data"][0]["id"] == MODEL_ID
+        text = h.get(base + "/metrics").text
+    for name in ("mlxllama_requests_total", "mlxllama_prompt_tokens_total", "mlxllama_completion_tokens_total",
+                 "mlxllama_queue_depth", "mlxllama_batch_size_bucket", "mlxllama_prefix_cache_hit_tokens_total",
+                 "mlxllama_decode_tokens_per_second", "mlxllama_achieved_gbps"):
+        assert name in text
+
+
+def test_full_queue_answers_429(tiny, monkeypatch):
+    m, tok = tiny
+    forward = m.forward_batch
+
+    def slow(chunks, caches):  # a model slow enough that the first request is still running
+        time.sleep(0.02)
+        return forward(chunks, caches)
+
+    monkeypatch.setattr(m, "forward_batch", slow)
+    long = {"model": MODEL_ID, "messages": MSGS[2], "max_tokens": 200, "temperature": 1.0, "seed": 3,
+            "stop": ["never-appears"], "stream": True}
+    with serving(m, tok, max_batch=1, max_queue=1) as (base, engine):
+        with httpx.Client(timeout=30) as h1, httpx.Client(timeout=30) as h2, httpx.Client(timeout=30) as h3:
+            with h1.stream("POST", base + "/v1/chat/completions", json=long) as r1:
+                assert wait_for(lambda: engine.active == 1)
+                with h2.stream("POST", base + "/v1/chat/completions", json=long) as r2:
+                    assert wait_for(lambda: engine.stats.waiting == 1)
+                    r3 = h3.post(base + "/v1/chat/completions", json=dict(long, stream=False))
+                    assert r3.status_code == 429 and r3.headers["retry-after"] == "1"
+                    assert r3.json()["error"]["type"] == "rate_limit_error"
+                    assert r1.status_code == 200 and r2.status_code == 200
+
+
+def test_api_key(tiny):
+    with serving(*tiny, api_key="s3cret") as (base, _):
+        with httpx.Client(timeout=30) as h:
+            body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 2}
+            assert h.post(base + "/v1/completions", json=body).status_code == 401
+            r = h.post(base + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert h.get(base + "/health").status_code == 200
+        from openai import AuthenticationError, OpenAI
+
+        with pytest.raises(AuthenticationError):
+            client(base).models.list()
+        ok = OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_cli_serve_and_sigterm(chat_folder, tmp_path):
+    """`mlxllama serve` in its own process: streams to the openai client; SIGTERM finishes in-flight requests
+    and exits 0."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder),
+                             "--backend", "numpy", "--port", str(port), "--model-id", MODEL_ID,
+                             "--shutdown-timeout", "20"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _healthy(base) or proc.poll() is not None, 60) and proc.poll() is None
+        c = client(base)
+        stream = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=40, temperature=0,
+                                           stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        proc.send_signal(signal.SIGTERM)
+        rest = [ch for ch in stream]
+        assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.slow
+def test_smollm2_parallel_equals_solo(smollm2):
+    m, tok = mlxllama.load(smollm2, backend="numpy")
+    questions = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 2+2?", "Name three fruits."]
+    expect = [mlxllama.generate(m, tok, [{"role": "user", "content": q}], max_tokens=24) for q in questions]
+    with serving(m, tok, max_batch=4) as (base, _):
+        c = client(base)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda q: c.chat.completions.create(
+                model=MODEL_ID, messages=[{"role": "user", "content": q}], max_tokens=24,
+                temperature=0).choices[0].message.content, questions))
+    assert got == expect
+
+
+def test_chat_loop_hook_reuses_the_history(tiny):
+    """What `mlxllama chat` calls per turn: Engine.stream_generate with the whole history, one engine kept."""
+    m, tok = tiny
+    engine = Engine(m, tok, max_batch=1, prefix_cache=PrefixCache(16 << 20))
+    history = [{"role": "user", "content": "Hello world!"}]
+    reply = "".join(r.text for r in engine.stream_generate(history, max_tokens=8, system="Be brief."))
+    assert reply == mlxllama.generate(m, tok, history, max_tokens=8, system="Be brief.")
+    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    before = engine.stats.cached_tokens
+    last = list(engine.stream_generate(history, max_tokens=8, system="Be brief."))[-1]
+    first_turn = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + history[:1])))
+    assert engine.stats.cached_tokens - before >= first_turn - 1
+    assert last.finish_reason in ("stop", "length")
