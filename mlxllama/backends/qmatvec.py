@@ -1,0 +1,266 @@
+"""Fused products over MLX's packed 4-bit and 8-bit affine weights, read as stored (numba).
+
+A weight stays in the loader's layout: uint32 words [out, in * bits / 32] (viewed as bytes: with 4 bits, byte k of
+a row holds inputs 2k in its low nibble and 2k + 1 in its high one), scales and biases [out, in / group] in
+float16 or float32. Nothing is widened at load; resident memory is the file's.
+
+A product with a few rows (decode, small batches) never forms float weights. Each input row is quantized to int16
+per block of 32 (x ~ dx_b * xq, |xq| <= 32767, a relative error under 2e-5 of the block's largest value), then
+    y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + sum_g bias[o, g] * sum(x_g)
+with the 32-term integer dot products done in 16-lane int32 vectors (x86: vpmaddwd, vpdpwssd with VNNI; arm64:
+smlal) and summed in 16 float lanes per output row. The vector code is generic LLVM IR (see _block_dot), compiled
+by numba for the CPU it runs on, so no instruction set is assumed at install. Sums of x per group use x itself.
+Numba's scalar integer arithmetic widens to int64, and its SLP vectorizer is off; spelling the block product as
+LLVM vectors is what makes it SIMD (about three times the speed of the best plain-numba loop).
+
+Many rows (prefill) use float32 products instead: a block of output rows is dequantized into a cache-sized
+float32 buffer and multiplied with BLAS (dequantize_rows).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+BITS = (4, 8)
+_BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _vec(t, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _half_to_float(builder, h):
+    """IR: float16 bits (i16) -> float32, exact (normal: exponent rebiased; subnormal: mantissa * 2**-24)."""
+    h = builder.zext(h, _I32)
+    sign = builder.shl(builder.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+    mag = builder.and_(h, ir.Constant(_I32, 0x7FFF))
+    normal = builder.bitcast(builder.or_(sign, builder.add(builder.shl(mag, ir.Constant(_I32, 13)),
+                                                           ir.Constant(_I32, 112 << 23))), _F32)
+    sub = builder.fmul(builder.uitofp(mag, _F32), ir.Constant(_F32, 2.0 ** -24))
+    sub = builder.select(builder.icmp_unsigned("!=", sign, ir.Constant(_I32, 0)),
+                         builder.fsub(ir.Constant(_F32, -0.0), sub), sub)
+    return builder.select(builder.icmp_unsigned("<", mag, ir.Constant(_I32, 0x400)), sub, normal)
+
+
+def _load_scale(builder, ptr, half: bool):
+    v = builder.load(ptr)
+    return _half_to_float(builder, v) if half else v
+
+
+def _row_dot(bits: int):
+    """An intrinsic computing one output of the fused product (see the module doc):
+        sum_b scales[g(b)] * dx[b] * (codes of block b . xq[32 b: 32 b + 32]) + sum_g biases[g] * xsum[g]
+    over blocks b < nblk, g(b) = b >> shift. The arrays are passed whole with the element offset of the row
+    (w: bytes of the codes; scales and biases: float32, or float16 as uint16 bits). xq is int16, for 4 bits
+    permuted per block (16 even inputs, then 16 odd ones, matching the low and high nibbles)."""
+
+    @intrinsic
+    def row_dot(typingctx, w, woff, xq, xoff, dx, dxoff, scales, biases, soff, xsum, xsoff, nblk, shift):
+        sig = types.float32(w, types.intp, xq, types.intp, dx, types.intp, scales, biases, types.intp, xsum,
+                            types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            (w_, woff_, xq_, xoff_, dx_, dxoff_, sc_, bi_, soff_, xs_, xsoff_, nblk_, shift_) = args
+            at = signature.args
+
+            def base(i, arg, off):
+                return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
+
+            half = at[6].dtype == types.uint16
+            wrow, xrow, dxrow = base(0, w_, woff_), base(2, xq_, xoff_), base(4, dx_, dxoff_)
+            srow, brow, xsrow = base(6, sc_, soff_), base(7, bi_, soff_), base(9, xs_, xsoff_)
+            idx = woff_.type
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
+            with cgutils.for_range(builder, nblk_) as loop:
+                b = loop.index
+                wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
+                if bits == 4:
+                    packed = builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1)
+                    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
+                    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
+                    codes = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
+                else:
+                    codes = builder.load(builder.bitcast(wp, _vec(_I8, 32).as_pointer()), align=1)
+                xb = builder.gep(xrow, [builder.mul(b, ir.Constant(idx, 32))])
+                xv = builder.load(builder.bitcast(xb, _vec(_I16, 32).as_pointer()), align=2)
+                v32 = _vec(_I32, 32)
+                m = builder.mul(builder.zext(codes, v32), builder.sext(xv, v32))
+                # adjacent pairs summed: the form of x86's vpmaddwd (vpdpwssd with VNNI)
+                p = builder.add(builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 16), list(range(0, 32, 2)))),
+                                builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 16), list(range(1, 32, 2)))))
+                scale = _load_scale(builder, builder.gep(srow, [builder.ashr(b, shift_)]), half)
+                f = builder.fmul(builder.load(builder.gep(dxrow, [b])), scale, flags=("fast",))
+                fv = builder.insert_element(ir.Constant(_vec(_F32, 16), None), f, ir.Constant(_I32, 0))
+                fv = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 16), [0] * 16))
+                term = builder.fmul(builder.sitofp(p, _vec(_F32, 16)), fv, flags=("fast",))
+                builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
+            bacc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+            with cgutils.for_range(builder, builder.ashr(nblk_, shift_)) as loop:
+                g = loop.index
+                t = builder.fmul(_load_scale(builder, builder.gep(brow, [g]), half),
+                                 builder.load(builder.gep(xsrow, [g])), flags=("fast",))
+                builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
+            v, n = builder.load(acc), 16
+            while n > 1:  # pairwise horizontal sum
+                n //= 2
+                a = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
+                c = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
+                v = builder.fadd(a, c, flags=("fast",))
+            return builder.fadd(builder.extract_element(v, ir.Constant(_I32, 0)), builder.load(bacc),
+                                flags=("fast",))
+
+        return sig, codegen
+
+    return row_dot
+
+
+_dot4 = _row_dot(4)
+_dot8 = _row_dot(8)
+
+
+@intrinsic
+def _float_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of an integer."""
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], _I32) if args[0].type.width > 32 else args[0], _F32)
+
+    return sig, codegen
+
+
+def _widen(s):
+    """A scale or bias as float32: float32 as is, float16 (held as its uint16 bits) converted exactly."""
+
+
+@overload(_widen, inline="always")
+def _widen_impl(s):
+    if isinstance(s, types.Float):
+        return lambda s: np.float32(s)
+
+    def half(s):
+        h = np.int64(s)
+        # sign to bit 31, exponent and mantissa to bits 13..30; 2**112 rebiases the exponent (subnormals too)
+        return _float_bits(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)) * np.float32(5.192296858534828e33)
+
+    return half
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def quantize_input(x2, bits, group_size, xq, dx, xsum):
+    """x2 [rows, in] float32 -> xq int16 [rows, in] (permuted per block of 32 for 4 bits), dx [rows, in / 32]
+    (xq * dx ~ x), xsum [rows, in / group_size] (sums of x per weight group)."""
+    rows, n = x2.shape
+    for r in range(rows):
+        for b in range(n // _BLOCK):
+            s = b * _BLOCK
+            m = np.float32(0)
+            for i in range(_BLOCK):
+                m = max(m, abs(x2[r, s + i]))
+            d = m / np.float32(32767)
+            inv = np.float32(32767) / m if m > 0 else np.float32(0)
+            dx[r, b] = d
+            for i in range(_BLOCK):
+                j = s + (i // 2 + 16 * (i % 2) if bits == 4 else i)
+                xq[r, j] = np.int16(min(max(np.rint(x2[r, s + i] * inv), -32767), 32767))
+        for g in range(n // group_size):
+            t = np.float32(0)
+            for i in range(g * group_size, (g + 1) * group_size):
+                t += x2[r, i]
+            xsum[r, g] = t
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _rows(w, scales, biases, bits, group_size, xq, dx, xsum, y, o0, o1):
+    """y[:, o0:o1] for the quantized input (quantize_input); w is the weight's bytes [out, in * bits / 8]."""
+    rows, n = xq.shape
+    nblk = n // _BLOCK
+    shift = {32: 0, 64: 1, 128: 2}[group_size]
+    ngroups = scales.shape[1]
+    for o in range(o0, o1):
+        for r in range(rows):
+            if bits == 4:
+                y[r, o] = _dot4(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, xsum,
+                                r * ngroups, nblk, shift)
+            else:
+                y[r, o] = _dot8(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, xsum,
+                                r * ngroups, nblk, shift)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _rows_parallel(w, scales, biases, bits, group_size, xq, dx, xsum, y, chunks):
+    n_out = w.shape[0]
+    step = -(-n_out // chunks)
+    for c in prange(chunks):
+        _rows(w, scales, biases, bits, group_size, xq, dx, xsum, y, c * step, min(n_out, (c + 1) * step))
+
+
+@njit(cache=True, nogil=True)
+def dequantize_rows(w, scales, biases, bits, group_size, o0, o1, out):
+    """Rows o0..o1 of the weight as float32 into out [o1 - o0, in]: scale * q + bias rounded twice (no fused
+    multiply-add), the very weights quant.dequantize forms with float32 scales."""
+    n = out.shape[1]
+    for o in range(o0, o1):
+        for g in range(n // group_size):
+            s = _widen(scales[o, g])
+            t = _widen(biases[o, g])
+            base = g * group_size
+            if bits == 4:
+                for k in range(group_size // 2):
+                    byte = w[o, base // 2 + k]
+                    out[o - o0, base + 2 * k] = np.float32(byte & 15) * s + t
+                    out[o - o0, base + 2 * k + 1] = np.float32(byte >> 4) * s + t
+            else:
+                for i in range(base, base + group_size):
+                    out[o - o0, i] = np.float32(w[o, i]) * s + t
+
+
+class PackedLinear:
+    """Same-input quantized projections fused by output rows, kept as stored: bytes [out, in * bits / 8] (a view
+    of the uint32 words), scales and biases [out, in / group] (float32, or float16 held as uint16 bits).
+    shape is (in, out), as numpy_ops' float32 matrices."""
+
+    def __init__(self, parts: list):
+        p0 = parts[0]
+        words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
+        self.words = np.ascontiguousarray(words, dtype=np.uint32)
+        self.bytes = self.words.view(np.uint8)
+        dtype = np.result_type(*[p.scales.dtype for p in parts])
+        sc = [np.asarray(p.scales, dtype) for p in parts]
+        bi = [np.asarray(p.biases, dtype) for p in parts]
+        self.scales = np.ascontiguousarray(sc[0] if len(sc) == 1 else np.concatenate(sc))
+        self.biases = np.ascontiguousarray(bi[0] if len(bi) == 1 else np.concatenate(bi))
+        if dtype == np.float16:
+            self.scales, self.biases = self.scales.view(np.uint16), self.biases.view(np.uint16)
+        self.group_size, self.bits = p0.group_size, p0.bits
+        self.shape = (p0.shape[1], self.words.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    def quantize_input(self, x2: np.ndarray):
+        rows, n = x2.shape
+        xq = np.empty((rows, n), np.int16)
+        dx = np.empty((rows, n // _BLOCK), np.float32)
+        xsum = np.empty((rows, n // self.group_size), np.float32)
+        quantize_input(x2, self.bits, self.group_size, xq, dx, xsum)
+        return xq, dx, xsum
+
+    def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
+        """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x)."""
+        _rows(self.bytes, self.scales, self.biases, self.bits, self.group_size, *xin, out, o0, o1)
+
+    def rows_parallel(self, xin, out: np.ndarray, chunks: int) -> None:
+        _rows_parallel(self.bytes, self.scales, self.biases, self.bits, self.group_size, *xin, out, chunks)
+
+    def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
+        """Rows o0..o1 as float32 [o1 - o0, in] in out."""
+        dequantize_rows(self.bytes, self.scales, self.biases, self.bits, self.group_size, o0, o1, out)
+        return out
