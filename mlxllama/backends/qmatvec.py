@@ -48,9 +48,29 @@ def _half_to_float(builder, h):
     return builder.select(builder.icmp_unsigned("<", mag, ir.Constant(_I32, 0x400)), sub, normal)
 
 
+def _native_half() -> bool:
+    """Whether LLVM converts float16 to float32 in one instruction here (x86 F16C, any arm64); elsewhere it
+    would call a runtime helper, so the conversion is spelled in integer operations instead."""
+    import platform
+
+    import llvmlite.binding as llvm
+
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c")) or platform.machine().lower() in ("arm64", "aarch64")
+    except RuntimeError:
+        return False
+
+
+_NATIVE_HALF = _native_half()
+
+
 def _load_scale(builder, ptr, half: bool):
     v = builder.load(ptr)
-    return _half_to_float(builder, v) if half else v
+    if not half:
+        return v
+    if _NATIVE_HALF:
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
+    return _half_to_float(builder, v)
 
 
 def _row_dot(bits: int):
@@ -76,9 +96,9 @@ def _row_dot(bits: int):
             wrow, xrow, dxrow = base(0, w_, woff_), base(2, xq_, xoff_), base(4, dx_, dxoff_)
             srow, brow, xsrow = base(6, sc_, soff_), base(7, bi_, soff_), base(9, xs_, xsoff_)
             idx = woff_.type
-            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
-            with cgutils.for_range(builder, nblk_) as loop:
-                b = loop.index
+
+            def term(b):
+                """<16 x float>: block b's integer dot product in 16 int32 lanes, times scale * dx."""
                 wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
                 if bits == 4:
                     packed = builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1)
@@ -98,8 +118,23 @@ def _row_dot(bits: int):
                 f = builder.fmul(builder.load(builder.gep(dxrow, [b])), scale, flags=("fast",))
                 fv = builder.insert_element(ir.Constant(_vec(_F32, 16), None), f, ir.Constant(_I32, 0))
                 fv = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 16), [0] * 16))
-                term = builder.fmul(builder.sitofp(p, _vec(_F32, 16)), fv, flags=("fast",))
-                builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
+                return builder.fmul(builder.sitofp(p, _vec(_F32, 16)), fv, flags=("fast",))
+
+            def add_to(acc, b):
+                builder.store(builder.fadd(builder.load(acc), term(b), flags=("fast",)), acc)
+
+            # two accumulators: consecutive blocks do not wait on each other's addition
+            acc0 = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
+            acc1 = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
+            one = ir.Constant(idx, 1)
+            with cgutils.for_range(builder, builder.ashr(nblk_, one)) as loop:
+                b = builder.shl(loop.index, one)
+                add_to(acc0, b)
+                add_to(acc1, builder.add(b, one))
+            with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk_, one), ir.Constant(idx, 0))):
+                add_to(acc0, builder.sub(nblk_, one))
+            acc = cgutils.alloca_once_value(builder, builder.fadd(builder.load(acc0), builder.load(acc1),
+                                                                  flags=("fast",)))
             bacc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
             with cgutils.for_range(builder, builder.ashr(nblk_, shift_)) as loop:
                 g = loop.index
@@ -125,12 +160,12 @@ _dot8 = _row_dot(8)
 
 
 @intrinsic
-def _float_bits(typingctx, bits):
-    """The float32 whose bit pattern is the low 32 bits of an integer."""
-    sig = types.float32(bits)
+def _half_bits(typingctx, h):
+    """float16 bits (uint16) -> float32, exact, in integer operations (see _half_to_float)."""
+    sig = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.trunc(args[0], _I32) if args[0].type.width > 32 else args[0], _F32)
+        return _half_to_float(builder, args[0])
 
     return sig, codegen
 
@@ -143,13 +178,7 @@ def _widen(s):
 def _widen_impl(s):
     if isinstance(s, types.Float):
         return lambda s: np.float32(s)
-
-    def half(s):
-        h = np.int64(s)
-        # sign to bit 31, exponent and mantissa to bits 13..30; 2**112 rebiases the exponent (subnormals too)
-        return _float_bits(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)) * np.float32(5.192296858534828e33)
-
-    return half
+    return lambda s: _half_bits(s)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
