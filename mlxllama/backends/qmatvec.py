@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -77,16 +77,17 @@ def _row_dot(bits: int):
     """An intrinsic computing one output of the fused product (see the module doc):
         sum_b scales[g(b)] * dx[b] * (codes of block b . xq[32 b: 32 b + 32]) + sum_g biases[g] * xsum[g]
     over blocks b < nblk, g(b) = b >> shift. The arrays are passed whole with the element offset of the row
-    (w: bytes of the codes; scales and biases: float32, or float16 as uint16 bits). xq is int16, for 4 bits
+    (w: bytes of the codes; scales and biases: float32, or float16 as uint16 bits). With bfac != 0 the biases
+    are bfac * biases (a symmetric weight passes its scales as biases). xq is int16, for 4 bits
     permuted per block (16 even inputs, then 16 odd ones, matching the low and high nibbles)."""
 
     @intrinsic
-    def row_dot(typingctx, w, woff, xq, xoff, dx, dxoff, scales, biases, soff, xsum, xsoff, nblk, shift):
-        sig = types.float32(w, types.intp, xq, types.intp, dx, types.intp, scales, biases, types.intp, xsum,
-                            types.intp, types.intp, types.intp)
+    def row_dot(typingctx, w, woff, xq, xoff, dx, dxoff, scales, biases, soff, bfac, xsum, xsoff, nblk, shift):
+        sig = types.float32(w, types.intp, xq, types.intp, dx, types.intp, scales, biases, types.intp,
+                            types.float32, xsum, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            (w_, woff_, xq_, xoff_, dx_, dxoff_, sc_, bi_, soff_, xs_, xsoff_, nblk_, shift_) = args
+            (w_, woff_, xq_, xoff_, dx_, dxoff_, sc_, bi_, soff_, bfac_, xs_, xsoff_, nblk_, shift_) = args
             at = signature.args
 
             def base(i, arg, off):
@@ -94,7 +95,7 @@ def _row_dot(bits: int):
 
             half = at[6].dtype == types.uint16
             wrow, xrow, dxrow = base(0, w_, woff_), base(2, xq_, xoff_), base(4, dx_, dxoff_)
-            srow, brow, xsrow = base(6, sc_, soff_), base(7, bi_, soff_), base(9, xs_, xsoff_)
+            srow, brow, xsrow = base(6, sc_, soff_), base(7, bi_, soff_), base(10, xs_, xsoff_)
             idx = woff_.type
 
             def term(b):
@@ -138,8 +139,10 @@ def _row_dot(bits: int):
             bacc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
             with cgutils.for_range(builder, builder.ashr(nblk_, shift_)) as loop:
                 g = loop.index
-                t = builder.fmul(_load_scale(builder, builder.gep(brow, [g]), half),
-                                 builder.load(builder.gep(xsrow, [g])), flags=("fast",))
+                bias = _load_scale(builder, builder.gep(brow, [g]), half)
+                bias = builder.select(builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)),
+                                      builder.fmul(bias, bfac_), bias)
+                t = builder.fmul(bias, builder.load(builder.gep(xsrow, [g])), flags=("fast",))
                 builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
             v, n = builder.load(acc), 16
             while n > 1:  # pairwise horizontal sum
@@ -206,7 +209,7 @@ def quantize_input(x2, bits, group_size, xq, dx, xsum):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _rows(w, scales, biases, bits, group_size, xq, dx, xsum, y, o0, o1):
+def _rows(w, scales, biases, bfac, bits, group_size, xq, dx, xsum, y, o0, o1):
     """y[:, o0:o1] for the quantized input (quantize_input); w is the weight's bytes [out, in * bits / 8]."""
     rows, n = xq.shape
     nblk = n // _BLOCK
@@ -215,23 +218,15 @@ def _rows(w, scales, biases, bits, group_size, xq, dx, xsum, y, o0, o1):
     for o in range(o0, o1):
         for r in range(rows):
             if bits == 4:
-                y[r, o] = _dot4(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, xsum,
-                                r * ngroups, nblk, shift)
+                y[r, o] = _dot4(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, bfac,
+                                xsum, r * ngroups, nblk, shift)
             else:
-                y[r, o] = _dot8(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, xsum,
-                                r * ngroups, nblk, shift)
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _rows_parallel(w, scales, biases, bits, group_size, xq, dx, xsum, y, chunks):
-    n_out = w.shape[0]
-    step = -(-n_out // chunks)
-    for c in prange(chunks):
-        _rows(w, scales, biases, bits, group_size, xq, dx, xsum, y, c * step, min(n_out, (c + 1) * step))
+                y[r, o] = _dot8(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, bfac,
+                                xsum, r * ngroups, nblk, shift)
 
 
 @njit(cache=True, nogil=True)
-def dequantize_rows(w, scales, biases, bits, group_size, o0, o1, out):
+def dequantize_rows(w, scales, biases, bfac, bits, group_size, o0, o1, out):
     """Rows o0..o1 of the weight as float32 into out [o1 - o0, in]: scale * q + bias rounded twice (no fused
     multiply-add), the very weights quant.dequantize forms with float32 scales."""
     n = out.shape[1]
@@ -239,6 +234,8 @@ def dequantize_rows(w, scales, biases, bits, group_size, o0, o1, out):
         for g in range(n // group_size):
             s = _widen(scales[o, g])
             t = _widen(biases[o, g])
+            if bfac != 0:
+                t = bfac * t
             base = g * group_size
             if bits == 4:
                 for k in range(group_size // 2):
@@ -252,29 +249,40 @@ def dequantize_rows(w, scales, biases, bits, group_size, o0, o1, out):
 
 class PackedLinear:
     """Same-input quantized projections fused by output rows, kept as stored: bytes [out, in * bits / 8] (a view
-    of the uint32 words), scales and biases [out, in / group] (float32, or float16 held as uint16 bits).
-    shape is (in, out), as numpy_ops' float32 matrices."""
+    of the uint32 words), scales and biases [out, in / group] (float32, or float16 held as uint16 bits). Where
+    every bias is -2**(bits - 1) times its scale (GGUF's Q4_0 and Q8_0), the biases are not kept: the kernel
+    forms them from the scales, and the weight is the file's bytes exactly. shape is (in, out), as numpy_ops'
+    float32 matrices."""
 
     def __init__(self, parts: list):
         p0 = parts[0]
+        self.group_size, self.bits = p0.group_size, p0.bits
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
         self.words = np.ascontiguousarray(words, dtype=np.uint32)
         self.bytes = self.words.view(np.uint8)
-        dtype = np.result_type(*[p.scales.dtype for p in parts])
-        sc = [np.asarray(p.scales, dtype) for p in parts]
-        bi = [np.asarray(p.biases, dtype) for p in parts]
-        self.scales = np.ascontiguousarray(sc[0] if len(sc) == 1 else np.concatenate(sc))
-        self.biases = np.ascontiguousarray(bi[0] if len(bi) == 1 else np.concatenate(bi))
-        if dtype == np.float16:
-            self.scales, self.biases = self.scales.view(np.uint16), self.biases.view(np.uint16)
-        self.group_size, self.bits = p0.group_size, p0.bits
         self.shape = (p0.shape[1], self.words.shape[0])
+        dtype = np.result_type(*[p.scales.dtype for p in parts])
+        self.scales = _rows_of([p.scales for p in parts], dtype)
+        biases = _rows_of([p.biases for p in parts], dtype)
+        factor = np.float32(-(1 << (self.bits - 1)))
+        if np.array_equal(biases.astype(np.float32), factor * self.scales.astype(np.float32)):
+            self.biases, self.bias_factor = None, factor
+        else:
+            self.biases, self.bias_factor = biases, np.float32(0)
+        if dtype == np.float16:
+            self.scales = self.scales.view(np.uint16)
+            self.biases = None if self.biases is None else self.biases.view(np.uint16)
 
     @property
     def nbytes(self) -> int:
-        return self.words.nbytes + self.scales.nbytes + self.biases.nbytes
+        return self.words.nbytes + self.scales.nbytes + (0 if self.biases is None else self.biases.nbytes)
+
+    def _args(self):
+        biases = self.scales if self.biases is None else self.biases
+        return self.bytes, self.scales, biases, self.bias_factor, self.bits, self.group_size
 
     def quantize_input(self, x2: np.ndarray):
+        """What rows() takes for x2 [rows, in] float32 (C order)."""
         rows, n = x2.shape
         xq = np.empty((rows, n), np.int16)
         dx = np.empty((rows, n // _BLOCK), np.float32)
@@ -283,13 +291,15 @@ class PackedLinear:
         return xq, dx, xsum
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
-        """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x)."""
-        _rows(self.bytes, self.scales, self.biases, self.bits, self.group_size, *xin, out, o0, o1)
-
-    def rows_parallel(self, xin, out: np.ndarray, chunks: int) -> None:
-        _rows_parallel(self.bytes, self.scales, self.biases, self.bits, self.group_size, *xin, out, chunks)
+        """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); releases the GIL."""
+        _rows(*self._args(), *xin, out, o0, o1)
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
-        """Rows o0..o1 as float32 [o1 - o0, in] in out."""
-        dequantize_rows(self.bytes, self.scales, self.biases, self.bits, self.group_size, o0, o1, out)
+        """Rows o0..o1 as float32 [o1 - o0, in] in out; releases the GIL."""
+        dequantize_rows(*self._args(), o0, o1, out)
         return out
+
+
+def _rows_of(arrays: list, dtype) -> np.ndarray:
+    arrays = [np.asarray(a, dtype) for a in arrays]
+    return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
