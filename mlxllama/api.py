@@ -55,8 +55,8 @@ def load_path(path: Path):
 def load(ref: str | Path | None = None, backend: str = "auto", revision: str | None = None,
          numpy_weights: str | None = None):
     """Load a model and its tokenizer. backend: "auto" (MLX on a GPU, else numpy), "mlx" or "numpy".
-    numpy_weights: "float32" (fastest; quantized weights are widened at load) or "quantized" (about a fifth of
-    the memory, ~30% slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32"."""
+    numpy_weights: "auto", "fused" (4/8-bit weights kept as stored, the fastest decode; needs numba), "float32"
+    or "quantized" (see backends/numpy_ops.py); default from MLXLLAMA_NUMPY_WEIGHTS, else "auto"."""
     ops = backends.get_ops(backend, numpy_weights=numpy_weights)
     args, weights, tokenizer = load_weights(ref, revision)
     return Model(args, weights, ops, release=True), tokenizer

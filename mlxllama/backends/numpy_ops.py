@@ -241,8 +241,14 @@ class NumpyOps:
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
         if rows <= _FUSED_ROWS:
             xin = w.quantize_input(x2)
-            if rows == 1:  # one span per worker (each handoff costs)
+            if rows == 1:  # one span per worker (each handoff costs), the first one done by this thread
                 spans = _spans(n_out, self._step_workers)
+                if len(spans) > 1:
+                    later = [self._worker_pool().submit(w.rows, xin, out, c.start, c.stop) for c in spans[1:]]
+                    w.rows(xin, out, spans[0].start, spans[0].stop)
+                    for f in later:
+                        f.result()
+                    return out
             else:
                 spans = _spans(n_out, 4 * self.threads)
             self._run(lambda c: w.rows(xin, out, c.start, c.stop), spans)
@@ -258,6 +264,13 @@ class NumpyOps:
 
         self._run(span, _spans(n_out, 4 * self.threads))
         return out
+
+    def _worker_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlxllama-numpy")
+        return self._pool
 
     def _scratch_for(self, size: int) -> np.ndarray:
         import threading

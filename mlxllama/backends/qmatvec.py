@@ -225,26 +225,71 @@ def _rows(w, scales, biases, bfac, bits, group_size, xq, dx, xsum, y, o0, o1):
                                 xsum, r * ngroups, nblk, shift)
 
 
+def _dequantize_row(bits: int):
+    """An intrinsic writing one row as float32: out[ooff + i] = scale * q_i + bias, rounded after the product
+    and after the sum (no fused multiply-add, no fast-math), as numpy forms it. Arguments as _row_dot's."""
+
+    @intrinsic
+    def dequantize_row(typingctx, w, woff, out, ooff, scales, biases, soff, bfac, nblk, shift):
+        sig = types.none(w, types.intp, out, types.intp, scales, biases, types.intp, types.float32, types.intp,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            (w_, woff_, out_, ooff_, sc_, bi_, soff_, bfac_, nblk_, shift_) = args
+            at = signature.args
+
+            def base(i, arg, off):
+                return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
+
+            half = at[4].dtype == types.uint16
+            wrow, orow, srow, brow = base(0, w_, woff_), base(2, out_, ooff_), base(4, sc_, soff_), base(5, bi_, soff_)
+            idx = woff_.type
+            with cgutils.for_range(builder, nblk_) as loop:
+                b = loop.index
+                wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
+                if bits == 4:
+                    packed = builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1)
+                    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
+                    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
+                    order = [j // 2 + 16 * (j % 2) for j in range(32)]  # byte k: inputs 2k (low), 2k + 1 (high)
+                    codes = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), order))
+                else:
+                    codes = builder.load(builder.bitcast(wp, _vec(_I8, 32).as_pointer()), align=1)
+                g = builder.ashr(b, shift_)
+                scale = _load_scale(builder, builder.gep(srow, [g]), half)
+                bias = _load_scale(builder, builder.gep(brow, [g]), half)
+                bias = builder.select(builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)),
+                                      builder.fmul(bias, bfac_), bias)
+                splat = []
+                for v in (scale, bias):
+                    e = builder.insert_element(ir.Constant(_vec(_F32, 32), None), v, ir.Constant(_I32, 0))
+                    splat.append(builder.shuffle_vector(e, e, ir.Constant(_vec(_I32, 32), [0] * 32)))
+                vals = builder.fadd(builder.fmul(builder.uitofp(codes, _vec(_F32, 32)), splat[0]), splat[1])
+                op = builder.gep(orow, [builder.mul(b, ir.Constant(idx, 32))])
+                builder.store(vals, builder.bitcast(op, _vec(_F32, 32).as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dequantize_row
+
+
+_deq4 = _dequantize_row(4)
+_deq8 = _dequantize_row(8)
+
+
 @njit(cache=True, nogil=True)
 def dequantize_rows(w, scales, biases, bfac, bits, group_size, o0, o1, out):
-    """Rows o0..o1 of the weight as float32 into out [o1 - o0, in]: scale * q + bias rounded twice (no fused
-    multiply-add), the very weights quant.dequantize forms with float32 scales."""
+    """Rows o0..o1 of the weight as float32 into out [o1 - o0, in] (C order): the very weights quant.dequantize
+    forms with float32 scales."""
     n = out.shape[1]
+    shift = {32: 0, 64: 1, 128: 2}[group_size]
+    ngroups = scales.shape[1]
     for o in range(o0, o1):
-        for g in range(n // group_size):
-            s = _widen(scales[o, g])
-            t = _widen(biases[o, g])
-            if bfac != 0:
-                t = bfac * t
-            base = g * group_size
-            if bits == 4:
-                for k in range(group_size // 2):
-                    byte = w[o, base // 2 + k]
-                    out[o - o0, base + 2 * k] = np.float32(byte & 15) * s + t
-                    out[o - o0, base + 2 * k + 1] = np.float32(byte >> 4) * s + t
-            else:
-                for i in range(base, base + group_size):
-                    out[o - o0, i] = np.float32(w[o, i]) * s + t
+        if bits == 4:
+            _deq4(w, o * w.shape[1], out, (o - o0) * n, scales, biases, o * ngroups, bfac, n // _BLOCK, shift)
+        else:
+            _deq8(w, o * w.shape[1], out, (o - o0) * n, scales, biases, o * ngroups, bfac, n // _BLOCK, shift)
 
 
 class PackedLinear:

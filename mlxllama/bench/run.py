@@ -59,7 +59,7 @@ def decode_tps(model: Model, first: np.ndarray, n_gen: int) -> float:
 def resident_weights(weights: dict, ops) -> dict:
     """What the backend really reads per token: numpy widens quantized weights to float32 at load, so its
     accounting uses float32 tensors of the same shapes (zero-copy stand-ins, nothing is allocated)."""
-    if ops.name != "numpy" or getattr(ops, "weights_mode", "float32") == "quantized":
+    if ops.name != "numpy" or getattr(ops, "weights_mode", "float32") in ("quantized", "fused"):
         return weights
     return {k: np.broadcast_to(np.float32(0), w.shape) for k, w in weights.items()}
 
