@@ -151,6 +151,9 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
     import mlxllama.loaders.gguf  # noqa: F401  (code the load would import: not engine memory)
     import mlxllama.tokenizer  # noqa: F401
 
+    if engine == "numpy-fused":
+        import mlxllama.backends.qmatvec  # noqa: F401  (numba and the kernel module: code too)
+
     if backend == "mlx":
         ops.eval(ops.zeros((1,)) + 1)  # MLX initialized before the baseline
     base = rss_now()
