@@ -184,3 +184,34 @@ def test_smollm2_fused_greedy_tokens_equal_float32(smollm2):
 
     for ids in [prompt_tokens(tok, p) for p in RAW + CHAT]:
         assert list(generate_step(fused, ids, 32)) == list(generate_step(dense, ids, 32))
+
+
+@needs_numba
+def test_shared_decode_product_equals_one_thread():
+    """A product large enough to be shared between threads (claimed span by span) gives one thread's bits."""
+    from mlxllama.backends.qmatvec import PackedLinear
+
+    rng = np.random.default_rng(11)
+    packed = PackedLinear([random_qw(rng, 4096, 640, 64, 4)])
+    assert 4096 * 640 >= numpy_ops._FUSED_SPLIT
+    ops = numpy_ops.NumpyOps("fused", threads=2)
+    x = rng.standard_normal((1, 640)).astype(np.float32)
+    ops._step_workers = 1
+    one = ops.linear(x, packed)
+    ops._step_workers = 2
+    for _ in range(5):
+        np.testing.assert_array_equal(ops.linear(x, packed), one)
+
+
+def test_share_runs_every_item_once_and_raises_errors():
+    ops = numpy_ops.NumpyOps("float32", threads=2)
+    seen = []
+    ops._share(seen.append, list(range(50)), 2)
+    assert sorted(seen) == list(range(50))
+
+    def fail(i):
+        if i == 7:
+            raise ValueError("item 7")
+
+    with pytest.raises(ValueError, match="item 7"):
+        ops._share(fail, list(range(20)), 2)

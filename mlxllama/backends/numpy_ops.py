@@ -39,6 +39,7 @@ _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of f
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
 _PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 _FUSED_ROWS = 16  # "fused" mode: products of at most this many rows run the fused kernel, longer ones BLAS
+_FUSED_SPLIT = 1 << 21  # "fused" mode: single-row products of at least this many weights (~60 us) are shared
 
 
 class QLinear:
@@ -241,17 +242,11 @@ class NumpyOps:
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
         if rows <= _FUSED_ROWS:
             xin = w.quantize_input(x2)
-            if rows == 1:  # one span per worker (each handoff costs), the first one done by this thread
-                spans = _spans(n_out, self._step_workers)
-                if len(spans) > 1:
-                    later = [self._worker_pool().submit(w.rows, xin, out, c.start, c.stop) for c in spans[1:]]
-                    w.rows(xin, out, spans[0].start, spans[0].stop)
-                    for f in later:
-                        f.result()
-                    return out
+            if rows == 1:  # a step's thread count is timed; small products stay on this thread (handoffs cost)
+                workers = self._step_workers if n_in * n_out >= _FUSED_SPLIT else 1
+                self._share(lambda c: w.rows(xin, out, c.start, c.stop), _spans(n_out, 8 * workers), workers)
             else:
-                spans = _spans(n_out, 4 * self.threads)
-            self._run(lambda c: w.rows(xin, out, c.start, c.stop), spans)
+                self._run(lambda c: w.rows(xin, out, c.start, c.stop), _spans(n_out, 4 * self.threads))
             return out
         step = max(64, _BLOCK // n_in // 64 * 64)  # weight rows dequantized at a time
 
@@ -265,12 +260,43 @@ class NumpyOps:
         self._run(span, _spans(n_out, 4 * self.threads))
         return out
 
-    def _worker_pool(self):
+    def _share(self, fn, items: list, workers: int) -> None:
+        """fn(item) for every item, claimed one at a time by this thread and workers - 1 pool threads: a thread
+        slowed by another process leaves its share to the others, and this thread never waits for a pool thread
+        that has not started (one that starts late finds nothing left)."""
+        if workers == 1 or len(items) == 1:
+            for it in items:
+                fn(it)
+            return
+        import itertools
+        import threading
+
+        claim, left, lock, finished = itertools.count(), [len(items)], threading.Lock(), threading.Event()
+        errors: list[BaseException] = []
+
+        def work():
+            for i in iter(claim.__next__, None):
+                if i >= len(items):
+                    return
+                try:
+                    fn(items[i])
+                except BaseException as e:  # raised again by the calling thread
+                    errors.append(e)
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlxllama-numpy")
-        return self._pool
+        for _ in range(workers - 1):
+            self._pool.submit(work)
+        work()
+        finished.wait()
+        if errors:
+            raise errors[0]
 
     def _scratch_for(self, size: int) -> np.ndarray:
         import threading
