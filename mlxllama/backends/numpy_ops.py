@@ -7,7 +7,7 @@ embedding is one of its columns.
 
 Weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
   "fused"      4-bit and 8-bit weights stay as stored (MLX's packed words, scales and biases: the file's bytes,
-               SmolLM2 Q4_1: 80 MB), read by the fused kernel of qmatvec.py (numba, the `fast-cpu` extra) for
+               SmolLM2 Q4_1: 97 MB), read by the fused kernel of qmatvec.py (numba, the `fast-cpu` extra) for
                products of up to 16 rows; longer ones dequantize a block of rows at a time for BLAS. The fastest
                decode; inputs are rounded to int16 per block of 32 (~1e-5 relative, see qmatvec).
   "float32"    quantized weights are dequantized once at load: 4 bytes per weight; the fastest prefill.

@@ -2,19 +2,20 @@
 
 A weight stays in the loader's layout: uint32 words [out, in * bits / 32] (viewed as bytes: with 4 bits, byte k of
 a row holds inputs 2k in its low nibble and 2k + 1 in its high one), scales and biases [out, in / group] in
-float16 or float32. Nothing is widened at load; resident memory is the file's.
+float16 or float32. Nothing is widened at load; resident memory is the file's (symmetric biases, as GGUF's Q4_0
+and Q8_0 have, are formed from the scales instead of kept).
 
-A product with a few rows (decode, small batches) never forms float weights. Each input row is quantized to int16
-per block of 32 (x ~ dx_b * xq, |xq| <= 32767, a relative error under 2e-5 of the block's largest value), then
+A product with a few rows (decode, small batches) never forms float weights. Each input row is rounded to int16
+per block of 32 (x ~ dx_b * xq, |xq| <= 32767: an error under a step of 1/32767 of the block's largest value), then
     y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + sum_g bias[o, g] * sum(x_g)
-with the 32-term integer dot products done in 16-lane int32 vectors (x86: vpmaddwd, vpdpwssd with VNNI; arm64:
-smlal) and summed in 16 float lanes per output row. The vector code is generic LLVM IR (see _block_dot), compiled
-by numba for the CPU it runs on, so no instruction set is assumed at install. Sums of x per group use x itself.
-Numba's scalar integer arithmetic widens to int64, and its SLP vectorizer is off; spelling the block product as
-LLVM vectors is what makes it SIMD (about three times the speed of the best plain-numba loop).
+with each block's 32-term integer dot product in 16 int32 lanes (x86: one vpmaddwd) and the scaled results summed
+in 16 float lanes per output row. The vector code is generic LLVM IR (_row_dot), compiled by numba for the CPU it
+runs on, so no instruction set is assumed at install. Numba's scalar integer arithmetic widens to int64 and its
+SLP vectorizer is off; spelling the block product as LLVM vectors is what makes it SIMD (about ten times the best
+plain-numba loop, see benchmarks/README.md).
 
-Many rows (prefill) use float32 products instead: a block of output rows is dequantized into a cache-sized
-float32 buffer and multiplied with BLAS (dequantize_rows).
+Many rows (prefill) use float32 products instead: a block of output rows is dequantized (dequantize_rows, the
+exact float32 weights) into a cache-sized buffer and multiplied by BLAS.
 """
 
 from __future__ import annotations
@@ -340,7 +341,9 @@ class PackedLinear:
         _rows(*self._args(), *xin, out, o0, o1)
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
-        """Rows o0..o1 as float32 [o1 - o0, in] in out; releases the GIL."""
+        """Rows o0..o1 as float32 [o1 - o0, in] in out (C order); releases the GIL."""
+        if not (out.flags.c_contiguous and out.dtype == np.float32 and out.shape == (o1 - o0, self.shape[0])):
+            raise ValueError(f"dequantize needs a C-order float32 [{o1 - o0}, {self.shape[0]}] buffer")
         dequantize_rows(*self._args(), o0, o1, out)
         return out
 
