@@ -3,6 +3,7 @@
     python benchmarks/compare.py                       # SmolLM2 default, pp512 / tg128, median of 3
     python benchmarks/compare.py --quick               # pp128 / tg32, one repetition: a couple of minutes
     python benchmarks/compare.py --model path/or/ref --engines numpy,llama.cpp --json out.json
+    python benchmarks/random_gguf.py /tmp/llama-1b.gguf && python benchmarks/compare.py --model /tmp/llama-1b.gguf
 
 Every engine runs in its own subprocess (so peak RSS is its own) on the same random prompt token ids:
   pp<N>   prompt tokens per second: a fresh N-token prompt through to the first sampled token
@@ -10,7 +11,8 @@ Every engine runs in its own subprocess (so peak RSS is its own) on the same ran
           llama-bench does)
   TTFT    time to first token for the pp prompt: "cold" is the first call after loading, "warm" the median
   load    seconds to a ready model (files parsed, weights laid out)
-  RSS     peak resident set of the subprocess; "engine" is that minus the RSS after imports, before loading
+  RSS     peak resident set of the subprocess; "engine" is that minus the RSS after imports, before loading;
+          it is also given over the bytes of the file's weights
 Each test runs once to warm up, then --reps times; the median is reported. All engines stay loaded and their
 repetitions are interleaved (engine order rotating), so that a shared machine's changing load hits each alike;
 only their ratios are meaningful on such a machine. mlx-lm runs on the MLX folder that
@@ -32,10 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("numpy", "numpy-q", "mlx", "mlx-lm", "llama.cpp")
-LABELS = {"numpy": "mlxllama numpy", "numpy-q": "mlxllama numpy (quantized)", "mlx": "mlxllama mlx",
-          "mlx-lm": "mlx-lm", "llama.cpp": "llama.cpp"}
-OURS = ("numpy", "numpy-q", "mlx")
+ENGINES = ("numpy", "numpy-fused", "numpy-q", "mlx", "mlx-lm", "llama.cpp")
+LABELS = {"numpy": "mlxllama numpy float32", "numpy-fused": "mlxllama numpy fused", "numpy-q": "mlxllama numpy (quantized)",
+          "mlx": "mlxllama mlx", "mlx-lm": "mlx-lm", "llama.cpp": "llama.cpp"}
+NUMPY_WEIGHTS = {"numpy": "float32", "numpy-fused": "fused", "numpy-q": "quantized"}
+OURS = ("numpy", "numpy-fused", "numpy-q", "mlx")
 PEERS = ("mlx-lm", "llama.cpp")
 
 
@@ -158,9 +161,12 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
     from mlxllama.model import Model
 
     backend = "mlx" if engine == "mlx" else "numpy"
-    ops = backends.get_ops(backend, numpy_weights="quantized" if engine == "numpy-q" else None)
+    ops = backends.get_ops(backend, numpy_weights=NUMPY_WEIGHTS.get(engine))
     import mlxllama.loaders.gguf  # noqa: F401  (code the load would import: not engine memory)
     import mlxllama.tokenizer  # noqa: F401
+
+    if engine == "numpy-fused":
+        import mlxllama.backends.qmatvec  # noqa: F401  (numba and the kernel module: code too)
 
     if backend == "mlx":
         ops.eval(ops.zeros((1,)) + 1)  # MLX initialized before the baseline
@@ -258,8 +264,8 @@ def worker_llamacpp(spec: dict) -> None:
             if i + 1 < n:
                 y = decode([y])
 
-    serve(stream, spec, dict(load_s=load_s, rss_base=base,
-                             weights_bytes=int(llama_cpp.llama_model_size(llm.model)),
+    size = int(llama_cpp.llama_model_size(llm.model))
+    serve(stream, spec, dict(load_s=load_s, rss_base=base, weights_bytes=size, weights_file_bytes=size,
                              kv_bytes=spec["kv_per_token"] * 2 * n_ctx,  # its KV cache is float16, n_ctx long
                              device=f"cpu, {spec['threads']} threads",
                              detail=f"llama-cpp-python {llama_cpp.__version__}, n_ctx {n_ctx}"))
@@ -318,6 +324,8 @@ def available(engine: str, spec: dict) -> str | None:
 
     if engine == "mlx" and importlib.util.find_spec("mlx") is None:
         return "MLX is not installed (pip install 'mlxllama[cpu]')"
+    if engine == "numpy-fused" and importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install 'mlxllama[fast-cpu]')"
     if engine == "mlx-lm":
         if importlib.util.find_spec("mlx_lm") is None:
             return "mlx-lm is not installed (pip install mlx-lm)"
@@ -376,16 +384,21 @@ def table(results: dict, spec: dict) -> str:
         wkv = r.get("weights_bytes", 0) + r.get("kv_bytes", 0)
         overall = max(r["rss_load_peak"], run or 0)
         mlx_peak = r.get("mlx_peak_memory")
-        memory.append([LABELS[eng], mb(r.get("weights_bytes")), mb(r.get("kv_bytes")), mb(r["rss_load_peak"] - base),
-                       mb(run - base) if run else "-", f"{(run - base) / wkv:.2f}x" if run and wkv else "-",
+        wfile = spec.get("file_weights_bytes") or r.get("weights_file_bytes")
+        memory.append([LABELS[eng], mb(wfile), mb(r.get("weights_bytes")), mb(r.get("kv_bytes")),
+                       mb(r["rss_load_peak"] - base), mb(run - base) if run else "-",
+                       f"{(run - base) / wkv:.2f}x" if run and wkv else "-",
                        f"{(overall - base) / wkv:.2f}x" if wkv else "-",
+                       f"{(overall - base) / wfile:.2f}x" if wfile else "-",
                        f"{mb(mlx_peak)} ({mlx_peak / wkv:.2f}x)" if mlx_peak and wkv else "-", mb(base), mb(overall)])
     lines = _grid(["engine", f"pp{pp} t/s", "best", f"tg{tg} t/s", "best", "TTFT cold s", "TTFT warm s", "load s"],
                   speed)
-    lines += ["", "Memory, MB. load/run peak: peak RSS while loading / while generating, over the RSS after imports;",
+    lines += ["", "Memory, MB. file w: the weights' bytes in the file (GGUF: its tensors); held w: as the engine holds them;",
+              "load/run peak: peak RSS while loading / while generating, over the RSS after imports;",
+              "peak/file w: the larger of the two over the file's weights;",
               "MLX peak: MLX's own peak allocation (mx.get_peak_memory), over weights + KV:"]
-    lines += _grid(["engine", "weights", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)", "MLX peak",
-                    "imports", "peak RSS"], memory)
+    lines += _grid(["engine", "file w", "held w", "KV", "load peak", "run peak", "run/(w+kv)", "peak/(w+kv)",
+                    "peak/file w", "MLX peak", "imports", "peak RSS"], memory)
     ratios = []
     for ours in OURS:
         r = results.get(ours, {})
@@ -450,6 +463,10 @@ def main(argv=None) -> int:
                 seed=a.seed, threads=a.threads, mlx_lm_dtype=a.mlx_lm_dtype,
                 kv_per_token=2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim,  # k and v values
                 gguf=str(path) if path.is_file() and path.suffix.lower() == ".gguf" else None)
+    if spec["gguf"]:
+        import gguf
+
+        spec["file_weights_bytes"] = int(sum(t.n_bytes for t in gguf.GGUFReader(path).tensors))
     info = machine()
     print(f"model: {path}\nmachine: {info.get('cpu')} ({info['cpus']} cpus), load average "
           f"{' '.join(f'{x:.2f}' for x in info.get('loadavg_start', ()))}", flush=True)

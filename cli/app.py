@@ -85,8 +85,8 @@ def _read_prompt(prompt: Optional[str]) -> str:
     return prompt
 
 
-NUMPY_WEIGHTS_HELP = ("numpy backend only: float32 (fastest) or quantized (about 1/5 of the memory, ~30% slower "
-                      "decode); default: $MLXLLAMA_NUMPY_WEIGHTS or float32.")
+NUMPY_WEIGHTS_HELP = ("numpy backend only: auto, fused (4/8-bit weights as stored, fastest decode; needs numba), "
+                      "float32 or quantized; default: $MLXLLAMA_NUMPY_WEIGHTS or auto.")
 
 
 KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of --kv-group-size along each head)."

@@ -28,8 +28,8 @@ def load_weights(ref: str | Path | None = None, revision: str | None = None):
 def load(ref: str | Path | None = None, backend: str = "auto", revision: str | None = None,
          numpy_weights: str | None = None, ctx: int = 0, batch: int = 1, cache_settings=None):
     """Load a model and its tokenizer. backend: "auto" (MLX on a GPU, else numpy), "mlx" or "numpy".
-    numpy_weights: "float32" (fastest; quantized weights are widened at load) or "quantized" (about a fifth of
-    the memory, slower decode); default from MLXLLAMA_NUMPY_WEIGHTS, else "float32".
+    numpy_weights: "auto", "fused" (4/8-bit weights kept as stored, the fastest decode; needs numba), "float32"
+    or "quantized" (see backends/numpy_ops.py); default from MLXLLAMA_NUMPY_WEIGHTS, else "auto".
     Before the weights are laid out (the loader's tensors are memory-mapped), the fit check runs for the weights as
     the backend will hold them + a KV cache of ctx x batch (cache_settings: cache.CacheSettings) + activations,
     and raises memory.DoesNotFit where the device cannot hold them."""

@@ -36,8 +36,8 @@ def pick(backend: str) -> str:
 
 
 def get_ops(backend: str, numpy_weights: str | None = None):
-    """The ops object of a backend. numpy_weights: "float32" or "quantized" (see numpy_ops; default: the
-    MLXLLAMA_NUMPY_WEIGHTS environment variable, else "float32")."""
+    """The ops object of a backend. numpy_weights: "auto", "fused", "float32" or "quantized" (see numpy_ops;
+    default: the MLXLLAMA_NUMPY_WEIGHTS environment variable, else "auto")."""
     name = pick(backend)
     if name == "mlx":
         from .mlx_ops import MLXOps

@@ -5,13 +5,20 @@ matrix-vector product is BLAS's column-major gemv, the fastest form numpy reache
 The embedding table is stored the same way, [hidden, vocab]: the tied output head reads it as is, and a token's
 embedding is one of its columns.
 
-Two weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
-  "float32"    quantized weights are dequantized once at load: 4 bytes per weight, fastest.
-  "quantized"  quantized weights keep their codes (4-bit: two per byte) with float32 scales and biases, widened
-               into a cache-sized scratch buffer a block at a time, per use: about a fifth of the memory, slower
-               decode, prefill nearly as fast (benchmarks/README.md has the figures).
-Both use the same weights (scale * q + bias in float32, as mx.quantized_matmul forms them); a quantized decode step
-sums per group before scaling, another rounding order (~1e-6 relative).
+Weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
+  "fused"      4-bit and 8-bit weights stay as stored (MLX's packed words, scales and biases: the file's
+               bytes), read by the fused kernel of qmatvec.py (numba, the `fast-cpu` extra) for
+               products of up to 16 rows; longer ones dequantize a block of rows at a time for BLAS. The fastest
+               decode; inputs are rounded to int16 per block of 32 (~1e-5 relative, see qmatvec).
+  "float32"    quantized weights are dequantized once at load: 4 bytes per weight; the fastest prefill.
+  "quantized"  plain numpy: codes kept (4-bit: two per byte) with float32 scales and biases, widened into a
+               cache-sized scratch buffer a block at a time, per use: about a fifth of float32's memory,
+               slower decode, prefill nearly as fast (benchmarks/README.md has the figures).
+  "auto"       (default) "fused" from the first 4- or 8-bit weight on where numba is installed, else "float32"
+               (with a one-line notice when a quantized model is widened).
+All use the same weights (scale * q + bias in float32, as mx.quantized_matmul forms them); a quantized decode step
+sums per group before scaling, another rounding order (~1e-6 relative). Other bit widths than 4 and 8 use the
+"quantized" layout in "fused" mode.
 
 A NumpyOps may be used from several threads at once: what one forward pass decides (its thread count) is kept per
 thread, and the process-wide OpenBLAS thread count is set only while some forward pass runs and restored after
@@ -35,11 +42,13 @@ from .contract import QuantizedKV
 
 NOT_DISTRIBUTED = "the numpy backend runs in one process; distributed inference (--parallel) needs --backend mlx"
 
-WEIGHT_MODES = ("float32", "quantized")
+WEIGHT_MODES = ("auto", "fused", "float32", "quantized")
 _BLOCK = 1 << 21  # weights dequantized at a time in "quantized" mode (8 MB of float32: stays in cache)
 _CHUNK_ROWS = 4096  # rows dequantized at a time while laying weights out at load
 _PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 _GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2.._PARALLEL_ROWS - 1 rows
+_FUSED_ROWS = 16  # "fused" mode: products of at most this many rows run the fused kernel, longer ones BLAS
+_FUSED_SPLIT = 1 << 21  # "fused" mode: single-row products of at least this many weights (~60 us) are shared
 
 
 class QLinear:
@@ -66,21 +75,30 @@ class NumpyOps:
     float_bytes = kv_bytes = 4
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
-        """weights: "float32" (default) or "quantized" (see the module doc). threads: workers for multi-row
-        products and quantized blocks (default: the CPUs this process may use)."""
-        mode = weights or os.environ.get("MLXLLAMA_NUMPY_WEIGHTS") or "float32"
+        """weights: "auto" (default), "fused", "float32" or "quantized" (see the module doc). threads: workers
+        for multi-row products and quantized blocks (default: the CPUs this process may use)."""
+        mode = weights or os.environ.get("MLXLLAMA_NUMPY_WEIGHTS") or "auto"
         if mode not in WEIGHT_MODES:
             raise UsageError(f"numpy weights mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
-        self.weights_mode = mode
-        self.keeps_quantized = mode == "quantized"
+        self._auto = mode == "auto"
+        if mode == "fused" and _qmatvec() is None:
+            _notice(f"the fused kernel needs numba ({_QMATVEC_ERROR}): quantized weights stay quantized, "
+                    "in plain numpy (pip install 'mlxllama[fast-cpu]')")
+            mode = "quantized"
+        self.weights_mode = "float32" if self._auto else mode  # auto: "fused" at the first 4/8-bit weight
         self.threads = threads or _cpu_count()
         self._pool = None
         self._scratch: dict[int, np.ndarray] = {}  # per worker thread, for on-the-fly dequantization
         self._local = threading.local()  # per calling thread: forward-pass depth and step workers
-        choose = self.threads > 1 and (mode == "quantized" or _blas.available)
+        choose = self.threads > 1 and (mode != "float32" or _blas.available)
         self._choice = _ThreadChoice((1, self.threads) if choose else (1,))
+
+    @property
+    def keeps_quantized(self) -> bool:
+        """Quantized weights stay packed ("fused", "quantized"; "auto" once it has chosen "fused")."""
+        return self.weights_mode in ("quantized", "fused")
 
     def device(self) -> str:
         return "cpu (numpy)"
@@ -88,19 +106,32 @@ class NumpyOps:
     # -- weight preparation (once, at load) -----------------------------------------------------------------
 
     def prepared_nbytes(self, w) -> int:
-        """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "quantized"
-        mode codes (4-bit two per byte, others one per byte) with float32 scales and biases."""
-        if isinstance(w, QuantizedWeight) and self.weights_mode == "quantized":
+        """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "fused" mode
+        (and "auto" where numba imports) 4/8-bit tensors as stored; in "quantized" mode codes (4-bit two per byte,
+        others one per byte) with float32 scales and biases."""
+        fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)
+        if isinstance(w, QuantizedWeight) and fused and w.bits in _qmatvec().BITS:
+            return int(w.nbytes)
+        if isinstance(w, QuantizedWeight) and (self.weights_mode == "quantized" or fused):
             rows, cols = w.shape
             code = 0.5 if w.bits == 4 and cols % 2 == 0 else 1
             return int(rows * cols * code) + 2 * int(w.scales.size) * 4
         return int(np.prod(w.shape)) * 4
 
     def prepare_linear(self, parts: list):
-        """Fuse same-input projections by output rows; lay the result out as [in, out]."""
+        """Fuse same-input projections by output rows; lay the result out as [in, out] (as stored in "fused"
+        mode: qmatvec.PackedLinear)."""
         quantized = all(isinstance(p, QuantizedWeight) for p in parts)
-        if self.weights_mode == "quantized" and quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
-            return _quantized_linear(parts)
+        if quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
+            if self._auto and self.weights_mode == "float32":
+                self.weights_mode = "fused" if _qmatvec() is not None else "float32"
+                if self.weights_mode == "float32":
+                    _notice(f"numba is not usable ({_QMATVEC_ERROR}): quantized weights are widened to float32, "
+                            "4 bytes each (pip install 'mlxllama[fast-cpu]' for the fused 4-bit kernel)")
+            if self.weights_mode == "fused" and parts[0].bits in _qmatvec().BITS:
+                return _qmatvec().PackedLinear(parts)
+            if self.weights_mode in ("quantized", "fused"):
+                return _quantized_linear(parts)
         cols = sum(p.shape[0] for p in parts)
         out = np.empty((parts[0].shape[1], cols), np.float32)
         o = 0
@@ -165,6 +196,11 @@ class NumpyOps:
         flat = ids.reshape(-1)
         if isinstance(table, QLinear):
             cols = _dequantize_columns(table, flat)
+        elif not isinstance(table, np.ndarray):  # qmatvec.PackedLinear: [vocab, hidden] rows as stored
+            out = np.empty((flat.shape[0], table.shape[0]), np.float32)
+            for j, i in enumerate(flat.tolist()):
+                table.dequantize(i, i + 1, out[j: j + 1])
+            return out.reshape(*ids.shape, -1)
         else:
             cols = table[:, flat]
         return np.ascontiguousarray(cols.T).reshape(*ids.shape, -1)
@@ -177,6 +213,8 @@ class NumpyOps:
         rows = x2.shape[0]
         if isinstance(w, QLinear):
             y = self._quantized_matmul(x2, w)
+        elif not isinstance(w, np.ndarray):  # qmatvec.PackedLinear
+            y = self._fused_matmul(x2, w)
         elif rows == 1:
             y = np.matmul(x2[0], w)
         elif rows < _PARALLEL_ROWS:
@@ -230,6 +268,71 @@ class NumpyOps:
         # one span per worker for a single row (each handoff costs), several per worker for many (load sharing)
         self._run(span, _spans(n_out, workers if rows == 1 else 4 * workers))
         return out
+
+    def _fused_matmul(self, x2: np.ndarray, w) -> np.ndarray:
+        """x2 @ w for a qmatvec.PackedLinear: the fused kernel over spans of output columns for up to _FUSED_ROWS
+        rows; above, a block of weight rows at a time dequantized into a scratch buffer and multiplied by BLAS."""
+        n_in, n_out = w.shape
+        rows = x2.shape[0]
+        out = np.empty((rows, n_out), np.float32)
+        x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        if rows <= _FUSED_ROWS:
+            xin = w.quantize_input(x2)
+            if rows == 1:  # a step's thread count is timed; small products stay on this thread (handoffs cost)
+                workers = getattr(self._local, "step_workers", 1) if n_in * n_out >= _FUSED_SPLIT else 1
+                self._share(lambda c: w.rows(xin, out, c.start, c.stop), _spans(n_out, 8 * workers), workers)
+            else:
+                self._run(lambda c: w.rows(xin, out, c.start, c.stop), _spans(n_out, 4 * self.threads))
+            return out
+        step = max(64, _BLOCK // n_in // 64 * 64)  # weight rows dequantized at a time
+
+        def span(c: slice):
+            scratch = self._scratch_for(step * n_in)
+            for o in range(c.start, c.stop, step):
+                e = min(o + step, c.stop)
+                block = w.dequantize(o, e, scratch[: (e - o) * n_in].reshape(e - o, n_in))
+                np.matmul(x2, block.T, out=out[:, o:e])
+
+        self._run(span, _spans(n_out, 4 * self.threads))
+        return out
+
+    def _share(self, fn, items: list, workers: int) -> None:
+        """fn(item) for every item, claimed one at a time by this thread and workers - 1 pool threads: a thread
+        slowed by another process leaves its share to the others, and this thread never waits for a pool thread
+        that has not started (one that starts late finds nothing left)."""
+        if workers == 1 or len(items) == 1:
+            for it in items:
+                fn(it)
+            return
+        import itertools
+        import threading
+
+        claim, left, lock, finished = itertools.count(), [len(items)], threading.Lock(), threading.Event()
+        errors: list[BaseException] = []
+
+        def work():
+            for i in iter(claim.__next__, None):
+                if i >= len(items):
+                    return
+                try:
+                    fn(items[i])
+                except BaseException as e:  # raised again by the calling thread
+                    errors.append(e)
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlxllama-numpy")
+        for _ in range(workers - 1):
+            self._pool.submit(work)
+        work()
+        finished.wait()
+        if errors:
+            raise errors[0]
 
     def _scratch_for(self, size: int) -> np.ndarray:
         import threading
@@ -440,6 +543,33 @@ def _dequantize_kv(x: QuantizedKV) -> np.ndarray:
     w *= x.scales[..., None]
     w += x.biases[..., None]
     return w.reshape(B, KV, T, D)
+
+
+_QMATVEC = None
+_QMATVEC_ERROR = ""
+_NOTICES: set[str] = set()
+
+
+def _qmatvec():
+    """The fused kernel module, or None where numba cannot be imported (_QMATVEC_ERROR says why)."""
+    global _QMATVEC, _QMATVEC_ERROR
+    if _QMATVEC is None and not _QMATVEC_ERROR:
+        try:
+            from . import qmatvec
+        except ImportError as e:  # numba missing, or too old/new for this numpy
+            _QMATVEC_ERROR = str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            _QMATVEC = qmatvec
+    return _QMATVEC
+
+
+def _notice(line: str) -> None:
+    """One line on stderr, once per process."""
+    if line not in _NOTICES:
+        _NOTICES.add(line)
+        import sys
+
+        print(f"mlxllama: {line}", file=sys.stderr)
 
 
 def _dense_rows(w, start: int, stop: int) -> np.ndarray:

