@@ -35,7 +35,7 @@ def test_compare_prints_ratios_only_when_a_peer_ran():
     assert "Ratios" not in compare.table(skipped, spec)
     both = {"numpy": ran(40.0), "llama.cpp": ran(80.0)}
     text = compare.table(both, spec)
-    assert "Ratios of medians" in text and "mlxllama numpy vs llama.cpp: pp512 0.50x" in text
+    assert "Ratios of medians" in text and "mlxllama numpy float32 vs llama.cpp: pp512 0.50x" in text
 
 
 def test_compare_points_at_the_installer_in_the_repository():

@@ -159,12 +159,19 @@ def test_parallel_greedy_requests_equal_their_solo_outputs(server, tiny):
     assert any(v > 0 for v in batched.values())  # they did share steps
 
 
-def test_disconnect_frees_the_sequence(server):
-    base, engine = server
-    cancelled = engine.stats.requests["cancelled"]
+def test_disconnect_frees_the_sequence(tiny, monkeypatch):
+    m, tok = tiny
+    forward = m.forward_batch
+
+    def slow(chunks, caches):  # slow enough that the request is still running when the client leaves
+        time.sleep(0.02)
+        return forward(chunks, caches)
+
+    monkeypatch.setattr(m, "forward_batch", slow)
     body = {"model": MODEL_ID, "messages": MSGS[1], "max_tokens": 200, "temperature": 1.0, "seed": 1,
             "stop": ["never-appears"], "stream": True}
-    with httpx.Client(timeout=30) as h:
+    with serving(m, tok) as (base, engine), httpx.Client(timeout=30) as h:
+        cancelled = engine.stats.requests["cancelled"]
         with h.stream("POST", base + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
@@ -172,7 +179,7 @@ def test_disconnect_frees_the_sequence(server):
                 if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                     break
             assert engine.active == 1
-    assert wait_for(lambda: engine.stats.requests["cancelled"] > cancelled and engine.active == 0)
+        assert wait_for(lambda: engine.stats.requests["cancelled"] > cancelled and engine.active == 0)
 
 
 def test_errors_are_openai_json(server):
