@@ -150,11 +150,14 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 32,
                  prefill_step: int = 512, prefix_cache: PrefixCache | None = None,
-                 make_cache: Callable[[int], object] | None = None):
+                 make_cache: Callable[[int], object] | None = None, ctx: int | None = None):
         """make_cache(max_len) -> a fresh cache for one sequence (default: model.make_cache(1, max_len)); the
-        prefix cache works with caches whose prefix(n) is not None (cache.KVCache)."""
+        prefix cache works with caches whose prefix(n) is not None (cache.KVCache). ctx: most tokens per sequence,
+        prompt and reply (default and at most: the model's context)."""
+        model_ctx = model.args.max_position_embeddings
+        ctx = model_ctx if ctx is None else ctx
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                        ("prefill_step", prefill_step)):
+                        ("prefill_step", prefill_step), ("ctx", ctx)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -163,7 +166,9 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.make_cache = make_cache or (lambda n: model.make_cache(1, max_len=n))
         self.eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
-        self.ctx = model.args.max_position_embeddings
+        if ctx > model_ctx:
+            raise UsageError(f"--ctx {ctx} is more than the model's context ({model_ctx})")
+        self.ctx = ctx
         self.stats = EngineStats()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []

@@ -19,23 +19,28 @@ import httpx
 import pytest
 
 import mlxllama
+from conftest import make_hf_folder
 from mlxllama.engine import Engine
 from mlxllama.prefix_cache import PrefixCache
-from mlxllama.server.app import ServeConfig, create_app
+from mlxllama.server.app import ServeConfig, create_app, make_engine
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 MODEL_ID = "tiny"
 
 
-@pytest.fixture(scope="module")
-def chat_folder(tiny_hf, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_chat") / "tiny"
-    shutil.copytree(tiny_hf, d)
+def with_template(d: Path) -> Path:
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["chat_template"] = TEMPLATE
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tiny_hf, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_chat") / "tiny"
+    shutil.copytree(tiny_hf, d)
+    return with_template(d)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +50,13 @@ def tiny(chat_folder):
 
 @contextmanager
 def serving(model, tok, **options):
-    """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port); yields (base_url, engine)."""
+    """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port), its engine made as
+    `mlxllama serve` makes it (options: ServeConfig's); yields (base_url, engine)."""
     import uvicorn
 
-    engine_opts = {k: options.pop(k) for k in ("max_batch", "max_queue", "prefill_chunk") if k in options}
-    engine = Engine(model, tok, prefix_cache=PrefixCache(options.pop("prefix_cache_bytes", 32 << 20)),
-                    **engine_opts).start()
-    config = ServeConfig(shutdown_timeout=2.0, **options)
+    config = ServeConfig(shutdown_timeout=2.0, prefix_cache_bytes=options.pop("prefix_cache_bytes", 32 << 20),
+                         **options)
+    engine = make_engine(model, tok, config).start()
     app = create_app(engine, MODEL_ID, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -296,6 +301,54 @@ def _healthy(base: str) -> bool:
         return httpx.get(base + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.fixture(scope="module")
+def tiny32(sp_dir, tmp_path_factory):
+    """The tiny model with a head of 32, so that --kv-group-size 32 fits."""
+    d = with_template(make_hf_folder(tmp_path_factory.mktemp("tiny32") / "tiny", tokenizer_dir=sp_dir, head_dim=32))
+    return mlxllama.load(d, backend="numpy")
+
+
+def test_quantized_kv_server_answers(tiny32):
+    m, tok = tiny32
+    with serving(m, tok, kv_bits=8, kv_group_size=32, max_batch=4) as (base, engine):
+        assert engine.prefix_cache is None  # quantized caches hold no float prefix to save
+        c = client(base)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda msgs: c.chat.completions.create(
+                model=MODEL_ID, messages=msgs, max_tokens=12, temperature=0), MSGS[:2]))
+    for msgs, r in zip(MSGS[:2], got):
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens_details.cached_tokens == 0
+        assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, kv_bits=8,
+                                                                 kv_group_size=32)
+
+
+def test_rotating_window_server_answers_past_the_window(tiny):
+    m, tok = tiny
+    window = 16
+    with serving(m, tok, max_kv_size=window) as (base, engine):
+        r = client(base).completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=40,
+                                            temperature=0, stop=["never-appears"])
+    assert r.usage.prompt_tokens + r.usage.completion_tokens > window
+    assert r.choices[0].text == mlxllama.generate(m, tok, "The quick brown", max_tokens=40, max_kv_size=window)
+
+
+def test_cli_serve_refuses_what_does_not_fit(chat_folder):
+    """The fit check counts --max-batch sequences at the context: a million of them do not fit; one line, exit 2."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+    sock.close()
+    r = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--backend",
+                        "numpy", "--port", port, "--max-batch", "1000000"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "does not fit" in r.stderr and "batch 1000000" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--port", port,
+                          "--kv-bits", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--kv-bits must be 4 or 8" in bad.stderr
 
 
 @pytest.mark.slow
