@@ -245,7 +245,7 @@ class Engine:
                     generation_tokens=n, generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
                     peak_memory=self.model.ops.peak_memory() / 1e9,
                     finish_reason=ev.finish_reason if ev.finish_reason != "cancelled" else "interrupted",
-                    prompt_time=prompt_time)
+                    prompt_time=prompt_time, cached_tokens=ev.cached_tokens)
         finally:
             if not self.running_in_thread:
                 handle.cancel()
