@@ -40,6 +40,13 @@ def serve(
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Keep at most N positions per sequence: "
                                                                          "the first 4 and the latest (a rotating "
                                                                          "window; no prefix cache then)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from each prompt and reply) "
+                                            "or draft (--draft-model): each greedy or sampled stream verifies up "
+                                            "to --num-draft tokens per forward pass, same output; batching stays "
+                                            "on."),
+    num_draft: int = typer.Option(8, "--num-draft", help="Most tokens drafted per forward pass (with --speculate)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model with the same vocabulary "
+                                              "(--speculate draft)."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy backend: float32 or "
@@ -50,6 +57,7 @@ def serve(
     Example:
 
       mlxllama serve -m default --port 8080 --max-batch 8
+      mlxllama serve -m default --speculate lookup --num-draft 8
 
     Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
     does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
@@ -70,4 +78,4 @@ def serve(
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                    max_kv_size=max_kv_size))
+                    max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model))

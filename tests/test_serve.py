@@ -346,9 +346,57 @@ def test_cli_serve_refuses_what_does_not_fit(chat_folder):
                        timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "does not fit" in r.stderr and "batch 1000000" in r.stderr
-    bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--port", port,
-                          "--kv-bits", "3"], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--kv-bits must be 4 or 8" in bad.stderr
+    for args, message in ((["--kv-bits", "3"], "--kv-bits must be 4 or 8"),
+                          (["--speculate", "draft"], "needs a draft model"),
+                          (["--speculate", "lookup", "--max-kv-size", "64"], "do not combine")):
+        bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--port",
+                              port, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_speculative_server_equals_plain_serving(tiny):
+    """--speculate lookup with batching on: concurrent greedy streams each give their solo plain output, a request
+    with logprobs (decoded plainly in the batch) too, and drafts were verified and kept."""
+    from mlxllama.speculative import SpeculativeConfig
+
+    m, tok = tiny
+    prompts = MSGS + [[{"role": "user", "content": "one two three one two three one two"}]]
+    expect = [solo_chat(tiny, msgs, 24) for msgs in prompts]
+    config = SpeculativeConfig("lookup", 4, adaptive=False)  # always draft where lookup finds a match
+    with serving(m, tok, max_batch=4, speculate="lookup",
+                 engine_options={"speculate": config}) as (base, engine):
+        c = client(base)
+
+        def ask(msgs):
+            return c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=24, temperature=0,
+                                             stream=True)
+
+        with ThreadPoolExecutor(len(prompts) + 1) as pool:
+            with_lp = pool.submit(lambda: c.completions.create(model=MODEL_ID, prompt="The quick brown",
+                                                               max_tokens=6, temperature=0, logprobs=1))
+            streams = list(pool.map(ask, prompts))
+            got = list(pool.map(lambda s: "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices),
+                                streams))
+        r = with_lp.result()
+        metrics = httpx.get(base + "/metrics", timeout=30).text
+    assert got == expect
+    assert r.choices[0].text == mlxllama.generate(m, tok, "The quick brown", max_tokens=6)
+    assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens
+    assert engine.spec_stats.drafted > 0 and engine.spec_stats.accepted > 0
+    assert f"mlxllama_speculative_accepted_tokens_total {engine.spec_stats.accepted}" in metrics
+    assert any(k > 1 and v for k, v in engine.stats.batch_sizes.items())
+
+
+def test_speculative_server_with_a_draft_model(tiny, sp_dir, tmp_path):
+    m, tok = tiny
+    draft = make_hf_folder(tmp_path / "draft", seed=0, tokenizer_dir=sp_dir, num_hidden_layers=1)
+    with serving(m, tok, max_batch=2, speculate="draft", num_draft=3, draft_model=str(draft)) as (base, engine):
+        c = client(base)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda msgs: c.chat.completions.create(
+                model=MODEL_ID, messages=msgs, max_tokens=16, temperature=0).choices[0].message.content, MSGS[:2]))
+    assert got == [solo_chat(tiny, msgs, 16) for msgs in MSGS[:2]]
+    assert engine.spec_stats.forwards > 0
 
 
 @pytest.mark.slow

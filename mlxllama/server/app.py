@@ -53,6 +53,9 @@ class ServeConfig:
     kv_bits: int | None = None  # the KV cache of each sequence: cache.CacheSettings
     kv_group_size: int = 64
     max_kv_size: int | None = None
+    speculate: str | None = None  # "lookup" or "draft" (draft_model: a reference with the model's vocabulary)
+    num_draft: int = 8
+    draft_model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)  # more Engine keyword arguments
 
     @property
@@ -370,11 +373,14 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
 def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
     """The engine `mlxllama serve` runs (not started): each sequence's KV cache as config asks, after the fit check
     for max_batch sequences at the full context (memory.DoesNotFit, one line, where they would not fit). The prefix
-    cache holds float K/V only: with --kv-bits or --max-kv-size there is none."""
+    cache holds float K/V only: with --kv-bits or --max-kv-size there is none. With --speculate, the draft model
+    (if any) is loaded and checked here."""
     from ..memory import check_model
     from ..prefix_cache import PrefixCache
+    from ..speculative import make_config
 
     settings = config.cache_settings.validate(model.args.head_dim)
+    check_options(config)
     ctx = config.ctx or model.args.max_position_embeddings
     if ctx > model.args.max_position_embeddings:
         raise UsageError(f"--ctx {ctx} is more than the model's context ({model.args.max_position_embeddings})")
@@ -383,16 +389,31 @@ def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
     if not settings.default:
         options.setdefault("make_cache", lambda n: model.make_cache(1, max_len=n, settings=settings))
     use_prefix = config.prefix_cache_bytes and settings.default
+    if config.speculate is not None:
+        options.setdefault("speculate", make_config(config.speculate, config.num_draft, config.draft_model,
+                                                    target_model=model, target_tokenizer=tokenizer))
     return Engine(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
                   prefill_chunk=config.prefill_chunk, ctx=config.ctx,
                   prefix_cache=PrefixCache(config.prefix_cache_bytes) if use_prefix else None, **options)
+
+
+def check_options(config: ServeConfig) -> None:
+    """Option errors that need no model: the cache settings and the speculation options."""
+    from ..speculative import check_options as check_speculation
+
+    config.cache_settings.validate()
+    check_speculation(config.speculate, config.num_draft, config.draft_model is not None)
+    if config.speculate is not None and config.max_kv_size is not None:
+        raise UsageError("--speculate and --max-kv-size do not combine: a rotating window cannot roll back "
+                         "rejected drafts once it has wrapped")
 
 
 def _kv_label(config: ServeConfig) -> str:
     kv = f"{config.kv_bits}-bit KV" if config.kv_bits else "float KV"
     if config.max_kv_size:
         kv += f", window {config.max_kv_size}"
-    return kv + ("" if config.cache_settings.default or not config.prefix_cache_bytes else ", no prefix cache")
+    kv += "" if config.cache_settings.default or not config.prefix_cache_bytes else ", no prefix cache"
+    return kv + (f", speculate {config.speculate} k<={config.num_draft}" if config.speculate else "")
 
 
 def run(config: ServeConfig) -> None:
@@ -402,7 +423,7 @@ def run(config: ServeConfig) -> None:
 
     from .. import api
 
-    config.cache_settings.validate()  # option errors before the model loads
+    check_options(config)  # before the model loads
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
