@@ -11,7 +11,9 @@ The engine is driven either by its own thread (start(), used by the server) or b
 
 With `speculate` (speculative.SpeculativeConfig), a decoding sequence runs its own [1, k + 1] forward pass next to
 the batched one: a speculative.Speculator drafts up to k tokens and verifies them exactly, so greedy output is the
-plain output. Requests that ask for logprobs or OpenAI's frequency/presence penalties decode plainly in the batch.
+plain output. Requests that ask for logprobs or OpenAI's frequency/presence penalties decode plainly in the batch,
+and so do sampled requests with a seed: speculative sampling keeps the distribution but not the draws, and a seed
+must give the same tokens whatever else runs.
 """
 
 from __future__ import annotations
@@ -369,8 +371,9 @@ class Engine:
 
     def _speculates(self, s: _Seq) -> bool:
         p = s.params
-        return (self.speculate is not None and not s.prefilling and not p.logprobs and p.frequency_penalty == 0.0
-                and p.presence_penalty == 0.0)
+        seeded = p.sampling.seed is not None and not p.sampling.greedy
+        return (self.speculate is not None and not s.prefilling and not seeded and not p.logprobs
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
 
     def _plan(self, seqs: list[_Seq]) -> tuple[list, list]:
         """Each speculative sequence's drafts for this step: ([(seq, plan)] with drafts, each to run its own
