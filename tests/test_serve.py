@@ -164,8 +164,15 @@ def test_parallel_greedy_requests_equal_their_solo_outputs(server, tiny):
     assert any(v > 0 for v in batched.values())  # they did share steps
 
 
-def test_disconnect_frees_the_sequence(server):
+def test_disconnect_frees_the_sequence(server, tiny, monkeypatch):
     base, engine = server
+    forward = tiny[0].forward_batch
+
+    def slow(chunks, caches):  # the tiny model would finish 200 tokens before a loaded machine's client looks
+        time.sleep(0.01)
+        return forward(chunks, caches)
+
+    monkeypatch.setattr(tiny[0], "forward_batch", slow)
     cancelled = engine.stats.requests["cancelled"]
     body = {"model": MODEL_ID, "messages": MSGS[1], "max_tokens": 200, "temperature": 1.0, "seed": 1,
             "stop": ["never-appears"], "stream": True}
