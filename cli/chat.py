@@ -69,8 +69,9 @@ def describe(values: dict) -> str:
 
 
 def stats_line(r) -> str:
-    return (f"[{r.generation_tokens} tokens at {r.generation_tps:.1f} t/s; prompt {r.prompt_tokens} tokens at "
-            f"{r.prompt_tps:.1f} t/s; peak memory {r.peak_memory:.2f} GB]")
+    cached = f" ({r.cached_tokens} cached)" if getattr(r, "cached_tokens", 0) else ""
+    return (f"[{r.generation_tokens} tokens at {r.generation_tps:.1f} t/s; prompt {r.prompt_tokens} tokens{cached} "
+            f"at {r.prompt_tps:.1f} t/s; peak memory {r.peak_memory:.2f} GB]")
 
 
 def _editor():
@@ -187,13 +188,56 @@ class Session:
         return True
 
 
+CHAT_PREFIX_CACHE_BYTES = 1 << 30  # at most this much KV kept between turns (one conversation's, in practice)
+
+
+class Replies:
+    """Each turn's reply stream. With float KV caches, one Engine kept across turns, whose prefix cache holds the
+    conversation's KV so far: a turn prefills only what is new since the last one. A quantized or rotating cache has
+    no float prefix to keep: plain stream_generate then, which prefills the whole history every turn."""
+
+    def __init__(self, model, tok, sampling, max_tokens: int, cache_kwargs: dict | None):
+        from mlxllama.cache import CacheSettings
+        from mlxllama.engine import Engine
+        from mlxllama.memory import kv_bytes
+        from mlxllama.prefix_cache import PrefixCache
+
+        self.model, self.tok, self.sampling, self.max_tokens = model, tok, sampling, max_tokens
+        self.cache_kwargs = cache_kwargs or {}
+        self.engine = None
+        if CacheSettings(**self.cache_kwargs).validate(model.args.head_dim).default:
+            a = model.args
+            budget = min(CHAT_PREFIX_CACHE_BYTES, kv_bytes(a, a.max_position_embeddings, 1, model.ops.kv_bytes))
+            self.engine = Engine(model, tok, max_batch=1, max_queue=1, prefix_cache=PrefixCache(budget))
+
+    def forget(self) -> None:
+        if self.engine is not None:
+            self.engine.prefix_cache.clear()
+
+    def stream(self, history: list, system: str | None):
+        from mlxllama.generate import prompt_tokens, stream_generate
+        from mlxllama.memory import check_model, kv_bytes, wired_limit
+
+        if self.engine is None:
+            yield from stream_generate(self.model, self.tok, history, max_tokens=self.max_tokens, system=system,
+                                       sampling=self.sampling, **self.cache_kwargs)
+            return
+        ids = prompt_tokens(self.tok, history, system=system)
+        length = min(self.engine.ctx, len(ids) + self.max_tokens)
+        check_model(self.model, length, 1)
+        with wired_limit(self.model, kv_bytes(self.model.args, length, 1, self.model.ops.kv_bytes)):
+            yield from self.engine.stream_generate(ids, max_tokens=self.max_tokens, sampling=self.sampling)
+
+
 def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats: bool, banner: str,
         cache_kwargs: dict | None = None) -> None:
+    from contextlib import closing
+
     from mlxllama.context import trim_turns
-    from mlxllama.generate import stream_generate
 
     if tok.chat_template is None:
         raise UsageError("this model has no chat template; use `mlxllama generate` instead")
+    replies = Replies(model, tok, sampling, max_tokens, cache_kwargs)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     read = _editor() if terminal else _pipe_reader()
     session = Session(system=system, show_stats=show_stats, history=[])
@@ -212,6 +256,8 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
         if line.startswith("/") and not line.startswith("//"):
             if not session.command(line):
                 return
+            if line.split()[0] == "/reset":
+                replies.forget()
             continue
         if line.startswith("//"):
             line = line[1:]
@@ -224,9 +270,8 @@ def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats
             typer.echo(f"[context full: dropped the {dropped} oldest messages]", err=True)
         reply, last = [], None
         try:
-            with no_echo(terminal):
-                for r in stream_generate(model, tok, session.history, max_tokens=max_tokens,
-                                         system=session.system, sampling=sampling, **(cache_kwargs or {})):
+            with no_echo(terminal), closing(replies.stream(session.history, session.system)) as stream:
+                for r in stream:
                     sys.stdout.write(r.text)
                     sys.stdout.flush()
                     reply.append(r.text)

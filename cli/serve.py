@@ -30,6 +30,23 @@ def serve(
     max_body_bytes: int = typer.Option(8 << 20, "--max-body-bytes", help="Largest request body accepted."),
     shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to "
                                                                             "finish on SIGTERM."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Most tokens per sequence, prompt and reply (default: the "
+                                                         "model's context); the fit check counts --max-batch of "
+                                                         "them."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize each sequence's KV cache to 8 or 4 "
+                                                                  "bits (no prefix cache then: it holds float KV "
+                                                                  "only)."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Keep at most N positions per sequence: "
+                                                                         "the first 4 and the latest (a rotating "
+                                                                         "window; no prefix cache then)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from each prompt and reply) "
+                                            "or draft (--draft-model): each greedy or sampled stream verifies up "
+                                            "to --num-draft tokens per forward pass, same output; batching stays "
+                                            "on."),
+    num_draft: int = typer.Option(8, "--num-draft", help="Most tokens drafted per forward pass (with --speculate)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model with the same vocabulary "
+                                              "(--speculate draft)."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy backend: float32 or "
@@ -40,6 +57,11 @@ def serve(
     Example:
 
       mlxllama serve -m default --port 8080 --max-batch 8
+      mlxllama serve -m default --speculate lookup --num-draft 8
+
+    Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
+    does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
+    float KV only, so it is off with --kv-bits or --max-kv-size.
     """
     from mlxllama.server.app import ServeConfig, run
 
@@ -47,10 +69,13 @@ def serve(
                     ("--prefill-chunk", prefill_chunk), ("--max-body-bytes", max_body_bytes)):
         if v < 1 or (name == "--port" and v > 65535):
             raise UsageError(f"{name} must be a positive integer{' up to 65535' if name == '--port' else ''}")
+    if ctx is not None and ctx < 2:
+        raise UsageError("--ctx must be an integer >= 2")
     if prefix_cache_bytes < 0 or shutdown_timeout < 0:
         raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
     run(ServeConfig(model=model, host=host, port=port, backend=backend, revision=revision,
                     numpy_weights=numpy_weights, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
-                    shutdown_timeout=shutdown_timeout))
+                    shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                    max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model))

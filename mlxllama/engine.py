@@ -8,6 +8,12 @@ given, supplies the KV of the longest already-seen prefix of each prompt and rec
 
 The engine is driven either by its own thread (start(), used by the server) or by the caller stepping it
 (batch_generate, Engine.stream_generate).
+
+With `speculate` (speculative.SpeculativeConfig), a decoding sequence runs its own [1, k + 1] forward pass next to
+the batched one: a speculative.Speculator drafts up to k tokens and verifies them exactly, so greedy output is the
+plain output. Requests that ask for logprobs or OpenAI's frequency/presence penalties decode plainly in the batch,
+and so do sampled requests with a seed: speculative sampling keeps the distribution but not the draws, and a seed
+must give the same tokens whatever else runs.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import MlxLlamaError, UsageError
-from .generate import GenerationResponse, _StopStrings, prompt_tokens
+from .generate import GenerationResponse, _StopStrings, prefill, prompt_tokens
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
+from .speculative import SpeculativeConfig, SpeculativeStats, Speculator
 
 MAX_TOP_LOGPROBS = 20
 
@@ -127,6 +134,7 @@ class _Seq:
     detok: object = None
     stops: _StopStrings = None
     first_token_time: float | None = None
+    speculator: Speculator | None = None  # with the engine's speculate, from the second generated token on
 
     @property
     def prefilling(self) -> bool:
@@ -150,11 +158,16 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 32,
                  prefill_step: int = 512, prefix_cache: PrefixCache | None = None,
-                 make_cache: Callable[[int], object] | None = None):
+                 make_cache: Callable[[int], object] | None = None, ctx: int | None = None,
+                 speculate: SpeculativeConfig | None = None):
         """make_cache(max_len) -> a fresh cache for one sequence (default: model.make_cache(1, max_len)); the
-        prefix cache works with caches whose prefix(n) is not None (cache.KVCache)."""
+        prefix cache works with caches whose prefix(n) is not None (cache.KVCache). ctx: most tokens per sequence,
+        prompt and reply (default and at most: the model's context). speculate: speculative decoding for every
+        request that allows it; the caches must roll back (trim), so not a rotating window."""
+        model_ctx = model.args.max_position_embeddings
+        ctx = model_ctx if ctx is None else ctx
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                        ("prefill_step", prefill_step)):
+                        ("prefill_step", prefill_step), ("ctx", ctx)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -163,8 +176,12 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.make_cache = make_cache or (lambda n: model.make_cache(1, max_len=n))
         self.eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
-        self.ctx = model.args.max_position_embeddings
+        if ctx > model_ctx:
+            raise UsageError(f"--ctx {ctx} is more than the model's context ({model_ctx})")
+        self.ctx = ctx
         self.stats = EngineStats()
+        self.speculate = speculate.validate() if speculate is not None else None
+        self.spec_stats = SpeculativeStats()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._lock = threading.Lock()
@@ -240,7 +257,7 @@ class Engine:
                     generation_tokens=n, generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
                     peak_memory=self.model.ops.peak_memory() / 1e9,
                     finish_reason=ev.finish_reason if ev.finish_reason != "cancelled" else "interrupted",
-                    prompt_time=prompt_time)
+                    prompt_time=prompt_time, cached_tokens=ev.cached_tokens)
         finally:
             if not self.running_in_thread:
                 handle.cancel()
@@ -299,9 +316,15 @@ class Engine:
         if not self._running:
             return False
         decoding = [s for s in self._running if not s.prefilling]
+        ctx = sum(s.cache.offset for s in decoding)  # KV read by this step's decoding sequences
+        t0 = time.perf_counter()
+        speculating, joined = self._plan([s for s in decoding if self._speculates(s)])
+        own_pass = [s for s, _ in speculating]
         budget = self.prefill_chunk if decoding else self.prefill_step
         batch, chunks = [], []
         for s in self._running:
+            if s in own_pass:
+                continue
             if s.prefilling:
                 if budget <= 0:
                     continue
@@ -311,15 +334,15 @@ class Engine:
             else:
                 chunks.append([s.next_token])
             batch.append(s)
-        t0 = time.perf_counter()
-        try:
-            logits = self.model.forward_batch(chunks, [s.cache for s in batch])
-            self.model.ops.eval(logits)
-        except Exception as e:  # noqa: BLE001  (one failing step must not take the engine down)
-            for s in batch:
-                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
-            return True
-        ctx = sum(s.cache.offset for s in decoding)
+        produced = self._speculate(speculating)
+        if batch:
+            try:
+                logits = self.model.forward_batch(chunks, [s.cache for s in batch])
+                self.model.ops.eval(logits)
+            except Exception as e:  # noqa: BLE001  (one failing step must not take the engine down)
+                for s in batch:
+                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+                return True
         sampling = []
         for s, chunk in zip(batch, chunks):
             if s.prefilling:
@@ -330,15 +353,59 @@ class Engine:
                 sampling.append(s)
         if sampling:
             self._sample(logits, batch, sampling)
+        for s, plan in joined:  # speculative sequences that drafted nothing took a plain step in the batch
+            if s in self._running:
+                s.speculator.took(s.generated[-1], plan)
         dt = time.perf_counter() - t0
         st = self.stats
         st.steps += 1
-        st.batch_sizes[len(batch)] = st.batch_sizes.get(len(batch), 0) + 1
+        size = len(batch) + len(own_pass)
+        st.batch_sizes[size] = st.batch_sizes.get(size, 0) + 1
         if decoding:
-            self._recent.append((len(decoding), self._weight_bytes_per_step + ctx * self._kv_bytes_per_token, dt))
+            passes = len(own_pass) + (len(batch) > 0)  # each forward pass reads the weights once
+            tokens = len(decoding) - len(own_pass) + produced
+            self._recent.append((tokens, passes * self._weight_bytes_per_step + ctx * self._kv_bytes_per_token, dt))
             n, b, t = (sum(x) for x in zip(*self._recent))
             st.decode_tps, st.achieved_gbps = n / t, b / t / 1e9
         return True
+
+    def _speculates(self, s: _Seq) -> bool:
+        p = s.params
+        seeded = p.sampling.seed is not None and not p.sampling.greedy
+        return (self.speculate is not None and not s.prefilling and not seeded and not p.logprobs
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+
+    def _plan(self, seqs: list[_Seq]) -> tuple[list, list]:
+        """Each speculative sequence's drafts for this step: ([(seq, plan)] with drafts, each to run its own
+        [1, k + 1] pass; [(seq, plan)] without, to take a plain step in the batch)."""
+        own, joined = [], []
+        for s in seqs:
+            try:
+                if s.speculator is None:  # the cache holds the prompt; the first token is s.next_token
+                    s.speculator = Speculator(self.model, self.speculate, s.sampler, s.prompt + s.generated,
+                                              s.cache.max_len, prefill, self.spec_stats)
+                plan = s.speculator.plan(s.max_tokens - len(s.generated) - 1)
+            except Exception as e:  # noqa: BLE001
+                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            (own if plan[0] else joined).append((s, plan))
+        return own, joined
+
+    def _speculate(self, seqs: list) -> int:
+        """One speculative forward pass per (sequence, plan); returns the tokens they produced."""
+        produced = 0
+        for s, plan in seqs:
+            try:
+                new = s.speculator.step(s.cache, s.max_tokens - len(s.generated) - 1, plan)
+            except Exception as e:  # noqa: BLE001
+                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            for token in new:
+                produced += 1
+                self._emit(s, token, None, None)
+                if s not in self._running:  # finished (end of sequence, a stop string, max_tokens)
+                    break
+        return produced
 
     def _sample(self, logits, batch: list[_Seq], sampling: list[_Seq]) -> None:
         ops = self.model.ops
@@ -459,7 +526,9 @@ class Engine:
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
         if s.cache is not None and self.prefix_cache is not None and getattr(s.cache, "prefix", None) and reason in (
                 "stop", "length", "cancelled"):
-            n = s.cache.offset  # prompt and generated tokens fed so far (the last sampled token is not)
+            # prompt and generated tokens fed so far (the last sampled token is not; a speculative pass may have fed
+            # tokens past a stop)
+            n = min(s.cache.offset, len(s.prompt) + len(s.generated))
             if n:
                 try:
                     self.prefix_cache.store((s.prompt + s.generated)[:n], s.cache.prefix(n))

@@ -30,6 +30,7 @@ class GenerationResponse:
     # penalties and processors, as OpenAI's API reports it), and the top ones as (token, logprob), most likely first.
     logprobs: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (Engine.stream_generate)
 
 LogitsProcessor = Callable[[list, np.ndarray], np.ndarray]  # (token ids so far, logits [vocab]) -> logits
 

@@ -344,7 +344,10 @@ class Speculator:
     The sequence owns a batch-1 KV cache holding every token of `history` but the last (as after a prefill and
     the first sampled token). Each step() drafts, scores the drafts in one forward pass [1, k + 1] on that cache,
     rolls the rejected positions back and returns the new tokens (1 to k + 1; the last is not yet in the cache).
-    room: how many tokens after the next one are still wanted (drafting stops there)."""
+    room: how many tokens after the next one are still wanted (drafting stops there).
+
+    An engine that batches can split a step: plan(room) drafts; where it drafted nothing, the plain step may run
+    in the engine's batch, and took(token, plan) then records its token; else step(cache, room, plan)."""
 
     def __init__(self, model, config: SpeculativeConfig, sampler: Sampler, history: list[int], max_len: int,
                  prefill: Callable, stats: SpeculativeStats | None = None):
@@ -354,10 +357,9 @@ class Speculator:
         self.drafter = make_drafter(config, model, max_len, prefill)
         self.policy = AdaptiveK(config.num_draft, config.adaptive, free=self.drafter.free)
 
-    def step(self, cache, room: int) -> list[int]:
-        model, sampler, policy, drafter, history = self.model, self.sampler, self.policy, self.drafter, self.history
-        ops = model.ops
-        y = history[-1]
+    def plan(self, room: int) -> tuple:
+        """(drafts, q, bucket, watch) for the next forward pass; no drafts: a plain step."""
+        sampler, policy, drafter, history = self.sampler, self.policy, self.drafter, self.history
         drafts, q, bucket, watch = [], None, 0, None
         if drafter.free:  # propose first: how good the match is decides k
             found, q, bucket = drafter.propose(history, min(self.config.num_draft, max(room, 1)), sampler)
@@ -371,6 +373,22 @@ class Speculator:
                 t0 = time.perf_counter()
                 drafts, q, bucket = drafter.propose(history, k, sampler)
                 policy.record_draft_time(len(drafts), time.perf_counter() - t0)
+        return drafts, q, bucket, watch
+
+    def took(self, token: int, plan: tuple) -> None:
+        """The token of a plain step (plan drafted nothing) that ran elsewhere, e.g. in a serving engine's batch."""
+        _, _, bucket, watch = plan
+        if watch is not None:
+            self.policy.record_drafts(1, int(watch == token), bucket)
+        self.stats.forwards += 1
+        self.stats.tokens += 1
+        self.history.append(token)
+
+    def step(self, cache, room: int, plan: tuple | None = None) -> list[int]:
+        model, sampler, policy, history = self.model, self.sampler, self.policy, self.history
+        ops = model.ops
+        y = history[-1]
+        drafts, q, bucket, watch = self.plan(room) if plan is None else plan
         t0 = time.perf_counter()
         if drafts:
             out = model(np.asarray([[y] + drafts], dtype=np.int64), cache)

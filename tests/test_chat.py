@@ -172,3 +172,39 @@ def test_line_editor_on_a_terminal(chat_model):
     assert code == 130
     assert b"Traceback" not in t.screen and b"^[[A" not in t.screen
     assert t.screen.count(b" t/s; prompt ") == 1
+
+
+def test_second_turn_reuses_the_first_turns_kv(chat_model):
+    """The chat keeps one engine: the second turn's prompt starts with the first turn's, whose KV (prompt and
+    reply) the prefix cache holds; /stats says how many prompt tokens came from it."""
+    r = run_chat(chat_model, "hello there\nand then?\n/exit\n", "--stats", "--temp", "0")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    lines = [line for line in err.splitlines() if " t/s; prompt " in line]
+    assert len(lines) == 2 and "cached" not in lines[0], err
+    cached = int(lines[1].split("tokens (")[1].split(" cached")[0])
+    assert cached >= 5, lines[1]
+
+
+def test_replies_through_the_engine_equal_plain_generation(chat_model):
+    import mlxllama
+    from mlxllama.generate import stream_generate
+    from mlxllama.sampling import SamplingParams
+
+    m, tok = mlxllama.load(chat_model, backend="numpy")
+    greedy = SamplingParams()
+    replies = chat.Replies(m, tok, greedy, 6, None)
+    history = [{"role": "user", "content": "hello there"}]
+    first = list(replies.stream(history, "Be brief."))
+    assert "".join(r.text for r in first) == mlxllama.generate(m, tok, history, max_tokens=6, system="Be brief.")
+    history += [{"role": "assistant", "content": "".join(r.text for r in first)},
+                {"role": "user", "content": "and then?"}]
+    hits = replies.engine.prefix_cache.hits
+    second = list(replies.stream(history, "Be brief."))
+    assert replies.engine.prefix_cache.hits == hits + 1 and second[-1].cached_tokens >= first[-1].prompt_tokens - 1
+    assert "".join(r.text for r in second) == mlxllama.generate(m, tok, history, max_tokens=6, system="Be brief.")
+    # a rotating window has no float prefix to keep: plain generation, every turn
+    plain = chat.Replies(m, tok, greedy, 6, {"kv_bits": None, "kv_group_size": 64, "max_kv_size": 32})
+    assert plain.engine is None
+    want = [r.text for r in stream_generate(m, tok, history, max_tokens=6, system="Be brief.", max_kv_size=32)]
+    assert [r.text for r in plain.stream(history, "Be brief.")] == want

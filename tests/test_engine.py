@@ -215,3 +215,23 @@ def test_forward_batch_on_mlx_matches_solo(tiny_hf):
     prompts = PROMPTS[:3]
     solo = [mlxllama.generate(m, tok, p, max_tokens=6) for p in prompts]
     assert batch_generate(m, tok, prompts, max_tokens=6, prefill_chunk=4).texts == solo
+
+
+def test_speculating_engine_keeps_seeds_and_samples(tiny):
+    """With speculate on, a seeded sampled request decodes plainly (its tokens do not depend on what else runs);
+    unseeded sampled requests speculate and finish; greedy ones equal plain greedy."""
+    from mlxllama.generate import prompt_tokens
+    from mlxllama.speculative import SpeculativeConfig
+
+    m, tok = tiny
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+    engine = Engine(m, tok, max_batch=4, speculate=SpeculativeConfig("lookup", 4, adaptive=False))
+    params = [RequestParams(max_tokens=10, sampling=seeded), RequestParams(max_tokens=20),
+              RequestParams(max_tokens=20, sampling=SamplingParams(temperature=1.0))]
+    handles = [engine.submit(prompt_tokens(tok, PROMPTS[i], chat=False), p) for i, p in enumerate(params)]
+    events = [list(h) for h in handles]
+    texts = ["".join(e.text for e in evs) for evs in events]
+    assert texts[0] == mlxllama.generate(m, tok, PROMPTS[0], max_tokens=10, sampling=seeded)
+    assert texts[1] == mlxllama.generate(m, tok, PROMPTS[1], max_tokens=20)
+    assert events[2][-1].finish_reason in ("stop", "length") and events[2][-1].error is None
+    assert engine.spec_stats.forwards > 0 and engine.active == 0

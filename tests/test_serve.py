@@ -19,23 +19,28 @@ import httpx
 import pytest
 
 import mlxllama
+from conftest import make_hf_folder
 from mlxllama.engine import Engine
 from mlxllama.prefix_cache import PrefixCache
-from mlxllama.server.app import ServeConfig, create_app
+from mlxllama.server.app import ServeConfig, create_app, make_engine
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 MODEL_ID = "tiny"
 
 
-@pytest.fixture(scope="module")
-def chat_folder(tiny_hf, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_chat") / "tiny"
-    shutil.copytree(tiny_hf, d)
+def with_template(d: Path) -> Path:
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["chat_template"] = TEMPLATE
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tiny_hf, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_chat") / "tiny"
+    shutil.copytree(tiny_hf, d)
+    return with_template(d)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +50,13 @@ def tiny(chat_folder):
 
 @contextmanager
 def serving(model, tok, **options):
-    """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port); yields (base_url, engine)."""
+    """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port), its engine made as
+    `mlxllama serve` makes it (options: ServeConfig's); yields (base_url, engine)."""
     import uvicorn
 
-    engine_opts = {k: options.pop(k) for k in ("max_batch", "max_queue", "prefill_chunk") if k in options}
-    engine = Engine(model, tok, prefix_cache=PrefixCache(options.pop("prefix_cache_bytes", 32 << 20)),
-                    **engine_opts).start()
-    config = ServeConfig(shutdown_timeout=2.0, **options)
+    config = ServeConfig(shutdown_timeout=2.0, prefix_cache_bytes=options.pop("prefix_cache_bytes", 32 << 20),
+                         **options)
+    engine = make_engine(model, tok, config).start()
     app = create_app(engine, MODEL_ID, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -159,19 +164,19 @@ def test_parallel_greedy_requests_equal_their_solo_outputs(server, tiny):
     assert any(v > 0 for v in batched.values())  # they did share steps
 
 
-def test_disconnect_frees_the_sequence(tiny, monkeypatch):
-    m, tok = tiny
-    forward = m.forward_batch
+def test_disconnect_frees_the_sequence(server, tiny, monkeypatch):
+    base, engine = server
+    forward = tiny[0].forward_batch
 
-    def slow(chunks, caches):  # slow enough that the request is still running when the client leaves
-        time.sleep(0.02)
+    def slow(chunks, caches):  # the tiny model would finish 200 tokens before a loaded machine's client looks
+        time.sleep(0.01)
         return forward(chunks, caches)
 
-    monkeypatch.setattr(m, "forward_batch", slow)
+    monkeypatch.setattr(tiny[0], "forward_batch", slow)
+    cancelled = engine.stats.requests["cancelled"]
     body = {"model": MODEL_ID, "messages": MSGS[1], "max_tokens": 200, "temperature": 1.0, "seed": 1,
             "stop": ["never-appears"], "stream": True}
-    with serving(m, tok) as (base, engine), httpx.Client(timeout=30) as h:
-        cancelled = engine.stats.requests["cancelled"]
+    with httpx.Client(timeout=30) as h:
         with h.stream("POST", base + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
@@ -179,7 +184,7 @@ def test_disconnect_frees_the_sequence(tiny, monkeypatch):
                 if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                     break
             assert engine.active == 1
-        assert wait_for(lambda: engine.stats.requests["cancelled"] > cancelled and engine.active == 0)
+    assert wait_for(lambda: engine.stats.requests["cancelled"] > cancelled and engine.active == 0)
 
 
 def test_errors_are_openai_json(server):
@@ -303,6 +308,102 @@ def _healthy(base: str) -> bool:
         return httpx.get(base + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.fixture(scope="module")
+def tiny32(sp_dir, tmp_path_factory):
+    """The tiny model with a head of 32, so that --kv-group-size 32 fits."""
+    d = with_template(make_hf_folder(tmp_path_factory.mktemp("tiny32") / "tiny", tokenizer_dir=sp_dir, head_dim=32))
+    return mlxllama.load(d, backend="numpy")
+
+
+def test_quantized_kv_server_answers(tiny32):
+    m, tok = tiny32
+    with serving(m, tok, kv_bits=8, kv_group_size=32, max_batch=4) as (base, engine):
+        assert engine.prefix_cache is None  # quantized caches hold no float prefix to save
+        c = client(base)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda msgs: c.chat.completions.create(
+                model=MODEL_ID, messages=msgs, max_tokens=12, temperature=0), MSGS[:2]))
+    for msgs, r in zip(MSGS[:2], got):
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens_details.cached_tokens == 0
+        assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, kv_bits=8,
+                                                                 kv_group_size=32)
+
+
+def test_rotating_window_server_answers_past_the_window(tiny):
+    m, tok = tiny
+    window = 16
+    with serving(m, tok, max_kv_size=window) as (base, engine):
+        r = client(base).completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=40,
+                                            temperature=0, stop=["never-appears"])
+    assert r.usage.prompt_tokens + r.usage.completion_tokens > window
+    assert r.choices[0].text == mlxllama.generate(m, tok, "The quick brown", max_tokens=40, max_kv_size=window)
+
+
+def test_cli_serve_refuses_what_does_not_fit(chat_folder):
+    """The fit check counts --max-batch sequences at the context: a million of them do not fit; one line, exit 2."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+    sock.close()
+    r = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--backend",
+                        "numpy", "--port", port, "--max-batch", "1000000"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "does not fit" in r.stderr and "batch 1000000" in r.stderr
+    for args, message in ((["--kv-bits", "3"], "--kv-bits must be 4 or 8"),
+                          (["--speculate", "draft"], "needs a draft model"),
+                          (["--speculate", "lookup", "--max-kv-size", "64"], "do not combine")):
+        bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--port",
+                              port, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_speculative_server_equals_plain_serving(tiny):
+    """--speculate lookup with batching on: concurrent greedy streams each give their solo plain output, a request
+    with logprobs (decoded plainly in the batch) too, and drafts were verified and kept."""
+    from mlxllama.speculative import SpeculativeConfig
+
+    m, tok = tiny
+    prompts = MSGS + [[{"role": "user", "content": "one two three one two three one two"}]]
+    expect = [solo_chat(tiny, msgs, 24) for msgs in prompts]
+    config = SpeculativeConfig("lookup", 4, adaptive=False)  # always draft where lookup finds a match
+    with serving(m, tok, max_batch=4, speculate="lookup",
+                 engine_options={"speculate": config}) as (base, engine):
+        c = client(base)
+
+        def ask(msgs):
+            return c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=24, temperature=0,
+                                             stream=True)
+
+        with ThreadPoolExecutor(len(prompts) + 1) as pool:
+            with_lp = pool.submit(lambda: c.completions.create(model=MODEL_ID, prompt="The quick brown",
+                                                               max_tokens=6, temperature=0, logprobs=1))
+            streams = list(pool.map(ask, prompts))
+            got = list(pool.map(lambda s: "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices),
+                                streams))
+        r = with_lp.result()
+        metrics = httpx.get(base + "/metrics", timeout=30).text
+    assert got == expect
+    assert r.choices[0].text == mlxllama.generate(m, tok, "The quick brown", max_tokens=6)
+    assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens
+    assert engine.spec_stats.drafted > 0 and engine.spec_stats.accepted > 0
+    assert f"mlxllama_speculative_accepted_tokens_total {engine.spec_stats.accepted}" in metrics
+    assert any(k > 1 and v for k, v in engine.stats.batch_sizes.items())
+
+
+def test_speculative_server_with_a_draft_model(tiny, sp_dir, tmp_path):
+    m, tok = tiny
+    draft = make_hf_folder(tmp_path / "draft", seed=0, tokenizer_dir=sp_dir, num_hidden_layers=1)
+    with serving(m, tok, max_batch=2, speculate="draft", num_draft=3, draft_model=str(draft)) as (base, engine):
+        c = client(base)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda msgs: c.chat.completions.create(
+                model=MODEL_ID, messages=msgs, max_tokens=16, temperature=0).choices[0].message.content, MSGS[:2]))
+    assert got == [solo_chat(tiny, msgs, 16) for msgs in MSGS[:2]]
+    assert engine.spec_stats.forwards > 0
 
 
 @pytest.mark.slow

@@ -49,7 +49,20 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     shutdown_timeout: float = 30.0
+    ctx: int | None = None  # most tokens per sequence (default: the model's context)
+    kv_bits: int | None = None  # the KV cache of each sequence: cache.CacheSettings
+    kv_group_size: int = 64
+    max_kv_size: int | None = None
+    speculate: str | None = None  # "lookup" or "draft" (draft_model: a reference with the model's vocabulary)
+    num_draft: int = 8
+    draft_model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)  # more Engine keyword arguments
+
+    @property
+    def cache_settings(self):
+        from ..cache import CacheSettings
+
+        return CacheSettings(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size, max_kv_size=self.max_kv_size)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -205,7 +218,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
             return _error(400, "the prompt is empty", param="messages" if chat else "prompt")
         ctx = engine.ctx
         if len(ids) >= ctx:
-            return _error(400, f"the prompt has {len(ids)} tokens but the model's context is {ctx} tokens",
+            return _error(400, f"the prompt has {len(ids)} tokens but the context is {ctx} tokens",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
         params = RequestParams(
             max_tokens=max_tokens or ctx, stop=body.stops,
@@ -357,14 +370,60 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
             handle.cancel()
 
 
+def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
+    """The engine `mlxllama serve` runs (not started): each sequence's KV cache as config asks, after the fit check
+    for max_batch sequences at the full context (memory.DoesNotFit, one line, where they would not fit). The prefix
+    cache holds float K/V only: with --kv-bits or --max-kv-size there is none. With --speculate, the draft model
+    (if any) is loaded and checked here."""
+    from ..memory import check_model
+    from ..prefix_cache import PrefixCache
+    from ..speculative import make_config
+
+    settings = config.cache_settings.validate(model.args.head_dim)
+    check_options(config)
+    ctx = config.ctx or model.args.max_position_embeddings
+    if ctx > model.args.max_position_embeddings:
+        raise UsageError(f"--ctx {ctx} is more than the model's context ({model.args.max_position_embeddings})")
+    check_model(model, ctx, config.max_batch, settings)
+    options = dict(config.engine_options)
+    if not settings.default:
+        options.setdefault("make_cache", lambda n: model.make_cache(1, max_len=n, settings=settings))
+    use_prefix = config.prefix_cache_bytes and settings.default
+    if config.speculate is not None:
+        options.setdefault("speculate", make_config(config.speculate, config.num_draft, config.draft_model,
+                                                    target_model=model, target_tokenizer=tokenizer))
+    return Engine(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
+                  prefill_chunk=config.prefill_chunk, ctx=config.ctx,
+                  prefix_cache=PrefixCache(config.prefix_cache_bytes) if use_prefix else None, **options)
+
+
+def check_options(config: ServeConfig) -> None:
+    """Option errors that need no model: the cache settings and the speculation options."""
+    from ..speculative import check_options as check_speculation
+
+    config.cache_settings.validate()
+    check_speculation(config.speculate, config.num_draft, config.draft_model is not None)
+    if config.speculate is not None and config.max_kv_size is not None:
+        raise UsageError("--speculate and --max-kv-size do not combine: a rotating window cannot roll back "
+                         "rejected drafts once it has wrapped")
+
+
+def _kv_label(config: ServeConfig) -> str:
+    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else "float KV"
+    if config.max_kv_size:
+        kv += f", window {config.max_kv_size}"
+    kv += "" if config.cache_settings.default or not config.prefix_cache_bytes else ", no prefix cache"
+    return kv + (f", speculate {config.speculate} k<={config.num_draft}" if config.speculate else "")
+
+
 def run(config: ServeConfig) -> None:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (uvicorn's handlers): then stop taking
     requests, let in-flight ones finish for up to config.shutdown_timeout seconds, cancel the rest."""
     import uvicorn
 
     from .. import api
-    from ..prefix_cache import PrefixCache
 
+    check_options(config)  # before the model loads
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -372,12 +431,13 @@ def run(config: ServeConfig) -> None:
     except OSError as e:
         sock.close()
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
-    path = api.resolve(config.model, config.revision)
-    model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
-    engine = Engine(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
-                    prefill_chunk=config.prefill_chunk,
-                    prefix_cache=PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None,
-                    **config.engine_options).start()
+    try:
+        path = api.resolve(config.model, config.revision)
+        model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
+        engine = make_engine(model, tokenizer, config).start()
+    except BaseException:
+        sock.close()
+        raise
     model_id = config.model_id or (path.stem if path.is_file() else path.name)
     app = create_app(engine, model_id, config)
     class Server(uvicorn.Server):
@@ -394,7 +454,7 @@ def run(config: ServeConfig) -> None:
                                            timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
                                            access_log=False))
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
-          f"max batch {config.max_batch})", flush=True)
+          f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config)})", flush=True)
     try:
         server.run(sockets=[sock])
     finally:

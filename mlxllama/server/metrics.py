@@ -42,6 +42,11 @@ def render(engine, http_requests: dict[tuple[str, int], int]) -> str:
     if pc is not None:
         metric("prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", [("", pc.nbytes)])
         metric("prefix_cache_entries", "gauge", "Sequences held by the prefix cache.", [("", len(pc))])
+    if engine.speculate is not None:
+        sp = engine.spec_stats
+        metric("speculative_drafted_tokens_total", "counter", "Draft tokens verified by the model.",
+               [("", sp.drafted)])
+        metric("speculative_accepted_tokens_total", "counter", "Draft tokens kept.", [("", sp.accepted)])
     return "\n".join(out) + "\n"
 
 
