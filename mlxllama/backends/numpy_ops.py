@@ -97,8 +97,9 @@ class NumpyOps:
 
     @property
     def keeps_quantized(self) -> bool:
-        """Quantized weights stay packed ("fused", "quantized"; "auto" once it has chosen "fused")."""
-        return self.weights_mode in ("quantized", "fused")
+        """Quantized weights stay packed: "fused", "quantized", and "auto" where numba imports (it chooses "fused"
+        at the first quantized weight, so callers may ask before the model is laid out)."""
+        return self.weights_mode in ("quantized", "fused") or (self._auto and _qmatvec() is not None)
 
     def device(self) -> str:
         return "cpu (numpy)"
