@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import MlxLlamaError, UsageError
-from .generate import GenerationResponse, _StopStrings, prefill, prompt_tokens
+from .generate import GenerationResponse, _StopStrings, log_softmax, prefill, prompt_tokens, top_logprobs
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeConfig, SpeculativeStats, Speculator
@@ -422,8 +422,7 @@ class Engine:
                 host = np.asarray(ops.to_numpy(logits[i]), dtype=np.float64)
                 lp = top = None
                 if s.params.logprobs:
-                    logp = host - host.max()
-                    logp -= np.log(np.exp(logp).sum())
+                    logp = log_softmax(host)
                 adjusted = host
                 if s.counts and (s.params.frequency_penalty or s.params.presence_penalty):
                     adjusted = host.copy()
@@ -434,9 +433,7 @@ class Engine:
                 if s.params.logprobs:
                     lp = float(logp[token])
                     if s.params.top_logprobs:
-                        best = np.argpartition(-logp, s.params.top_logprobs - 1)[: s.params.top_logprobs]
-                        best = best[np.argsort(-logp[best], kind="stable")]
-                        top = [(int(t), float(logp[t])) for t in best]
+                        top = top_logprobs(logp, s.params.top_logprobs)
                 self._emit(s, token, lp, top)
             except Exception as e:  # noqa: BLE001
                 self._finish(s, "error", error=f"{type(e).__name__}: {e}")

@@ -173,12 +173,20 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
             generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time,
             logprobs=None if row is None else float(row[token]),
-            top_logprobs=None if row is None or not top_k_logprobs else _top(row, top_k_logprobs))
+            top_logprobs=None if row is None or not top_k_logprobs else top_logprobs(row, top_k_logprobs))
         if finish:
             return
 
 
-def _top(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one step's logits [vocab], in float64."""
+    row = np.asarray(row, dtype=np.float64)
+    z = row - row.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens as (token, logprob), most likely first."""
     best = np.argpartition(-logprobs, k - 1)[:k]
     best = best[np.argsort(-logprobs[best], kind="stable")]
     return [(int(t), float(logprobs[t])) for t in best]
@@ -231,7 +239,7 @@ def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_ste
         if argmax_on_device:
             return ops.argmax(last), None
         row = ops.to_numpy(last)[0].astype(np.float64)
-        lp = row - row.max() - np.log(np.exp(row - row.max()).sum()) if logprobs else None
+        lp = log_softmax(row) if logprobs else None
         for process in processors:
             row = np.asarray(process(history, row), dtype=np.float64)
         return int(custom(row) if custom else sampler(row, history)), lp
