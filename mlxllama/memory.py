@@ -116,9 +116,10 @@ def metal_info() -> dict | None:
     return dict(mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info())
 
 
-def parse_meminfo(text: str) -> int | None:
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
+def parse_meminfo(text: str | None, field: str = "MemAvailable") -> int | None:
+    """Bytes of one /proc/meminfo field ("MemAvailable", "MemTotal"), or None where it is missing."""
+    for line in (text or "").splitlines():
+        if line.startswith(field + ":"):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
                 return int(parts[1]) * 1024

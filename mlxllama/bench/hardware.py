@@ -14,6 +14,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 
+from .. import memory
 from .chips import Chip, find
 
 
@@ -147,8 +148,8 @@ def parse_cpuinfo(text: str | None) -> str | None:
 
 
 def parse_meminfo(text: str | None) -> int | None:
-    m = re.search(r"^MemTotal:\s*(\d+)\s*kB", text or "", re.MULTILINE)
-    return int(m.group(1)) * 1024 if m else None
+    """The machine's total memory in bytes."""
+    return memory.parse_meminfo(text, "MemTotal")
 
 
 def apple_chip(brand: str | None, gpu_cores: int | None) -> Chip | None:
