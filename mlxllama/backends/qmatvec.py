@@ -5,36 +5,134 @@ a row holds inputs 2k in its low nibble and 2k + 1 in its high one), scales and 
 float16 or float32. Nothing is widened at load; resident memory is the file's (symmetric biases, as GGUF's Q4_0
 and Q8_0 have, are formed from the scales instead of kept).
 
-A product with a few rows (decode, small batches) never forms float weights. Each input row is rounded to int16
-per block of 32 (x ~ dx_b * xq, |xq| <= 32767: an error under a step of 1/32767 of the block's largest value), then
-    y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + sum_g bias[o, g] * sum(x_g)
-with each block's 32-term integer dot product in 16 int32 lanes (x86: one vpmaddwd) and the scaled results summed
-in 16 float lanes per output row. The vector code is generic LLVM IR (_row_dot), compiled by numba for the CPU it
-runs on, so no instruction set is assumed at install. Numba's scalar integer arithmetic widens to int64 and its
-SLP vectorizer is off; spelling the block product as LLVM vectors is what makes it SIMD (about ten times the best
-plain-numba loop, see benchmarks/README.md).
+A product with up to a few dozen rows never forms float weights. Each input row is rounded to int8 per block of 32,
+as llama.cpp's q8 blocks (x ~ dx_b * xq, |xq| <= 127), and its exact float sum per block s_b is kept; then
+    y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + bias[o, g(b)] * s_b
+with each block's 32-term integer dot product in 8 int32 lanes and the scaled results summed in 8 float lanes.
+R input rows (a tile: 8, 4, 2 or 1) share each decoded weight block, so a batch of rows reads and decodes every
+weight once per tile instead of once per row.
 
-Many rows (prefill) use float32 products instead: a block of output rows is dequantized (dequantize_rows, the
-exact float32 weights) into a cache-sized buffer and multiplied by BLAS.
+The block product is LLVM IR written per instruction set (_DOTS), chosen at run time from the CPU's features
+(llvmlite's host features), never at install:
+  "vnni"     AVX-512 VNNI or AVX-VNNI: one vpdpbusd (u8 x s8, summed by fours into int32, exact).
+  "avx2"     vpmaddubsw (u8 x s8, pairs into int16: 4-bit codes cannot saturate it; 8-bit codes are recentred to
+             q - 128 and multiplied with the sign trick, the bias taking the 128 * scale) then vpmaddwd by ones.
+  "generic"  plain vector IR (products widened to int16 and int32) that any CPU's LLVM backend compiles.
+MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has.
+Each path is its own compiled function, so numba's on-disk cache (cache=True) keeps them apart.
+
+Accuracy: the int8 rounding of x is at most half a step, max|x_b| / 254 per element, so each output is within
+sum_b max|x_b| / 254 * sum_{i in b} |w_i| (plus float32 sums) of the float32 product (tests/test_qmatvec.py checks
+this bound on every path). On SmolLM2-135M Q4_1, decode logits differ from float32 mode's by about 0.3% of the
+largest logit (measured in tests/test_qmatvec.py: test_smollm2_logit_error), the size of llama.cpp's own q8_1
+rounding; greedy tokens stay equal to the transformers reference.
+
+Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
+the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
+
+logger = logging.getLogger(__name__)
 
 BITS = (4, 8)
+ISAS = ("vnni", "avx2", "generic")
+TILES = (8, 4, 2, 1)  # input rows sharing one decoded weight block
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
+_ROW_CHUNK = 32  # input rows whose int8 copy stays in cache while the weights stream past
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_I1, _I8, _I16, _I32, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
 def _vec(t, n: int) -> ir.VectorType:
     return ir.VectorType(t, n)
 
+
+def _host_features() -> dict:
+    import llvmlite.binding as llvm
+
+    try:
+        return dict(llvm.get_host_cpu_features())
+    except RuntimeError:  # llvmlite cannot read them on this platform
+        logger.debug("no host CPU features from llvmlite", exc_info=True)
+        return {}
+
+
+def available_isas(features: dict | None = None) -> list[str]:
+    """The paths this CPU can run, best first ("generic" always)."""
+    f = _host_features() if features is None else features
+    out = []
+    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+        out.append("vnni")
+    if f.get("avx2"):
+        out.append("avx2")
+    return out + ["generic"]
+
+
+def choose_isa(features: dict | None = None) -> str:
+    """The path used: MLXLLAMA_KERNEL_ISA where this CPU has it, else the best it has."""
+    have = available_isas(features)
+    want = os.environ.get("MLXLLAMA_KERNEL_ISA", "").strip().lower()
+    if want and want != "auto":
+        if want in have:
+            return want
+        logger.warning("MLXLLAMA_KERNEL_ISA=%s is not available on this CPU (%s); using %s", want,
+                       ", ".join(have), have[0])
+    return have[0]
+
+
+# -- the per-block integer dot product, one per instruction set ------------------------------------------------
+
+def _call(builder, name: str, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _quarters(builder, v, n: int):
+    """<4n x i32> -> <n x i32>: the four consecutive quarters added."""
+    parts = [builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(k * n, (k + 1) * n))))
+             for k in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def _dot_generic(builder, codes, x, bits):
+    """<32 x i8> unsigned codes . <32 x i8> signed x -> <8 x i32> partial sums."""
+    v32 = _vec(_I32, 32)
+    m = builder.mul(builder.zext(codes, v32), builder.sext(x, v32))
+    return _quarters(builder, m, 8)
+
+
+def _dot_avx2(builder, codes, x, bits):
+    """vpmaddubsw + vpmaddwd; with 8 bits, codes arrive recentred (q - 128, signed: see _SIGNED8)."""
+    if bits == 8:
+        x = _call(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, codes])
+        codes = _call(builder, "llvm.abs.v32i8", _vec(_I8, 32), [codes, ir.Constant(_I1, 0)])
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [codes, x])
+    ones = ir.Constant(_vec(_I16, 16), [1] * 16)
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pairs, ones])
+
+
+def _dot_vnni(builder, codes, x, bits):
+    v8 = _vec(_I32, 8)
+    zero = ir.Constant(v8, None)
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.256", v8,
+                 [zero, builder.bitcast(codes, v8), builder.bitcast(x, v8)])
+
+
+_DOTS = {"generic": _dot_generic, "avx2": _dot_avx2, "vnni": _dot_vnni}
+_SIGNED8 = {"avx2"}  # paths that take 8-bit codes as q - 128 (the bias absorbs 128 * scale)
+
+
+# -- IR helpers --------------------------------------------------------------------------------------------------
 
 def _half_to_float(builder, h):
     """IR: float16 bits (i16) -> float32, exact (normal: exponent rebiased; subnormal: mantissa * 2**-24)."""
@@ -49,23 +147,12 @@ def _half_to_float(builder, h):
     return builder.select(builder.icmp_unsigned("<", mag, ir.Constant(_I32, 0x400)), sub, normal)
 
 
-def _native_half() -> bool:
-    """Whether LLVM converts float16 to float32 in one instruction here (x86 F16C, any arm64); elsewhere it
-    would call a runtime helper, so the conversion is spelled in integer operations instead."""
-    import platform
-
-    import llvmlite.binding as llvm
-
-    try:
-        return bool(llvm.get_host_cpu_features().get("f16c")) or platform.machine().lower() in ("arm64", "aarch64")
-    except RuntimeError:
-        return False
-
-
-_NATIVE_HALF = _native_half()
+_NATIVE_HALF = bool(_host_features().get("f16c")) or os.uname().machine.lower() in ("arm64", "aarch64")
 
 
 def _load_scale(builder, ptr, half: bool):
+    """A scale or bias as float32 (float16 held as its uint16 bits: one instruction with x86's F16C or on arm64,
+    elsewhere integer operations rather than a runtime helper call)."""
     v = builder.load(ptr)
     if not half:
         return v
@@ -74,158 +161,207 @@ def _load_scale(builder, ptr, half: bool):
     return _half_to_float(builder, v)
 
 
-def _row_dot(bits: int):
-    """An intrinsic computing one output of the fused product (see the module doc):
-        sum_b scales[g(b)] * dx[b] * (codes of block b . xq[32 b: 32 b + 32]) + sum_g biases[g] * xsum[g]
-    over blocks b < nblk, g(b) = b >> shift. The arrays are passed whole with the element offset of the row
-    (w: bytes of the codes; scales and biases: float32, or float16 as uint16 bits). With bfac != 0 the biases
-    are bfac * biases (a symmetric weight passes its scales as biases). xq is int16, for 4 bits
-    permuted per block (16 even inputs, then 16 odd ones, matching the low and high nibbles)."""
+def _splat(builder, v, n: int):
+    e = builder.insert_element(ir.Constant(_vec(v.type, n), None), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(e, e, ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _codes(builder, wrow, b, idx, bits: int, signed8: bool, order=None):
+    """Block b's 32 codes as <32 x i8>: 4 bits as [low nibbles, high nibbles] (or `order` of the 32 inputs);
+    8 bits as stored, or recentred to q - 128 (signed8)."""
+    wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
+    if bits == 8:
+        codes = builder.load(builder.bitcast(wp, _vec(_I8, 32).as_pointer()), align=1)
+        return builder.xor(codes, ir.Constant(_vec(_I8, 32), [0x80] * 32)) if signed8 else codes
+    packed = builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1)
+    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
+    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), order or list(range(32))))
+
+
+def _hsum(builder, v, n: int):
+    while n > 1:  # pairwise
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
+        c = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, c, flags=("fast",))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+# -- the tile: R input rows against one weight row -----------------------------------------------------------------
+
+def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
+    """IR for y[yoff + r * ystride], r < R (see _tile)."""
+    (w_, woff_, xq_, xoff_, n_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
+    dot, signed8 = _DOTS[isa], bits == 8 and isa in _SIGNED8
+    unroll = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
+
+    def base(i, arg, off):
+        return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
+
+    half = at[8].dtype == types.uint16
+    wrow, srow, brow = base(0, w_, woff_), base(8, sc_, soff_), base(9, bi_, soff_)
+    idx = woff_.type
+    xrows = [base(2, xq_, builder.add(xoff_, builder.mul(n_, ir.Constant(idx, r)))) for r in range(R)]
+    dcol = base(5, dxs_, r0_)  # dx of block b, rows r0..: dcol[b * rows ..]; s: nblk * rows further
+    scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R)]
+           for _ in range(unroll)]
+    bacc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, R), None))
+
+    def block(b, u):
+        codes = _codes(builder, wrow, b, idx, bits, signed8)
+        g = builder.ashr(b, shift_)
+        scale = _load_scale(builder, builder.gep(srow, [g]), half)
+        bias = _load_scale(builder, builder.gep(brow, [g]), half)
+        bias = builder.select(builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)),
+                              builder.fmul(scale, bfac_), bias)
+        if signed8:
+            bias = builder.fadd(bias, builder.fmul(scale, ir.Constant(_F32, 128.0)))
+        off = builder.mul(b, rows_)
+        dv = builder.load(builder.bitcast(builder.gep(dcol, [off]), _vec(_F32, R).as_pointer()), align=4)
+        sv = builder.load(builder.bitcast(builder.gep(scol, [off]), _vec(_F32, R).as_pointer()), align=4)
+        fv = builder.fmul(dv, _splat(builder, scale, R), flags=("fast",))
+        t = builder.fmul(sv, _splat(builder, bias, R), flags=("fast",))
+        builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
+        for r in range(R):
+            xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
+            x = builder.load(builder.bitcast(xp, _vec(_I8, 32).as_pointer()), align=1)
+            f = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 8), [r] * 8))
+            t = builder.fmul(builder.sitofp(dot(builder, codes, x, bits), _vec(_F32, 8)), f, flags=("fast",))
+            builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=("fast",)), acc[u][r])
+
+    step = ir.Constant(idx, unroll)
+    with cgutils.for_range(builder, builder.udiv(nblk_, step)) as loop:
+        b0 = builder.mul(loop.index, step)
+        for u in range(unroll):
+            block(builder.add(b0, ir.Constant(idx, u)), u)
+    if unroll > 1:
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nblk_, step), ir.Constant(idx, 0))):
+            block(builder.sub(nblk_, ir.Constant(idx, 1)), 0)
+    yrow = base(12, y_, yoff_)
+    bv = builder.load(bacc)
+    for r in range(R):
+        v = builder.load(acc[0][r])
+        for u in range(1, unroll):
+            v = builder.fadd(v, builder.load(acc[u][r]), flags=("fast",))
+        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=("fast",))
+        builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
+
+
+def _tile(isa: str):
+    """An intrinsic tile(bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff,
+    ystride, nblk, shift) setting y[yoff + r * ystride] for r < R (R in TILES): one weight row (its bytes at woff;
+    scales and biases at soff, float32 or float16 bits; with bfac != 0 the biases are bfac * scales) against R
+    int8 rows (xq at xoff + r * n, permuted per block for 4 bits) whose dx and s are dxs[0, b, r0 + r] and
+    dxs[1, b, r0 + r] (dxs [2, nblk, rows]).
+    bits and R are run-time values: each (bits, R) is its own loop in the IR."""
 
     @intrinsic
-    def row_dot(typingctx, w, woff, xq, xoff, dx, dxoff, scales, biases, soff, bfac, xsum, xsoff, nblk, shift):
-        sig = types.float32(w, types.intp, xq, types.intp, dx, types.intp, scales, biases, types.intp,
-                            types.float32, xsum, types.intp, types.intp, types.intp)
+    def tile(typingctx, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride,
+             nblk, shift):
+        sig = types.none(types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, types.intp,
+                         types.intp, scales, biases, types.intp, types.float32, y, types.intp, types.intp,
+                         types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            (w_, woff_, xq_, xoff_, dx_, dxoff_, sc_, bi_, soff_, bfac_, xs_, xsoff_, nblk_, shift_) = args
-            at = signature.args
-
-            def base(i, arg, off):
-                return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
-
-            half = at[6].dtype == types.uint16
-            wrow, xrow, dxrow = base(0, w_, woff_), base(2, xq_, xoff_), base(4, dx_, dxoff_)
-            srow, brow, xsrow = base(6, sc_, soff_), base(7, bi_, soff_), base(10, xs_, xsoff_)
-            idx = woff_.type
-
-            def term(b):
-                """<16 x float>: block b's integer dot product in 16 int32 lanes, times scale * dx."""
-                wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
-                if bits == 4:
-                    packed = builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1)
-                    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
-                    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
-                    codes = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
-                else:
-                    codes = builder.load(builder.bitcast(wp, _vec(_I8, 32).as_pointer()), align=1)
-                xb = builder.gep(xrow, [builder.mul(b, ir.Constant(idx, 32))])
-                xv = builder.load(builder.bitcast(xb, _vec(_I16, 32).as_pointer()), align=2)
-                v32 = _vec(_I32, 32)
-                m = builder.mul(builder.zext(codes, v32), builder.sext(xv, v32))
-                # adjacent pairs summed: the form of x86's vpmaddwd (vpdpwssd with VNNI)
-                p = builder.add(builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 16), list(range(0, 32, 2)))),
-                                builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 16), list(range(1, 32, 2)))))
-                scale = _load_scale(builder, builder.gep(srow, [builder.ashr(b, shift_)]), half)
-                f = builder.fmul(builder.load(builder.gep(dxrow, [b])), scale, flags=("fast",))
-                fv = builder.insert_element(ir.Constant(_vec(_F32, 16), None), f, ir.Constant(_I32, 0))
-                fv = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 16), [0] * 16))
-                return builder.fmul(builder.sitofp(p, _vec(_F32, 16)), fv, flags=("fast",))
-
-            def add_to(acc, b):
-                builder.store(builder.fadd(builder.load(acc), term(b), flags=("fast",)), acc)
-
-            # two accumulators: consecutive blocks do not wait on each other's addition
-            acc0 = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
-            acc1 = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), None))
-            one = ir.Constant(idx, 1)
-            with cgutils.for_range(builder, builder.ashr(nblk_, one)) as loop:
-                b = builder.shl(loop.index, one)
-                add_to(acc0, b)
-                add_to(acc1, builder.add(b, one))
-            with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk_, one), ir.Constant(idx, 0))):
-                add_to(acc0, builder.sub(nblk_, one))
-            acc = cgutils.alloca_once_value(builder, builder.fadd(builder.load(acc0), builder.load(acc1),
-                                                                  flags=("fast",)))
-            bacc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-            with cgutils.for_range(builder, builder.ashr(nblk_, shift_)) as loop:
-                g = loop.index
-                bias = _load_scale(builder, builder.gep(brow, [g]), half)
-                bias = builder.select(builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)),
-                                      builder.fmul(bias, bfac_), bias)
-                t = builder.fmul(bias, builder.load(builder.gep(xsrow, [g])), flags=("fast",))
-                builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
-            v, n = builder.load(acc), 16
-            while n > 1:  # pairwise horizontal sum
-                n //= 2
-                a = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
-                c = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
-                v = builder.fadd(a, c, flags=("fast",))
-            return builder.fadd(builder.extract_element(v, ir.Constant(_I32, 0)), builder.load(bacc),
-                                flags=("fast",))
+            idx = args[0].type
+            for b in BITS:
+                for r in TILES:
+                    case = builder.and_(builder.icmp_signed("==", args[0], ir.Constant(idx, b)),
+                                        builder.icmp_signed("==", args[1], ir.Constant(idx, r)))
+                    with builder.if_then(case):
+                        _tile_ir(context, builder, signature.args[2:], args[2:], isa, b, r)
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return row_dot
+    return tile
 
 
-_dot4 = _row_dot(4)
-_dot8 = _row_dot(8)
-
-
-@intrinsic
-def _half_bits(typingctx, h):
-    """float16 bits (uint16) -> float32, exact, in integer operations (see _half_to_float)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return _half_to_float(builder, args[0])
-
-    return sig, codegen
-
-
-def _widen(s):
-    """A scale or bias as float32: float32 as is, float16 (held as its uint16 bits) converted exactly."""
-
-
-@overload(_widen, inline="always")
-def _widen_impl(s):
-    if isinstance(s, types.Float):
-        return lambda s: np.float32(s)
-    return lambda s: _half_bits(s)
+_tile_vnni, _tile_avx2, _tile_generic = _tile("vnni"), _tile("avx2"), _tile("generic")
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def quantize_input(x2, bits, group_size, xq, dx, xsum):
-    """x2 [rows, in] float32 -> xq int16 [rows, in] (permuted per block of 32 for 4 bits), dx [rows, in / 32]
-    (xq * dx ~ x), xsum [rows, in / group_size] (sums of x per weight group)."""
+def quantize_input(x2, bits, xq, dxs):
+    """x2 [rows, in] float32 -> xq int8 [rows, in] (permuted per block of 32 for 4 bits: 16 even inputs, then 16
+    odd ones, as the nibbles), dxs [2, in / 32, rows]: dx and s per block and row, xq * dx ~ x and s = dx * sum(xq) (the bias then
+    multiplies the same rounded x as the codes do: the error is sum w * (x - dx xq), not scale * q * (...))."""
     rows, n = x2.shape
     for r in range(rows):
         for b in range(n // _BLOCK):
-            s = b * _BLOCK
+            s0 = b * _BLOCK
             m = np.float32(0)
             for i in range(_BLOCK):
-                m = max(m, abs(x2[r, s + i]))
-            d = m / np.float32(32767)
-            inv = np.float32(32767) / m if m > 0 else np.float32(0)
-            dx[r, b] = d
+                m = max(m, abs(x2[r, s0 + i]))
+            d = m / np.float32(127)
+            inv = np.float32(127) / m if m > 0 else np.float32(0)
+            t = 0
             for i in range(_BLOCK):
-                j = s + (i // 2 + 16 * (i % 2) if bits == 4 else i)
-                xq[r, j] = np.int16(min(max(np.rint(x2[r, s + i] * inv), -32767), 32767))
-        for g in range(n // group_size):
-            t = np.float32(0)
-            for i in range(g * group_size, (g + 1) * group_size):
-                t += x2[r, i]
-            xsum[r, g] = t
+                j = s0 + (i // 2 + 16 * (i % 2) if bits == 4 else i)
+                v = np.int8(np.rint(x2[r, s0 + i] * inv))
+                xq[r, j] = v
+                t += np.int32(v)
+            dxs[0, b, r] = d
+            dxs[1, b, r] = d * np.float32(t)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _rows(w, scales, biases, bfac, bits, group_size, xq, dx, xsum, y, o0, o1):
-    """y[:, o0:o1] for the quantized input (quantize_input); w is the weight's bytes [out, in * bits / 8]."""
+@njit(inline="always")
+def _tile_rows(r1: int, r: int) -> int:
+    """The tile height for input rows r..r1: the largest of TILES that fits."""
+    left = r1 - r
+    return 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
+
+
+# one function per path (numba caches each apart); identical but for the tile intrinsic they call. _ROW_CHUNK input
+# rows at a time: their int8 copy stays in cache while the weight rows pass.
+
+@njit(cache=True, nogil=True)
+def _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     rows, n = xq.shape
-    nblk = n // _BLOCK
-    shift = {32: 0, 64: 1, 128: 2}[group_size]
-    ngroups = scales.shape[1]
-    for o in range(o0, o1):
-        for r in range(rows):
-            if bits == 4:
-                y[r, o] = _dot4(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, bfac,
-                                xsum, r * ngroups, nblk, shift)
-            else:
-                y[r, o] = _dot8(w, o * w.shape[1], xq, r * n, dx, r * nblk, scales, biases, o * ngroups, bfac,
-                                xsum, r * ngroups, nblk, shift)
+    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
+    for c0 in range(0, rows, _ROW_CHUNK):
+        c1 = min(rows, c0 + _ROW_CHUNK)
+        for o in range(o0, o1):
+            r = c0
+            while r < c1:
+                R = _tile_rows(c1, r)
+                _tile_vnni(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
+                           o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
+                r += R
 
 
+@njit(cache=True, nogil=True)
+def _rows_avx2(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+    rows, n = xq.shape
+    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
+    for c0 in range(0, rows, _ROW_CHUNK):
+        c1 = min(rows, c0 + _ROW_CHUNK)
+        for o in range(o0, o1):
+            r = c0
+            while r < c1:
+                R = _tile_rows(c1, r)
+                _tile_avx2(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
+                           o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
+                r += R
+
+
+@njit(cache=True, nogil=True)
+def _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+    rows, n = xq.shape
+    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
+    for c0 in range(0, rows, _ROW_CHUNK):
+        c1 = min(rows, c0 + _ROW_CHUNK)
+        for o in range(o0, o1):
+            r = c0
+            while r < c1:
+                R = _tile_rows(c1, r)
+                _tile_generic(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
+                              o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
+                r += R
+
+
+_ROWS = {"vnni": _rows_vnni, "avx2": _rows_avx2, "generic": _rows_generic}
 def _dequantize_row(bits: int):
     """An intrinsic writing one row as float32: out[ooff + i] = scale * q_i + bias, rounded after the product
     and after the sum (no fused multiply-add, no fast-math), as numpy forms it. Arguments as _row_dot's."""
@@ -298,11 +434,12 @@ class PackedLinear:
     of the uint32 words), scales and biases [out, in / group] (float32, or float16 held as uint16 bits). Where
     every bias is -2**(bits - 1) times its scale (GGUF's Q4_0 and Q8_0), the biases are not kept: the kernel
     forms them from the scales, and the weight is the file's bytes exactly. shape is (in, out), as numpy_ops'
-    float32 matrices."""
+    float32 matrices. isa: the kernel path (default: choose_isa())."""
 
-    def __init__(self, parts: list):
+    def __init__(self, parts: list, isa: str | None = None):
         p0 = parts[0]
         self.group_size, self.bits = p0.group_size, p0.bits
+        self.isa = isa or kernel_isa()
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
         self.words = np.ascontiguousarray(words, dtype=np.uint32)
         self.bytes = self.words.view(np.uint8)
@@ -327,18 +464,26 @@ class PackedLinear:
         biases = self.scales if self.biases is None else self.biases
         return self.bytes, self.scales, biases, self.bias_factor, self.bits, self.group_size
 
-    def quantize_input(self, x2: np.ndarray):
-        """What rows() takes for x2 [rows, in] float32 (C order)."""
-        rows, n = x2.shape
-        xq = np.empty((rows, n), np.int16)
-        dx = np.empty((rows, n // _BLOCK), np.float32)
-        xsum = np.empty((rows, n // self.group_size), np.float32)
-        quantize_input(x2, self.bits, self.group_size, xq, dx, xsum)
-        return xq, dx, xsum
+    def input_buffers(self, rows: int):
+        """Empty (xq, dxs) for `rows` input rows: what quantize_input fills."""
+        n = self.shape[0]
+        return np.empty((rows, n), np.int8), np.empty((2, n // _BLOCK, rows), np.float32)
+
+    def quantize_input(self, x2: np.ndarray, buffers=None):
+        """What rows() takes for x2 [rows, in] float32 (C order), in buffers (input_buffers) where given."""
+        xq, dxs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
+        quantize_input(x2, self.bits, xq, dxs)
+        return xq, dxs
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
-        """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); releases the GIL."""
-        _rows(*self._args(), *xin, out, o0, o1)
+        """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); out C-order float32; releases the GIL."""
+        _ROWS[self.isa](*self._args(), *xin, out, o0, o1)
+
+    def matmul(self, x2: np.ndarray) -> np.ndarray:
+        """x2 [rows, in] @ W.T on this thread."""
+        out = np.empty((x2.shape[0], self.shape[1]), np.float32)
+        self.rows(self.quantize_input(np.ascontiguousarray(x2, dtype=np.float32)), out, 0, self.shape[1])
+        return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
         """Rows o0..o1 as float32 [o1 - o0, in] in out (C order); releases the GIL."""
@@ -351,3 +496,41 @@ class PackedLinear:
 def _rows_of(arrays: list, dtype) -> np.ndarray:
     arrays = [np.asarray(a, dtype) for a in arrays]
     return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+
+_KERNEL_ISA: str | None = None
+
+
+def kernel_isa() -> str:
+    """The path in use: choose_isa()'s, once it has computed a small product as the generic path does (a path
+    whose IR this LLVM cannot compile, or that disagrees, falls back to the next, with a warning)."""
+    global _KERNEL_ISA
+    if _KERNEL_ISA is None:
+        have = available_isas()
+        first = choose_isa()
+        for isa in [first] + [i for i in have[have.index(first) + 1:]]:
+            if isa == "generic" or _self_check(isa):
+                _KERNEL_ISA = isa
+                break
+        logger.debug("fused kernel path: %s (CPU offers %s)", _KERNEL_ISA, ", ".join(have))
+    return _KERNEL_ISA
+
+
+def _self_check(isa: str) -> bool:
+    from ..quant import quantize
+
+    rng = np.random.default_rng(0)
+    try:
+        for bits in BITS:
+            qw = quantize(rng.standard_normal((8, 128)).astype(np.float32), 32, bits)
+            x = rng.standard_normal((3, 128)).astype(np.float32)
+            got = PackedLinear([qw], isa).matmul(x)
+            want = PackedLinear([qw], "generic").matmul(x)
+            if not np.allclose(got, want, rtol=1e-5, atol=1e-5):
+                logger.warning("the %s kernel path disagrees with the generic one here; not used", isa)
+                return False
+    except Exception:  # an LLVM that cannot select these instructions: log it and use the next path
+        logger.warning("the %s kernel path does not compile here; not used", isa)
+        logger.debug("compile error", exc_info=True)
+        return False
+    return True

@@ -1,0 +1,127 @@
+"""The numpy backend's products: x2 [rows, in] @ W for each weight layout (numpy_layouts, qmatvec), split over
+the backend's worker threads; and the pieces of blocked attention."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .numpy_layouts import QLinear, codes_block
+from .numpy_threads import Workers, column_blocks, spans
+
+PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
+GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
+QUANT_BLOCK = 1 << 21  # weights dequantized at a time for BLAS (8 MB of float32: stays in cache)
+# "fused" mode: products of at most this many rows run the int8 tiles, longer ones dequantized blocks and BLAS.
+# Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2 AVX2): 32 rows even,
+# 64 rows 1.3x faster with BLAS.
+FUSED_ROWS = 32
+FUSED_SPLIT = 1 << 21  # "fused" mode: single-row products of at least this many weights (~60 us) are shared
+
+
+def dense_matmul(workers: Workers, x2: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x2 @ w for a float32 [in, out] matrix. One row goes through gemv with a 1-D vector (numpy would otherwise
+    call gemm with one row, about half as fast)."""
+    rows = x2.shape[0]
+    if rows == 1:
+        return np.matmul(x2[0], w)[None]
+    y = np.empty((rows, w.shape[1]), np.float32)
+    if rows < PARALLEL_ROWS:
+        # a few rows (a batched decode step): a packed sgemm over the whole weight would copy all of it per call;
+        # instead one column block at a time, each small enough to stay in cache while every row uses it
+        step = max(64, GEMM_BLOCK // (4 * w.shape[0]) // 64 * 64)
+        blocks = [slice(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
+    elif workers.threads == 1:
+        return np.matmul(x2, w)
+    else:
+        blocks = column_blocks(w.shape[1], workers.threads)
+    workers.run(lambda c: np.matmul(x2, w[:, c], out=y[:, c]), blocks)
+    return y
+
+
+def quantized_matmul(workers: Workers, x2: np.ndarray, w: QLinear, step_workers: int) -> np.ndarray:
+    """x2 @ w, a block of columns at a time, each block's codes widened to float32 in a scratch buffer.
+    Several rows: the block is dequantized (scale * q + bias) and multiplied. One row: the codes are multiplied
+    per group and scaled afterwards, y = sum_g scale_g * (x_g . q_g) + bias_g * sum(x_g), two passes fewer
+    over the block (same weights, another rounding order: ~1e-6 relative)."""
+    n_in, n_out = w.shape
+    g = w.group_size
+    rows = x2.shape[0]
+    out = np.empty((rows, n_out), np.float32)
+    step = max(64, QUANT_BLOCK // n_in // 64 * 64)  # columns widened at a time
+    nworkers = workers.threads if rows >= PARALLEL_ROWS else step_workers
+    if rows == 1:
+        xg = x2[0].reshape(-1, 1, g)
+        xsum = xg.sum(axis=(1, 2))
+
+    def block(cols: slice):
+        n = cols.stop - cols.start
+        codes = codes_block(w, cols, workers.scratch(n_in * step)[: n_in * n].reshape(n_in, n))
+        grouped = codes.reshape(-1, g, n)
+        if rows == 1:
+            part = np.matmul(xg, grouped)[:, 0, :]  # [groups, n]
+            part *= w.scales[:, 0, cols]
+            y = out[0, cols]
+            np.sum(part, axis=0, out=y)
+            y += xsum @ w.biases[:, 0, cols]
+        else:
+            np.multiply(grouped, w.scales[:, :, cols], out=grouped)
+            np.add(grouped, w.biases[:, :, cols], out=grouped)
+            np.matmul(x2, codes, out=out[:, cols])
+
+    def span(r: slice):
+        for c in range(r.start, r.stop, step):
+            block(slice(c, min(c + step, r.stop)))
+
+    # one span per worker for a single row (each handoff costs), several per worker for many (load sharing)
+    workers.run(span, spans(n_out, nworkers if rows == 1 else 4 * nworkers))
+    return out
+
+
+def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.ndarray:
+    """x2 @ w for a qmatvec.PackedLinear: up to FUSED_ROWS rows, the int8 tiles over spans of output columns (the
+    input rounded once, every span reading it); above, a block of weight rows at a time dequantized into a
+    scratch buffer and multiplied by BLAS."""
+    n_in, n_out = w.shape
+    rows = x2.shape[0]
+    out = np.empty((rows, n_out), np.float32)
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    if rows <= FUSED_ROWS:
+        xin = w.quantize_input(x2)
+        if rows == 1:  # a step's thread count is timed; small products stay on this thread (handoffs cost)
+            nworkers = step_workers if n_in * n_out >= FUSED_SPLIT else 1
+            workers.share(lambda c: w.rows(xin, out, c.start, c.stop), spans(n_out, 8 * nworkers), nworkers)
+        else:
+            workers.run(lambda c: w.rows(xin, out, c.start, c.stop), spans(n_out, 4 * workers.threads))
+        return out
+    step = max(64, QUANT_BLOCK // n_in // 64 * 64)  # weight rows dequantized at a time
+
+    def span(c: slice):
+        scratch = workers.scratch(step * n_in)
+        for o in range(c.start, c.stop, step):
+            e = min(o + step, c.stop)
+            block = w.dequantize(o, e, scratch[: (e - o) * n_in].reshape(e - o, n_in))
+            np.matmul(x2, block.T, out=out[:, o:e])
+
+    workers.run(span, spans(n_out, 4 * workers.threads))
+    return out
+
+
+QUERY_BLOCK = 128
+_BIAS: dict[int, np.ndarray] = {}
+
+
+def causal_bias(n: int) -> np.ndarray:
+    """[n, n]: 0 on and below the diagonal, -inf above."""
+    if n not in _BIAS:
+        _BIAS[n] = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+    return _BIAS[n]
+
+
+def softmax_product(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(scores) @ v, with scores overwritten."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    den = scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, v)
+    out /= den
+    return out
