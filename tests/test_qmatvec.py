@@ -27,14 +27,15 @@ def as_float32(qw: QuantizedWeight) -> QuantizedWeight:
                            qw.bits)
 
 
-def reference(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+def reference(x: np.ndarray, qw: QuantizedWeight, act: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """x @ W.T in float64 with W as float32 mode forms it, and the kernel's error bound for each output: the
-    int8 rounding of x (at most half a step, 1/254 of each block's largest |x|, with the step itself rounded)
-    through |W|, plus float32 sums."""
+    rounding of x to `act`-bit integers per block of 32 (at most half a step: 1/254 of the block's largest |x|
+    with int8, 1/65534 with int16, the step itself rounded) through |W|, plus float32 sums."""
+    half_step = 2 * (2 ** (act - 1) - 1)
     w = dequantize(as_float32(qw), np.float32).astype(np.float64)
     x = x.astype(np.float64)
     block_max = np.repeat(np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2), 32, axis=1)
-    bound = (block_max / 254 * 1.0001) @ np.abs(w).T + 2e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    bound = (block_max / half_step * 1.0001) @ np.abs(w).T + 2e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
     return x @ w.T, bound
 
 
@@ -55,10 +56,11 @@ def isas() -> list[str]:
 
 
 @needs_numba
+@pytest.mark.parametrize("act", [8, 16])
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_kernel_matches_dequantize_matmul(bits, group, isa):
+def test_kernel_matches_dequantize_matmul(bits, group, isa, act):
     """Every path, every tile height (8, 4, 2, 1 rows and their mixes, past one 32-row chunk), within the bound of
     int8 inputs; and every path gives the generic path's numbers up to float32 summation order."""
     from mlxllama.backends.qmatvec import PackedLinear
@@ -68,17 +70,17 @@ def test_kernel_matches_dequantize_matmul(bits, group, isa):
         rows_out, cols = int(rng.integers(1, 80)), group * int(rng.integers(1, 6))
         dtype = (np.float16, np.float32)[case % 2]
         qw = random_qw(rng, rows_out, cols, group, bits, dtype, symmetric=case == 2, tiny=case == 3)
-        packed = PackedLinear([qw], isa)
+        packed = PackedLinear([qw], isa, act)
         assert (packed.biases is None) == (case == 2)
         for n in (1, 2, 5, 16, 39):
             x = rng.standard_normal((n, cols)).astype(np.float32)
             x[0, :32] *= 100  # one block with an outlier: its scale is its own
             y = np.full((n, rows_out), np.nan, np.float32)
             packed.rows(packed.quantize_input(x), y, 0, rows_out)
-            want, bound = reference(x, qw)
+            want, bound = reference(x, qw, act)
             assert (np.abs(y - want) <= bound).all(), (case, n, np.abs(y - want).max(), bound.min())
             # the paths differ only in float32 summation order, over terms up to 2**bits * scale * |x|
-            generic = PackedLinear([qw], "generic").matmul(x)
+            generic = PackedLinear([qw], "generic", act).matmul(x)
             terms = np.abs(x) @ np.repeat(np.abs(qw.scales.astype(np.float32)) * 2 ** bits, group, axis=1).T
             assert (np.abs(y - generic) <= 1e-5 * terms).all()
 
@@ -117,26 +119,36 @@ def test_kernel_fuses_parts_and_dequantizes_exactly():
 
 
 @needs_numba
+@pytest.mark.parametrize("act", [8, 16])
+@pytest.mark.parametrize("isa", ["generic", None])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_fused_mode_matches_float32_mode(tie, bits):
+def test_fused_mode_matches_float32_mode(tie, bits, isa, act, monkeypatch):
+    """On the generic path and on the best this CPU has, with int8 and int16 inputs."""
+    if isa:
+        monkeypatch.setenv("MLXLLAMA_KERNEL_ISA", isa)
+    monkeypatch.setenv("MLXLLAMA_KERNEL_ACT", str(act))
     args, weights = tiny(tie=tie, bits=bits)
     dense = Model(args, weights, numpy_ops.NumpyOps("float32", threads=1))
     fused = Model(args, weights, numpy_ops.NumpyOps("fused", threads=2))
     assert fused.ops.weights_mode == "fused"
+    assert fused.layers[0].qkv.isa == (isa or numpy_ops._qmatvec().available_isas()[0])
+    assert fused.layers[0].qkv.act == act
     assert fused.resident_nbytes < 1.01 * fused.weights_nbytes  # the stored bytes (norms widened to float32)
     split = numpy_kernels.FUSED_ROWS + 4  # a prefill long enough for dequantized blocks and BLAS
     want, got = logits(dense, TOKENS, split), logits(fused, TOKENS, split)
     scale = np.abs(want).max()
     # prefill multiplies the very float32 weights: equal up to BLAS blocking
     np.testing.assert_allclose(got[:, :split], want[:, :split], rtol=1e-6, atol=2e-6 * scale)
-    # decode steps: int8-rounded inputs (per block of 32; this tiny model's rows have only 2 blocks, so the
-    # rounding averages out less than in a real model): measured up to 1.2e-2 of the largest logit
-    np.testing.assert_allclose(got[:, split:], want[:, split:], rtol=0, atol=3e-2 * scale)
-    # a batch of 12 rows takes the int8 tiles too
+    # decode steps: rounded inputs (per block of 32; this tiny model's rows have only 2 blocks, so the rounding
+    # averages out less than in a real model): measured up to 1.2e-2 of the largest logit with int8, 1.2e-4 with
+    # int16
+    tol = 3e-2 if act == 8 else 5e-4
+    np.testing.assert_allclose(got[:, split:], want[:, split:], rtol=0, atol=tol * scale)
+    # a batch of 12 rows takes the tiles too
     cache = fused.make_cache(1)
     np.testing.assert_allclose(fused.ops.to_numpy(fused(TOKENS[:, :12], cache)), want[:, :12], rtol=0,
-                               atol=3e-2 * scale)
+                               atol=tol * scale)
     ids = TOKENS[0, :12].tolist()
     assert list(generate_step(fused, ids, 12)) == list(generate_step(dense, ids, 12))
 

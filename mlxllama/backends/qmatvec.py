@@ -128,8 +128,38 @@ def _dot_vnni(builder, codes, x, bits):
                  [zero, builder.bitcast(codes, v8), builder.bitcast(x, v8)])
 
 
-_DOTS = {"generic": _dot_generic, "avx2": _dot_avx2, "vnni": _dot_vnni}
-_SIGNED8 = {"avx2"}  # paths that take 8-bit codes as q - 128 (the bias absorbs 128 * scale)
+def _dot16_generic(builder, codes, x, bits):
+    """<32 x i8> unsigned codes . <32 x i16> signed x -> <8 x i32> partial sums."""
+    v32 = _vec(_I32, 32)
+    m = builder.mul(builder.zext(codes, v32), builder.sext(x, v32))
+    return _quarters(builder, m, 8)
+
+
+def _halves16(builder, codes, x):
+    """Codes widened to int16 and both operands cut in two <16 x i16> halves."""
+    c = builder.zext(codes, _vec(_I16, 32))
+    lo, hi = ir.Constant(_vec(_I32, 16), list(range(16))), ir.Constant(_vec(_I32, 16), list(range(16, 32)))
+    return [(builder.shuffle_vector(c, c, m), builder.shuffle_vector(x, x, m)) for m in (lo, hi)]
+
+
+def _dot16_avx2(builder, codes, x, bits):
+    """Two vpmaddwd (int16 pairs into int32; 8-bit codes fit int16 unchanged)."""
+    parts = [_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [c, v]) for c, v in _halves16(builder, codes, x)]
+    return builder.add(parts[0], parts[1])
+
+
+def _dot16_vnni(builder, codes, x, bits):
+    v8 = _vec(_I32, 8)
+    acc = ir.Constant(v8, None)
+    for c, v in _halves16(builder, codes, x):
+        acc = _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8, [acc, builder.bitcast(c, v8), builder.bitcast(v, v8)])
+    return acc
+
+
+# (path, activation bits) -> the block product
+_DOTS = {("generic", 8): _dot_generic, ("avx2", 8): _dot_avx2, ("vnni", 8): _dot_vnni,
+         ("generic", 16): _dot16_generic, ("avx2", 16): _dot16_avx2, ("vnni", 16): _dot16_vnni}
+_SIGNED8 = {("avx2", 8)}  # paths that take 8-bit codes as q - 128 (the bias absorbs 128 * scale)
 
 
 # -- IR helpers --------------------------------------------------------------------------------------------------
@@ -193,7 +223,8 @@ def _hsum(builder, v, n: int):
 def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     """IR for y[yoff + r * ystride], r < R (see _tile)."""
     (w_, woff_, xq_, xoff_, n_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
-    dot, signed8 = _DOTS[isa], bits == 8 and isa in _SIGNED8
+    act = 16 if at[2].dtype == types.int16 else 8  # activation bits: xq's dtype
+    dot, signed8 = _DOTS[isa, act], bits == 8 and (isa, act) in _SIGNED8
     unroll = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
 
     def base(i, arg, off):
@@ -226,7 +257,7 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
         builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
         for r in range(R):
             xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
-            x = builder.load(builder.bitcast(xp, _vec(_I8, 32).as_pointer()), align=1)
+            x = builder.load(builder.bitcast(xp, _vec(ir.IntType(act), 32).as_pointer()), align=act // 8)
             f = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 8), [r] * 8))
             t = builder.fmul(builder.sitofp(dot(builder, codes, x, bits), _vec(_F32, 8)), f, flags=("fast",))
             builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=("fast",)), acc[u][r])
@@ -283,7 +314,7 @@ _tile_vnni, _tile_avx2, _tile_generic = _tile("vnni"), _tile("avx2"), _tile("gen
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def quantize_input(x2, bits, xq, dxs):
+def quantize_input(x2, bits, lim, xq, dxs):
     """x2 [rows, in] float32 -> xq int8 [rows, in] (permuted per block of 32 for 4 bits: 16 even inputs, then 16
     odd ones, as the nibbles), dxs [2, in / 32, rows]: dx and s per block and row, xq * dx ~ x and s = dx * sum(xq) (the bias then
     multiplies the same rounded x as the codes do: the error is sum w * (x - dx xq), not scale * q * (...))."""
@@ -294,14 +325,14 @@ def quantize_input(x2, bits, xq, dxs):
             m = np.float32(0)
             for i in range(_BLOCK):
                 m = max(m, abs(x2[r, s0 + i]))
-            d = m / np.float32(127)
-            inv = np.float32(127) / m if m > 0 else np.float32(0)
+            d = m / lim
+            inv = lim / m if m > 0 else np.float32(0)
             t = 0
             for i in range(_BLOCK):
                 j = s0 + (i // 2 + 16 * (i % 2) if bits == 4 else i)
-                v = np.int8(np.rint(x2[r, s0 + i] * inv))
+                v = np.int32(np.rint(x2[r, s0 + i] * inv))
                 xq[r, j] = v
-                t += np.int32(v)
+                t += v
             dxs[0, b, r] = d
             dxs[1, b, r] = d * np.float32(t)
 
@@ -436,10 +467,12 @@ class PackedLinear:
     forms them from the scales, and the weight is the file's bytes exactly. shape is (in, out), as numpy_ops'
     float32 matrices. isa: the kernel path (default: choose_isa())."""
 
-    def __init__(self, parts: list, isa: str | None = None):
+    def __init__(self, parts: list, isa: str | None = None, act: int | None = None):
         p0 = parts[0]
         self.group_size, self.bits = p0.group_size, p0.bits
         self.isa = isa or kernel_isa()
+        self.act = act or activation_bits()
+        self._xdtype, self._lim = (np.int8, np.float32(127)) if self.act == 8 else (np.int16, np.float32(32767))
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
         self.words = np.ascontiguousarray(words, dtype=np.uint32)
         self.bytes = self.words.view(np.uint8)
@@ -467,12 +500,12 @@ class PackedLinear:
     def input_buffers(self, rows: int):
         """Empty (xq, dxs) for `rows` input rows: what quantize_input fills."""
         n = self.shape[0]
-        return np.empty((rows, n), np.int8), np.empty((2, n // _BLOCK, rows), np.float32)
+        return np.empty((rows, n), self._xdtype), np.empty((2, n // _BLOCK, rows), np.float32)
 
     def quantize_input(self, x2: np.ndarray, buffers=None):
         """What rows() takes for x2 [rows, in] float32 (C order), in buffers (input_buffers) where given."""
         xq, dxs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
-        quantize_input(x2, self.bits, xq, dxs)
+        quantize_input(x2, self.bits, self._lim, xq, dxs)
         return xq, dxs
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
@@ -498,22 +531,31 @@ def _rows_of(arrays: list, dtype) -> np.ndarray:
     return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
 
 
-_KERNEL_ISA: str | None = None
+_CHECKED: dict[str, str] = {}  # the path asked for -> the path used
+
+
+def activation_bits() -> int:
+    """Bits of the rounded inputs: MLXLLAMA_KERNEL_ACT (8 or 16), default 16."""
+    want = os.environ.get("MLXLLAMA_KERNEL_ACT", "").strip()
+    if want in ("8", "16"):
+        return int(want)
+    if want:
+        logger.warning("MLXLLAMA_KERNEL_ACT=%s: expected 8 or 16; using 16", want)
+    return 16
 
 
 def kernel_isa() -> str:
     """The path in use: choose_isa()'s, once it has computed a small product as the generic path does (a path
     whose IR this LLVM cannot compile, or that disagrees, falls back to the next, with a warning)."""
-    global _KERNEL_ISA
-    if _KERNEL_ISA is None:
+    first = choose_isa()
+    if first not in _CHECKED:
         have = available_isas()
-        first = choose_isa()
-        for isa in [first] + [i for i in have[have.index(first) + 1:]]:
+        for isa in have[have.index(first):]:
             if isa == "generic" or _self_check(isa):
-                _KERNEL_ISA = isa
+                _CHECKED[first] = isa
                 break
-        logger.debug("fused kernel path: %s (CPU offers %s)", _KERNEL_ISA, ", ".join(have))
-    return _KERNEL_ISA
+        logger.debug("fused kernel path: %s (CPU offers %s)", _CHECKED[first], ", ".join(have))
+    return _CHECKED[first]
 
 
 def _self_check(isa: str) -> bool:
@@ -524,9 +566,9 @@ def _self_check(isa: str) -> bool:
         for bits in BITS:
             qw = quantize(rng.standard_normal((8, 128)).astype(np.float32), 32, bits)
             x = rng.standard_normal((3, 128)).astype(np.float32)
-            got = PackedLinear([qw], isa).matmul(x)
-            want = PackedLinear([qw], "generic").matmul(x)
-            if not np.allclose(got, want, rtol=1e-5, atol=1e-5):
+            got = [PackedLinear([qw], isa, act).matmul(x) for act in (8, 16)]
+            want = [PackedLinear([qw], "generic", act).matmul(x) for act in (8, 16)]
+            if not all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want)):
                 logger.warning("the %s kernel path disagrees with the generic one here; not used", isa)
                 return False
     except Exception:  # an LLVM that cannot select these instructions: log it and use the next path
