@@ -5,27 +5,32 @@ a row holds inputs 2k in its low nibble and 2k + 1 in its high one), scales and 
 float16 or float32. Nothing is widened at load; resident memory is the file's (symmetric biases, as GGUF's Q4_0
 and Q8_0 have, are formed from the scales instead of kept).
 
-A product with up to a few dozen rows never forms float weights. Each input row is rounded to int8 per block of 32,
-as llama.cpp's q8 blocks (x ~ dx_b * xq, |xq| <= 127), and its exact float sum per block s_b is kept; then
+A product with up to a few dozen rows never forms float weights. Each input row is rounded per block of 32 to
+int16 (default; x ~ dx_b * xq, |xq| <= 32767) or to int8 as llama.cpp's q8 blocks (|xq| <= 127,
+MLXLLAMA_KERNEL_ACT=8), with s_b = dx_b * sum(xq_b) kept for the biases; then
     y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + bias[o, g(b)] * s_b
 with each block's 32-term integer dot product in 8 int32 lanes and the scaled results summed in 8 float lanes.
-R input rows (a tile: 8, 4, 2 or 1) share each decoded weight block, so a batch of rows reads and decodes every
+R input rows (a tile: 4, 2 or 1) share each decoded weight block, so a batch of rows reads and decodes every
 weight once per tile instead of once per row.
 
 The block product is LLVM IR written per instruction set (_DOTS), chosen at run time from the CPU's features
 (llvmlite's host features), never at install:
-  "vnni"     AVX-512 VNNI or AVX-VNNI: one vpdpbusd (u8 x s8, summed by fours into int32, exact).
-  "avx2"     vpmaddubsw (u8 x s8, pairs into int16: 4-bit codes cannot saturate it; 8-bit codes are recentred to
-             q - 128 and multiplied with the sign trick, the bias taking the 128 * scale) then vpmaddwd by ones.
-  "generic"  plain vector IR (products widened to int16 and int32) that any CPU's LLVM backend compiles.
-MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has.
-Each path is its own compiled function, so numba's on-disk cache (cache=True) keeps them apart.
+  "vnni"     AVX-512 VNNI or AVX-VNNI: vpdpbusd (int8 inputs: u8 x s8 summed by fours, exact) or two vpdpwssd.
+  "avx2"     int8: vpmaddubsw (u8 x s8, pairs into int16: 4-bit codes cannot saturate it; 8-bit codes are
+             recentred to q - 128 and multiplied with the sign trick, the bias taking 128 * scale) then vpmaddwd
+             by ones. int16: two vpmaddwd, the same number of multiply instructions per block as int8's pair.
+  "generic"  plain vector IR (products widened to int32) that any CPU's LLVM backend compiles.
+MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has, and a
+path is used only after it computed a small product as the generic one does (kernel_isa). Each path is its own
+compiled function per input width, so numba's on-disk cache (cache=True) keeps them apart.
 
-Accuracy: the int8 rounding of x is at most half a step, max|x_b| / 254 per element, so each output is within
-sum_b max|x_b| / 254 * sum_{i in b} |w_i| (plus float32 sums) of the float32 product (tests/test_qmatvec.py checks
-this bound on every path). On SmolLM2-135M Q4_1, decode logits differ from float32 mode's by about 0.3% of the
-largest logit (measured in tests/test_qmatvec.py: test_smollm2_logit_error), the size of llama.cpp's own q8_1
-rounding; greedy tokens stay equal to the transformers reference.
+Accuracy: rounding x is at most half a step per element (max|x_b| / 254 with int8, / 65534 with int16), so each
+output is within sum_b max|x_b| / (half step) * sum_{i in b} |w_i| (plus float32 sums) of the float32 product;
+tests/test_qmatvec.py checks this bound on every path. On SmolLM2-135M Q4_1 (test_smollm2_logit_error), decode
+logits differ from float32 mode's by at most 4e-4 of the largest logit with int16 inputs, and greedy tokens equal
+the transformers reference; with int8 inputs by up to 7e-2 (activation outliers: a block's largest value is ~5.6x
+its root mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That
+is why int16 is the default: on AVX2 it costs the same multiply instructions per block (benchmarks/README.md).
 
 Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
 the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
@@ -46,9 +51,9 @@ logger = logging.getLogger(__name__)
 
 BITS = (4, 8)
 ISAS = ("vnni", "avx2", "generic")
-TILES = (8, 4, 2, 1)  # input rows sharing one decoded weight block
+TILES = (4, 2, 1)  # input rows sharing one decoded weight block (8 measured no faster on AVX2: spills)
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
-_ROW_CHUNK = 32  # input rows whose int8 copy stays in cache while the weights stream past
+_OUT_CHUNK = 64  # weight rows (~150 KB at 4096 inputs) kept in cache while every tile of input rows passes
 
 _I1, _I8, _I16, _I32, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -341,55 +346,55 @@ def quantize_input(x2, bits, lim, xq, dxs):
 def _tile_rows(r1: int, r: int) -> int:
     """The tile height for input rows r..r1: the largest of TILES that fits."""
     left = r1 - r
-    return 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
+    return 4 if left >= 4 else (2 if left >= 2 else 1)
 
 
-# one function per path (numba caches each apart); identical but for the tile intrinsic they call. _ROW_CHUNK input
-# rows at a time: their int8 copy stays in cache while the weight rows pass.
+# one function per path (numba caches each apart); identical but for the tile intrinsic they call. _OUT_CHUNK weight
+# rows at a time stay in cache while each tile of input rows (in L1) passes over them.
 
 @njit(cache=True, nogil=True)
 def _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     rows, n = xq.shape
     nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
-    for c0 in range(0, rows, _ROW_CHUNK):
-        c1 = min(rows, c0 + _ROW_CHUNK)
-        for o in range(o0, o1):
-            r = c0
-            while r < c1:
-                R = _tile_rows(c1, r)
+    for c0 in range(o0, o1, _OUT_CHUNK):
+        c1 = min(o1, c0 + _OUT_CHUNK)
+        r = 0
+        while r < rows:
+            R = _tile_rows(rows, r)
+            for o in range(c0, c1):
                 _tile_vnni(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
                            o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
-                r += R
+            r += R
 
 
 @njit(cache=True, nogil=True)
 def _rows_avx2(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     rows, n = xq.shape
     nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
-    for c0 in range(0, rows, _ROW_CHUNK):
-        c1 = min(rows, c0 + _ROW_CHUNK)
-        for o in range(o0, o1):
-            r = c0
-            while r < c1:
-                R = _tile_rows(c1, r)
+    for c0 in range(o0, o1, _OUT_CHUNK):
+        c1 = min(o1, c0 + _OUT_CHUNK)
+        r = 0
+        while r < rows:
+            R = _tile_rows(rows, r)
+            for o in range(c0, c1):
                 _tile_avx2(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
                            o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
-                r += R
+            r += R
 
 
 @njit(cache=True, nogil=True)
 def _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     rows, n = xq.shape
     nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
-    for c0 in range(0, rows, _ROW_CHUNK):
-        c1 = min(rows, c0 + _ROW_CHUNK)
-        for o in range(o0, o1):
-            r = c0
-            while r < c1:
-                R = _tile_rows(c1, r)
+    for c0 in range(o0, o1, _OUT_CHUNK):
+        c1 = min(o1, c0 + _OUT_CHUNK)
+        r = 0
+        while r < rows:
+            R = _tile_rows(rows, r)
+            for o in range(c0, c1):
                 _tile_generic(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
                               o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
-                r += R
+            r += R
 
 
 _ROWS = {"vnni": _rows_vnni, "avx2": _rows_avx2, "generic": _rows_generic}
@@ -559,18 +564,22 @@ def kernel_isa() -> str:
 
 
 def _self_check(isa: str) -> bool:
-    from ..quant import quantize
+    """Whether the path computes a small product (both weight widths, both input widths, 1 to 7 rows) within
+    a loose bound of numpy's float64 one: a path that compiles to wrong code is far outside it."""
+    from ..quant import dequantize, quantize
 
     rng = np.random.default_rng(0)
     try:
         for bits in BITS:
             qw = quantize(rng.standard_normal((8, 128)).astype(np.float32), 32, bits)
-            x = rng.standard_normal((3, 128)).astype(np.float32)
-            got = [PackedLinear([qw], isa, act).matmul(x) for act in (8, 16)]
-            want = [PackedLinear([qw], "generic", act).matmul(x) for act in (8, 16)]
-            if not all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want)):
-                logger.warning("the %s kernel path disagrees with the generic one here; not used", isa)
-                return False
+            w = dequantize(qw, np.float32).astype(np.float64)
+            x = rng.standard_normal((7, 128)).astype(np.float32)
+            want = x @ w.T
+            for act in (8, 16):
+                got = PackedLinear([qw], isa, act).matmul(x)
+                if not np.allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max()):
+                    logger.warning("the %s kernel path computes wrong products here; not used", isa)
+                    return False
     except Exception:  # an LLVM that cannot select these instructions: log it and use the next path
         logger.warning("the %s kernel path does not compile here; not used", isa)
         logger.debug("compile error", exc_info=True)

@@ -1,0 +1,116 @@
+"""The fused CPU kernel (mlxllama/backends/qmatvec.py) on this machine: a 4096 x 4096 4-bit matrix (group 64,
+float16 scales), one thread, per number of input rows.
+
+    python benchmarks/kernels.py                   # the path this CPU uses, int16 and int8 inputs, and BLAS
+    python benchmarks/kernels.py --isa generic,avx2 --rows 1,8,32 --reps 5
+
+For each row count it prints G weights/s (weights read per second: the matrix's size over the time), G multiply-
+adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time), for each kernel path and input
+width, and for "blas": a block of weight rows dequantized to float32 at a time and multiplied by numpy's sgemm
+(one thread), the numpy backend's other way for many rows. The row count where blas passes the tiles is the
+crossover numpy_kernels.FUSED_ROWS is set from. Each cell is the best of --reps runs, the cells interleaved (A B A
+B) so that a shared machine's load hits each alike; compare cells of one run only. The machine's lscpu model and
+flags are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+N = 4096
+
+
+def lscpu() -> tuple[str, str]:
+    """lscpu's model name and the SIMD flags that matter here."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no lscpu)", ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    model = fields.get("Model name", "unknown").strip()
+    flags = fields.get("Flags", "").split()
+    keep = [f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4", "amx")) or f in ("asimd", "asimddp")]
+    return model, " ".join(keep)
+
+
+def cells(args) -> list[tuple[str, object]]:
+    from mlxllama.backends import qmatvec
+    from mlxllama.quant import quantize
+
+    rng = np.random.default_rng(0)
+    qw = quantize(rng.standard_normal((N, N)).astype(np.float16), 64, 4)
+    out = []
+    for isa in args.isa:
+        for act in args.act:
+            out.append((f"{isa} int{act}", qmatvec.PackedLinear([qw], isa, act)))
+    if args.blas:
+        out.append(("blas", qmatvec.PackedLinear([qw], "generic", 16)))
+    return out
+
+
+def timer(name: str, packed, rows: int):
+    """A function running one product of `rows` rows (input rounding included)."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, N)).astype(np.float32)
+    y = np.empty((rows, N), np.float32)
+    if name == "blas":
+        step = 512
+        buf = np.empty((step, N), np.float32)
+
+        def run():
+            for o in range(0, N, step):
+                np.matmul(x, packed.dequantize(o, o + step, buf).T, out=y[:, o:o + step])
+    else:
+        bufs = packed.input_buffers(rows)
+
+        def run():
+            packed.rows(packed.quantize_input(x, bufs), y, 0, N)
+    run()
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--isa", default="", help="comma-separated kernel paths (default: the one this CPU uses)")
+    ap.add_argument("--act", default="16,8", help="input widths, bits (16, 8)")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="row counts")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-blas", dest="blas", action="store_false", help="skip the dequantize + BLAS cells")
+    args = ap.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    from mlxllama.backends import qmatvec
+
+    args.isa = args.isa.split(",") if args.isa else [qmatvec.kernel_isa()]
+    args.act = [int(a) for a in args.act.split(",")]
+    rows = [int(r) for r in args.rows.split(",")]
+    model, flags = lscpu()
+    print(f"CPU: {model}\nflags: {flags}\nkernel paths on this CPU: {', '.join(qmatvec.available_isas())}; "
+          f"in use: {qmatvec.kernel_isa()}\none thread; 4096 x 4096 4-bit, group 64: "
+          f"{N * N / 2 / 1e6 + N * N // 64 * 4 / 1e6:.1f} MB\n")
+    kinds = cells(args)
+    best: dict[tuple[str, int], float] = {}
+    with threadpool_limits(1):
+        runs = {(name, r): timer(name, packed, r) for name, packed in kinds for r in rows}
+        for _ in range(args.reps):
+            for key, run in runs.items():
+                t = time.perf_counter()
+                run()
+                best[key] = min(best.get(key, float("inf")), time.perf_counter() - t)
+    nbytes = kinds[0][1].nbytes
+    print(f"| rows | {' | '.join(f'{name}: Gw/s, GMAC/s, GB/s' for name, _ in kinds)} |")
+    print("|---:|" + "---|" * len(kinds))
+    for r in rows:
+        parts = [f"{N * N / best[name, r] / 1e9:.1f}, {r * N * N / best[name, r] / 1e9:.1f}, "
+                 f"{nbytes / best[name, r] / 1e9:.1f}" for name, _ in kinds]
+        print(f"| {r} | {' | '.join(parts)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
