@@ -15,7 +15,7 @@ QUANT_BLOCK = 1 << 21  # weights dequantized at a time for BLAS (8 MB of float32
 # Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2 AVX2): 32 rows even,
 # 64 rows 1.3x faster with BLAS.
 FUSED_ROWS = 32
-FUSED_SPLIT = 1 << 21  # "fused" mode: single-row products of at least this many weights (~60 us) are shared
+FUSED_SPLIT = 1 << 21  # "fused" mode: products of at least this many multiply-adds (~100 us) are shared
 
 
 def dense_matmul(workers: Workers, x2: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -83,15 +83,16 @@ def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.n
     scratch buffer and multiplied by BLAS."""
     n_in, n_out = w.shape
     rows = x2.shape[0]
-    out = np.empty((rows, n_out), np.float32)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    out = np.empty((rows, n_out), np.float32)
     if rows <= FUSED_ROWS:
+        # a step's thread count is timed; products too small to share stay on this thread (handoffs cost)
+        nworkers = step_workers if rows == 1 else workers.threads
+        if nworkers == 1 or rows * n_in * n_out < FUSED_SPLIT:
+            return w.matmul(x2)  # one compiled call
         xin = w.quantize_input(x2)
-        if rows == 1:  # a step's thread count is timed; small products stay on this thread (handoffs cost)
-            nworkers = step_workers if n_in * n_out >= FUSED_SPLIT else 1
-            workers.share(lambda c: w.rows(xin, out, c.start, c.stop), spans(n_out, 8 * nworkers), nworkers)
-        else:
-            workers.run(lambda c: w.rows(xin, out, c.start, c.stop), spans(n_out, 4 * workers.threads))
+        parts = spans(n_out, (8 if rows == 1 else 4) * nworkers)
+        workers.share(lambda c: w.rows(xin, out, c.start, c.stop), parts, nworkers)
         return out
     step = max(64, QUANT_BLOCK // n_in // 64 * 64)  # weight rows dequantized at a time
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import llvmlite.ir as ir
 import numpy as np
@@ -320,9 +321,10 @@ _tile_vnni, _tile_avx2, _tile_generic = _tile("vnni"), _tile("avx2"), _tile("gen
 
 @njit(cache=True, nogil=True, fastmath=True)
 def quantize_input(x2, bits, lim, xq, dxs):
-    """x2 [rows, in] float32 -> xq int8 [rows, in] (permuted per block of 32 for 4 bits: 16 even inputs, then 16
-    odd ones, as the nibbles), dxs [2, in / 32, rows]: dx and s per block and row, xq * dx ~ x and s = dx * sum(xq) (the bias then
-    multiplies the same rounded x as the codes do: the error is sum w * (x - dx xq), not scale * q * (...))."""
+    """x2 [rows, in] float32 -> xq [rows, in] int8 or int16, |xq| <= lim (permuted per block of 32 for 4 bits: 16
+    even inputs, then 16 odd ones, as the nibbles); dxs [2, in / 32, rows]: dx and s per block and row, with
+    xq * dx ~ x and s = dx * sum(xq) (the bias then multiplies the same rounded x as the codes do: the error is
+    sum w * (x - dx xq), not scale * q * (...))."""
     rows, n = x2.shape
     for r in range(rows):
         for b in range(n // _BLOCK):
@@ -397,7 +399,29 @@ def _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1)
             r += R
 
 
+# the whole product in one compiled call (input rounding, then every output row): one dispatch per linear
+
+
+@njit(cache=True, nogil=True)
+def _product_vnni(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+    quantize_input(x2, bits, lim, xq, dxs)
+    _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+
+
+@njit(cache=True, nogil=True)
+def _product_avx2(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+    quantize_input(x2, bits, lim, xq, dxs)
+    _rows_avx2(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+
+
+@njit(cache=True, nogil=True)
+def _product_generic(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+    quantize_input(x2, bits, lim, xq, dxs)
+    _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+
+
 _ROWS = {"vnni": _rows_vnni, "avx2": _rows_avx2, "generic": _rows_generic}
+_PRODUCT = {"vnni": _product_vnni, "avx2": _product_avx2, "generic": _product_generic}
 def _dequantize_row(bits: int):
     """An intrinsic writing one row as float32: out[ooff + i] = scale * q_i + bias, rounded after the product
     and after the sum (no fused multiply-add, no fast-math), as numpy forms it. Arguments as _row_dot's."""
@@ -478,6 +502,7 @@ class PackedLinear:
         self.isa = isa or kernel_isa()
         self.act = act or activation_bits()
         self._xdtype, self._lim = (np.int8, np.float32(127)) if self.act == 8 else (np.int16, np.float32(32767))
+        self._buffers: dict[tuple[int, int], tuple] = {}  # (thread, rows) -> matmul's input buffers
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
         self.words = np.ascontiguousarray(words, dtype=np.uint32)
         self.bytes = self.words.view(np.uint8)
@@ -518,9 +543,16 @@ class PackedLinear:
         _ROWS[self.isa](*self._args(), *xin, out, o0, o1)
 
     def matmul(self, x2: np.ndarray) -> np.ndarray:
-        """x2 [rows, in] @ W.T on this thread."""
-        out = np.empty((x2.shape[0], self.shape[1]), np.float32)
-        self.rows(self.quantize_input(np.ascontiguousarray(x2, dtype=np.float32)), out, 0, self.shape[1])
+        """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in
+        buffers kept per thread and row count."""
+        rows = x2.shape[0]
+        key = (threading.get_ident(), rows)
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            bufs = self._buffers[key] = self.input_buffers(rows)
+        out = np.empty((rows, self.shape[1]), np.float32)
+        x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        _PRODUCT[self.isa](x2, self._lim, *self._args(), *bufs, out)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
