@@ -9,7 +9,9 @@ adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time
 width, and for "blas": a block of weight rows dequantized to float32 at a time and multiplied by numpy's sgemm
 (one thread), the numpy backend's other way for many rows. The row count where blas passes the tiles is the
 crossover numpy_kernels.FUSED_ROWS is set from. Each cell is the best of --reps runs, the cells interleaved (A B A
-B) so that a shared machine's load hits each alike; compare cells of one run only. The machine's lscpu model and
+B) so that a shared machine's load hits each alike; compare cells of one run only. Times are the calling thread's
+CPU time (everything runs on it), so that on a shared machine the slices other processes take are not counted
+(--wall for the wall clock). The machine's lscpu model and
 flags are printed first.
 """
 
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="row counts")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-blas", dest="blas", action="store_false", help="skip the dequantize + BLAS cells")
+    ap.add_argument("--wall", action="store_true", help="time by the wall clock instead of this thread's CPU time")
     args = ap.parse_args(argv)
+    clock = time.perf_counter if args.wall else time.thread_time
     from threadpoolctl import threadpool_limits
 
     from mlxllama.backends import qmatvec
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     model, flags = lscpu()
     print(f"CPU: {model}\nflags: {flags}\nkernel paths on this CPU: {', '.join(qmatvec.available_isas())}; "
-          f"in use: {qmatvec.kernel_isa()}\none thread; 4096 x 4096 4-bit, group 64: "
+          f"in use: {qmatvec.kernel_isa()}\none thread, timed by {'wall clock' if args.wall else 'its CPU time'}; "
+          "4096 x 4096 4-bit, group 64: "
           f"{N * N / 2 / 1e6 + N * N // 64 * 4 / 1e6:.1f} MB\n")
     kinds = cells(args)
     best: dict[tuple[str, int], float] = {}
@@ -99,9 +104,9 @@ def main(argv=None) -> int:
         runs = {(name, r): timer(name, packed, r) for name, packed in kinds for r in rows}
         for _ in range(args.reps):
             for key, run in runs.items():
-                t = time.perf_counter()
+                t = clock()
                 run()
-                best[key] = min(best.get(key, float("inf")), time.perf_counter() - t)
+                best[key] = min(best.get(key, float("inf")), clock() - t)
     nbytes = kinds[0][1].nbytes
     print(f"| rows | {' | '.join(f'{name}: Gw/s, GMAC/s, GB/s' for name, _ in kinds)} |")
     print("|---:|" + "---|" * len(kinds))

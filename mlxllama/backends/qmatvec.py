@@ -596,22 +596,20 @@ def kernel_isa() -> str:
 
 
 def _self_check(isa: str) -> bool:
-    """Whether the path computes a small product (both weight widths, both input widths, 1 to 7 rows) within
-    a loose bound of numpy's float64 one: a path that compiles to wrong code is far outside it."""
+    """Whether the path computes a small product (both weight widths, 1 to 7 rows, the input width in use,
+    float16 scales: the signatures a model compiles anyway) within a loose bound of numpy's float64 one: a path
+    that compiles to wrong code is far outside it."""
     from ..quant import dequantize, quantize
 
     rng = np.random.default_rng(0)
     try:
         for bits in BITS:
-            qw = quantize(rng.standard_normal((8, 128)).astype(np.float32), 32, bits)
-            w = dequantize(qw, np.float32).astype(np.float64)
-            x = rng.standard_normal((7, 128)).astype(np.float32)
-            want = x @ w.T
-            for act in (8, 16):
-                got = PackedLinear([qw], isa, act).matmul(x)
-                if not np.allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max()):
-                    logger.warning("the %s kernel path computes wrong products here; not used", isa)
-                    return False
+            qw = quantize(rng.standard_normal((8, 128)).astype(np.float16), 32, bits)
+            want = (x := rng.standard_normal((7, 128)).astype(np.float32)) @ dequantize(qw, np.float32).T
+            got = PackedLinear([qw], isa).matmul(x)
+            if not np.allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max()):
+                logger.warning("the %s kernel path computes wrong products here; not used", isa)
+                return False
     except Exception:  # an LLVM that cannot select these instructions: log it and use the next path
         logger.warning("the %s kernel path does not compile here; not used", isa)
         logger.debug("compile error", exc_info=True)
