@@ -319,7 +319,7 @@ def _tile(isa: str):
 _tile_vnni, _tile_avx2, _tile_generic = _tile("vnni"), _tile("avx2"), _tile("generic")
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True)
 def quantize_input(x2, bits, lim, xq, dxs):
     """x2 [rows, in] float32 -> xq [rows, in] int8 or int16, |xq| <= lim (permuted per block of 32 for 4 bits: 16
     even inputs, then 16 odd ones, as the nibbles); dxs [2, in / 32, rows]: dx and s per block and row, with
