@@ -59,6 +59,11 @@ _OUT_CHUNK = 64  # weight rows (~150 KB at 4096 inputs) kept in cache while ever
 _I1, _I8, _I16, _I32, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
+# float flags of the tile: fused multiply-adds allowed, no reassociation, so a product's bits do not depend on the
+# function it is compiled into (one thread's matmul and the shared spans' rows give the same numbers)
+_FP = ("contract",)
+
+
 def _vec(t, n: int) -> ir.VectorType:
     return ir.VectorType(t, n)
 
@@ -220,7 +225,7 @@ def _hsum(builder, v, n: int):
         n //= 2
         a = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
         c = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(a, c, flags=("fast",))
+        v = builder.fadd(a, c, flags=_FP)
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
@@ -258,15 +263,15 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
         off = builder.mul(b, rows_)
         dv = builder.load(builder.bitcast(builder.gep(dcol, [off]), _vec(_F32, R).as_pointer()), align=4)
         sv = builder.load(builder.bitcast(builder.gep(scol, [off]), _vec(_F32, R).as_pointer()), align=4)
-        fv = builder.fmul(dv, _splat(builder, scale, R), flags=("fast",))
-        t = builder.fmul(sv, _splat(builder, bias, R), flags=("fast",))
-        builder.store(builder.fadd(builder.load(bacc), t, flags=("fast",)), bacc)
+        fv = builder.fmul(dv, _splat(builder, scale, R), flags=_FP)
+        t = builder.fmul(sv, _splat(builder, bias, R), flags=_FP)
+        builder.store(builder.fadd(builder.load(bacc), t, flags=_FP), bacc)
         for r in range(R):
             xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
             x = builder.load(builder.bitcast(xp, _vec(ir.IntType(act), 32).as_pointer()), align=act // 8)
             f = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 8), [r] * 8))
-            t = builder.fmul(builder.sitofp(dot(builder, codes, x, bits), _vec(_F32, 8)), f, flags=("fast",))
-            builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=("fast",)), acc[u][r])
+            t = builder.fmul(builder.sitofp(dot(builder, codes, x, bits), _vec(_F32, 8)), f, flags=_FP)
+            builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=_FP), acc[u][r])
 
     step = ir.Constant(idx, unroll)
     with cgutils.for_range(builder, builder.udiv(nblk_, step)) as loop:
@@ -281,8 +286,8 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     for r in range(R):
         v = builder.load(acc[0][r])
         for u in range(1, unroll):
-            v = builder.fadd(v, builder.load(acc[u][r]), flags=("fast",))
-        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=("fast",))
+            v = builder.fadd(v, builder.load(acc[u][r]), flags=_FP)
+        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
         builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
 
 
