@@ -21,8 +21,8 @@ The block product is LLVM IR written per instruction set (_DOTS), chosen at run 
              by ones. int16: two vpmaddwd, the same number of multiply instructions per block as int8's pair.
   "generic"  plain vector IR (products widened to int32) that any CPU's LLVM backend compiles.
 MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has, and a
-path is used only after it computed a small product as the generic one does (kernel_isa). Each path is its own
-compiled function per input width, so numba's on-disk cache (cache=True) keeps them apart.
+path is used only after it computed a small product close to numpy's (kernel_isa). Each path and input width is
+its own signature of the compiled functions, so numba's on-disk cache (cache=True) keeps them apart.
 
 Accuracy: rounding x is at most half a step per element (max|x_b| / 254 with int8, / 65534 with int16), so each
 output is within sum_b max|x_b| / (half step) * sum_{i in b} |w_i| (plus float32 sums) of the float32 product;
@@ -45,6 +45,7 @@ import threading
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
+from numba.np.numpy_support import from_dtype as numba_type
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -291,37 +292,38 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
         builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
 
 
-def _tile(isa: str):
-    """An intrinsic tile(bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff,
-    ystride, nblk, shift) setting y[yoff + r * ystride] for r < R (R in TILES): one weight row (its bytes at woff;
-    scales and biases at soff, float32 or float16 bits; with bfac != 0 the biases are bfac * scales) against R
-    int8 rows (xq at xoff + r * n, permuted per block for 4 bits) whose dx and s are dxs[0, b, r0 + r] and
-    dxs[1, b, r0 + r] (dxs [2, nblk, rows]).
-    bits and R are run-time values: each (bits, R) is its own loop in the IR."""
-
-    @intrinsic
-    def tile(typingctx, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride,
-             nblk, shift):
-        sig = types.none(types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, types.intp,
-                         types.intp, scales, biases, types.intp, types.float32, y, types.intp, types.intp,
-                         types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            idx = args[0].type
-            for b in BITS:
-                for r in TILES:
-                    case = builder.and_(builder.icmp_signed("==", args[0], ir.Constant(idx, b)),
-                                        builder.icmp_signed("==", args[1], ir.Constant(idx, r)))
-                    with builder.if_then(case):
-                        _tile_ir(context, builder, signature.args[2:], args[2:], isa, b, r)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
+# The path is told to the compiled functions by the dtype of an empty "tag" array, so that each path is its own
+# signature of one function: numba compiles only the paths called and caches each apart, and no code for another
+# CPU's instructions is ever compiled.
+_TAGS = {"vnni": np.uint8, "avx2": np.uint16, "generic": np.uint32}
+_TAG_PATHS = {numba_type(np.dtype(t)): isa for isa, t in _TAGS.items()}
 
 
-_tile_vnni, _tile_avx2, _tile_generic = _tile("vnni"), _tile("avx2"), _tile("generic")
+@intrinsic
+def _tile(typingctx, tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride,
+          nblk, shift):
+    """tile(tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride, nblk,
+    shift) sets y[yoff + r * ystride] for r < R (R in TILES): one weight row (its bytes at woff; scales and biases
+    at soff, float32 or float16 bits; with bfac != 0 the biases are bfac * scales) against R rounded input rows (xq
+    at xoff + r * n, permuted per block for 4 bits) whose dx and s are dxs[0, b, r0 + r] and dxs[1, b, r0 + r]
+    (dxs [2, nblk, rows]), on the path tag's dtype names. bits and R are run-time values: each (bits, R) is its
+    own loop in the IR."""
+    isa = _TAG_PATHS[tag.dtype]
+    sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, types.intp,
+                     types.intp, scales, biases, types.intp, types.float32, y, types.intp, types.intp,
+                     types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        idx = args[1].type
+        for b in BITS:
+            for r in TILES:
+                case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
+                                    builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
+                with builder.if_then(case):
+                    _tile_ir(context, builder, signature.args[3:], args[3:], isa, b, r)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True)
@@ -356,11 +358,10 @@ def _tile_rows(r1: int, r: int) -> int:
     return 4 if left >= 4 else (2 if left >= 2 else 1)
 
 
-# one function per path (numba caches each apart); identical but for the tile intrinsic they call. _OUT_CHUNK weight
-# rows at a time stay in cache while each tile of input rows (in L1) passes over them.
-
 @njit(cache=True, nogil=True)
-def _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+    """y[:, o0:o1] on tag's path: _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows
+    passes over them."""
     rows, n = xq.shape
     nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
     for c0 in range(o0, o1, _OUT_CHUNK):
@@ -369,64 +370,18 @@ def _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
         while r < rows:
             R = _tile_rows(rows, r)
             for o in range(c0, c1):
-                _tile_vnni(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
-                           o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
+                _tile(tag, bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
+                      o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
             r += R
 
 
 @njit(cache=True, nogil=True)
-def _rows_avx2(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
-    rows, n = xq.shape
-    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
-    for c0 in range(o0, o1, _OUT_CHUNK):
-        c1 = min(o1, c0 + _OUT_CHUNK)
-        r = 0
-        while r < rows:
-            R = _tile_rows(rows, r)
-            for o in range(c0, c1):
-                _tile_avx2(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
-                           o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
-            r += R
-
-
-@njit(cache=True, nogil=True)
-def _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
-    rows, n = xq.shape
-    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
-    for c0 in range(o0, o1, _OUT_CHUNK):
-        c1 = min(o1, c0 + _OUT_CHUNK)
-        r = 0
-        while r < rows:
-            R = _tile_rows(rows, r)
-            for o in range(c0, c1):
-                _tile_generic(bits, R, w, o * w.shape[1], xq, r * n, n, dxs, r, rows, scales, biases,
-                              o * scales.shape[1], bfac, y, r * y.shape[1] + o, y.shape[1], nblk, shift)
-            r += R
-
-
-# the whole product in one compiled call (input rounding, then every output row): one dispatch per linear
-
-
-@njit(cache=True, nogil=True)
-def _product_vnni(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+    """The whole product in one compiled call: the input rounded, then every output row."""
     quantize_input(x2, bits, lim, xq, dxs)
-    _rows_vnni(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+    _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
 
 
-@njit(cache=True, nogil=True)
-def _product_avx2(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
-    quantize_input(x2, bits, lim, xq, dxs)
-    _rows_avx2(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
-
-
-@njit(cache=True, nogil=True)
-def _product_generic(x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
-    quantize_input(x2, bits, lim, xq, dxs)
-    _rows_generic(w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
-
-
-_ROWS = {"vnni": _rows_vnni, "avx2": _rows_avx2, "generic": _rows_generic}
-_PRODUCT = {"vnni": _product_vnni, "avx2": _product_avx2, "generic": _product_generic}
 def _dequantize_row(bits: int):
     """An intrinsic writing one row as float32: out[ooff + i] = scale * q_i + bias, rounded after the product
     and after the sum (no fused multiply-add, no fast-math), as numpy forms it. Arguments as _row_dot's."""
@@ -506,6 +461,7 @@ class PackedLinear:
         self.group_size, self.bits = p0.group_size, p0.bits
         self.isa = isa or kernel_isa()
         self.act = act or activation_bits()
+        self._tag = np.empty(0, _TAGS[self.isa])
         self._xdtype, self._lim = (np.int8, np.float32(127)) if self.act == 8 else (np.int16, np.float32(32767))
         self._buffers: dict[tuple[int, int], tuple] = {}  # (thread, rows) -> matmul's input buffers
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
@@ -545,7 +501,7 @@ class PackedLinear:
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
         """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); out C-order float32; releases the GIL."""
-        _ROWS[self.isa](*self._args(), *xin, out, o0, o1)
+        _rows(self._tag, *self._args(), *xin, out, o0, o1)
 
     def matmul(self, x2: np.ndarray) -> np.ndarray:
         """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in
@@ -557,7 +513,7 @@ class PackedLinear:
             bufs = self._buffers[key] = self.input_buffers(rows)
         out = np.empty((rows, self.shape[1]), np.float32)
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
-        _PRODUCT[self.isa](x2, self._lim, *self._args(), *bufs, out)
+        _product(self._tag, x2, self._lim, *self._args(), *bufs, out)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
