@@ -191,8 +191,12 @@ def test_errors_are_openai_json(server):
     base, _ = server
     url = base + "/v1/chat/completions"
     ok = {"model": MODEL_ID, "messages": MSGS[0], "max_tokens": 2}
+    json_type = {"content-type": "application/json"}
     cases = [
         (b"{not json", "invalid_json", None),
+        (b'{"model": "\xff\xfe"}', "invalid_json", None),  # not UTF-8
+        (b"[" * 10_000 + b"]" * 10_000, "invalid_json", None),  # nested past the parser's recursion limit
+        (b"[1, 2]", "invalid_value", None),
         (dict(ok, temperature="hot"), "invalid_value", "temperature"),
         (dict(ok, temperature=5), "invalid_value", "temperature"),
         (dict(ok, top_p=0), "invalid_value", "top_p"),
@@ -200,29 +204,35 @@ def test_errors_are_openai_json(server):
         (dict(ok, seed=-1), "invalid_value", "seed"),
         (dict(ok, messages=[]), "invalid_value", "messages"),
         (dict(ok, messages=[{"role": "user", "content": "x"}] * 5000), "invalid_value", "messages"),
-        (dict(ok, messages=[{"role": "wizard", "content": "x"}]), "invalid_value", None),
+        (dict(ok, messages=[{"role": "wizard", "content": "x"}]), "invalid_value", "messages.0.role"),
         (dict(ok, messages=[{"role": "user", "content": "word " * 2000}]), "context_length_exceeded", "messages"),
-        (dict(ok, model="gpt-4"), "model_not_found", "model"),
         (dict(ok, n=2), "invalid_value", "n"),
-        (dict(ok, tools=[{"type": "function"}]), "invalid_value", None),
-        (dict(ok, top_logprobs=2), "invalid_value", None),
+        (dict(ok, tools=[{"type": "function"}]), "invalid_value", "tools"),
+        (dict(ok, top_logprobs=2), "invalid_value", "top_logprobs"),
+        (dict(ok, stop=["x"] * 17), "invalid_value", "stop"),
     ]
     with httpx.Client(timeout=30) as h:
         for body, code, param in cases:
-            if isinstance(body, bytes):
-                r = h.post(url, content=body, headers={"content-type": "application/json"})
-            else:
-                r = h.post(url, json=body)
-            assert r.status_code == 400, (body if isinstance(body, bytes) else list(body), r.text)
+            r = h.post(url, content=body, headers=json_type) if isinstance(body, bytes) else h.post(url, json=body)
+            assert r.status_code == 400, (body[:40] if isinstance(body, bytes) else list(body), r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
-            assert err["code"] == code and err["message"]
-            if param:
-                assert err["param"] == param
+            assert err["code"] == code and err["message"] and "Value error" not in err["message"], err
+            assert err["param"] == param, err
         r = h.post(base + "/v1/completions", json={"model": MODEL_ID, "prompt": [5, 10 ** 9]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
-        r = h.post(url, content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+        r = h.post(base + "/v1/completions", json={"model": MODEL_ID, "prompt": "x", "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+        r = h.post(url, content=b"x" * (9 << 20), headers=json_type)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = h.post(url, json=dict(ok, model="gpt-4"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["param"] == "model"
+        for method, path, status in (("POST", "/v1/responses", 404), ("POST", "/v1/embeddings", 404),
+                                     ("GET", "/nowhere", 404), ("GET", "/v1/chat/completions", 405),
+                                     ("DELETE", "/v1/models", 405)):
+            r = h.request(method, base + path)
+            assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
         # the engine is still serving
         assert h.post(url, json=ok).status_code == 200
         assert h.get(base + "/health").json() == {"status": "ok"}
@@ -230,8 +240,9 @@ def test_errors_are_openai_json(server):
         text = h.get(base + "/metrics").text
     for name in ("mlxllama_requests_total", "mlxllama_prompt_tokens_total", "mlxllama_completion_tokens_total",
                  "mlxllama_queue_depth", "mlxllama_batch_size_bucket", "mlxllama_prefix_cache_hit_tokens_total",
-                 "mlxllama_decode_tokens_per_second", "mlxllama_achieved_gbps"):
-        assert name in text
+                 "mlxllama_decode_tokens_per_second", "mlxllama_achieved_gbps", "mlxllama_kv_cache_bytes",
+                 "process_resident_memory_bytes", 'mlxllama_http_requests_total{path="other",status="404"}'):
+        assert name in text, name
 
 
 def test_full_queue_answers_429(tiny, monkeypatch):
