@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,17 +13,20 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import mlxllama
 from conftest import make_hf_folder
 from mlxllama.engine import Engine
 from mlxllama.prefix_cache import PrefixCache
-from mlxllama.server.app import ServeConfig, create_app, make_engine
+from mlxllama.server.app import ServeConfig, accepted_names, create_app, make_engine
+from mlxllama.server.metrics import kv_bytes_running
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -49,14 +53,14 @@ def tiny(chat_folder):
 
 
 @contextmanager
-def serving(model, tok, **options):
+def serving(model_, tok, **options):
     """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port), its engine made as
     `mlxllama serve` makes it (options: ServeConfig's); yields (base_url, engine)."""
     import uvicorn
 
     config = ServeConfig(shutdown_timeout=2.0, prefix_cache_bytes=options.pop("prefix_cache_bytes", 32 << 20),
                          **options)
-    engine = make_engine(model, tok, config).start()
+    engine = make_engine(model_, tok, config).start()
     app = create_app(engine, MODEL_ID, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -308,6 +312,10 @@ def test_cli_serve_and_sigterm(chat_folder, tmp_path):
         rest = [ch for ch in stream]
         assert rest[-1].choices[0].finish_reason in ("stop", "length")
         assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out, out
+        assert "requests that leave them out get: temp 0.8, top-k 40" in out  # llama.cpp's: no generation config
+        assert '"POST /v1/chat/completions" 200' in out and "finish=" in out  # the access log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -444,3 +452,157 @@ def test_chat_loop_hook_reuses_the_history(tiny):
     first_turn = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + history[:1])))
     assert engine.stats.cached_tokens - before >= first_turn - 1
     assert last.finish_reason in ("stop", "length")
+
+
+def test_requests_without_sampling_values_get_the_servers_defaults(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "messages": MSGS[3], "max_tokens": 12, "seed": 7}
+    llama_cpp = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    with serving(m, tok) as (base, engine), httpx.Client(timeout=60) as h:
+        assert h.get(base + "/v1/models").json()["data"][0]["defaults"] == dict(llama_cpp, repetition_penalty=1.0,
+                                                                               max_tokens=min(2048, engine.ctx))
+        implicit = h.post(base + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        explicit = h.post(base + "/v1/chat/completions", json=dict(body, **llama_cpp)).json()
+        hot = h.post(base + "/v1/chat/completions", json=dict(body, temperature=1.0, top_k=0, top_p=1.0,
+                                                              min_p=0.0)).json()
+    assert implicit == explicit["choices"][0]["message"]["content"]
+    assert implicit != hot["choices"][0]["message"]["content"]  # the old default: temperature 1, nothing cut
+    with serving(m, tok, sampling={"temperature": 0.0}, max_tokens=5) as (base, _), httpx.Client(timeout=60) as h:
+        r = h.post(base + "/v1/chat/completions", json={"messages": MSGS[3]}).json()  # no model, no max_tokens
+    assert r["choices"][0]["message"]["content"] == solo_chat(tiny, MSGS[3], 5)
+    assert r["usage"]["completion_tokens"] <= 5
+
+
+def test_model_names_launch_reference_and_any(tiny, chat_folder):
+    m, tok = tiny
+    config = ServeConfig(model="default", shutdown_timeout=2.0)
+    engine = make_engine(m, tok, config).start()
+    try:
+        app = create_app(engine, MODEL_ID, config, accepted_names(MODEL_ID, config, chat_folder))
+        assert app.state.model_names == {MODEL_ID, "default", str(chat_folder), chat_folder.name}
+    finally:
+        engine.shutdown(2.0)
+    body = {"messages": MSGS[0], "max_tokens": 2}
+    with serving(m, tok, model="default") as (base, _), httpx.Client(timeout=60) as h:
+        for name in (MODEL_ID, "default"):
+            assert h.post(base + "/v1/chat/completions", json=dict(body, model=name)).status_code == 200
+        r = h.post(base + "/v1/chat/completions", json=dict(body, model="gpt-4o"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with serving(m, tok, any_model=True) as (base, _), httpx.Client(timeout=60) as h:
+        r = h.post(base + "/v1/chat/completions", json=dict(body, model="gpt-4o"))
+        assert r.status_code == 200 and r.json()["model"] == MODEL_ID
+
+
+@contextmanager
+def slow_model(model, seconds: float = 0.01):
+    forward = model.forward_batch
+
+    def slow(chunks, caches):  # the tiny model would otherwise finish before the client goes
+        time.sleep(seconds)
+        return forward(chunks, caches)
+
+    model.forward_batch = slow
+    try:
+        yield
+    finally:
+        del model.forward_batch
+
+
+def test_a_non_streaming_client_that_times_out_frees_its_sequence(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "messages": MSGS[4], "max_tokens": 200, "temperature": 1.0, "seed": 2,
+            "stop": ["never-appears"]}
+    with slow_model(m), serving(m, tok) as (base, engine):
+        engine.eos = set()  # the request cannot end on its own
+        with httpx.Client(timeout=0.5) as h, pytest.raises(httpx.TimeoutException):
+            h.post(base + "/v1/chat/completions", json=body)
+        gone = time.monotonic()
+        assert wait_for(lambda: engine.active == 0, 1.0), "the sequence still runs 1 s after its client left"
+        assert time.monotonic() - gone < 1.0 and engine.stats.requests["cancelled"] == 1
+        assert kv_bytes_running(engine) == 0
+
+
+def test_sixteen_dropped_streams_free_their_slots_and_kv(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "max_tokens": 200, "temperature": 1.0, "stop": ["never-appears"], "stream": True}
+    with slow_model(m, 0.05), serving(m, tok, max_batch=16) as (base, engine):
+        engine.eos = set()  # no stream ends on its own: each must be cancelled
+        with ExitStack() as stack:
+            lines = []  # kept: a dropped line iterator closes its response
+            for i in range(16):
+                h = stack.enter_context(httpx.Client(timeout=60))
+                r = stack.enter_context(h.stream("POST", base + "/v1/chat/completions",
+                                                 json=dict(body, seed=i, messages=MSGS[i % len(MSGS)])))
+                lines.append(r.iter_lines())
+                next(lines[-1])  # the role chunk: the request is in
+            assert wait_for(lambda: engine.active == 16, 10), (engine.active, engine.stats.requests)
+            assert kv_bytes_running(engine) > 0
+        gone = time.monotonic()
+        assert wait_for(lambda: engine.active == 0, 2.0), f"{engine.active} sequences still run"
+        assert engine.stats.requests["cancelled"] == 16 and kv_bytes_running(engine) == 0
+        print(f"16 streams freed in {time.monotonic() - gone:.3f} s")
+        with httpx.Client(timeout=60) as h:  # the server still answers, and its gauges say so
+            assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+            samples = {s.name: s for f in text_string_to_metric_families(h.get(base + "/metrics").text)
+                       for s in f.samples}
+    assert samples["mlxllama_running_sequences"].value == 0
+
+
+def test_metrics_parse_while_the_engine_runs(tiny):
+    """Scrapes during generation: valid exposition text every time, and the KV gauges add up."""
+    m, tok = tiny
+    with serving(m, tok, max_batch=4) as (base, engine), httpx.Client(timeout=60) as h:
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(h.post, base + "/v1/completions", json={"prompt": p, "max_tokens": 24, "seed": i})
+                    for i, p in enumerate(["one", "two", "three", "four"] * 3)]
+            scrapes = 0
+            while not all(j.done() for j in jobs):
+                fams = {f.name: f for f in text_string_to_metric_families(h.get(base + "/metrics").text)}
+                assert "mlxllama_batch_size" in fams and "process_resident_memory_bytes" in fams
+                scrapes += 1
+            assert all(j.result().status_code == 200 for j in jobs)
+        fams = {f.name: f for f in text_string_to_metric_families(h.get(base + "/metrics").text)}
+    held = {s.labels["holder"]: s.value for s in fams["mlxllama_kv_cache_bytes"].samples}
+    assert held["running"] == 0 and held["prefix_cache"] == engine.prefix_cache.nbytes > 0
+    assert scrapes > 0
+
+
+def test_prefix_cache_entries_hold_only_their_tokens():
+    """An entry stored from a slice of a large buffer keeps a copy of the slice, not the buffer."""
+    big = np.ones((1, 2, 4096, 16), np.float32)
+    pc = PrefixCache(1 << 20)
+    assert pc.store([1, 2, 3], [(big[:, :, :3], big[:, :, :3])])
+    (k, v), = pc._entries[next(iter(pc._entries))].kv
+    assert k.base is None and k.nbytes == 3 * 2 * 16 * 4 and pc.nbytes == 2 * k.nbytes
+    with pytest.raises(ValueError):
+        pc.store([1, 2], [(big[:, :, :3], big[:, :, :3])])
+    mx = pytest.importorskip("mlx.core")
+    buf = mx.ones((1, 2, 1 << 16, 16))
+    mx.eval(buf)
+    pc = PrefixCache(1 << 20, eval=mx.eval)
+    before = mx.get_active_memory()
+    pc.store([1, 2, 3], [(buf[:, :, :3], buf[:, :, :3])])
+    del buf
+    assert mx.get_active_memory() < before - (4 << 20)  # the 8 MB buffer is gone; the entry holds 768 bytes
+    assert pc.lookup([1, 2, 3, 4])[0] == 3
+
+
+def test_access_log_and_server_errors(tiny, caplog):
+    m, tok = tiny
+    caplog.set_level(logging.INFO, logger="mlxllama.server")
+    with serving(m, tok) as (base, engine), httpx.Client(timeout=60) as h:
+        h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        h.get(base + "/nowhere")
+        real = engine.tokenizer.encode
+        engine.tokenizer.encode = lambda text: 1 / 0  # a bug in the server's own path: a 500, logged
+        try:
+            r = h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+        finally:
+            engine.tokenizer.encode = real
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    access = [rec.getMessage() for rec in caplog.records if rec.name == "mlxllama.server.access"]
+    assert any('"POST /v1/completions" 200' in a and "prompt=" in a and "completion=3" in a for a in access)
+    assert any('"GET /nowhere" 404' in a for a in access)
+    assert any('"POST /v1/completions" 500' in a for a in access)
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert errors and errors[0].exc_info and errors[0].exc_info[0] is ZeroDivisionError

@@ -258,11 +258,6 @@ def _error_handlers(app: FastAPI) -> None:
     async def usage(request: Request, exc: UsageError):
         return _error(400, str(exc))
 
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        logger.error("%s %s failed", request.method, request.url.path[:200], exc_info=exc)
-        return _error(500, f"internal error: {type(exc).__name__}", type_="server_error")
-
 
 def validation_message(err: dict) -> tuple[str, str | None]:
     """(message, param) for one pydantic error: our own validators' text without pydantic's "Value error, " and

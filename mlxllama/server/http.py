@@ -10,6 +10,7 @@ import time
 from fastapi.responses import JSONResponse
 
 logger = logging.getLogger("mlxllama.server.access")
+error_logger = logging.getLogger("mlxllama.server")
 
 PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 USAGE_KEY = "mlxllama.usage"  # the scope key where a generation route leaves its token counts for the log
@@ -95,6 +96,11 @@ class Gate:
                 await resp(scope, receive, tracking_send)
             else:
                 await self.app(scope, receive, tracking_send)
+        except Exception:  # a bug on the server's side: its traceback in the log once, OpenAI's 500 to the client
+            error_logger.error("%s %s failed", scope["method"], repr(scope["path"][:200])[1:-1], exc_info=True)
+            if not status:
+                resp = error_response(500, "internal server error", type_="server_error")
+                await resp(scope, receive, tracking_send)
         finally:
             status = status or 499  # no response started: the client went away (or the server stopped first)
             self.count(scope["path"] if scope["path"] in PATHS else "other", status)
