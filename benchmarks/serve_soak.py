@@ -340,8 +340,9 @@ def report(args, tally: Tally, shape_bad: Counter, scraper: Scraper, rss: tuple,
         ("error-shape violations", f"{sum(shape_bad.values())}" + (f" {dict(shape_bad)}" if shape_bad else "")),
         ("/metrics scrapes ok / failed", f"{scraper.ok} / {scraper.failed}"),
         ("latency of good requests p50 / p99", f"{pct(tally.latencies, 50):.2f} s / {pct(tally.latencies, 99):.2f} s"),
-        ("RSS after warm-up -> end", f"{rss[0] / mb:.0f} -> {rss[1] / mb:.0f} MB (growth {growth / mb:+.0f} MB, "
-                                     f"limit {limit / mb:.0f} MB)"),
+        ("RSS idle at start -> after warm-up -> end", f"{rss[2] / mb:.0f} -> {rss[0] / mb:.0f} -> {rss[1] / mb:.0f} MB "
+                                                      f"(growth after warm-up {growth / mb:+.0f} MB, limit "
+                                                      f"{limit / mb:.0f} MB)"),
         ("prefix cache budget / bytes / entries", f"{budget / mb:.0f} MB / "
                                                   f"{g.get('mlxllama_prefix_cache_bytes', 0) / mb:.1f} MB / "
                                                   f"{g.get('mlxllama_prefix_cache_entries', 0):.0f}"),
@@ -380,6 +381,7 @@ def main() -> int:
         print(proc.log[0].rstrip() if proc.log else "", flush=True)
         model = args.model
         before = greedy(base, model)
+        rss_start = rss_bytes(proc.pid)
         tally, shape_bad, scraper = Tally(), Counter(), Scraper(base)
         scraper.start()
         until = time.monotonic() + args.seconds
@@ -398,7 +400,8 @@ def main() -> int:
     finally:
         if proc.poll() is None:
             proc.kill()
-    return 0 if report(args, tally, shape_bad, scraper, (rss_warm, rss_end), (before, after), term) else 1
+    return 0 if report(args, tally, shape_bad, scraper, (rss_warm, rss_end, rss_start), (before, after),
+                         term) else 1
 
 
 if __name__ == "__main__":
