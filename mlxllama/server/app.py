@@ -501,7 +501,8 @@ def run(config: ServeConfig) -> None:
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                    timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
                                    access_log=False, log_config=None))
-    names = "any model name" if config.any_model else f"model names {', '.join(sorted(map(repr, app_names(app))))}"
+    shown = sorted(repr(n) for n in app.state.model_names if n != str(path))
+    names = "any model name" if config.any_model else f"model names {', '.join(shown)} and the file's path"
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
           f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config)})\n"
           f"  requests that leave them out get: {describe(values)} ({source}), max tokens "
@@ -511,10 +512,6 @@ def run(config: ServeConfig) -> None:
     finally:
         sock.close()
     logger.info("mlxllama serve: stopped")
-
-
-def app_names(app: FastAPI) -> set[str]:
-    return app.state.model_names
 
 
 def _listen(config: ServeConfig) -> socket.socket:
