@@ -214,6 +214,8 @@ def test_errors_are_openai_json(server):
         (dict(ok, tools=[{"type": "function"}]), "invalid_value", "tools"),
         (dict(ok, top_logprobs=2), "invalid_value", "top_logprobs"),
         (dict(ok, stop=["x"] * 17), "invalid_value", "stop"),
+        (dict(ok, stop=5), "invalid_value", "stop"),
+        (dict(ok, messages=[{"role": "user", "content": 5}]), "invalid_value", "messages.0.content"),
     ]
     with httpx.Client(timeout=30) as h:
         for body, code, param in cases:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import socket
 import time
@@ -235,7 +236,7 @@ def _error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error") or first.get("msg", "")
             return _error(400, f"the body is not valid JSON: {why}", code="invalid_json")
-        message, param = validation_message(first)
+        message, param = validation_message(first, errs)
         return _error(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
@@ -259,18 +260,27 @@ def _error_handlers(app: FastAPI) -> None:
         return _error(400, str(exc))
 
 
-def validation_message(err: dict) -> tuple[str, str | None]:
-    """(message, param) for one pydantic error: our own validators' text without pydantic's "Value error, " and
-    the field they name (schemas.FieldError); else pydantic's message after the field's path."""
+def validation_message(err: dict, others: list | None = None) -> tuple[str, str | None]:
+    """(message, param) for pydantic's first error: our own validators' text without pydantic's "Value error, "
+    and the field they name (schemas.FieldError); for a value that fits no member of a union, the types it may
+    have; else pydantic's message after the field's path."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, Exception):
         return str(cause), getattr(cause, "param", None) or (".".join(loc) or None)
     if err.get("type") == "model_attributes_type" and not loc:
         return "the body must be a JSON object (Content-Type: application/json)", None
+    if loc and _UNION_TAG.search(loc[-1]):  # ('stop', 'str'), ('stop', 'list[str]'): the union's members
+        param = ".".join(loc[:-1])
+        tags = [str(e["loc"][-1]) for e in (others or [err]) if [str(p) for p in e.get("loc", ())
+                                                                 if p != "body"][:-1] == loc[:-1]]
+        return f"{param}: expected {' or '.join(dict.fromkeys(tags))}", param
     msg = str(err.get("msg", "invalid request"))
     param = ".".join(loc) or None
     return (f"{param}: {msg}" if param else msg), param
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list\[.*\])$")
 
 
 def _record_usage(scope: dict, ev: Event) -> None:
