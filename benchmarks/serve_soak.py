@@ -1,10 +1,11 @@
 """A bounded soak of `mlxllama serve` on loopback: does it hold under mixed, partly hostile load?
 
 It starts the real server (a subprocess, `mlxllama serve`) and, for --seconds, runs --threads client threads that
-send good requests (chat and completions, streamed and not, with and without sampling values), streams dropped
-after two chunks, non-streamed requests abandoned by a short client timeout, and hostile requests (bad JSON, bad
-UTF-8, deep nesting, bad values, unknown routes, methods and models, bodies over the limit...). /metrics is scraped
-at 10 Hz throughout. A greedy answer is taken before and after. Then SIGTERM arrives with 4 requests in flight.
+send good requests (chat and completions, streamed and not, with and without sampling values, a few without
+max_tokens), streams dropped after two chunks, non-streamed requests abandoned by a short client timeout, and
+hostile requests (bad JSON, bad UTF-8, deep nesting, bad values, unknown routes, methods and models, bodies over
+the limit...). /metrics is scraped at 10 Hz throughout. A greedy answer is taken before and after. Then SIGTERM
+arrives with 4 requests in flight.
 
 Printed: requests ok and failed, 5xx, error-shape violations, RSS after warm-up and at the end against the prefix
 cache's budget, the cache gauges, p50/p99 latency of good requests, the greedy answers, and how SIGTERM went. The
@@ -85,6 +86,8 @@ def good_body(rng: random.Random, model: str, history: dict) -> tuple[str, dict]
     """A good request: a chat (sometimes the next turn of an earlier one) or a completion."""
     ask = rng.choice(ASKS).format(rng.choice(TOPICS))
     body: dict = {"model": model, "max_tokens": rng.randint(4, 40)}
+    if rng.random() < 0.05:
+        del body["max_tokens"]  # as a new user's client does: the server's default cap applies
     if rng.random() < 0.3:
         body["temperature"] = 0
     elif rng.random() < 0.3:
@@ -372,6 +375,7 @@ def main() -> int:
                                                                "a fifth of --seconds, at most 120)")
     ap.add_argument("--prefix-cache-mib", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--request-model", default=None, help="the model name requests give (default: --model)")
     ap.add_argument("serve_args", nargs="*", help="more `mlxllama serve` options (after --)")
     args = ap.parse_args()
     port = free_port()
@@ -379,7 +383,7 @@ def main() -> int:
     proc = start_server(args, port)
     try:
         print(proc.log[0].rstrip() if proc.log else "", flush=True)
-        model = args.model
+        model = args.request_model or args.model
         before = greedy(base, model)
         rss_start = rss_bytes(proc.pid)
         tally, shape_bad, scraper = Tally(), Counter(), Scraper(base)
