@@ -143,7 +143,8 @@ def test_verbose_shows_the_traceback(models):
 def test_click_usage_errors(args):
     r = cli(*args)
     assert r.returncode == USAGE
-    one_error_line(r, USAGE, "")
+    line = one_error_line(r, USAGE, "")
+    assert line.endswith(f"(see mlxllama {'generate ' if args[0] == 'generate' else ''}--help)"), line  # its help
 
 
 # ---------------------------------------------------------------------------------------------- interruptions

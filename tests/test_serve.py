@@ -608,3 +608,12 @@ def test_access_log_and_server_errors(tiny, caplog):
     assert any('"POST /v1/completions" 500' in a for a in access)
     errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
     assert errors and errors[0].exc_info and errors[0].exc_info[0] is ZeroDivisionError
+
+
+def test_serve_help_examples_stand_on_their_own_lines():
+    r = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, COLUMNS="80"))
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert "mlxllama serve -m default --port 8080 --max-batch 8" in lines
+    assert "mlxllama serve -m default --speculate lookup --num-draft 8" in lines
+    assert "--temp" in r.stdout and "--any-model" in r.stdout and "fused" in r.stdout  # --numpy-weights' modes
