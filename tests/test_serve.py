@@ -25,7 +25,14 @@ import mlxllama
 from conftest import make_hf_folder
 from mlxllama.engine import Engine
 from mlxllama.prefix_cache import PrefixCache
-from mlxllama.server.app import ServeConfig, accepted_names, create_app, make_engine
+from mlxllama.server.app import (
+    ServeConfig,
+    _malloc_trim,
+    accepted_names,
+    create_app,
+    make_engine,
+    release_free_memory,
+)
 from mlxllama.server.metrics import kv_bytes_running
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -617,3 +624,22 @@ def test_serve_help_examples_stand_on_their_own_lines():
     assert "mlxllama serve -m default --port 8080 --max-batch 8" in lines
     assert "mlxllama serve -m default --speculate lookup --num-draft 8" in lines
     assert "--temp" in r.stdout and "--any-model" in r.stdout and "fused" in r.stdout  # --numpy-weights' modes
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or _malloc_trim() is None, reason="needs glibc and /proc")
+def test_freed_kv_buffers_go_back_to_the_os():
+    """KV-sized numpy buffers freed between live small ones stay resident until the server trims the heap."""
+    warm = np.ones((1, 3, 2100, 64), np.float32)  # a freed buffer this size raises glibc's mmap threshold past it
+    del warm
+    held = []
+    for _ in range(100):
+        held += [np.ones((1, 3, 2100, 64), np.float32), np.ones(1000)]
+    before = _rss_mb()
+    held = [a for a in held if a.size == 1000]
+    release_free_memory()
+    assert _rss_mb() < before - 100, (before, _rss_mb())  # 161 MB of KV-sized buffers were freed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -105,7 +106,9 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
 
     @asynccontextmanager
     async def lifespan(app):
+        trimmer = asyncio.ensure_future(_trim_after_requests(engine))
         yield
+        trimmer.cancel()
         await run_in_threadpool(engine.shutdown, config.shutdown_timeout)
 
     app = FastAPI(title="mlxllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -327,6 +330,39 @@ class _Stream(StreamingResponse):
 
 
 START = time.time()
+
+
+async def _trim_after_requests(engine: Engine, every: float = 2.0) -> None:
+    """Every few seconds in which requests finished, hand the C heap's free pages back to the OS: the KV buffers of
+    finished sequences otherwise stay resident in malloc's arenas (glibc keeps freed blocks under its mmap
+    threshold, which rises to the size of the last freed buffer), and RSS would hold the largest batch ever run."""
+    seen = None
+    while True:
+        await asyncio.sleep(every)
+        done = sum(engine.stats.requests.values())
+        if done != seen:
+            seen = done
+            await run_in_threadpool(release_free_memory)
+
+
+def release_free_memory() -> None:
+    """glibc's malloc_trim(0); a no-op where the C library has none (macOS, musl)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        logger.debug("no C library to trim", exc_info=True)
+        return None
 
 
 class _Shape:
