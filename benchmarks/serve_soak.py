@@ -203,7 +203,7 @@ def client_thread(i: int, base: str, model: str, until: float, tally: Tally, sha
     rng = random.Random(i)
     history: dict = {}
     hostile = hostile_requests(model)
-    with httpx.Client(timeout=300) as h:
+    with httpx.Client(timeout=900) as h:
         while time.monotonic() < until:
             x = rng.random()
             try:
@@ -343,7 +343,7 @@ def report(args, tally: Tally, shape_bad: Counter, scraper: Scraper, rss: tuple,
         ("error-shape violations", f"{sum(shape_bad.values())}" + (f" {dict(shape_bad)}" if shape_bad else "")),
         ("/metrics scrapes ok / failed", f"{scraper.ok} / {scraper.failed}"),
         ("latency of good requests p50 / p99", f"{pct(tally.latencies, 50):.2f} s / {pct(tally.latencies, 99):.2f} s"),
-        ("RSS idle at start -> after warm-up -> end", f"{rss[2] / mb:.0f} -> {rss[0] / mb:.0f} -> {rss[1] / mb:.0f} MB "
+        ("RSS idle at start -> after warm-up -> end (idle)", f"{rss[2] / mb:.0f} -> {rss[0] / mb:.0f} -> {rss[1] / mb:.0f} MB "
                                                       f"(growth after warm-up {growth / mb:+.0f} MB, limit "
                                                       f"{limit / mb:.0f} MB)"),
         ("prefix cache budget / bytes / entries", f"{budget / mb:.0f} MB / "
@@ -395,6 +395,10 @@ def main() -> int:
                 pool.submit(client_thread, i, base, model, until, tally, shape_bad)
             time.sleep(warm)
             rss_warm = rss_bytes(proc.pid)
+        settle = time.monotonic() + 30  # every client has gone: the server frees their KV and trims its heap
+        while time.monotonic() < settle and scraper.last.get("mlxllama_running_sequences", 0):
+            time.sleep(0.1)
+        time.sleep(3.0)
         rss_end = rss_bytes(proc.pid)
         after = greedy(base, model)
         time.sleep(1.0)  # a few more scrapes: the gauges once every client has gone
