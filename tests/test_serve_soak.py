@@ -5,18 +5,19 @@ checks that do not depend on the model's size or answers."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import make_hf_folder
 from test_serve import with_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_short_soak_holds(tiny_hf, tmp_path):
-    folder = with_template(Path(shutil.copytree(tiny_hf, tmp_path / "tiny")))
+def test_short_soak_holds(sp_dir, tmp_path):
+    # a context long enough for the soak's chats and its requests without max_tokens
+    folder = with_template(make_hf_folder(tmp_path / "tiny", tokenizer_dir=sp_dir, max_position_embeddings=2048))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_soak.py"), "--model", str(folder),
                         "--backend", "numpy", "--seconds", "8", "--threads", "6", "--warmup", "2",
