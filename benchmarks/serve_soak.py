@@ -44,6 +44,7 @@ ASKS = ["Explain {}.", "Write two sentences about {}.", "What is interesting abo
         "Give three facts about {}."]
 GREEDY = [{"role": "user", "content": "What is the capital of France?"}]
 ERROR_KEYS = {"message", "type", "param", "code"}
+UNBOUNDED = {"share": 0.05}  # the share of good requests without max_tokens (--unbounded)
 RUNNING_KV = 'mlxllama_kv_cache_bytes{holder="running"}'
 
 
@@ -82,11 +83,11 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def good_body(rng: random.Random, model: str, history: dict) -> tuple[str, dict]:
+def good_body(rng: random.Random, model: str, history: dict, unbounded: float = 0.05) -> tuple[str, dict]:
     """A good request: a chat (sometimes the next turn of an earlier one) or a completion."""
     ask = rng.choice(ASKS).format(rng.choice(TOPICS))
     body: dict = {"model": model, "max_tokens": rng.randint(4, 40)}
-    if rng.random() < 0.05:
+    if rng.random() < unbounded:
         del body["max_tokens"]  # as a new user's client does: the server's default cap applies
     if rng.random() < 0.3:
         body["temperature"] = 0
@@ -158,7 +159,7 @@ def send_hostile(h: httpx.Client, base: str, case, tally: Tally, shape_bad: Coun
 def send_good(h: httpx.Client, base: str, rng: random.Random, model: str, history: dict, tally: Tally,
               mode: str) -> None:
     """mode: "plain", "stream", "drop" (a stream dropped after two chunks) or "abandon" (the client gives up)."""
-    path, body = good_body(rng, model, history)
+    path, body = good_body(rng, model, history, UNBOUNDED["share"])
     t0 = time.perf_counter()
     if mode == "abandon":
         body.update(max_tokens=400, stop=["zzqx"])
@@ -376,9 +377,11 @@ def main() -> int:
                                                                "a fifth of --seconds, at most 120)")
     ap.add_argument("--prefix-cache-mib", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--unbounded", type=float, default=0.05, help="share of good requests without max_tokens")
     ap.add_argument("--request-model", default=None, help="the model name requests give (default: --model)")
     ap.add_argument("serve_args", nargs="*", help="more `mlxllama serve` options (after --)")
     args = ap.parse_args()
+    UNBOUNDED["share"] = args.unbounded
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(args, port)

@@ -643,3 +643,13 @@ def test_freed_kv_buffers_go_back_to_the_os():
     held = [a for a in held if a.size == 1000]
     release_free_memory()
     assert _rss_mb() < before - 100, (before, _rss_mb())  # 161 MB of KV-sized buffers were freed
+
+
+def test_the_server_trims_the_heap_after_requests_finish(tiny, monkeypatch):
+    import mlxllama.server.app as server_app
+
+    calls = []
+    monkeypatch.setattr(server_app, "release_free_memory", lambda: calls.append(time.monotonic()))
+    with serving(*tiny) as (base, _), httpx.Client(timeout=60) as h:
+        assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        assert wait_for(lambda: calls, 6.0), "no trim after a finished request"
