@@ -187,7 +187,6 @@ def generate(
       echo "Write a haiku about memory bandwidth" | mlxllama generate - --temp 0.7 --top-p 0.9 --seed 0
       mlxllama generate "def fib(n):" --no-chat -m ./SmolLM2-mlx --backend numpy --max-tokens 64
       mlxllama generate "Name three colors." --stats json 2>stats.json     # -q: no stats at all
-
       mlxllama generate "Quote this exactly: ..." --speculate lookup --num-draft 8
     """
     from mlxllama.errors import UsageError
@@ -457,7 +456,8 @@ def main() -> None:
             typer.echo(e.ctx.get_help())  # bare `mlxllama`: the help, and success, as git and uv do
             sys.exit(0)
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
-            typer.echo(f"error: {e.format_message()} (see mlxllama --help)", err=True)
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "mlxllama"
+            typer.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
             sys.exit(e.exit_code)
         if VERBOSE["on"]:
             raise

@@ -209,7 +209,8 @@ def format_results(subs: list[dict], fmt: str) -> str:
     notes = list(dict.fromkeys(f"† {r['test']}: score (meas) {r['score_measured']:.2f} > 1 because "
                                f"{r['score_note']}" for r in rows if r.get("score_note")))
     lines += [""] + ["weights: the tensors as stored in the file; resident: as the backend holds and reads them "
-                     "(numpy widens quantized weights to float32 unless --numpy-weights quantized)"] + notes
+                     "(numpy keeps 4/8-bit weights packed, and widens them to float32 only with --numpy-weights "
+                     "float32, or with auto where numba is missing)"] + notes
     sweeps = [line for s in subs for line in sweep_lines(s)]
     if sweeps:
         lines += [""] + sweeps
@@ -460,7 +461,9 @@ def import_cmd(
     fmt: str = typer.Option(..., "--format", help="Input format: llama-bench."),
     out: Path = typer.Option(..., "--out", help="Folder for the submission files."),
     model: Optional[Path] = typer.Option(None, "--model", help="The GGUF file llama-bench ran (default: its "
-                                                               "model_filename, if it exists here)."),
+                                                               "model_filename, if it exists here; else the "
+                                                               "accounting comes from its model_size and "
+                                                               "model_n_params)."),
     chip: Optional[str] = typer.Option(None, "--chip", help="Chip to score against (default: from llama-bench's "
                                                             "gpu_info/cpu_info)."),
 ) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Optional
 
 import typer
 
 from mlxllama.errors import UsageError
+
+NUMPY_WEIGHTS_HELP = ("numpy backend only: auto, fused (4/8-bit weights as stored, fastest decode; needs numba), "
+                      "float32 or quantized; default: $MLXLLAMA_NUMPY_WEIGHTS or auto.")
 
 
 def serve(
@@ -26,7 +31,18 @@ def serve(
     prefill_chunk: int = typer.Option(32, "--prefill-chunk", help="Most prompt tokens per step while other "
                                                                   "sequences decode (bounds their stall)."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Model name in /v1/models (default: the "
-                                                                    "file's or folder's name)."),
+                                                                    "file's or folder's name). Requests may name "
+                                                                    "it, or -m as given, or the file."),
+    any_model: bool = typer.Option(False, "--any-model", help="Answer requests whatever model name they give (as "
+                                                              "llama-server does), for apps with a name built in."),
+    temp: Optional[float] = typer.Option(None, "--temp", help="Default temperature for requests that give none."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Default top-p for requests that give none."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Default top-k for requests that give none."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Default min-p for requests that give none."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens generated for a request that gives no "
+                                                              "max_tokens (capped by the context)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One line on stderr per request: "
+                                                                               "status, seconds, tokens."),
     max_body_bytes: int = typer.Option(8 << 20, "--max-body-bytes", help="Largest request body accepted."),
     shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to "
                                                                             "finish on SIGTERM."),
@@ -49,33 +65,45 @@ def serve(
                                               "(--speculate draft)."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
-    numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy backend: float32 or "
-                                                                              "quantized."),
+    numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
 
-    Example:
+    Examples:
 
+    \b
       mlxllama serve -m default --port 8080 --max-batch 8
       mlxllama serve -m default --speculate lookup --num-draft 8
+      mlxllama serve -m default --any-model --temp 0.7 --max-tokens 512
 
     Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
     does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
     float KV only, so it is off with --kv-bits or --max-kv-size.
+
+    Requests that leave sampling out get the model's generation_config.json values, else llama.cpp's (temp 0.8,
+    top-k 40, top-p 0.95, min-p 0.05); --temp, --top-p, --top-k and --min-p set them. Start-up prints them, and
+    /v1/models lists them.
     """
+    from mlxllama.sampling import SamplingParams
     from mlxllama.server.app import ServeConfig, run
 
     for name, v in (("--port", port), ("--max-batch", max_batch), ("--max-queue", max_queue),
-                    ("--prefill-chunk", prefill_chunk), ("--max-body-bytes", max_body_bytes)):
+                    ("--prefill-chunk", prefill_chunk), ("--max-body-bytes", max_body_bytes),
+                    ("--max-tokens", max_tokens)):
         if v < 1 or (name == "--port" and v > 65535):
             raise UsageError(f"{name} must be a positive integer{' up to 65535' if name == '--port' else ''}")
     if ctx is not None and ctx < 2:
         raise UsageError("--ctx must be an integer >= 2")
     if prefix_cache_bytes < 0 or shutdown_timeout < 0:
         raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
+    sampling = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    SamplingParams(**{k: v for k, v in sampling.items() if v is not None}).validate()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     run(ServeConfig(model=model, host=host, port=port, backend=backend, revision=revision,
                     numpy_weights=numpy_weights, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                    max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model))
+                    max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
+                    any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log))

@@ -4,6 +4,10 @@ Entries live in a radix tree over token ids (edges hold runs of tokens). A looku
 prompt agrees with some stored sequence; the KV of those first m tokens is a prefix of that entry's KV (position p's
 keys and values depend only on tokens 0..p), so any entry below the point where the walk stops serves it.
 A stored sequence that extends an entry (a chat's next turn extends the previous one) replaces it.
+
+The budget counts what the entries hold in memory: each stored array is copied into a buffer of its own on insert
+(a slice of a sequence's preallocated cache would keep the whole buffer alive, on MLX even after a concatenate),
+and an evicted entry's arrays are dropped at once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 
 
 @dataclass
@@ -28,11 +35,19 @@ class _Node:
     entries: set = field(default_factory=set)  # ids of the entries whose tokens pass through or end here
 
 
+def own(a):
+    """A copy of array `a` in a buffer of its own (np.array and mx.array both copy; a lazy backend's copy is
+    evaluated by the cache's `eval`)."""
+    return np.array(a) if isinstance(a, np.ndarray) else type(a)(a)
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, eval: Callable | None = None):
+        """eval(*arrays): the backend's, to run a lazy backend's copies at once (ops.eval)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"the prefix cache budget must be a byte count >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
+        self._eval = eval
         self.nbytes = 0
         self._root = _Node()
         self._entries: dict[int, _Entry] = {}
@@ -71,12 +86,17 @@ class PrefixCache:
             return m, [(k[:, :, :m], v[:, :, :m]) for k, v in entry.kv]
 
     def store(self, tokens, kv: list) -> bool:
-        """Save the KV [(k, v)] per layer of `tokens` (it is kept as given: pass copies). False if it does not fit
-        the budget at all."""
+        """Save the KV [(k, v)] per layer of `tokens`, each [1, KV, len(tokens), D] (copied: views of a larger
+        buffer are fine). False if it does not fit the budget at all."""
         tokens = tuple(int(t) for t in tokens)
         nbytes = sum(int(k.nbytes) + int(v.nbytes) for k, v in kv)
         if not tokens or nbytes > self.max_bytes:
             return False
+        if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in kv):
+            raise ValueError("the KV to store must hold exactly the tokens' positions")
+        kv = [(own(k), own(v)) for k, v in kv]
+        if self._eval is not None:
+            self._eval(*(a for pair in kv for a in pair))
         with self._lock:
             for i, e in list(self._entries.items()):
                 if len(e.tokens) <= len(tokens) and tokens[: len(e.tokens)] == e.tokens:

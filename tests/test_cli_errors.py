@@ -24,6 +24,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+def default_sigint() -> None:
+    """preexec_fn of the children that get Ctrl-C: a shell starts a background job (`cmd &`, nohup) with SIGINT
+    ignored, and a child inherits that, so Python would install no KeyboardInterrupt handler. Reset it first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, stdin: bytes = b"", timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], input=stdin, capture_output=True, timeout=timeout, **kw)
 
@@ -137,7 +143,8 @@ def test_verbose_shows_the_traceback(models):
 def test_click_usage_errors(args):
     r = cli(*args)
     assert r.returncode == USAGE
-    one_error_line(r, USAGE, "")
+    line = one_error_line(r, USAGE, "")
+    assert line.endswith(f"(see mlxllama {'generate ' if args[0] == 'generate' else ''}--help)"), line  # its help
 
 
 # ---------------------------------------------------------------------------------------------- interruptions
@@ -166,7 +173,7 @@ main()
 
 def _convert_until_writing(src: Path, dst: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "convert", str(src), str(dst)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     line = p.stderr.readline()
     assert line == b"WRITING\n", line + p.stderr.read()
     return p
@@ -234,7 +241,7 @@ main()
 def test_sigint_during_load_prints_one_line(models, command):
     args = [command, "-m", str(models["tiny"]), "--backend", "numpy"] + (["hi"] if command == "generate" else [])
     p = subprocess.Popen([sys.executable, "-c", SLOW_LOADER, *args], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     assert p.stderr.readline() == b"LOADING\n"
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -255,7 +262,7 @@ def test_convert_files_follow_the_umask(models, tmp_path):
 def test_racing_converts_to_one_new_folder_one_wins(models, tmp_path):
     dst = tmp_path / "raced"
     procs = [subprocess.Popen([*CLI, "convert", str(models["tiny"]), str(dst)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for _ in range(3)]
+                              stderr=subprocess.PIPE, preexec_fn=default_sigint) for _ in range(3)]
     results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, MODEL_FILE, MODEL_FILE], results
@@ -337,7 +344,8 @@ def long_model(models, tmp_path_factory, sp_dir) -> Path:
 def generate_sigint(long_model):
     """Ctrl-C once tokens are streaming: 16000 tokens would take far longer than the wait."""
     p = subprocess.Popen([*CLI, "generate", "hello", "-m", str(long_model), "--backend", "numpy", "--no-chat",
-                          "--max-tokens", "16000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--max-tokens", "16000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=default_sigint)
     first = p.stdout.read(16)  # tokens are streaming: the signal comes mid-generation
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -361,7 +369,8 @@ def test_generate_sigint_exit_code(generate_sigint):
 def test_chat_sigint_interrupts_the_reply_not_the_session(long_model):
     p = subprocess.Popen([*CLI, "chat", "-m", str(long_model), "--backend", "numpy", "--max-tokens", "16000",
                           "--temp", "0"],  # greedy: this random model then never samples its EOS
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=default_sigint)
     p.stdin.write(b"hello\n")
     p.stdin.flush()
     assert p.stdout.read(3) == b">> "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,17 +13,27 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import mlxllama
 from conftest import make_hf_folder
 from mlxllama.engine import Engine
 from mlxllama.prefix_cache import PrefixCache
-from mlxllama.server.app import ServeConfig, create_app, make_engine
+from mlxllama.server.app import (
+    ServeConfig,
+    _malloc_trim,
+    accepted_names,
+    create_app,
+    make_engine,
+    release_free_memory,
+)
+from mlxllama.server.metrics import kv_bytes_running
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -49,14 +60,14 @@ def tiny(chat_folder):
 
 
 @contextmanager
-def serving(model, tok, **options):
+def serving(model_, tok, **options):
     """A uvicorn server in a thread on a socket bound here (127.0.0.1, a free port), its engine made as
     `mlxllama serve` makes it (options: ServeConfig's); yields (base_url, engine)."""
     import uvicorn
 
     config = ServeConfig(shutdown_timeout=2.0, prefix_cache_bytes=options.pop("prefix_cache_bytes", 32 << 20),
                          **options)
-    engine = make_engine(model, tok, config).start()
+    engine = make_engine(model_, tok, config).start()
     app = create_app(engine, MODEL_ID, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -191,8 +202,12 @@ def test_errors_are_openai_json(server):
     base, _ = server
     url = base + "/v1/chat/completions"
     ok = {"model": MODEL_ID, "messages": MSGS[0], "max_tokens": 2}
+    json_type = {"content-type": "application/json"}
     cases = [
         (b"{not json", "invalid_json", None),
+        (b'{"model": "\xff\xfe"}', "invalid_json", None),  # not UTF-8
+        (b"[" * 10_000 + b"]" * 10_000, "invalid_json", None),  # nested past the parser's recursion limit
+        (b"[1, 2]", "invalid_value", None),
         (dict(ok, temperature="hot"), "invalid_value", "temperature"),
         (dict(ok, temperature=5), "invalid_value", "temperature"),
         (dict(ok, top_p=0), "invalid_value", "top_p"),
@@ -200,29 +215,37 @@ def test_errors_are_openai_json(server):
         (dict(ok, seed=-1), "invalid_value", "seed"),
         (dict(ok, messages=[]), "invalid_value", "messages"),
         (dict(ok, messages=[{"role": "user", "content": "x"}] * 5000), "invalid_value", "messages"),
-        (dict(ok, messages=[{"role": "wizard", "content": "x"}]), "invalid_value", None),
+        (dict(ok, messages=[{"role": "wizard", "content": "x"}]), "invalid_value", "messages.0.role"),
         (dict(ok, messages=[{"role": "user", "content": "word " * 2000}]), "context_length_exceeded", "messages"),
-        (dict(ok, model="gpt-4"), "model_not_found", "model"),
         (dict(ok, n=2), "invalid_value", "n"),
-        (dict(ok, tools=[{"type": "function"}]), "invalid_value", None),
-        (dict(ok, top_logprobs=2), "invalid_value", None),
+        (dict(ok, tools=[{"type": "function"}]), "invalid_value", "tools"),
+        (dict(ok, top_logprobs=2), "invalid_value", "top_logprobs"),
+        (dict(ok, stop=["x"] * 17), "invalid_value", "stop"),
+        (dict(ok, stop=5), "invalid_value", "stop"),
+        (dict(ok, messages=[{"role": "user", "content": 5}]), "invalid_value", "messages.0.content"),
     ]
     with httpx.Client(timeout=30) as h:
         for body, code, param in cases:
-            if isinstance(body, bytes):
-                r = h.post(url, content=body, headers={"content-type": "application/json"})
-            else:
-                r = h.post(url, json=body)
-            assert r.status_code == 400, (body if isinstance(body, bytes) else list(body), r.text)
+            r = h.post(url, content=body, headers=json_type) if isinstance(body, bytes) else h.post(url, json=body)
+            assert r.status_code == 400, (body[:40] if isinstance(body, bytes) else list(body), r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
-            assert err["code"] == code and err["message"]
-            if param:
-                assert err["param"] == param
+            assert err["code"] == code and err["message"] and "Value error" not in err["message"], err
+            assert err["param"] == param, err
         r = h.post(base + "/v1/completions", json={"model": MODEL_ID, "prompt": [5, 10 ** 9]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
-        r = h.post(url, content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+        r = h.post(base + "/v1/completions", json={"model": MODEL_ID, "prompt": "x", "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+        r = h.post(url, content=b"x" * (9 << 20), headers=json_type)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = h.post(url, json=dict(ok, model="gpt-4"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["param"] == "model"
+        for method, path, status in (("POST", "/v1/responses", 404), ("POST", "/v1/embeddings", 404),
+                                     ("GET", "/nowhere", 404), ("GET", "/v1/chat/completions", 405),
+                                     ("DELETE", "/v1/models", 405)):
+            r = h.request(method, base + path)
+            assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
         # the engine is still serving
         assert h.post(url, json=ok).status_code == 200
         assert h.get(base + "/health").json() == {"status": "ok"}
@@ -230,8 +253,9 @@ def test_errors_are_openai_json(server):
         text = h.get(base + "/metrics").text
     for name in ("mlxllama_requests_total", "mlxllama_prompt_tokens_total", "mlxllama_completion_tokens_total",
                  "mlxllama_queue_depth", "mlxllama_batch_size_bucket", "mlxllama_prefix_cache_hit_tokens_total",
-                 "mlxllama_decode_tokens_per_second", "mlxllama_achieved_gbps"):
-        assert name in text
+                 "mlxllama_decode_tokens_per_second", "mlxllama_achieved_gbps", "mlxllama_kv_cache_bytes",
+                 "process_resident_memory_bytes", 'mlxllama_http_requests_total{path="other",status="404"}'):
+        assert name in text, name
 
 
 def test_full_queue_answers_429(tiny, monkeypatch):
@@ -297,6 +321,10 @@ def test_cli_serve_and_sigterm(chat_folder, tmp_path):
         rest = [ch for ch in stream]
         assert rest[-1].choices[0].finish_reason in ("stop", "length")
         assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out, out
+        assert "requests that leave them out get: temp 0.8, top-k 40" in out  # llama.cpp's: no generation config
+        assert '"POST /v1/chat/completions" 200' in out and "finish=" in out  # the access log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -433,3 +461,195 @@ def test_chat_loop_hook_reuses_the_history(tiny):
     first_turn = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + history[:1])))
     assert engine.stats.cached_tokens - before >= first_turn - 1
     assert last.finish_reason in ("stop", "length")
+
+
+def test_requests_without_sampling_values_get_the_servers_defaults(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "messages": MSGS[3], "max_tokens": 12, "seed": 7}
+    llama_cpp = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    with serving(m, tok) as (base, engine), httpx.Client(timeout=60) as h:
+        assert h.get(base + "/v1/models").json()["data"][0]["defaults"] == dict(llama_cpp, repetition_penalty=1.0,
+                                                                               max_tokens=min(2048, engine.ctx))
+        implicit = h.post(base + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        explicit = h.post(base + "/v1/chat/completions", json=dict(body, **llama_cpp)).json()
+        hot = h.post(base + "/v1/chat/completions", json=dict(body, temperature=1.0, top_k=0, top_p=1.0,
+                                                              min_p=0.0)).json()
+    assert implicit == explicit["choices"][0]["message"]["content"]
+    assert implicit != hot["choices"][0]["message"]["content"]  # the old default: temperature 1, nothing cut
+    with serving(m, tok, sampling={"temperature": 0.0}, max_tokens=5) as (base, _), httpx.Client(timeout=60) as h:
+        r = h.post(base + "/v1/chat/completions", json={"messages": MSGS[3]}).json()  # no model, no max_tokens
+    assert r["choices"][0]["message"]["content"] == solo_chat(tiny, MSGS[3], 5)
+    assert r["usage"]["completion_tokens"] <= 5
+
+
+def test_model_names_launch_reference_and_any(tiny, chat_folder):
+    m, tok = tiny
+    config = ServeConfig(model="default", shutdown_timeout=2.0)
+    engine = make_engine(m, tok, config).start()
+    try:
+        app = create_app(engine, MODEL_ID, config, accepted_names(MODEL_ID, config, chat_folder))
+        assert app.state.model_names == {MODEL_ID, "default", str(chat_folder), chat_folder.name}
+    finally:
+        engine.shutdown(2.0)
+    body = {"messages": MSGS[0], "max_tokens": 2}
+    with serving(m, tok, model="default") as (base, _), httpx.Client(timeout=60) as h:
+        for name in (MODEL_ID, "default"):
+            assert h.post(base + "/v1/chat/completions", json=dict(body, model=name)).status_code == 200
+        r = h.post(base + "/v1/chat/completions", json=dict(body, model="gpt-4o"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with serving(m, tok, any_model=True) as (base, _), httpx.Client(timeout=60) as h:
+        r = h.post(base + "/v1/chat/completions", json=dict(body, model="gpt-4o"))
+        assert r.status_code == 200 and r.json()["model"] == MODEL_ID
+
+
+@contextmanager
+def slow_model(model, seconds: float = 0.01):
+    forward = model.forward_batch
+
+    def slow(chunks, caches):  # the tiny model would otherwise finish before the client goes
+        time.sleep(seconds)
+        return forward(chunks, caches)
+
+    model.forward_batch = slow
+    try:
+        yield
+    finally:
+        del model.forward_batch
+
+
+def test_a_non_streaming_client_that_times_out_frees_its_sequence(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "messages": MSGS[4], "max_tokens": 200, "temperature": 1.0, "seed": 2,
+            "stop": ["never-appears"]}
+    with slow_model(m), serving(m, tok) as (base, engine):
+        engine.eos = set()  # the request cannot end on its own
+        with httpx.Client(timeout=0.5) as h, pytest.raises(httpx.TimeoutException):
+            h.post(base + "/v1/chat/completions", json=body)
+        gone = time.monotonic()
+        assert wait_for(lambda: engine.active == 0, 1.0), "the sequence still runs 1 s after its client left"
+        assert time.monotonic() - gone < 1.0 and engine.stats.requests["cancelled"] == 1
+        assert kv_bytes_running(engine) == 0
+
+
+def test_sixteen_dropped_streams_free_their_slots_and_kv(tiny):
+    m, tok = tiny
+    body = {"model": MODEL_ID, "max_tokens": 200, "temperature": 1.0, "stop": ["never-appears"], "stream": True}
+    with slow_model(m, 0.05), serving(m, tok, max_batch=16) as (base, engine):
+        engine.eos = set()  # no stream ends on its own: each must be cancelled
+        with ExitStack() as stack:
+            lines = []  # kept: a dropped line iterator closes its response
+            for i in range(16):
+                h = stack.enter_context(httpx.Client(timeout=60))
+                r = stack.enter_context(h.stream("POST", base + "/v1/chat/completions",
+                                                 json=dict(body, seed=i, messages=MSGS[i % len(MSGS)])))
+                lines.append(r.iter_lines())
+                next(lines[-1])  # the role chunk: the request is in
+            assert wait_for(lambda: engine.active == 16, 10), (engine.active, engine.stats.requests)
+            assert kv_bytes_running(engine) > 0
+        gone = time.monotonic()
+        assert wait_for(lambda: engine.active == 0, 2.0), f"{engine.active} sequences still run"
+        assert engine.stats.requests["cancelled"] == 16 and kv_bytes_running(engine) == 0
+        print(f"16 streams freed in {time.monotonic() - gone:.3f} s")
+        with httpx.Client(timeout=60) as h:  # the server still answers, and its gauges say so
+            assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+            samples = {s.name: s for f in text_string_to_metric_families(h.get(base + "/metrics").text)
+                       for s in f.samples}
+    assert samples["mlxllama_running_sequences"].value == 0
+
+
+def test_metrics_parse_while_the_engine_runs(tiny):
+    """Scrapes during generation: valid exposition text every time, and the KV gauges add up."""
+    m, tok = tiny
+    with serving(m, tok, max_batch=4) as (base, engine), httpx.Client(timeout=60) as h:
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(h.post, base + "/v1/completions", json={"prompt": p, "max_tokens": 24, "seed": i})
+                    for i, p in enumerate(["one", "two", "three", "four"] * 3)]
+            scrapes = 0
+            while not all(j.done() for j in jobs):
+                fams = {f.name: f for f in text_string_to_metric_families(h.get(base + "/metrics").text)}
+                assert "mlxllama_batch_size" in fams and "process_resident_memory_bytes" in fams
+                scrapes += 1
+            assert all(j.result().status_code == 200 for j in jobs)
+        fams = {f.name: f for f in text_string_to_metric_families(h.get(base + "/metrics").text)}
+    held = {s.labels["holder"]: s.value for s in fams["mlxllama_kv_cache_bytes"].samples}
+    assert held["running"] == 0 and held["prefix_cache"] == engine.prefix_cache.nbytes > 0
+    assert scrapes > 0
+
+
+def test_prefix_cache_entries_hold_only_their_tokens():
+    """An entry stored from a slice of a large buffer keeps a copy of the slice, not the buffer."""
+    big = np.ones((1, 2, 4096, 16), np.float32)
+    pc = PrefixCache(1 << 20)
+    assert pc.store([1, 2, 3], [(big[:, :, :3], big[:, :, :3])])
+    (k, v), = pc._entries[next(iter(pc._entries))].kv
+    assert k.base is None and k.nbytes == 3 * 2 * 16 * 4 and pc.nbytes == 2 * k.nbytes
+    with pytest.raises(ValueError):
+        pc.store([1, 2], [(big[:, :, :3], big[:, :, :3])])
+    mx = pytest.importorskip("mlx.core")
+    buf = mx.ones((1, 2, 1 << 16, 16))
+    mx.eval(buf)
+    pc = PrefixCache(1 << 20, eval=mx.eval)
+    before = mx.get_active_memory()
+    pc.store([1, 2, 3], [(buf[:, :, :3], buf[:, :, :3])])
+    del buf
+    assert mx.get_active_memory() < before - (4 << 20)  # the 8 MB buffer is gone; the entry holds 768 bytes
+    assert pc.lookup([1, 2, 3, 4])[0] == 3
+
+
+def test_access_log_and_server_errors(tiny, caplog):
+    m, tok = tiny
+    caplog.set_level(logging.INFO, logger="mlxllama.server")
+    with serving(m, tok) as (base, engine), httpx.Client(timeout=60) as h:
+        h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        h.get(base + "/nowhere")
+        real = engine.tokenizer.encode
+        engine.tokenizer.encode = lambda text: 1 / 0  # a bug in the server's own path: a 500, logged
+        try:
+            r = h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+        finally:
+            engine.tokenizer.encode = real
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    access = [rec.getMessage() for rec in caplog.records if rec.name == "mlxllama.server.access"]
+    assert any('"POST /v1/completions" 200' in a and "prompt=" in a and "completion=3" in a for a in access)
+    assert any('"GET /nowhere" 404' in a for a in access)
+    assert any('"POST /v1/completions" 500' in a for a in access)
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert errors and errors[0].exc_info and errors[0].exc_info[0] is ZeroDivisionError
+
+
+def test_serve_help_examples_stand_on_their_own_lines():
+    r = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, COLUMNS="80"))
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert "mlxllama serve -m default --port 8080 --max-batch 8" in lines
+    assert "mlxllama serve -m default --speculate lookup --num-draft 8" in lines
+    assert "--temp" in r.stdout and "--any-model" in r.stdout and "fused" in r.stdout  # --numpy-weights' modes
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or _malloc_trim() is None, reason="needs glibc and /proc")
+def test_freed_kv_buffers_go_back_to_the_os():
+    """KV-sized numpy buffers freed between live small ones stay resident until the server trims the heap."""
+    warm = np.ones((1, 3, 2100, 64), np.float32)  # a freed buffer this size raises glibc's mmap threshold past it
+    del warm
+    held = []
+    for _ in range(100):
+        held += [np.ones((1, 3, 2100, 64), np.float32), np.ones(1000)]
+    before = _rss_mb()
+    held = [a for a in held if a.size == 1000]
+    release_free_memory()
+    assert _rss_mb() < before - 100, (before, _rss_mb())  # 161 MB of KV-sized buffers were freed
+
+
+def test_the_server_trims_the_heap_after_requests_finish(tiny, monkeypatch):
+    import mlxllama.server.app as server_app
+
+    calls = []
+    monkeypatch.setattr(server_app, "release_free_memory", lambda: calls.append(time.monotonic()))
+    with serving(*tiny) as (base, _), httpx.Client(timeout=60) as h:
+        assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        assert wait_for(lambda: calls, 6.0), "no trim after a finished request"

@@ -5,7 +5,9 @@ backend, build, threads, batch sizes, KV types, ...) become one submission. The 
 (or --chip). Bytes and FLOPs per token come from the model file itself, which llama.cpp users have at hand: its
 tensors give mlxllama's exact accounting (KV cache shape, matmul weights), rescaled to llama-bench's model_size,
 the bytes llama.cpp actually stores. The file must have the parameter count llama-bench reported. The file's
-location is not kept: the submission names the model by its file name only.
+location is not kept: the submission names the model by its file name only. Without the file (someone else's
+results), the accounting comes from llama-bench's model_size and model_n_params alone: every weight read once per
+token, the KV cache and attention not counted, and the submission's source says so.
 """
 
 from __future__ import annotations
@@ -49,15 +51,26 @@ def _group_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in _TEST_KEYS}, sort_keys=True, default=str)
 
 
-def _model_file(row: dict, model: Path | None, where: str) -> Path:
+def _model_file(row: dict, model: Path | None, where: str) -> Path | None:
+    """The GGUF llama-bench ran: --model, else its model_filename where that is here; None when it is not."""
     if model is not None:
         return model
     path = Path(str(row["model_filename"]))
     for candidate in (path, Path(where).parent / path.name):
         if candidate.is_file():
             return candidate
-    raise UsageError(f"{where}: the model file {path.name} is not here; pass --model PATH to the GGUF llama-bench "
-                     "ran (its tensors give the bytes read per token)")
+    return None
+
+
+ESTIMATED = "accounting from llama-bench's model_size and model_n_params (no model file: KV cache and attention " \
+            "not counted)"
+
+
+def _estimated_accounting(row: dict) -> tuple[roofline.Accounting, str]:
+    size, params = int(row["model_size"]), int(row["model_n_params"])
+    acc = roofline.Accounting(params=params, matmul_params=params, weight_bytes=size, weight_bytes_per_token=size,
+                              kv_bytes_per_position=1, attn_flops_per_position=1)
+    return acc, str(row.get("model_type") or "unknown").split()[-1]
 
 
 def _accounting(path: Path, row: dict, where: str) -> tuple[roofline.Accounting, str]:
@@ -92,9 +105,13 @@ def convert(rows: list[dict], *, model: str | Path | None = None, chip: str | No
     for members in groups.values():
         first = members[0]
         path = _model_file(first, model, where)
-        if path not in accounted:
-            accounted[path] = (*_accounting(path, first, where), submissions.model_sha256(path))
-        acc, quant, sha = accounted[path]
+        if path is None:
+            acc, quant = _estimated_accounting(first)
+            sha, model_id = None, Path(str(first["model_filename"])).name
+        else:
+            if path not in accounted:
+                accounted[path] = (*_accounting(path, first, where), submissions.model_sha256(path))
+            (acc, quant, sha), model_id = accounted[path], path.name
         tests, seen = [], set()
         for row in members:
             n_prompt, n_gen, n_depth = int(row["n_prompt"]), int(row["n_gen"]), int(row.get("n_depth") or 0)
@@ -113,7 +130,8 @@ def convert(rows: list[dict], *, model: str | Path | None = None, chip: str | No
         subs.append({
             "schema_version": submissions.SCHEMA_VERSION,
             "date": dates[0] if dates else _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "source": f"llama-bench, llama.cpp build {first['build_commit']} ({first.get('build_number', '?')})",
+            "source": f"llama-bench, llama.cpp build {first['build_commit']} ({first.get('build_number', '?')})"
+                      + (f"; {ESTIMATED}" if path is None else ""),
             "machine": {"system": None, "os": "unknown (llama-bench import)", "cpu": first.get("cpu_info") or None,
                         "cpu_cores": None, "memory_bytes": None, "model": None,
                         "gpu_cores": found.gpu_cores if found else None, "gpus": gpus},
@@ -121,7 +139,7 @@ def convert(rows: list[dict], *, model: str | Path | None = None, chip: str | No
             "measured_bandwidth": None,
             "versions": {"mlxllama": submissions.versions()["mlxllama"], "mlx": None, "numpy": None, "python": None,
                          "llama.cpp": str(first["build_commit"])},  # the importer's version, the run's build
-            "model": {"id": path.name, "sha256": sha, "quant": quant, "accounting": acc.to_dict()},
+            "model": {"id": model_id, "sha256": sha, "quant": quant, "accounting": acc.to_dict()},
             "backend": f"llama.cpp {backend}",
             "device": "gpu" if on_gpu else "cpu",
             "settings": {k: first[k] for k in SETTINGS if k in first},

@@ -1,35 +1,48 @@
 """An OpenAI-compatible HTTP server: a thin shell over the Engine (mlxllama/engine.py), which runs in its own thread.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models, /health, /metrics.
-Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for bad input, 401 without the API
-key, 413 for a body over the limit, 429 (with Retry-After) on a full queue, 503 while shutting down.
+Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, for every status: 400 for bad input
+(bodies that do not parse included), 401 without the API key, 404 for an unknown route or model, 405 for a wrong
+method, 413 for a body over the limit, 429 (with Retry-After) on a full queue, 503 while shutting down.
+A request that leaves some sampling value out gets the server's default (the model's generation_config.json, else
+llama.cpp's, or serve's --temp/--top-p/--top-k/--min-p); one that leaves max_tokens out gets --max-tokens.
+A client that goes away, streaming or not, cancels its request: the engine frees the sequence at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import json
+import logging
+import re
 import signal
 import socket
 import time
 import uuid
-from collections import Counter
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, EngineStopped, Event, QueueFull, RequestParams
 from ..errors import UsageError
 from ..sampling import SamplingParams
-from . import metrics
+from ..sampling_defaults import LLAMA_CPP_DEFAULTS
+from .http import USAGE_KEY, BodyLimit, Gate, error_body
+from .http import error_response as _error
+from .metrics import CONTENT_TYPE, Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -41,7 +54,8 @@ class ServeConfig:
     backend: str = "auto"
     revision: str | None = None
     numpy_weights: str | None = None
-    model_id: str | None = None  # the name /v1/models reports and requests may give; default: the file's stem
+    model_id: str | None = None  # the name /v1/models reports (default: the file's stem or the folder's name)
+    any_model: bool = False  # answer requests for any model name (as llama-server does), not only ours
     max_batch: int = 8
     max_queue: int = 64
     prefill_chunk: int = 32
@@ -56,6 +70,11 @@ class ServeConfig:
     speculate: str | None = None  # "lookup" or "draft" (draft_model: a reference with the model's vocabulary)
     num_draft: int = 8
     draft_model: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that give none (capped by the context)
+    # for requests that leave them out (temperature, top_p, top_k, min_p, repetition_penalty): run() fills in what
+    # is None or missing from the model's generation_config.json, else llama.cpp's defaults
+    sampling: dict | None = None
+    access_log: bool = True
     engine_options: dict[str, Any] = field(default_factory=dict)  # more Engine keyword arguments
 
     @property
@@ -65,105 +84,38 @@ class ServeConfig:
         return CacheSettings(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size, max_kv_size=self.max_kv_size)
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def accepted_names(model_id: str, config: ServeConfig, path: Path | None = None) -> set[str]:
+    """The model names a request may give: the served id, the reference given at launch (-m default, a repo id, a
+    path) and the resolved path, its name and stem."""
+    names = {model_id}
+    if config.model:
+        names.add(str(config.model))
+    if path is not None:
+        names |= {str(path), path.name, path.stem}
+    return names
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _BodyLimit:
-    """Refuses request bodies over `limit` bytes (413), by Content-Length or as they stream in."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
-
-        async def tracking_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send):
-        resp = _error(413, f"the request body is over {self.limit} bytes", code="request_too_large")
-        await resp(scope, receive, send)
-
-
-def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app over a started engine; the app's shutdown shuts the engine down."""
+def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
+               names: set[str] | None = None) -> FastAPI:
+    """The FastAPI app over a started engine; the app's shutdown shuts the engine down. names: the model names
+    requests may give (default: model_id and the launch reference)."""
     config = config or ServeConfig()
-    http_counts: Counter = Counter()
+    names = names or accepted_names(model_id, config)
+    defaults = dict(LLAMA_CPP_DEFAULTS, **{k: v for k, v in (config.sampling or {}).items() if v is not None})
+    stats = Metrics(engine)
 
     @asynccontextmanager
     async def lifespan(app):
+        trimmer = asyncio.ensure_future(_trim_after_requests(engine))
         yield
+        trimmer.cancel()
         await run_in_threadpool(engine.shutdown, config.shutdown_timeout)
 
     app = FastAPI(title="mlxllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-    key = config.api_key.encode() if config.api_key else None
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)):
-                resp = _error(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
-                http_counts[(request.url.path, 401)] += 1
-                return resp
-        resp = await call_next(request)
-        http_counts[(request.url.path if request.url.path in _PATHS else "other", resp.status_code)] += 1
-        return resp
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
-        msg = str(first.get("msg", "invalid request"))
-        param = ".".join(loc) or None
-        return _error(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
-
-    @app.exception_handler(UsageError)
-    async def usage(request: Request, exc: UsageError):
-        return _error(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        return _error(500, f"internal error: {type(exc).__name__}", type_="server_error")
+    app.state.model_names = names
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Gate, api_key=config.api_key, count=stats.count, access_log=config.access_log)
+    _error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -174,11 +126,13 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(START),
-                                            "owned_by": "mlxllama"}]}
+                                            "owned_by": "mlxllama", "context_length": engine.ctx,
+                                            "defaults": dict(defaults, max_tokens=min(config.max_tokens,
+                                                                                      engine.ctx))}]}
 
     @app.get("/metrics")
     async def metrics_route():
-        return Response(metrics.render(engine, dict(http_counts)), media_type=metrics.CONTENT_TYPE)
+        return Response(stats.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -207,25 +161,33 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
                 return _error(400, f"prompt token ids must be in [0, {engine.model.args.vocab_size})",
                               param="prompt")
         lp = body.logprobs
-        return await _generate(request, body, ids, body.max_tokens or 16, lp is not None, lp or 0, chat=False)
+        return await _generate(request, body, ids, body.max_tokens, lp is not None, lp or 0, chat=False)
+
+    def _params(body, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> RequestParams:
+        def pick(name):
+            v = getattr(body, name)
+            return defaults[name] if v is None else v
+
+        sampling = SamplingParams(temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+                                  min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
+                                  seed=body.seed)
+        return RequestParams(max_tokens=max_tokens or config.max_tokens, stop=body.stops, sampling=sampling,
+                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                             logprobs=logprobs, top_logprobs=top_logprobs)
 
     async def _generate(request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
                         top_logprobs: int, chat: bool):
-        if body.model is not None and body.model != model_id:
-            return _error(400, f"the model {body.model!r} is not served here; this server serves {model_id!r}",
-                          param="model", code="model_not_found")
+        if body.model is not None and body.model not in names and not config.any_model:
+            return _error(404, f"the model {body.model[:200]!r} does not exist here; this server serves "
+                               f"{model_id!r}", param="model", code="model_not_found")
         if not ids:
             return _error(400, "the prompt is empty", param="messages" if chat else "prompt")
         ctx = engine.ctx
         if len(ids) >= ctx:
             return _error(400, f"the prompt has {len(ids)} tokens but the context is {ctx} tokens",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        params = RequestParams(
-            max_tokens=max_tokens or ctx, stop=body.stops,
-            sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed),
-            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            logprobs=logprobs, top_logprobs=top_logprobs)
+        params = _params(body, max_tokens, logprobs, top_logprobs)
+        params.max_tokens = min(params.max_tokens, ctx - len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
@@ -241,28 +203,25 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
         shape = _Shape(rid, created, model_id, chat, engine.tokenizer)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(events, handle, shape, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _Stream(_sse(events, handle, shape, include_usage, request.scope), handle,
+                           media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, lps, last = [], [], None
         try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        handle.cancel()
-                        return Response(status_code=499)
-                    continue
+            async for ev in _until_finished(events, request):
                 text.append(ev.text)
                 if ev.token is not None and ev.logprob is not None:
                     lps.append(ev)
-                if ev.finish_reason is not None:
-                    last = ev
-                    break
+                last = ev
         finally:
-            if last is None:
-                handle.cancel()
+            if last is None or last.finish_reason is None:
+                handle.cancel()  # the client went away, or this task was cancelled: free the sequence now
+        if last is None or last.finish_reason is None:
+            return Response(status_code=499)
+        _record_usage(request.scope, last)
         if last.finish_reason in ("error", "cancelled"):
+            if last.finish_reason == "error":
+                logger.error("request %s failed in the engine: %s", rid, last.error)
             return _error(503 if last.finish_reason == "cancelled" else 500,
                           last.error or "the request was cancelled: the server is shutting down", type_="server_error")
         return shape.full("".join(text), last, lps if logprobs else None)
@@ -270,8 +229,140 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
     return app
 
 
-_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+def _error_handlers(app: FastAPI) -> None:
+    """OpenAI's error body for everything FastAPI and Starlette answer themselves."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            why = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+            return _error(400, f"the body is not valid JSON: {why}", code="invalid_json")
+        message, param = validation_message(first, errs)
+        return _error(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 400:  # FastAPI's "There was an error parsing the body": bad UTF-8, deep nesting
+            return _error(400, "the body could not be parsed: it must be a JSON object in UTF-8, nested at most "
+                               "a few hundred levels", code="invalid_json")
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.method} {request.url.path[:200]}; this server has "
+                               "/v1/chat/completions, /v1/completions, /v1/models, /health and /metrics",
+                          code="not_found")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path[:200]}",
+                          code="method_not_allowed", headers=headers)
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), type_=kind, headers=headers)
+
+    @app.exception_handler(UsageError)
+    async def usage(request: Request, exc: UsageError):
+        return _error(400, str(exc))
+
+
+def validation_message(err: dict, others: list | None = None) -> tuple[str, str | None]:
+    """(message, param) for pydantic's first error: our own validators' text without pydantic's "Value error, "
+    and the field they name (schemas.FieldError); for a value that fits no member of a union, the types it may
+    have; else pydantic's message after the field's path."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, Exception):
+        return str(cause), getattr(cause, "param", None) or (".".join(loc) or None)
+    if err.get("type") == "model_attributes_type" and not loc:
+        return "the body must be a JSON object (Content-Type: application/json)", None
+    if loc and _UNION_TAG.search(loc[-1]):  # ('stop', 'str'), ('stop', 'list[str]'): the union's members
+        param = ".".join(loc[:-1])
+        tags = [str(e["loc"][-1]) for e in (others or [err]) if [str(p) for p in e.get("loc", ())
+                                                                 if p != "body"][:-1] == loc[:-1]]
+        return f"{param}: expected {' or '.join(dict.fromkeys(tags))}", param
+    msg = str(err.get("msg", "invalid request"))
+    param = ".".join(loc) or None
+    return (f"{param}: {msg}" if param else msg), param
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list\[.*\])$")
+
+
+def _record_usage(scope: dict, ev: Event) -> None:
+    scope[USAGE_KEY] = {"prompt": ev.prompt_tokens, "completion": ev.completion_tokens, "finish": ev.finish_reason}
+
+
+async def _until_finished(events: asyncio.Queue, request: Request):
+    """The events of one request until its last, or until the client disconnects (then it stops early)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            get = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                return
+            ev = get.result()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone: the body is read, so the next ASGI message is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Stream(StreamingResponse):
+    """A StreamingResponse that cancels its request however the response ends: a client that goes away before
+    the stream's generator has started would otherwise leave the sequence running."""
+
+    def __init__(self, content, handle, **kw):
+        super().__init__(content, **kw)
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.cancel()  # a no-op for a finished request
+
+
 START = time.time()
+
+
+async def _trim_after_requests(engine: Engine, every: float = 2.0) -> None:
+    """Every few seconds in which requests finished, hand the C heap's free pages back to the OS: the KV buffers of
+    finished sequences otherwise stay resident in malloc's arenas (glibc keeps freed blocks under its mmap
+    threshold, which rises to the size of the last freed buffer), and RSS would hold the largest batch ever run."""
+    seen = None
+    while True:
+        await asyncio.sleep(every)
+        done = sum(engine.stats.requests.values())
+        if done != seen:
+            seen = done
+            await run_in_threadpool(release_free_memory)
+
+
+def release_free_memory() -> None:
+    """glibc's malloc_trim(0); a no-op where the C library has none (macOS, musl)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        logger.debug("no C library to trim", exc_info=True)
+        return None
 
 
 class _Shape:
@@ -341,7 +432,7 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool):
+async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool, scope: dict):
     """The SSE stream of one request. A client that goes away cancels the generator here (Starlette cancels the
     response task), and the finally clause cancels the sequence: the engine frees it at its next step."""
     done = False
@@ -350,8 +441,12 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
             yield _data(shape.chunk(None, None, first=True))
         while True:
             ev: Event = await events.get()
+            if ev.finish_reason is not None:
+                _record_usage(scope, ev)
             if ev.finish_reason in ("error", "cancelled"):
                 done = True
+                if ev.finish_reason == "error":
+                    logger.error("request %s failed in the engine: %s", shape.rid, ev.error)
                 yield _data(error_body(ev.error or "the request was cancelled: the server is shutting down",
                                        "server_error"))
                 break
@@ -389,12 +484,13 @@ def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
     if not settings.default:
         options.setdefault("make_cache", lambda n: model.make_cache(1, max_len=n, settings=settings))
     use_prefix = config.prefix_cache_bytes and settings.default
+    prefix = PrefixCache(config.prefix_cache_bytes, eval=model.ops.eval) if use_prefix else None
     if config.speculate is not None:
         options.setdefault("speculate", make_config(config.speculate, config.num_draft, config.draft_model,
                                                     target_model=model, target_tokenizer=tokenizer))
     return Engine(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
                   prefill_chunk=config.prefill_chunk, ctx=config.ctx,
-                  prefix_cache=PrefixCache(config.prefix_cache_bytes) if use_prefix else None, **options)
+                  prefix_cache=prefix, **options)
 
 
 def check_options(config: ServeConfig) -> None:
@@ -422,24 +518,22 @@ def run(config: ServeConfig) -> None:
     import uvicorn
 
     from .. import api
+    from ..sampling_defaults import describe, with_overrides
 
     check_options(config)  # before the model loads
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((config.host, config.port))
-    except OSError as e:
-        sock.close()
-        raise UsageError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    sock = _listen(config)
     try:
         path = api.resolve(config.model, config.revision)
+        values, source = with_overrides(path, config.sampling or {})
         model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
         engine = make_engine(model, tokenizer, config).start()
     except BaseException:
         sock.close()
         raise
+    config = replace(config, sampling=values)
     model_id = config.model_id or (path.stem if path.is_file() else path.name)
-    app = create_app(engine, model_id, config)
+    app = create_app(engine, model_id, config, accepted_names(model_id, config, path))
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):  # uvicorn's own re-raises the signal after shutting down: exit 0 instead
@@ -451,11 +545,27 @@ def run(config: ServeConfig) -> None:
                     signal.signal(sig, handler)
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
-                                           access_log=False))
+                                   timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
+                                   access_log=False, log_config=None))
+    shown = sorted(repr(n) for n in app.state.model_names if n != str(path))
+    names = "any model name" if config.any_model else f"model names {', '.join(shown)} and the file's path"
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
-          f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config)})", flush=True)
+          f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config)})\n"
+          f"  requests that leave them out get: {describe(values)} ({source}), max tokens "
+          f"{min(config.max_tokens, engine.ctx)}; accepting {names}", flush=True)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+    logger.info("mlxllama serve: stopped")
+
+
+def _listen(config: ServeConfig) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    return sock

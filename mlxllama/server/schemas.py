@@ -18,6 +18,14 @@ MAX_MESSAGES = 4096
 MAX_STOP = 16
 
 
+class FieldError(ValueError):
+    """A validator's error about one field: the server answers with this message and `param` set to the field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -29,11 +37,12 @@ class StreamOptions(_Body):
 class _Generation(_Body):
     model: Optional[str] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, lt=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    # sampling values left out (or null) take the server's defaults (ServeConfig.sampling)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[StrictInt] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2 ** 63)
@@ -52,12 +61,12 @@ class _Generation(_Body):
     def _unsupported(self):
         for name in ("logit_bias", "tools", "tool_choice"):
             if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server")
+                raise FieldError(name, f"{name} is not supported by this server")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by this server")
+            raise FieldError("response_format", "response_format other than text is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
+            raise FieldError("stop", f"at most {MAX_STOP} stop strings")
         return self
 
     @property
@@ -92,7 +101,7 @@ class ChatCompletionRequest(_Generation):
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
 
@@ -108,12 +117,12 @@ class CompletionRequest(_Generation):
         p = self.prompt
         if isinstance(p, list) and p and not isinstance(p[0], int):
             if len(p) != 1:
-                raise ValueError("one prompt per request (send several requests: they are batched)")
+                raise FieldError("prompt", "one prompt per request (send several requests: they are batched)")
             self.prompt = p[0]
         if self.echo:
-            raise ValueError("echo is not supported by this server")
+            raise FieldError("echo", "echo is not supported by this server")
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise FieldError("suffix", "suffix is not supported by this server")
         if self.prompt in ("", []):
-            raise ValueError("the prompt is empty")
+            raise FieldError("prompt", "the prompt is empty")
         return self
