@@ -58,18 +58,17 @@ class MemoryNeed:
 
 
 def weights_resident(weights: dict, ops) -> int:
-    """Bytes the backend will hold for the loader's weights (ops.prepared_nbytes of each), before laying them out."""
-    return sum(ops.prepared_nbytes(w) for w in weights.values())
+    """Bytes the backend will hold for the loader's weights (accounting.weights_held)."""
+    from .accounting import weights_held
+
+    return weights_held(weights, ops)
 
 
 def kv_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, settings=None) -> int:
     """Bytes of the KV cache for `batch` sequences of `ctx` positions (a rotating window holds at most its size)."""
-    from .cache import CacheSettings, kv_element_bytes
+    from .accounting import kv_bytes as count
 
-    s = settings or CacheSettings()
-    held = min(ctx, s.max_kv_size) if s.max_kv_size else ctx
-    per_element = kv_element_bytes(float_bytes, s.kv_bits, s.kv_group_size)
-    return math.ceil(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * held * batch * per_element)
+    return count(args, ctx, batch, float_bytes, settings)
 
 
 def activation_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, prefill_step: int = 512) -> int:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import mlxllama
-from mlxllama.engine import Engine, RequestParams, batch_generate
+from mlxllama.engine import Engine, RequestParams
+from mlxllama.generate import batch_generate, stream_generate
 from mlxllama.errors import UsageError
 from mlxllama.prefix_cache import PrefixCache
 from mlxllama.sampling import SamplingParams
@@ -43,13 +44,13 @@ def test_prefill_is_chunked_and_bounded_while_others_decode(tiny):
     m, tok = tiny
     engine = Engine(m, tok, max_batch=4, prefill_chunk=5, prefill_step=512)
     rows = []
-    forward = m.forward_batch
+    forward = engine._forward
 
-    def spy(chunks, caches):
+    def spy(batch, chunks, out_rows):  # every forward pass of the step, lone or batched
         rows.append([len(c) for c in chunks])
-        return forward(chunks, caches)
+        return forward(batch, chunks, out_rows)
 
-    m.forward_batch = spy
+    engine._forward = spy
     try:
         first = engine.submit(tok.encode("Hello"), RequestParams(max_tokens=30))
         engine.step()  # "Hello" prefilled whole: nothing else is running
@@ -58,7 +59,7 @@ def test_prefill_is_chunked_and_bounded_while_others_decode(tiny):
         while engine.step():
             pass
     finally:
-        del m.forward_batch
+        del engine._forward
     assert rows[0] == [len(tok.encode("Hello"))]
     joined = [r for r in rows[1:] if len(r) == 2]
     assert joined and all(r[0] == 1 and r[1] <= 5 for r in joined)  # the decoding stream keeps going
@@ -82,9 +83,9 @@ def test_prefix_cache_reuses_a_previous_turn(tiny):
 def test_engine_stream_generate_for_chat_turns(tiny):
     m, tok = tiny
     engine = Engine(m, tok, max_batch=1, prefix_cache=PrefixCache(16 << 20))
-    a = "".join(r.text for r in engine.stream_generate(PROMPTS[2], max_tokens=5))
+    a = "".join(r.text for r in stream_generate(m, tok, PROMPTS[2], max_tokens=5, engine=engine))
     assert a == mlxllama.generate(m, tok, PROMPTS[2], max_tokens=5)
-    b = list(engine.stream_generate(PROMPTS[2] + a + " more", max_tokens=5))
+    b = list(stream_generate(m, tok, PROMPTS[2] + a + " more", max_tokens=5, engine=engine))
     assert engine.stats.cached_tokens > 0
     assert b[-1].finish_reason in ("stop", "length")
 
