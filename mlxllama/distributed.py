@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import loaders
-from .bench.roofline import _kv_and_attention, quant_label
+from .accounting import kv_and_attention, quant_label
 from .config import ModelArgs
 from .errors import MlxLlamaError, ModelFileError, UsageError
 from .model import Model
@@ -244,7 +244,7 @@ class Shard:
 
 
 def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
-    """roofline.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
+    """accounting.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
     weights as the backend holds them; the fields add up over the ranks (norms counted on every tensor rank)."""
     def nbytes(w):
         return w.nbytes if isinstance(w, QuantizedWeight) else int(np.prod(w.shape)) * ops.float_bytes
@@ -260,7 +260,7 @@ def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
     head = head if head is not None else embed
     linears = sum(elements(w) for k, w in weights.items() if k.startswith("model.layers.") and k.endswith(
         LAYER_LINEARS))
-    kv, attn = _kv_and_attention(args, ops.kv_bytes)
+    kv, attn = kv_and_attention(args, ops.kv_bytes)
     return {"params": sum(elements(w) for w in weights.values()),
             "matmul_params": linears + (elements(head) if head is not None else 0), "weight_bytes": total,
             "weight_bytes_per_token": per_token, "kv_bytes_per_position": kv, "attn_flops_per_position": attn}

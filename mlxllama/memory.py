@@ -173,12 +173,10 @@ def gpu_share(memory_bytes: float) -> float:
     return memory_bytes * (2 / 3 if memory_bytes <= 36 * 2**30 else 3 / 4)
 
 
-def chip_memories(chip) -> list[DeviceMemory]:
-    """One DeviceMemory per memory size the chip is sold with (bench/chips.py's table), smallest first."""
-    from .bench.chips import memory_sizes_gb
-
+def chip_memories(chip, sizes_gb) -> list[DeviceMemory]:
+    """One DeviceMemory per memory size (GB) the chip is sold with (bench.chips.memory_sizes_gb), smallest first."""
     out = []
-    for gb in memory_sizes_gb(chip):
+    for gb in sizes_gb:
         total = gb * 2**30
         if chip.vendor == "Apple":
             out.append(DeviceMemory(int(gpu_share(total)), f"{chip.family} {gb} GB, ~{gpu_share(total) / GB:.1f} "

@@ -230,7 +230,7 @@ def test_chip_memory_sizes():
 
     assert memory_sizes_gb(lookup("M2 Max")) == (32, 64, 96)
     assert memory_sizes_gb(lookup("H200")) == (141,)
-    small, *_ = memory.chip_memories(lookup("M1"))
+    small, *_ = memory.chip_memories(lookup("M1"), memory_sizes_gb(lookup("M1")))
     assert small.usable == int(8 * 2**30 * 2 / 3) and small.metal
 
 
