@@ -214,7 +214,9 @@ class Engine:
         self.prefill_chunk, self.prefill_step = prefill_chunk, prefill_step
         self.prefix_cache = prefix_cache
         self.make_cache = make_cache or (lambda n: model.make_cache(1, max_len=n))
-        self.eos = (set(tokenizer.eos_ids) if tokenizer is not None else set()) | set(model.args.eos_token_id)
+        eos = model.args.eos_token_id
+        self.eos = (set(tokenizer.eos_ids) if tokenizer is not None else set()) | (
+            {eos} if isinstance(eos, int) else set(eos or ()))
         self.ctx = ctx
         self.stats = EngineStats()
         self.speculate = speculate.validate() if speculate is not None else None
@@ -436,8 +438,7 @@ class Engine:
             if was_prefilling:
                 s.fed += len(chunk)
                 if s.params.prefill_progress is not None:
-                    s.params.prefill_progress(min(s.fed, len(s.prompt) - 1) if s.prefilling else s.fed,
-                                              len(s.prompt))
+                    s.params.prefill_progress(min(s.fed, len(s.prompt) - 1), len(s.prompt))
             if not r:
                 continue
             span = slice(at, at + r)
@@ -463,7 +464,7 @@ class Engine:
                 token = int(argmax)
             else:
                 y = ops.argmax(row)
-                if lone:  # read back next step, after the following one is queued
+                if lone and host_row is None:  # read back next step, after the following one is queued
                     s.pending = y
                     ops.async_eval(y)
                     return
