@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 GB = 1e9
 _MiB = 1 << 20
@@ -108,7 +111,8 @@ def metal_info() -> dict | None:
     """mx.device_info() on Metal, else None."""
     try:
         import mlx.core as mx
-    except Exception:
+    except Exception:  # noqa: BLE001  (no MLX, or one that cannot load here)
+        logger.debug("MLX is not usable here", exc_info=True)
         return None
     if not mx.metal.is_available():
         return None
@@ -159,7 +163,8 @@ def _cuda_memory() -> int | None:
         import mlx.core as mx
 
         info = mx.device_info()
-    except Exception:
+    except Exception:  # noqa: BLE001
+        logger.debug("no device info from MLX", exc_info=True)
         return None
     for key in ("total_memory", "memory_size"):
         if isinstance(info.get(key), int) and info[key] > 0:

@@ -1,6 +1,8 @@
 """Speculative decoding: a drafter proposes up to k tokens, the target model scores all of them in one forward pass
 (k + 1 positions for one read of the weights), and an exact verifier keeps the longest acceptable prefix plus one
-token of the target's own. Rejected positions are rolled back in the KV cache (KVCache.trim).
+token of the target's own. Rejected positions are rolled back in the KV cache (KVCache.trim). The forward pass is
+the engine's (engine.py): a speculating sequence's k + 1 rows ride in the same batched pass as the other streams'
+rows; this module holds the drafters, the acceptance rule and how many tokens to draft.
 
 Drafters:
   "lookup"  prompt lookup: the continuation of the most recent earlier occurrence of the last n tokens of the prompt
@@ -11,9 +13,14 @@ Drafters:
 Verification is exact. Greedy: a draft token is kept while it equals the target's argmax at its position, so the
 output is the plain greedy output. Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): keep
 draft token d with probability min(1, p(d) / q(d)); at the first rejection draw from max(p - q, 0) renormalized;
-when every draft is kept draw one more token from p. p is the target's distribution after the sampler's own
-transforms (temperature, top-k/p, min-p, repetition penalty), so the tokens follow exactly what plain sampling
-draws from.
+when every draft is kept draw one more token from p. p is the target's distribution after the request's logits
+pipeline (logits.py: penalties, logit_bias, processors and the constraint's mask, applied at each verified position
+as if the kept drafts had been emitted) and the sampler's transforms (temperature, top-k/p, min-p), so the tokens
+follow exactly what plain sampling draws from. Drafts are cut where a constraint would stop accepting them.
+
+What a seed guarantees: greedy output is the plain output exactly. A seeded sampled request draws from the same
+distribution as plain sampling, but not the same draws (the random stream is consumed differently); the engine
+therefore decodes seeded sampled requests plainly, so that a seed gives the tokens it gives without speculation.
 
 How many tokens to draft (AdaptiveK) is chosen each step from the measured cost of a forward pass over r rows and
 the recent acceptance rate: the k that maximizes expected tokens per second, 0 (a plain step) when no k pays.
