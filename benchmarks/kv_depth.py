@@ -1,6 +1,7 @@
 """Decode at depth: tok/s and bytes read per token with a 16/32-bit, 8-bit and 4-bit KV cache after a prompt of
 `--depth` tokens (random ids), per backend. Bytes per token = weights read per step + the KV cache at the depth
-(accounting.Accounting with the cache's element size). Decode runs through the engine's step (bench.run.decode_tps). Usage: python benchmarks/kv_depth.py [MODEL] [--depth 2048]
+(accounting.Accounting with the cache's element size). Decode runs through the engine's step
+(bench.run.decode_tps). Usage: python benchmarks/kv_depth.py [MODEL] [--depth 2048]
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ class EngineStats:
     completion_tokens: int = 0
     cached_tokens: int = 0
     steps: int = 0
-    batch_sizes: dict = field(default_factory=dict)  # sequences in a step -> steps (copy before iterating)
+    batch_sizes: dict = field(default_factory=dict)  # sequences in a step -> steps (replaced when a key is added)
     decode_tps: float = 0.0  # tokens per second over the last steps that decoded
     achieved_gbps: float = 0.0  # weights + KV read per decode step over its time, over the last steps
     running: int = 0
@@ -542,7 +542,10 @@ class Engine:
     def _count_step(self, size: int) -> None:
         st = self.stats
         st.steps += 1
-        st.batch_sizes[size] = st.batch_sizes.get(size, 0) + 1
+        if size in st.batch_sizes:
+            st.batch_sizes[size] += 1
+        else:  # a new key: a new dict, so that a reader iterating the old one (/metrics) never sees it change size
+            st.batch_sizes = {**st.batch_sizes, size: 1}
 
     def _account(self, decoded: int, kv_read: float, seconds: float) -> None:
         """decode tokens per second and bytes read per second (accounting.py) over the recent decode steps."""

@@ -54,7 +54,8 @@ def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | Non
             raise UsageError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
         return ids
     if not isinstance(prompt, str):
-        raise UsageError(f"prompt must be a str, a list of token ids or a list of messages, not {type(prompt).__name__}")
+        raise UsageError("prompt must be a str, a list of token ids or a list of messages, not "
+                         f"{type(prompt).__name__}")
     if prompt == "":
         raise UsageError("the prompt is empty")
     if chat:

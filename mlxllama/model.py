@@ -165,7 +165,7 @@ class Model:
         ends = np.cumsum(lens)
         tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
         with ops.forward_scope(int(ends[-1])):
-            h = ops.embedding(self.embed, tokens)
+            h = ops.all_sum(ops.embedding(self.embed, tokens, self.vocab_start))
             for i, layer in enumerate(self.layers):
                 qk, v = self._qkv_heads(h, layer)
                 outs = []

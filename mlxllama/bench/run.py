@@ -1,9 +1,9 @@
 """The timed benchmark: pp (prompt processing) and tg (decode, batch 1..B), llama-bench style.
 
 Tokens are random valid ids, run through the engine's step (engine.py) as every generation is: no tokenizer (no
-text), greedy (the argmax on the device), end-of-sequence ignored. Each test runs once to warm up, then `repetitions` timed times. With a depth D
-(-d), D random tokens go into the KV cache untimed before the timed part; a pp+tg test (-pg) times a prompt then
-generation as one, as llama-bench does.
+text), greedy (the argmax on the device), end-of-sequence ignored. Each test runs once to warm up, then
+`repetitions` timed times. With a depth D (-d), D random tokens go into each sequence's KV cache untimed before the
+timed part; a pp+tg test (-pg) times a prompt then generation as one, as llama-bench does.
 """
 
 from __future__ import annotations
