@@ -188,6 +188,48 @@ class EngineStats:
     waiting: int = 0
 
 
+@dataclass
+class GenerationResponse:
+    text: str  # the text added by this step (may be empty while a UTF-8 character or stop string is pending)
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None  # None while generating, then one of finish.FINISH_REASONS
+    prompt_time: float = 0.0  # seconds from the start until the first token was sampled
+    # With logprobs=: the chosen token's log-probability under the model (raw logits, before temperature,
+    # penalties and processors, as OpenAI's API reports it), and the top ones as (token, logprob), most likely first.
+    logprobs: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (an engine kept across calls)
+
+
+def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """A str (optionally wrapped in the chat template), a messages list, or token ids used as given."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}] + messages
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # no double BOS
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise UsageError("the prompt is empty")
+        if any(t < 0 or t >= tokenizer.vocab_size for t in ids):
+            raise UsageError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
+        return ids
+    if not isinstance(prompt, str):
+        raise UsageError("prompt must be a str, a list of token ids or a list of messages, not "
+                         f"{type(prompt).__name__}")
+    if prompt == "":
+        raise UsageError("the prompt is empty")
+    if chat:
+        return prompt_tokens(tokenizer, [{"role": "user", "content": prompt}], system=system)
+    return tokenizer.encode(prompt)
+
+
 def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -266,6 +308,16 @@ class Engine:
             self.stats.waiting = len(self._waiting)
             self._work.notify()
         return handle
+
+    def stream_generate(self, prompt, max_tokens: int = 256, *, sampling: SamplingParams | None = None,
+                        stop: list[str] | str | None = None, chat: bool | None = None,
+                        system: str | None = None) -> Iterator[GenerationResponse]:
+        """One request through this engine, stepped here, in generate.stream_generate's shape (the chat loop's hook:
+        an engine kept across turns makes each turn prefill only what its prefix cache does not hold)."""
+        ids = prompt_tokens(self.tokenizer, prompt, chat=chat, system=system)
+        params = RequestParams(max_tokens=max_tokens, sampling=sampling or SamplingParams(),
+                               stop=[stop] if isinstance(stop, str) else list(stop or []))
+        yield from responses(self, ids, params)
 
     # -- the thread --------------------------------------------------------------------------------------------
 
@@ -651,3 +703,33 @@ class Engine:
             self._waiting.clear()
         for s in left:
             self._finish(s, reason)
+
+
+def responses(engine: Engine, ids: list[int], params: RequestParams) -> Iterator[GenerationResponse]:
+    """Submit one request to an engine stepped here (or running in its thread); a GenerationResponse per event.
+    Closing the generator early cancels the request (its KV still goes to the engine's prefix cache)."""
+    start = time.perf_counter()
+    handle = engine.submit(ids, params)
+    first = None
+    try:
+        for ev in handle:
+            if ev.error:
+                raise MlxLlamaError(ev.error)
+            now = time.perf_counter()
+            first = first or now
+            yield response(engine, ev, len(ids), first - start, now - first)
+    finally:
+        if not engine.running_in_thread and not handle.cancelled:
+            handle.cancel()
+            engine.step()  # drops it: its KV goes to the prefix cache now
+
+
+def response(engine: Engine, ev: Event, n_prompt: int, prompt_time: float,
+             gen_time: float) -> GenerationResponse:
+    n = ev.completion_tokens
+    return GenerationResponse(
+        text=ev.text, token=ev.token if ev.token is not None else -1, prompt_tokens=n_prompt,
+        prompt_tps=(n_prompt - ev.cached_tokens) / prompt_time if prompt_time > 0 else float("inf"),
+        generation_tokens=n, generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+        peak_memory=engine.model.ops.peak_memory() / 1e9, finish_reason=ev.finish_reason, prompt_time=prompt_time,
+        logprobs=ev.logprob, top_logprobs=ev.top_logprobs, cached_tokens=ev.cached_tokens)

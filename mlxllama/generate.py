@@ -11,7 +11,8 @@ import numpy as np
 
 from . import speculative as spec
 from .cache import CacheSettings
-from .engine import Engine, Event, RequestParams
+from .engine import GenerationResponse, prompt_tokens  # noqa: F401  (re-exported)
+from .engine import Engine, RequestParams, responses
 from .errors import MlxLlamaError, UsageError
 from .finish import StopStrings  # noqa: F401  (re-exported)
 from .logits import LogitsProcessor, log_softmax, top_logprobs  # noqa: F401  (re-exported)
@@ -19,48 +20,6 @@ from .memory import check_model, kv_bytes, wired_limit
 from .model import prefill  # noqa: F401  (re-exported)
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
-
-
-@dataclass
-class GenerationResponse:
-    text: str  # the text added by this step (may be empty while a UTF-8 character or stop string is pending)
-    token: int
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-    finish_reason: str | None  # None while generating, then one of finish.FINISH_REASONS
-    prompt_time: float = 0.0  # seconds from the start until the first token was sampled
-    # With logprobs=: the chosen token's log-probability under the model (raw logits, before temperature,
-    # penalties and processors, as OpenAI's API reports it), and the top ones as (token, logprob), most likely first.
-    logprobs: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (an engine kept across calls)
-
-
-def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
-    """A str (optionally wrapped in the chat template), a messages list, or token ids used as given."""
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        messages = list(prompt)
-        if system:
-            messages = [{"role": "system", "content": system}] + messages
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # no double BOS
-    if isinstance(prompt, (list, tuple, np.ndarray)):
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise UsageError("the prompt is empty")
-        if any(t < 0 or t >= tokenizer.vocab_size for t in ids):
-            raise UsageError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
-        return ids
-    if not isinstance(prompt, str):
-        raise UsageError("prompt must be a str, a list of token ids or a list of messages, not "
-                         f"{type(prompt).__name__}")
-    if prompt == "":
-        raise UsageError("the prompt is empty")
-    if chat:
-        return prompt_tokens(tokenizer, [{"role": "user", "content": prompt}], system=system)
-    return tokenizer.encode(prompt)
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperature: float = 0.0,
@@ -90,7 +49,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     (its prefix cache, cache kind and speculation apply; the cache and speculation arguments must be left out)."""
     params, ids = _request(model, tokenizer, prompt, max_tokens, locals())
     if engine is not None:
-        yield from _responses(engine, ids, params)
+        yield from responses(engine, ids, params)
         return
     speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
     settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
@@ -100,7 +59,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     engine = Engine(model, tokenizer, max_batch=1, max_queue=1, prefill_step=prefill_step_size,
                     make_cache=lambda n: model.make_cache(1, max_len=n, settings=settings), speculate=speculation)
     with wired_limit(model, kv_bytes(model.args, length, 1, model.ops.kv_bytes, settings)):
-        yield from _responses(engine, ids, params)
+        yield from responses(engine, ids, params)
 
 
 def _request(model, tokenizer, prompt, max_tokens: int, a: dict) -> tuple[RequestParams, list[int]]:
@@ -135,35 +94,6 @@ def _request(model, tokenizer, prompt, max_tokens: int, a: dict) -> tuple[Reques
         constraint=constraint() if callable(constraint) and not hasattr(constraint, "allowed") else constraint,
         prefill_progress=a["prefill_progress"])
     return params.validate(), ids
-
-
-def _responses(engine: Engine, ids: list[int], params: RequestParams) -> Iterator[GenerationResponse]:
-    """Submit one request to an engine stepped here; a GenerationResponse per event. Closing the generator early
-    cancels the request (its KV still goes to the engine's prefix cache)."""
-    start = time.perf_counter()
-    handle = engine.submit(ids, params)
-    first = None
-    try:
-        for ev in handle:
-            if ev.error:
-                raise MlxLlamaError(ev.error)
-            now = time.perf_counter()
-            first = first or now
-            yield _response(engine, ev, len(ids), first - start, now - first)
-    finally:
-        if not engine.running_in_thread and not handle.cancelled:
-            handle.cancel()
-            engine.step()  # drops it: its KV goes to the prefix cache now
-
-
-def _response(engine: Engine, ev: Event, n_prompt: int, prompt_time: float, gen_time: float) -> GenerationResponse:
-    n = ev.completion_tokens
-    return GenerationResponse(
-        text=ev.text, token=ev.token if ev.token is not None else -1, prompt_tokens=n_prompt,
-        prompt_tps=(n_prompt - ev.cached_tokens) / prompt_time if prompt_time > 0 else float("inf"),
-        generation_tokens=n, generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-        peak_memory=engine.model.ops.peak_memory() / 1e9, finish_reason=ev.finish_reason, prompt_time=prompt_time,
-        logprobs=ev.logprob, top_logprobs=ev.top_logprobs, cached_tokens=ev.cached_tokens)
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
