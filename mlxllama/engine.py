@@ -710,16 +710,17 @@ def responses(engine: Engine, ids: list[int], params: RequestParams) -> Iterator
     Closing the generator early cancels the request (its KV still goes to the engine's prefix cache)."""
     start = time.perf_counter()
     handle = engine.submit(ids, params)
-    first = None
+    first, done = None, False
     try:
         for ev in handle:
+            done = ev.finish_reason is not None
             if ev.error:
                 raise MlxLlamaError(ev.error)
             now = time.perf_counter()
             first = first or now
             yield response(engine, ev, len(ids), first - start, now - first)
     finally:
-        if not engine.running_in_thread and not handle.cancelled:
+        if not done and not engine.running_in_thread:
             handle.cancel()
             engine.step()  # drops it: its KV goes to the prefix cache now
 
