@@ -152,18 +152,20 @@ class Model:
         v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
         return qk.transpose(0, 2, 1, 3), v
 
-    def forward_batch(self, chunks: list, caches: list, rows: list[int] | None = None):
+    def forward_batch(self, chunks: list, caches: list, rows: list[int] | None = None, tokens=None):
         """One step over several sequences, each with its own cache: chunks[i] is sequence i's new token ids (one
         decode token, a speculating sequence's token and drafts, or a piece of its prompt). The linears run once
         over all sequences' rows, flattened together; RoPE and attention run per sequence against its own cache.
         Returns the logits of the last rows[i] positions of each chunk (default 1 each), concatenated:
-        [sum(rows), vocab]; None when rows are all 0 (prompt pieces only: no output head)."""
+        [sum(rows), vocab]; None when rows are all 0 (prompt pieces only: no output head). tokens: the chunks
+        concatenated as a backend array [1, total] already (a distributed rank's, received)."""
         ops, a = self.ops, self.args
         rows = [1] * len(chunks) if rows is None else rows
         H = a.num_attention_heads
         lens = [len(c) for c in chunks]
         ends = np.cumsum(lens)
-        tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
+        if tokens is None:
+            tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
         with ops.forward_scope(int(ends[-1])):
             h = ops.all_sum(ops.embedding(self.embed, tokens, self.vocab_start))
             for i, layer in enumerate(self.layers):
