@@ -273,6 +273,7 @@ class Engine:
         self._draining = False
         self._weight_bytes_per_step = weight_bytes_per_step(model)
         self._recent: deque = deque(maxlen=16)  # (decode tokens, bytes read, seconds) of recent steps
+        self._recent_total = [0, 0.0, 0.0]
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -478,8 +479,9 @@ class Engine:
         """Choose each sequence's tokens from its rows of the logits; returns the decode tokens produced."""
         ops = self.model.ops
         host = argmax = None
-        deciding = [(s, r) for s, r in zip(batch, rows) if r]
-        if any(s.params.logprobs or s.pipe.needs_host or s.pipe.constraint is not None for s, _ in deciding):
+        deciding = [(s, plan) for s, r, plan in zip(batch, rows, plans) if r]
+        if any(s.params.logprobs or s.pipe.needs_host or (plan is not None and s.pipe.constraint is not None)
+               for s, plan in deciding):  # verifying drafts under a constraint masks each position on the host
             host = ops.to_numpy(logits).astype(np.float64)
         lone = len(self._running) == 1 and not self._waiting and ops.lazy
         if deciding and not lone and any(not s.pipe.needs_host for s, _ in deciding):
@@ -510,8 +512,9 @@ class Engine:
         """The next token from one row: on the device where nothing needs the host's copy."""
         ops, pipe = self.model.ops, s.pipe
         if not pipe.needs_host:
-            if pipe.constraint is not None:
-                token = int(np.argmax(pipe.adjust(host_row)))
+            if pipe.constraint is not None:  # the mask added on the device: one integer comes back
+                mask = pipe.device_mask(ops, self.model.args.vocab_size)
+                token = int(ops.to_numpy(ops.argmax(row if mask is None else row + mask)).reshape(-1)[0])
             elif argmax is not None:
                 token = int(argmax)
             else:
@@ -603,8 +606,13 @@ class Engine:
         """decode tokens per second and bytes read per second (accounting.py) over the recent decode steps."""
         if not decoded:
             return
-        self._recent.append((decoded, decode_bytes(self._weight_bytes_per_step, kv_read), seconds))
-        n, b, t = (sum(x) for x in zip(*self._recent))
+        recent, total = self._recent, self._recent_total
+        if len(recent) == recent.maxlen:  # running sums over the window, not a sum per step
+            total[:] = [a - b for a, b in zip(total, recent[0])]
+        entry = (decoded, decode_bytes(self._weight_bytes_per_step, kv_read), seconds)
+        recent.append(entry)
+        total[:] = [a + b for a, b in zip(total, entry)]
+        n, b, t = total
         if t > 0:
             self.stats.decode_tps, self.stats.achieved_gbps = n / t, b / t / 1e9
 
