@@ -51,20 +51,28 @@ def _params(feature: str) -> RequestParams:
     return p
 
 
-@pytest.fixture(scope="module", params=["numpy"] + (["mlx"] if HAS_MLX else []))
-def models(request, tmp_path_factory, sp_dir):
-    import mlxllama
-
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, sp_dir):
     folder = make_hf_folder(tmp_path_factory.mktemp("comp"), seed=3, tokenizer_dir=sp_dir, **SHAPE)
     draft_folder = make_hf_folder(tmp_path_factory.mktemp("comp_draft"), seed=3, tokenizer_dir=sp_dir,
                                   num_hidden_layers=1, **SHAPE)
-    model, tok = mlxllama.load(str(folder), backend=request.param)
-    draft, _ = mlxllama.load(str(draft_folder), backend=request.param)
-    rng = np.random.default_rng(0)
-    loop = [int(t) for t in rng.integers(5, 390, 5)]
-    prompts = [loop * 2 + [7], [int(t) for t in rng.integers(5, 390, 9)], loop + [11, 12] + loop,
-               [int(t) for t in rng.integers(5, 390, 4)] * 3]
-    return request.param, model, draft, prompts
+    return folder, draft_folder, {}
+
+
+def _models(folders, backend: str):
+    """(model, draft model, prompts) on a backend, loaded once per module."""
+    import mlxllama
+
+    folder, draft_folder, loaded = folders
+    if backend not in loaded:
+        model, _ = mlxllama.load(str(folder), backend=backend)
+        draft, _ = mlxllama.load(str(draft_folder), backend=backend)
+        rng = np.random.default_rng(0)
+        loop = [int(t) for t in rng.integers(5, 390, 5)]
+        prompts = [loop * 2 + [7], [int(t) for t in rng.integers(5, 390, 9)], loop + [11, 12] + loop,
+                   [int(t) for t in rng.integers(5, 390, 4)] * 3]
+        loaded[backend] = model, draft, prompts
+    return loaded[backend]
 
 
 def _engine(model, draft, kv: str, spec: str, prefix: bool, batch: int) -> Engine:
@@ -107,18 +115,19 @@ def _cells(backend: str):
             for kv in KV:
                 for prefix in (False, True):
                     for batch in (1, 4):
-                        full = (spec in ("none", "lookup") and feature == "plain" and kv in ("float", "8-bit+rotating")
+                        subset = (spec in ("none", "lookup") and feature == "plain" and kv in ("float", "8-bit+rotating")
                                 and not prefix)
-                        if backend == "numpy" or full:
+                        if backend == "numpy" or subset:
                             yield spec, feature, kv, prefix, batch
 
 
-@pytest.mark.parametrize("cell", list(_cells("numpy")), ids=lambda c: "-".join(map(str, c)))
-def test_every_greedy_cell_gives_the_plain_tokens(models, cell):
-    backend, model, draft, prompts = models
+CELLS = [("numpy", c) for c in _cells("numpy")] + ([("mlx", c) for c in _cells("mlx")] if HAS_MLX else [])
+
+
+@pytest.mark.parametrize("backend,cell", CELLS, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c)))
+def test_every_greedy_cell_gives_the_plain_tokens(folders, backend, cell):
+    model, draft, prompts = _models(folders, backend)
     spec, feature, kv, prefix, batch = cell
-    if backend == "mlx" and cell not in set(_cells("mlx")):
-        pytest.skip("MLX runs a subset (slow on a CPU)")
     want = _reference(backend, model, draft, prompts, feature, kv)
     engine = _engine(model, draft, kv, spec, prefix, batch)
     runs = 2 if prefix else 1

@@ -17,7 +17,7 @@ import numpy as np
 from .. import loaders
 from ..api import resolve
 from ..engine import Engine, RequestParams
-from ..model import Model
+from ..model import Model, prefill
 from ..weights import QuantizedWeight
 from . import hardware, probe, roofline, submissions
 
@@ -26,9 +26,8 @@ def _context(model: Model, depth, more: int, step: int = 512, settings=None):
     """A one-sequence cache holding `depth` [D] token ids (untimed: the -d context), with room for `more`."""
     n_depth = 0 if depth is None else len(depth)
     cache = model.make_cache(1, max_len=n_depth + more, settings=settings)
-    for s in range(0, n_depth, step):
-        model.fill(np.asarray([depth[s: s + step]], dtype=np.int64), cache)
-        model.ops.eval(*cache.state())
+    if n_depth:
+        model.ops.eval(prefill(model, np.asarray([depth], dtype=np.int64), cache, step))
     return cache
 
 
