@@ -121,7 +121,7 @@ class Handle:
     """A submitted request: iterate it for its events (or give submit an on_event callback), cancel() to stop it.
     poll() returns the events that arrived so far without stepping or waiting."""
 
-    def __init__(self, engine: "Engine", rid: int, events: queue.Queue | None):
+    def __init__(self, engine: "Engine", rid: int, events: queue.SimpleQueue | None):
         self.engine, self.id, self._events = engine, rid, events
         self.cancelled = False
 
@@ -296,7 +296,7 @@ class Engine:
         self.check(ids, params)
         events = None
         if on_event is None:
-            events = queue.Queue()
+            events = queue.SimpleQueue()
             on_event = events.put
         with self._lock:
             if self._draining or self._stopping:
