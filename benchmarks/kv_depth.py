@@ -1,13 +1,13 @@
 """Decode at depth: tok/s and bytes read per token with a 16/32-bit, 8-bit and 4-bit KV cache after a prompt of
 `--depth` tokens (random ids), per backend. Bytes per token = weights read per step + the KV cache at the depth
-(roofline.Accounting with the cache's element size). Usage: python benchmarks/kv_depth.py [MODEL] [--depth 2048]
+(accounting.Accounting with the cache's element size). Decode runs through the engine's step
+(bench.run.decode_tps). Usage: python benchmarks/kv_depth.py [MODEL] [--depth 2048]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,9 @@ def main() -> None:
     from conftest import smollm2_path
 
     from mlxllama import backends, loaders
-    from mlxllama.bench import roofline
-    from mlxllama.bench.run import resident_weights
-    from mlxllama.cache import CacheSettings, kv_element_bytes
-    from mlxllama.generate import prefill
+    from mlxllama.accounting import account_weights, kv_element_bytes
+    from mlxllama.bench.run import decode_tps, resident_weights
+    from mlxllama.cache import CacheSettings
     from mlxllama.model import Model
 
     ap = argparse.ArgumentParser()
@@ -43,20 +42,11 @@ def main() -> None:
         first = None
         for bits in (None, 8, 4):
             s = CacheSettings(kv_bits=bits)
-            acc = roofline.account_weights(args, resident_weights(weights, ops),
+            acc = account_weights(args, resident_weights(weights, ops),
                                            kv_bytes=kv_element_bytes(ops.kv_bytes, bits, s.kv_group_size))
             rng = np.random.default_rng(0)
-            cache = model.make_cache(1, max_len=a.depth + a.n + 1, settings=s)
-            y = ops.argmax(prefill(model, rng.integers(10, 30000, (1, a.depth)), cache)[:, -1, :]).reshape(1, 1)
-            ops.eval(y)
-            ops.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(a.n):
-                y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(1, 1)
-                ops.async_eval(y)
-            ops.eval(y)
-            ops.synchronize()
-            tps = a.n / (time.perf_counter() - t0)
+            tps = decode_tps(model, rng.integers(10, 30000, (1, 1)), a.n, rng.integers(10, 30000, (1, a.depth)),
+                             settings=s)
             first = first or tps
             label = f"{bits}-bit g64" if bits else f"{8 * ops.kv_bytes}-bit"
             print(f"| {name}{' quantized' if name == 'numpy' else ''} | {label} | {acc.kv_bytes(a.depth) / 1e6:.1f} | "

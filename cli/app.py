@@ -190,7 +190,6 @@ def generate(
       mlxllama generate "Quote this exactly: ..." --speculate lookup --num-draft 8
     """
     from mlxllama.errors import UsageError
-    from mlxllama.generate import format_stats, stream_generate
     from mlxllama.speculative import check_options, make_config
 
     if stats not in STATS_FORMATS:
@@ -210,6 +209,18 @@ def generate(
     if speculate is not None:
         kwargs["speculate"] = make_config(speculate, num_draft, draft_model, target_model=m, target_tokenizer=tok)
     use_chat = tok.chat_template is not None if chat is None else chat
+    try:
+        _print_stream(m, tok, text, quiet, stats, max_tokens=max_tokens, chat=use_chat, system=system, stop=stop,
+                      **kwargs)
+    finally:
+        if parallel is not None:
+            m.close()
+
+
+def _print_stream(m, tok, text: str, quiet: bool, stats: str, **kwargs) -> None:
+    """generate's text to stdout as it comes, then its stats on stderr (text or JSON)."""
+    from mlxllama.generate import format_stats, stream_generate
+
     last = None
     bar = PrefillProgress()
 
@@ -223,8 +234,7 @@ def generate(
             typer.echo(format_stats(r), err=True)
 
     try:
-        for r in stream_generate(m, tok, text, max_tokens=max_tokens, chat=use_chat, system=system,
-                                 stop=stop, prefill_progress=bar, **kwargs):
+        for r in stream_generate(m, tok, text, prefill_progress=bar, **kwargs):
             bar.close()
             sys.stdout.write(r.text)
             sys.stdout.flush()
@@ -236,9 +246,6 @@ def generate(
         typer.echo("[interrupted]", err=True)
         report(last)
         raise interrupted()
-    finally:
-        if parallel is not None:
-            m.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
     report(last)

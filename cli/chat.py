@@ -157,9 +157,9 @@ CHAT_PREFIX_CACHE_BYTES = 1 << 30  # at most this much KV kept between turns (on
 
 
 class Replies:
-    """Each turn's reply stream. With float KV caches, one Engine kept across turns, whose prefix cache holds the
-    conversation's KV so far: a turn prefills only what is new since the last one. A quantized or rotating cache has
-    no float prefix to keep: plain stream_generate then, which prefills the whole history every turn."""
+    """Each turn's reply stream, through one Engine kept across turns whose prefix cache holds the conversation's KV
+    so far (any cache kind: float, quantized, a rotating window until it wraps): a turn prefills only what is new
+    since the last one."""
 
     def __init__(self, model, tok, sampling, max_tokens: int, cache_kwargs: dict | None):
         from mlxllama.cache import CacheSettings
@@ -168,30 +168,26 @@ class Replies:
         from mlxllama.prefix_cache import PrefixCache
 
         self.model, self.tok, self.sampling, self.max_tokens = model, tok, sampling, max_tokens
-        self.cache_kwargs = cache_kwargs or {}
-        self.engine = None
-        if CacheSettings(**self.cache_kwargs).validate(model.args.head_dim).default:
-            a = model.args
-            budget = min(CHAT_PREFIX_CACHE_BYTES, kv_bytes(a, a.max_position_embeddings, 1, model.ops.kv_bytes))
-            self.engine = Engine(model, tok, max_batch=1, max_queue=1, prefix_cache=PrefixCache(budget))
+        self.settings = CacheSettings(**(cache_kwargs or {})).validate(model.args.head_dim)
+        a = model.args
+        budget = min(CHAT_PREFIX_CACHE_BYTES, kv_bytes(a, a.max_position_embeddings, 1, model.ops.kv_bytes,
+                                                       self.settings))
+        self.engine = Engine(model, tok, max_batch=1, max_queue=1, prefix_cache=PrefixCache(budget),
+                             make_cache=lambda n: model.make_cache(1, max_len=n, settings=self.settings))
 
     def forget(self) -> None:
-        if self.engine is not None:
-            self.engine.prefix_cache.clear()
+        self.engine.prefix_cache.clear()
 
     def stream(self, history: list, system: str | None):
         from mlxllama.generate import prompt_tokens, stream_generate
         from mlxllama.memory import check_model, kv_bytes, wired_limit
 
-        if self.engine is None:
-            yield from stream_generate(self.model, self.tok, history, max_tokens=self.max_tokens, system=system,
-                                       sampling=self.sampling, **self.cache_kwargs)
-            return
         ids = prompt_tokens(self.tok, history, system=system)
         length = min(self.engine.ctx, len(ids) + self.max_tokens)
-        check_model(self.model, length, 1)
-        with wired_limit(self.model, kv_bytes(self.model.args, length, 1, self.model.ops.kv_bytes)):
-            yield from self.engine.stream_generate(ids, max_tokens=self.max_tokens, sampling=self.sampling)
+        check_model(self.model, length, 1, self.settings)
+        with wired_limit(self.model, kv_bytes(self.model.args, length, 1, self.model.ops.kv_bytes, self.settings)):
+            yield from stream_generate(self.model, self.tok, ids, max_tokens=self.max_tokens,
+                                       sampling=self.sampling, engine=self.engine)
 
 
 def run(model, tok, *, system: str | None, sampling, max_tokens: int, show_stats: bool, banner: str,

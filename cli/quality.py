@@ -16,9 +16,10 @@ def memory_lines(args, weights, ops, ctx: int, batch: int, settings, chip=None) 
     """The memory line(s) for a model's loader tensors (nothing laid out yet) on this device or on each memory
     size of `chip`; and whether it fits (on some size of the chip)."""
     from mlxllama import memory
+    from mlxllama.bench.chips import memory_sizes_gb
 
     need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.kv_bytes, settings)
-    devices = memory.chip_memories(chip) if chip is not None else [memory.device_memory(ops)]
+    devices = memory.chip_memories(chip, memory_sizes_gb(chip)) if chip is not None else [memory.device_memory(ops)]
     if not devices:
         raise UsageError(f"the chip table has no memory sizes for {chip.name}")
     lines = [memory.fit_line(need, d, args) for d in devices]

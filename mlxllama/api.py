@@ -6,8 +6,7 @@ from pathlib import Path
 
 from . import backends, loaders
 from .config import ModelArgs
-from .engine import BatchResponse, batch_generate  # noqa: F401  (re-exported)
-from .generate import GenerationResponse, generate, stream_generate  # noqa: F401  (re-exported)
+from .generate import BatchResponse, GenerationResponse, batch_generate, generate, stream_generate  # noqa: F401
 from .model import Model
 
 

@@ -1,17 +1,30 @@
-"""KV caches: per layer, buffers for keys and values written in place.
+"""KV caches: per layer, buffers for keys and values written in place, under one protocol.
 
 Where the caller knows how many tokens the cache will hold (generation knows prompt + max_tokens), the buffers are
 allocated once for exactly that; otherwise (`grow=True`: a chat, a server slot) they start at `step` tokens and
 grow by whole steps, each growth one copy. What the forward pass uses: `offset` (tokens stored), `update` and
 `advance`; `trim` rolls back (rejected speculative tokens).
 
-Three kinds, one interface (offset, update, advance, trim, nbytes, state):
-  KVCache           keys and values in the backend's float dtype.
-  QuantizedKVCache  keys and values quantized along head_dim as they are stored (MLX's affine format, 8 or 4 bits,
-                    a scale and a bias per group); `update` returns QuantizedKV tuples that ops.attention attends
-                    to without widening the cache (on MLX, mx.quantized_matmul, as mlx-lm does).
-  RotatingKVCache   at most `max_size` positions: the first `keep` (attention sinks) and a ring of the most recent
-                    max_size - keep (mlx-lm's RotatingKVCache). Positions keep counting (RoPE sees the true ones).
+The protocol, per model (one object holds every layer), because every layer of a sequence stores the same
+positions at the same time: a step's offset, a rollback and a prefix are one decision for the whole model.
+
+  offset, update(layer, k, v), advance(n)   the forward pass: store this step's K/V, attend to what is held
+  trim(n), can_trim_after(n)                rollback (rejected speculative rows); whether a step of n rows can
+                                            still be rolled back afterwards (a wrapped ring cannot)
+  prefix_length(n), prefix(n)               the first n positions as a prefix cache entry: per layer (K, V), each
+                                            a Stored tuple of the cache's own parts (float K; or quantized data,
+                                            scales, biases), sliceable like one array along positions; no
+                                            re-encoding, so a restored prefix is bit for bit what was computed
+  load_prefix(kv, m)                        such an entry's first m positions into a fresh cache of the same kind
+  bytes_per_position, stored, nbytes, state the accounting (accounting.py) and evaluation
+
+Two independent choices, so every combination exists:
+  storage   float K/V in the backend's dtype, or quantized along head_dim as stored (`bits` 8 or 4: MLX's affine
+            format, a scale and a bias per group); `update` then returns QuantizedKV tuples that ops.attention
+            attends to without widening the cache (on MLX, mx.quantized_matmul, as mlx-lm does).
+  window    every position (KVCache, QuantizedKVCache), or RotatingKVCache: at most `max_size` positions, the
+            first `keep` (attention sinks) and a ring of the most recent max_size - keep (mlx-lm's). Positions
+            keep counting (RoPE sees the true ones).
 CacheSettings says which one a generation, a chat or a server slot wants; make_cache builds it.
 """
 
@@ -19,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .accounting import kv_element_bytes  # noqa: F401  (re-exported)
 from .backends.contract import QuantizedKV
 from .errors import UsageError
 
@@ -47,21 +61,11 @@ class CacheSettings:
             if self.max_kv_size <= self.keep:
                 raise UsageError(f"--max-kv-size must be more than the {self.keep} kept first tokens, "
                                  f"got {self.max_kv_size}")
-            if self.kv_bits is not None:
-                raise UsageError("--max-kv-size and --kv-bits do not combine yet; choose one")
         return self
 
     @property
     def default(self) -> bool:
         return self.kv_bits is None and self.max_kv_size is None
-
-
-def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64) -> float:
-    """Bytes one K or V element takes in the cache: the float size, or bits/8 plus a scale and a bias (float_bytes
-    each) per group."""
-    if kv_bits is None:
-        return float(float_bytes)
-    return kv_bits / 8 + 2 * float_bytes / group_size
 
 
 def make_cache(ops, args, batch: int, max_len: int | None = None, settings: CacheSettings | None = None):
@@ -73,34 +77,57 @@ def make_cache(ops, args, batch: int, max_len: int | None = None, settings: Cach
         if args.sliding_window is not None and s.max_kv_size > args.sliding_window:
             raise UsageError(f"--max-kv-size {s.max_kv_size} is more than the model's sliding window "
                              f"({args.sliding_window}); give at most that")
-        return RotatingKVCache(*shape, max_size=min(s.max_kv_size, length), keep=s.keep)
+        return RotatingKVCache(*shape, max_size=min(s.max_kv_size, length), keep=s.keep, bits=s.kv_bits,
+                               group_size=s.kv_group_size)
     if s.kv_bits is not None:
         return QuantizedKVCache(*shape, length, grow=max_len is None, bits=s.kv_bits, group_size=s.kv_group_size)
     return KVCache(*shape, length, grow=max_len is None)
+
+
+class Stored(tuple):
+    """The stored parts of K or V for some positions (float: one array; quantized: data, scales, biases), each
+    [B, KV, n, ...]: indexing with a tuple slices every part alike, and nbytes adds them up (a prefix cache entry)."""
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return Stored(p[idx] for p in self)
+        return tuple.__getitem__(self, idx)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self)
 
 
 class KVCache:
     step = 256
 
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 grow: bool = False):
+                 grow: bool = False, bits: int | None = None, group_size: int = 64):
         self.ops = ops
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.max_len = max_len
         self.grow = grow
-        # per layer, a tuple of buffers for the keys and one for the values (one array each here; a quantized
-        # cache keeps data, scales and biases)
+        if bits is not None:
+            CacheSettings(kv_bits=bits, kv_group_size=group_size).validate(head_dim)
+        self.bits, self.group_size = bits, group_size
+        # per layer, a tuple of buffers for the keys and one for the values (one array; quantized: data, scales,
+        # biases)
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.offset = 0  # tokens stored
         self.capacity = 0  # tokens the buffers hold
 
-    # What is stored for k [B, KV, L, D]: a tuple of arrays [B, KV, L, ...] (the subclasses encode; this one not).
+    # What is stored for k [B, KV, L, D]: a tuple of arrays [B, KV, L, ...].
     def _encode(self, k) -> tuple:
-        return (k,)
+        if self.bits is None:
+            return (k,)
+        q = self.ops.quantize_kv(k, self.group_size, self.bits)
+        return (q.data, q.scales, q.biases)
 
     def _decode(self, parts: tuple):
-        return parts[0]
+        if self.bits is None:
+            return parts[0]
+        return QuantizedKV(*parts, self.group_size, self.bits)
 
     def _reserve(self, needed: int, like: tuple) -> None:
         if needed > self.max_len:
@@ -117,15 +144,18 @@ class KVCache:
                                      for a, e in zip(store[i], extra))
         self.capacity = cap
 
-    def update(self, layer: int, k, v):
-        """Store k, v [B, KV, L, D] at the current offset; return the keys and values up to it, inclusive."""
-        start, end = self.offset, self.offset + k.shape[2]
-        ks, vs = self._encode(k), self._encode(v)
+    def _write(self, layer: int, start: int, ks: tuple, vs: tuple) -> None:
+        end = start + ks[0].shape[2]
         if end > self.capacity:
             self._reserve(end, ks)
         for store, new in ((self.keys[layer], ks), (self.values[layer], vs)):
             for buf, part in zip(store, new):
                 buf[:, :, start:end, ...] = part
+
+    def update(self, layer: int, k, v):
+        """Store k, v [B, KV, L, D] at the current offset; return the keys and values up to it, inclusive."""
+        end = self.offset + k.shape[2]
+        self._write(layer, self.offset, self._encode(k), self._encode(v))
         return (self._decode(tuple(a[:, :, :end] for a in self.keys[layer])),
                 self._decode(tuple(a[:, :, :end] for a in self.values[layer])))
 
@@ -138,12 +168,40 @@ class KVCache:
         self.offset -= n
         return n
 
+    def can_trim_after(self, n: int) -> bool:
+        """Whether, after n more tokens are stored, up to n of them can still be trimmed."""
+        return True
+
+    @property
+    def stored(self) -> int:
+        """Positions held (what attention reads)."""
+        return self.offset
+
+    @property
+    def bytes_per_position(self) -> float:
+        """K and V of one position, every layer (quantized: scales and biases included)."""
+        element = kv_element_bytes(self.ops.kv_bytes, self.bits, self.group_size)
+        return 2 * len(self.keys) * self.batch * self.kv_heads * self.head_dim * element
+
+    def prefix_length(self, n: int) -> int:
+        """How many of the first n positions are held intact (prefix() can save them)."""
+        return min(n, self.offset)
+
     def prefix(self, n: int) -> list:
-        """Copies of the first n tokens' keys and values, [(k, v)] per layer, k and v [B, KV, n, D]: what a prefix
-        cache saves, and gives back to a fresh cache through update() and advance(). Float caches only: the
-        quantized and rotating caches set prefix to None."""
+        """Copies of the first n positions, [(K, V)] per layer, each a Stored tuple of this cache's parts [B, KV, n,
+        ...]: what a prefix cache saves, and gives back to a fresh cache of the same kind through load_prefix."""
         cat = self.ops.concatenate
-        return [(cat([k[0][:, :, :n]], axis=2), cat([v[0][:, :, :n]], axis=2)) for k, v in zip(self.keys, self.values)]
+
+        def copy(parts):
+            return Stored(cat([p[:, :, :n]], axis=2) for p in parts)
+
+        return [(copy(k), copy(v)) for k, v in zip(self.keys, self.values)]
+
+    def load_prefix(self, kv: list, m: int) -> None:
+        """The first m positions of a prefix() result (or a slice of one) into this fresh cache."""
+        for layer, (k, v) in enumerate(kv):
+            self._write(layer, 0, tuple(p[:, :, :m] for p in k), tuple(p[:, :, :m] for p in v))
+        self.advance(m)
 
     def state(self):
         return [a for parts in self.keys + self.values if parts is not None for a in parts]
@@ -157,24 +215,14 @@ class QuantizedKVCache(KVCache):
     """Keys and values quantized as they are stored (ops.quantize_kv: mx.quantize's format on MLX, bit for bit the
     same in numpy); update returns QuantizedKV tuples."""
 
-    prefix = None  # the prefix cache holds float K/V
-
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
                  grow: bool = False, bits: int = 8, group_size: int = 64):
-        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_len, grow)
-        CacheSettings(kv_bits=bits, kv_group_size=group_size).validate(head_dim)
-        self.bits, self.group_size = bits, group_size
-
-    def _encode(self, k) -> tuple:
-        q = self.ops.quantize_kv(k, self.group_size, self.bits)
-        return (q.data, q.scales, q.biases)
-
-    def _decode(self, parts: tuple):
-        return QuantizedKV(*parts, self.group_size, self.bits)
+        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_len, grow, bits, group_size)
 
 
 class RotatingKVCache(KVCache):
-    """At most max_size positions: the first `keep` and the latest max_size - keep, in a ring.
+    """At most max_size positions: the first `keep` and the latest max_size - keep, in a ring; float or quantized
+    storage (bits), like any cache.
 
     One token at a time, the new one overwrites the oldest ring slot and attention gets the whole buffer (its
     order does not matter to a single query: keys were rotated before they were stored). A chunk of several
@@ -182,13 +230,11 @@ class RotatingKVCache(KVCache):
     mask holds, and the buffer is rewritten in order from that (mlx-lm's RotatingKVCache does the same).
     """
 
-    prefix = None  # positions may have been overwritten: nothing to save as a prefix
-
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_size: int,
-                 keep: int = 4):
+                 keep: int = 4, bits: int | None = None, group_size: int = 64):
         if max_size <= keep:
             raise UsageError(f"a rotating KV cache needs more than {keep} positions, got {max_size}")
-        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_size, grow=True)
+        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_size, True, bits, group_size)
         self.max_size, self.keep = max_size, keep
         self._next = keep  # the ring slot the next single token goes to, once the buffer is full
         self._pending = None  # the ring slot after this step's update (the same for every layer)
@@ -210,23 +256,26 @@ class RotatingKVCache(KVCache):
         if self.offset + L <= self.max_size:  # not full yet: an ordinary cache
             self._pending = self.keep
             return super().update(layer, k, v)
+        ks, vs = self._encode(k), self._encode(v)
         if self.capacity < self.max_size:
-            self._reserve(self.max_size, (k,))
-        (kb,), (vb,) = self.keys[layer], self.values[layer]
+            self._reserve(self.max_size, ks)
         if L == 1 and self.offset >= self.max_size:
             slot = self._next
-            kb[:, :, slot: slot + 1] = k
-            vb[:, :, slot: slot + 1] = v
+            for store, new in ((self.keys[layer], ks), (self.values[layer], vs)):
+                for buf, part in zip(store, new):
+                    buf[:, :, slot: slot + 1] = part
             self._pending = slot + 1 if slot + 1 < self.max_size else self.keep
-            return kb, vb
-        ks = self.ops.concatenate([self._in_order(kb), k], axis=2)
-        vs = self.ops.concatenate([self._in_order(vb), v], axis=2)
+            return self._decode(self.keys[layer]), self._decode(self.values[layer])
         ring = self.max_size - self.keep
-        for buf, full in ((kb, ks), (vb, vs)):
-            buf[:, :, : self.keep] = full[:, :, : self.keep]
-            buf[:, :, self.keep:] = full[:, :, full.shape[2] - ring:]
+        out = []
+        for store, new in ((self.keys[layer], ks), (self.values[layer], vs)):
+            full = tuple(self.ops.concatenate([self._in_order(buf), part], axis=2) for buf, part in zip(store, new))
+            for buf, f in zip(store, full):
+                buf[:, :, : self.keep] = f[:, :, : self.keep]
+                buf[:, :, self.keep:] = f[:, :, f.shape[2] - ring:]
+            out.append(self._decode(full))
         self._pending = self.keep
-        return ks, vs
+        return out[0], out[1]
 
     def advance(self, n: int) -> None:
         super().advance(n)
@@ -240,3 +289,9 @@ class RotatingKVCache(KVCache):
                              f"wrapped ({self.offset} tokens seen): the overwritten positions are gone")
         self.offset -= n
         return n
+
+    def can_trim_after(self, n: int) -> bool:
+        return self.offset + n <= self.max_size
+
+    def prefix_length(self, n: int) -> int:
+        return min(n, self.offset) if self.offset <= self.max_size else 0

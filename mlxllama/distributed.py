@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import loaders
-from .bench.roofline import _kv_and_attention, quant_label
+from .accounting import kv_and_attention, quant_label
 from .config import ModelArgs
 from .errors import MlxLlamaError, ModelFileError, UsageError
 from .model import Model
@@ -39,7 +39,7 @@ from .weights import LAYER_LINEARS, QuantizedWeight
 
 MODES = ("tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0
-_CACHE, _RUN, _STOP, _FREE = 1, 2, 3, 4  # header commands
+_CACHE, _RUN, _STOP, _FREE, _BATCH = 1, 2, 3, 4, 5  # header commands
 _HEADER = 7  # cmd, batch, length, cache offset, what the step returns, max_len (new cache), cache id
 _HEAD_NONE, _HEAD_ALL, _HEAD_LAST = 0, 1, 2  # what a step returns: nothing (prompt chunks), every position, the last
 
@@ -244,7 +244,7 @@ class Shard:
 
 
 def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
-    """roofline.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
+    """accounting.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
     weights as the backend holds them; the fields add up over the ranks (norms counted on every tensor rank)."""
     def nbytes(w):
         return w.nbytes if isinstance(w, QuantizedWeight) else int(np.prod(w.shape)) * ops.float_bytes
@@ -260,7 +260,7 @@ def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
     head = head if head is not None else embed
     linears = sum(elements(w) for k, w in weights.items() if k.startswith("model.layers.") and k.endswith(
         LAYER_LINEARS))
-    kv, attn = _kv_and_attention(args, ops.kv_bytes)
+    kv, attn = kv_and_attention(args, ops.kv_bytes)
     return {"params": sum(elements(w) for w in weights.values()),
             "matmul_params": linears + (elements(head) if head is not None else 0), "weight_bytes": total,
             "weight_bytes_per_token": per_token, "kv_bytes_per_position": kv, "attn_flops_per_position": attn}
@@ -422,6 +422,28 @@ class Driver:
         back = mx.distributed.recv_like(h[:, -1:] if head == _HEAD_LAST else h, self.size - 1, group=self._group)
         return mx.depends(back, sent)
 
+    def forward_batch(self, chunks: list, caches: list, rows: list[int] | None = None):
+        """Model.forward_batch over the ranks (the engine's batched step): tensor parallel only, where every rank
+        runs the same step over its share of heads and rows. The header says how many sequences and tokens; then
+        each sequence's length, cache, cache offset and output rows, and the tokens, go to every rank."""
+        if self.plan.mode != "tensor":
+            raise UsageError("pipeline-parallel ranks run one sequence per step; batch with --parallel tensor")
+        mx = self._mx
+        rows = [1] * len(chunks) if rows is None else list(rows)
+        with self._lock:
+            while self._dropped:
+                self._tell(_FREE, 0, 0, 0, 0, 0, self._dropped.pop())
+            if any(c not in self._ids for c in caches):
+                raise UsageError("this cache was not made by this model's make_cache")
+            flat = np.concatenate([np.asarray(c, dtype=np.int32) for c in chunks])
+            meta = [len(c) for c in chunks] + [self._ids[c] for c in caches] + [c.offset for c in caches] + rows
+            self._tell(_BATCH, len(chunks), int(flat.shape[0]), 0, 0, 0, 0)
+            self.ops.async_eval(mx.distributed.all_sum(mx.array(np.asarray(meta, dtype=np.int32)), group=self._group))
+            tokens = mx.distributed.all_sum(mx.array(flat[None, :]), group=self._group)
+            out = self.local.forward_batch(chunks, caches, rows, tokens=tokens)
+            self.ops.async_eval(out if out is not None else [a for c in caches for a in c.state()])
+            return out
+
     def hidden(self, tokens, cache):
         if self.plan.mode == "pipeline":
             return self._step(tokens, cache, _HEAD_ALL)  # the last stage's hidden states
@@ -485,6 +507,9 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
             if cmd == _FREE:
                 caches.pop(cid, None)
                 continue
+            if cmd == _BATCH:
+                _serve_batch(model, group, caches, B, L)
+                continue
             cache = caches.get(cid)
             if cmd != _RUN or cache is None:
                 raise DistributedError(f"rank {rank}: unexpected message {cmd} (cache {cid}) from rank 0")
@@ -506,3 +531,23 @@ def serve_rank0(shard: Shard, group, watchdog: Watchdog) -> None:
                 mx.eval(mx.distributed.send(h[:, -1:] if head == _HEAD_LAST else h, 0, group=group))
             else:
                 mx.eval(*cache.state())
+
+
+def _serve_batch(model, group, caches: dict, n: int, total: int) -> None:
+    """A rank's side of Driver.forward_batch: the same batched step over its share of the model."""
+    import mlx.core as mx
+
+    meta = np.array(mx.distributed.all_sum(mx.zeros((4 * n,), dtype=mx.int32), group=group))
+    lens, ids, offsets, rows = (meta[i * n:(i + 1) * n].tolist() for i in range(4))
+    tokens = mx.distributed.all_sum(mx.zeros((1, total), dtype=mx.int32), group=group)
+    cs = []
+    for cid, offset in zip(ids, offsets):
+        if cid not in caches:
+            raise DistributedError(f"rank {group.rank()}: a batched step names cache {cid}, which it does not hold")
+        cache = caches[cid]
+        if cache.offset > offset:  # rank 0 trimmed it (rejected draft tokens)
+            cache.trim(cache.offset - offset)
+        cs.append(cache)
+    chunks = [[0] * int(k) for k in lens]  # only the lengths are read: the tokens come as one array
+    out = model.forward_batch(chunks, cs, rows, tokens=tokens)
+    mx.eval(out if out is not None else [a for c in cs for a in c.state()])

@@ -1,4 +1,5 @@
-"""Prefill and decode: tokenize, run the model, sample, stop, detokenize, time."""
+"""One request, or a few, through the engine: stream_generate, generate, generate_step and batch_generate are thin
+wrappers that tokenize, submit to an Engine (engine.py) stepped here (no thread), and shape its events."""
 
 from __future__ import annotations
 
@@ -8,85 +9,17 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .cache import CacheSettings
 from . import speculative as spec
-from .errors import UsageError
+from .cache import CacheSettings
+from .engine import GenerationResponse, prompt_tokens  # noqa: F401  (re-exported)
+from .engine import Engine, RequestParams, responses
+from .errors import MlxLlamaError, UsageError
+from .finish import StopStrings  # noqa: F401  (re-exported)
+from .logits import LogitsProcessor, log_softmax, top_logprobs  # noqa: F401  (re-exported)
 from .memory import check_model, kv_bytes, wired_limit
+from .model import prefill  # noqa: F401  (re-exported)
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
-
-
-@dataclass
-class GenerationResponse:
-    text: str  # the text added by this step (may be empty while a UTF-8 character or stop string is pending)
-    token: int
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-    finish_reason: str | None  # None while generating, then "stop", "length" (max_tokens) or "context" (full)
-    prompt_time: float = 0.0  # seconds from the start until the first token was sampled
-    # With logprobs=: the chosen token's log-probability under the model (raw logits, before temperature,
-    # penalties and processors, as OpenAI's API reports it), and the top ones as (token, logprob), most likely first.
-    logprobs: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (Engine.stream_generate)
-
-LogitsProcessor = Callable[[list, np.ndarray], np.ndarray]  # (token ids so far, logits [vocab]) -> logits
-
-
-def prompt_tokens(tokenizer, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
-    """A str (optionally wrapped in the chat template), a messages list, or token ids used as given."""
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        messages = list(prompt)
-        if system:
-            messages = [{"role": "system", "content": system}] + messages
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # no double BOS
-    if isinstance(prompt, (list, tuple, np.ndarray)):
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise UsageError("the prompt is empty")
-        if any(t < 0 or t >= tokenizer.vocab_size for t in ids):
-            raise UsageError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
-        return ids
-    if not isinstance(prompt, str):
-        raise UsageError(f"prompt must be a str, a list of token ids or a list of messages, not {type(prompt).__name__}")
-    if prompt == "":
-        raise UsageError("the prompt is empty")
-    if chat:
-        return prompt_tokens(tokenizer, [{"role": "user", "content": prompt}], system=system)
-    return tokenizer.encode(prompt)
-
-
-class _StopStrings:
-    """Holds back text that could be the start of a stop string; cuts at the first stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperature: float = 0.0,
@@ -97,186 +30,143 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
                     prefill_progress: Callable[[int, int], None] | None = None, kv_bits: int | None = None,
                     kv_group_size: int = 64, max_kv_size: int | None = None, speculate: str | None = None,
-                    num_draft: int = 8, draft_model=None) -> Iterator[GenerationResponse]:
-    """Generate from a prompt, one GenerationResponse per token.
+                    num_draft: int = 8, draft_model=None, constraint=None, logit_bias: dict | None = None,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    engine: Engine | None = None) -> Iterator[GenerationResponse]:
+    """Generate from a prompt, one GenerationResponse per token, through the engine (a batch of one).
 
-    Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
-    host, in order, on each step's logits (float64 [vocab]) with the token ids so far; `sampler` then picks the token
-    from the processed logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability,
-    an integer k for the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is
-    processed (prompt tokens). kv_bits (8 or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that
-    many positions (the first 4 and the latest). Before anything is allocated, the memory need is checked
-    (memory.check_model). speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a
-    reference with the same vocabulary) drafts up to num_draft tokens per forward pass; the output follows plain
-    decoding exactly (speculative.py)."""
+    Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). The logits pipeline
+    (logits.py) applies, in order, the repetition penalty, frequency/presence penalties, logit_bias, the
+    logits_processors (host callables (token ids so far, logits float64 [vocab]) -> logits), the constraint's mask
+    (logits.Constraint, or a zero-argument factory of one); `sampler` then picks the token from the processed
+    logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability, an integer k for
+    the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is processed. kv_bits (8
+    or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that many positions (the first 4 and the
+    latest); they combine. Before anything is allocated, the memory need is checked (memory.check_model).
+    speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a reference with the same
+    vocabulary) drafts up to num_draft tokens per forward pass; greedy output is the plain output exactly, and
+    everything above composes with it (engine.py says what a seed guarantees). engine: an Engine kept across calls
+    (its prefix cache, cache kind and speculation apply; the cache and speculation arguments must be left out)."""
+    params, ids = _request(model, tokenizer, prompt, max_tokens, locals())
+    if engine is not None:
+        yield from responses(engine, ids, params)
+        return
+    speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
+        model.args.head_dim)
+    length = min(model.args.max_position_embeddings, len(ids) + params.max_tokens)
+    check_model(model, length, 1, settings)
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1, prefill_step=prefill_step_size,
+                    make_cache=lambda n: model.make_cache(1, max_len=n, settings=settings), speculate=speculation)
+    with wired_limit(model, kv_bytes(model.args, length, 1, model.ops.kv_bytes, settings)):
+        yield from responses(engine, ids, params)
+
+
+def _request(model, tokenizer, prompt, max_tokens: int, a: dict) -> tuple[RequestParams, list[int]]:
+    """stream_generate's arguments as checked RequestParams and prompt token ids."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
-    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+    if not isinstance(a["prefill_step_size"], int) or a["prefill_step_size"] < 1:
         raise UsageError("prefill_step_size must be a positive integer")
-    loose = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                           repetition_penalty=repetition_penalty, seed=seed)
-    if sampling is not None and loose != SamplingParams():
+    loose = SamplingParams(temperature=a["temperature"], top_p=a["top_p"], top_k=a["top_k"], min_p=a["min_p"],
+                           repetition_penalty=a["repetition_penalty"], seed=a["seed"])
+    if a["sampling"] is not None and loose != SamplingParams():
         raise UsageError("pass sampling settings either as sampling=SamplingParams(...) or as keyword arguments, "
                          "not both")
-    if isinstance(logprobs, bool):
-        top_k_logprobs = 0
-    elif isinstance(logprobs, int) and 0 <= logprobs <= 20:
-        top_k_logprobs = logprobs
-    else:
+    logprobs = a["logprobs"]
+    if not isinstance(logprobs, bool) and not (isinstance(logprobs, int) and 0 <= logprobs <= 20):
         raise UsageError(f"logprobs must be true, false or an integer from 0 to 20, got {logprobs!r}")
-    chooser = Sampler(sampling or loose)
-    if speculate is not None and (logits_processors or sampler is not None or logprobs is not False):
-        raise UsageError("speculative decoding does not combine with logits_processors, sampler or logprobs yet")
-    speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
-    ids = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
+    ids = prompt_tokens(tokenizer, prompt, chat=a["chat"], system=a["system"])
     if max(ids) >= model.args.vocab_size:
         raise UsageError(f"token id {max(ids)} is outside the model's vocabulary ({model.args.vocab_size} tokens); "
                          "the tokenizer does not match the weights")
     ctx = model.args.max_position_embeddings
     if len(ids) >= ctx:
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
-    at_limit = "length" if max_tokens <= ctx - len(ids) else "context"
-    max_tokens = min(max_tokens, ctx - len(ids))
-    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
-        model.args.head_dim)
-    check_model(model, len(ids) + max_tokens, 1, settings)
-    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or []))
-    eos = set(tokenizer.eos_ids) | set(model.args.eos_token_id)
-    ops = model.ops
-    start = time.perf_counter()
-    steps = _steps(model, ids, max_tokens, chooser, prefill_step_size, logits_processors, sampler,
-                   logprobs is not False, prefill_progress, settings, speculation)
-    detok = tokenizer.detokenizer()
-    prompt_time = gen_start = None
-    finish = None
-    for n, (token, row) in enumerate(steps, 1):
-        now = time.perf_counter()
-        if prompt_time is None:
-            prompt_time, gen_start = now - start, now
-        if token in eos:
-            finish = "stop"
-            text = detok.finalize()
-        else:
-            text = detok.add_token(token)
-            if n >= max_tokens:
-                finish = at_limit
-                text += detok.finalize()
-        text, hit = stops.feed(text)
-        if hit:
-            finish = "stop"
-        elif finish:
-            text += stops.flush()
-        elapsed = time.perf_counter() - gen_start
-        yield GenerationResponse(
-            text=text, token=token, prompt_tokens=len(ids),
-            prompt_tps=len(ids) / prompt_time if prompt_time > 0 else float("inf"),
-            generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=ops.peak_memory() / 1e9, finish_reason=finish, prompt_time=prompt_time,
-            logprobs=None if row is None else float(row[token]),
-            top_logprobs=None if row is None or not top_k_logprobs else top_logprobs(row, top_k_logprobs))
-        if finish:
-            return
-
-
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    """Log-probabilities of one step's logits [vocab], in float64."""
-    row = np.asarray(row, dtype=np.float64)
-    z = row - row.max()
-    return z - np.log(np.exp(z).sum())
-
-
-def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k most likely tokens as (token, logprob), most likely first."""
-    best = np.argpartition(-logprobs, k - 1)[:k]
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return [(int(t), float(logprobs[t])) for t in best]
-
-
-def prefill(model, tokens, cache, step: int = 512, progress: Callable[[int, int], None] | None = None):
-    """Run tokens [B, n] through the model in chunks of `step`, every position but the last only through the blocks
-    (filling the cache), the last also through the output head. Returns the logits of the last position, [B, 1, V].
-    Generation, bench and the benchmarks all prefill this way. progress(done, n) before and after each chunk."""
-    n = tokens.shape[1]
-    if progress is not None:
-        progress(0, n)
-    for s in range(0, n - 1, step):
-        model.fill(tokens[:, s: min(s + step, n - 1)], cache)
-        model.ops.eval(*cache.state())
-        if progress is not None:
-            progress(min(s + step, n - 1), n)
-    return model(tokens[:, n - 1:], cache, last_only=True)
+    stop = a["stop"]
+    constraint = a["constraint"]
+    params = RequestParams(
+        max_tokens=max_tokens, sampling=(a["sampling"] or loose).validate(),
+        stop=[stop] if isinstance(stop, str) else list(stop or []), logprobs=logprobs is not False,
+        top_logprobs=0 if isinstance(logprobs, bool) else logprobs, logit_bias=a["logit_bias"],
+        frequency_penalty=a["frequency_penalty"], presence_penalty=a["presence_penalty"],
+        logits_processors=list(a["logits_processors"]), sampler=a["sampler"],
+        constraint=constraint() if callable(constraint) and not hasattr(constraint, "allowed") else constraint,
+        prefill_progress=a["prefill_progress"])
+    return params.validate(), ids
 
 
 def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | None = None,
                   prefill_step_size: int = 512, prefill_progress=None,
                   cache_settings: CacheSettings | None = None, speculate: spec.SpeculativeConfig | None = None,
                   stats: spec.SpeculativeStats | None = None) -> Iterator[int]:
-    """Prefill the prompt token ids, then yield max_tokens sampled token ids (no stop tokens, no text).
-    With `speculate`, decoding goes to speculative.decode (counts in `stats`)."""
-    for token, _ in _steps(model, ids, max_tokens, sampler or Sampler(SamplingParams()), prefill_step_size,
-                           prefill_progress=prefill_progress, cache_settings=cache_settings, speculate=speculate,
-                           stats=stats):
-        yield token
+    """Prefill the prompt token ids, then yield max_tokens chosen token ids (no stop tokens, no text), through the
+    engine. sampler: a Sampler whose random state carries on across calls (so a seeded one speculates too: its draws
+    follow the plain distribution, not the plain draws). With `speculate`, its counts go to `stats`."""
+    engine = Engine(model, None, max_batch=1, max_queue=1, prefill_step=prefill_step_size,
+                    make_cache=lambda n: model.make_cache(1, max_len=n, settings=cache_settings), speculate=speculate)
+    if stats is not None:
+        engine.spec_stats = stats
+    params = RequestParams(max_tokens=max_tokens, sampling=sampler if sampler is not None else SamplingParams(),
+                           ignore_eos=True, prefill_progress=prefill_progress)
+    for ev in engine.submit(list(ids), params):
+        if ev.error:
+            raise MlxLlamaError(ev.error)
+        if ev.token is not None:
+            yield ev.token
 
 
-def _steps(model, ids: list[int], max_tokens: int, sampler: Sampler, prefill_step_size: int,
-           processors: Sequence[LogitsProcessor] = (), custom: Callable | None = None,
-           logprobs: bool = False, prefill_progress=None, cache_settings: CacheSettings | None = None,
-           speculate=None, stats=None) -> Iterator[tuple[int, np.ndarray | None]]:
-    """(token, log-probabilities [vocab] or None) per step.
+@dataclass
+class BatchResponse:
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: list[int]
+    generation_tokens: list[int]
+    seconds: float
 
-    With greedy sampling and nothing else asking for the logits, the token is chosen on the device (argmax), and
-    where the backend is lazy (MLX) the next step is queued (async_eval) before the current token is read back, so
-    the host waits only for that one integer per token.
-    """
-    ops = model.ops
-    argmax_on_device = not (sampler.p.needs_host_logits or processors or custom or logprobs)
-    pipelined = argmax_on_device and ops.lazy
-    history = list(ids)
-
-    def pick(logits):
-        last = logits[:, -1, :]
-        if argmax_on_device:
-            return ops.argmax(last), None
-        row = ops.to_numpy(last)[0].astype(np.float64)
-        lp = log_softmax(row) if logprobs else None
-        for process in processors:
-            row = np.asarray(process(history, row), dtype=np.float64)
-        return int(custom(row) if custom else sampler(row, history)), lp
-
-    length = min(model.args.max_position_embeddings, len(ids) + max_tokens)
-    cache = model.make_cache(1, max_len=length, settings=cache_settings)
-    with wired_limit(model, kv_bytes(model.args, length, 1, ops.kv_bytes, cache_settings)):
-        if speculate is not None:
-            first = prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size,
-                            prefill_progress)
-            for token in spec.decode(model, cache, first, ids, max_tokens, sampler, speculate,
-                                     prefill=lambda m, t, c: prefill(m, t, c, prefill_step_size), stats=stats):
-                yield token, None
-            return
-        yield from _decode(model, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size,
-                           prefill_progress)
+    @property
+    def generation_tps(self) -> float:
+        return sum(self.generation_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _decode(model, cache, ids, max_tokens, pick, pipelined, history, prefill_step_size, prefill_progress):
-    ops = model.ops
-    y, lp = pick(prefill(model, np.asarray(ids, dtype=np.int64)[None, :], cache, prefill_step_size,
-                         prefill_progress))
-    if pipelined:
-        ops.async_eval(y)
-    for n in range(max_tokens):
-        nxt = None
-        if pipelined and n + 1 < max_tokens:
-            nxt, _ = pick(model(ops.asarray(y).reshape(1, 1), cache, last_only=True))
-            ops.async_eval(nxt)
-        token = y if isinstance(y, int) else int(ops.to_numpy(y).reshape(-1)[0])
-        history.append(token)
-        yield token, lp
-        if n + 1 < max_tokens:
-            if nxt is not None:
-                y = nxt
-            else:
-                y, lp = pick(model(np.asarray([[token]], dtype=np.int64), cache, last_only=True))
+def batch_generate(model, tokenizer, prompts: list, max_tokens: int = 256, *, sampling=None,
+                   stop: list[str] | str | None = None, chat: bool | None = None, system: str | None = None,
+                   max_batch: int = 16, prefill_chunk: int = 64, prefix_cache_bytes: int = 0,
+                   constraint=None, logit_bias: dict | None = None) -> BatchResponse:
+    """Generate for several prompts at once on one Engine: each prompt a str, a messages list or token ids.
+    sampling: one SamplingParams for all, or one per prompt (each with its own seed). constraint: a zero-argument
+    factory (one constraint per prompt) or a list of constraints. Returns texts in order."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise UsageError("prompts must be a non-empty list")
+    per = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+    if len(per) != len(prompts):
+        raise UsageError(f"{len(per)} sampling settings for {len(prompts)} prompts")
+    cons = list(constraint) if isinstance(constraint, (list, tuple)) else [
+        constraint() if constraint is not None else None for _ in prompts]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=len(prompts), prefill_chunk=prefill_chunk,
+                    prefix_cache=PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None)
+    ids = [prompt_tokens(tokenizer, p, chat=chat, system=system) for p in prompts]
+    start = time.perf_counter()
+    handles = [engine.submit(i, RequestParams(max_tokens=max_tokens, sampling=sp or SamplingParams(), stop=stops,
+                                              constraint=c, logit_bias=logit_bias))
+               for i, sp, c in zip(ids, per, cons)]
+    texts = [[] for _ in prompts]
+    finish: list = [None] * len(prompts)
+    gen = [0] * len(prompts)
+    while True:
+        more = engine.step()
+        for j, h in enumerate(handles):
+            for ev in h.poll():
+                if ev.error:
+                    raise MlxLlamaError(f"prompt {j}: {ev.error}")
+                texts[j].append(ev.text)
+                gen[j] = ev.completion_tokens
+                finish[j] = ev.finish_reason or finish[j]
+        if not more:
+            break
+    return BatchResponse(["".join(t) for t in texts], finish, [len(i) for i in ids], gen,
+                         time.perf_counter() - start)
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 GB = 1e9
 _MiB = 1 << 20
@@ -58,18 +61,17 @@ class MemoryNeed:
 
 
 def weights_resident(weights: dict, ops) -> int:
-    """Bytes the backend will hold for the loader's weights (ops.prepared_nbytes of each), before laying them out."""
-    return sum(ops.prepared_nbytes(w) for w in weights.values())
+    """Bytes the backend will hold for the loader's weights (accounting.weights_held)."""
+    from .accounting import weights_held
+
+    return weights_held(weights, ops)
 
 
 def kv_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, settings=None) -> int:
     """Bytes of the KV cache for `batch` sequences of `ctx` positions (a rotating window holds at most its size)."""
-    from .cache import CacheSettings, kv_element_bytes
+    from .accounting import kv_bytes as count
 
-    s = settings or CacheSettings()
-    held = min(ctx, s.max_kv_size) if s.max_kv_size else ctx
-    per_element = kv_element_bytes(float_bytes, s.kv_bits, s.kv_group_size)
-    return math.ceil(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * held * batch * per_element)
+    return count(args, ctx, batch, float_bytes, settings)
 
 
 def activation_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, prefill_step: int = 512) -> int:
@@ -109,7 +111,8 @@ def metal_info() -> dict | None:
     """mx.device_info() on Metal, else None."""
     try:
         import mlx.core as mx
-    except Exception:
+    except Exception:  # noqa: BLE001  (no MLX, or one that cannot load here)
+        logger.debug("MLX is not usable here", exc_info=True)
         return None
     if not mx.metal.is_available():
         return None
@@ -160,7 +163,8 @@ def _cuda_memory() -> int | None:
         import mlx.core as mx
 
         info = mx.device_info()
-    except Exception:
+    except Exception:  # noqa: BLE001
+        logger.debug("no device info from MLX", exc_info=True)
         return None
     for key in ("total_memory", "memory_size"):
         if isinstance(info.get(key), int) and info[key] > 0:
@@ -174,12 +178,10 @@ def gpu_share(memory_bytes: float) -> float:
     return memory_bytes * (2 / 3 if memory_bytes <= 36 * 2**30 else 3 / 4)
 
 
-def chip_memories(chip) -> list[DeviceMemory]:
-    """One DeviceMemory per memory size the chip is sold with (bench/chips.py's table), smallest first."""
-    from .bench.chips import memory_sizes_gb
-
+def chip_memories(chip, sizes_gb) -> list[DeviceMemory]:
+    """One DeviceMemory per memory size (GB) the chip is sold with (bench.chips.memory_sizes_gb), smallest first."""
     out = []
-    for gb in memory_sizes_gb(chip):
+    for gb in sizes_gb:
         total = gb * 2**30
         if chip.vendor == "Apple":
             out.append(DeviceMemory(int(gpu_share(total)), f"{chip.family} {gb} GB, ~{gpu_share(total) / GB:.1f} "

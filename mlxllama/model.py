@@ -152,31 +152,37 @@ class Model:
         v = qkv[..., (H + KV) * D:].reshape(B, L, KV, D).transpose(0, 2, 1, 3)
         return qk.transpose(0, 2, 1, 3), v
 
-    def forward_batch(self, chunks: list, caches: list):
+    def forward_batch(self, chunks: list, caches: list, rows: list[int] | None = None, tokens=None):
         """One step over several sequences, each with its own cache: chunks[i] is sequence i's new token ids (one
-        decode token, or a piece of its prompt). The linears run once over all sequences' rows, flattened
-        together; RoPE and attention run per sequence against its own cache. Returns the logits of each chunk's
-        last token, [len(chunks), vocab]."""
+        decode token, a speculating sequence's token and drafts, or a piece of its prompt). The linears run once
+        over all sequences' rows, flattened together; RoPE and attention run per sequence against its own cache.
+        Returns the logits of the last rows[i] positions of each chunk (default 1 each), concatenated:
+        [sum(rows), vocab]; None when rows are all 0 (prompt pieces only: no output head). tokens: the chunks
+        concatenated as a backend array [1, total] already (a distributed rank's, received)."""
         ops, a = self.ops, self.args
+        rows = [1] * len(chunks) if rows is None else rows
         H = a.num_attention_heads
         lens = [len(c) for c in chunks]
         ends = np.cumsum(lens)
-        tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
+        if tokens is None:
+            tokens = ops.asarray(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None, :])
         with ops.forward_scope(int(ends[-1])):
-            h = ops.embedding(self.embed, tokens)
+            h = ops.all_sum(ops.embedding(self.embed, tokens, self.vocab_start))
             for i, layer in enumerate(self.layers):
                 qk, v = self._qkv_heads(h, layer)
                 outs = []
                 for cache, n, end in zip(caches, lens, ends):
-                    rows = slice(int(end) - n, int(end))
-                    qk_s = ops.rope(qk[:, :, rows], cache.offset, self.rope)
-                    k, vv = cache.update(i, qk_s[:, H:], v[:, :, rows])
+                    span = slice(int(end) - n, int(end))
+                    qk_s = ops.rope(qk[:, :, span], cache.offset, self.rope)
+                    k, vv = cache.update(i, qk_s[:, H:], v[:, :, span])
                     outs.append(ops.attention(qk_s[:, :H], k, vv, a.head_dim ** -0.5, causal=True,
                                               window=a.sliding_window))
                 h = self._attn_out_mlp(h, outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=2), layer)
             for cache, n in zip(caches, lens):
                 cache.advance(n)
-            last = [h[:, int(e) - 1: int(e)] for e in ends]
+            last = [h[:, int(e) - r: int(e)] for e, r in zip(ends, rows) if r]
+            if not last:
+                return None
             return self.head(last[0] if len(last) == 1 else ops.concatenate(last, axis=1))[0]
 
     def _attn_out_mlp_impl(self, h, o, layer: Layer):
@@ -189,3 +195,19 @@ class Model:
         h = h + (attn if layer.o_bias is None else attn + layer.o_bias)
         gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)
         return h + ops.all_sum(ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down))
+
+
+def prefill(model, tokens, cache, step: int = 512, progress=None):
+    """Run tokens [B, n] through the model in chunks of `step`, every position but the last only through the blocks
+    (filling the cache), the last also through the output head. Returns the logits of the last position, [B, 1, V].
+    The engine prefills a lone sequence this way (a chunk per step); the draft model and bench's untimed context
+    too. progress(done, n) before and after each chunk."""
+    n = tokens.shape[1]
+    if progress is not None:
+        progress(0, n)
+    for s in range(0, n - 1, step):
+        model.fill(tokens[:, s: min(s + step, n - 1)], cache)
+        model.ops.eval(*cache.state())
+        if progress is not None:
+            progress(min(s + step, n - 1), n)
+    return model(tokens[:, n - 1:], cache, last_only=True)

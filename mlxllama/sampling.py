@@ -51,6 +51,18 @@ class SamplingParams:
         return not self.greedy or self.repetition_penalty != 1.0
 
 
+def repetition_penalty(logits: np.ndarray, history: list[int], penalty: float, context_size: int) -> np.ndarray:
+    """The CTRL-style repetition penalty, in place on float64 logits: each token among the last context_size of
+    history has its logit divided by the penalty where positive, multiplied where negative."""
+    if penalty == 1.0 or not history:
+        return logits
+    seen = np.unique(np.asarray(history[-context_size:], dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < logits.shape[0])]
+    vals = logits[seen]
+    logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params.validate()
@@ -76,12 +88,8 @@ class Sampler:
     def _kept(self, logits: np.ndarray, history: list[int]):
         """(argmax, None) when greedy, else (token ids by falling probability, their kept probabilities)."""
         p = self.p
-        logits = np.asarray(logits, dtype=np.float64).copy()
-        if p.repetition_penalty != 1.0 and history:
-            seen = np.unique(np.asarray(history[-p.repetition_context_size:], dtype=np.int64))
-            seen = seen[(seen >= 0) & (seen < logits.shape[0])]
-            vals = logits[seen]
-            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits = repetition_penalty(np.asarray(logits, dtype=np.float64).copy(), history, p.repetition_penalty,
+                                    p.repetition_context_size)
         if p.greedy:
             return int(np.argmax(logits)), None
         logits /= p.temperature

@@ -1,6 +1,8 @@
 """Speculative decoding: a drafter proposes up to k tokens, the target model scores all of them in one forward pass
 (k + 1 positions for one read of the weights), and an exact verifier keeps the longest acceptable prefix plus one
-token of the target's own. Rejected positions are rolled back in the KV cache (KVCache.trim).
+token of the target's own. Rejected positions are rolled back in the KV cache (KVCache.trim). The forward pass is
+the engine's (engine.py): a speculating sequence's k + 1 rows ride in the same batched pass as the other streams'
+rows; this module holds the drafters, the acceptance rule and how many tokens to draft.
 
 Drafters:
   "lookup"  prompt lookup: the continuation of the most recent earlier occurrence of the last n tokens of the prompt
@@ -11,9 +13,14 @@ Drafters:
 Verification is exact. Greedy: a draft token is kept while it equals the target's argmax at its position, so the
 output is the plain greedy output. Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): keep
 draft token d with probability min(1, p(d) / q(d)); at the first rejection draw from max(p - q, 0) renormalized;
-when every draft is kept draw one more token from p. p is the target's distribution after the sampler's own
-transforms (temperature, top-k/p, min-p, repetition penalty), so the tokens follow exactly what plain sampling
-draws from.
+when every draft is kept draw one more token from p. p is the target's distribution after the request's logits
+pipeline (logits.py: penalties, logit_bias, processors and the constraint's mask, applied at each verified position
+as if the kept drafts had been emitted) and the sampler's transforms (temperature, top-k/p, min-p), so the tokens
+follow exactly what plain sampling draws from. Drafts are cut where a constraint would stop accepting them.
+
+What a seed guarantees: greedy output is the plain output exactly. A seeded sampled request draws from the same
+distribution as plain sampling, but not the same draws (the random stream is consumed differently); the engine
+therefore decodes seeded sampled requests plainly, so that a seed gives the tokens it gives without speculation.
 
 How many tokens to draft (AdaptiveK) is chosen each step from the measured cost of a forward pass over r rows and
 the recent acceptance rate: the k that maximizes expected tokens per second, 0 (a plain step) when no k pays.
@@ -23,12 +30,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
 from .errors import UsageError
-from .sampling import Sampler
+from .model import prefill
 
 MODES = ("lookup", "draft")
 
@@ -87,7 +93,7 @@ class PromptLookup:
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
 
-    def propose(self, history: list[int], k: int, sampler: Sampler | None = None):
+    def propose(self, history: list[int], k: int, pipe=None):
         """(up to k tokens, None: a point mass, the length of the n-gram matched: 0 when none)."""
         arr = np.asarray(history, dtype=np.int64)
         L = arr.shape[0]
@@ -103,18 +109,20 @@ class PromptLookup:
 
 
 class DraftModel:
-    """A smaller model drafting autoregressively, with its own KV cache kept in step with the accepted tokens."""
+    """A smaller model drafting autoregressively, with its own KV cache kept in step with the accepted tokens.
+    Its loop is the draft model's own (k cheap steps of a second model), not the target's decode."""
 
     free = False
 
-    def __init__(self, model, max_len: int, prefill: Callable, vocab_size: int):
+    def __init__(self, model, max_len: int, vocab_size: int):
         self.model = model
         self.cache = model.make_cache(1, max_len=max_len)
-        self.prefill = prefill  # prefill(model, tokens [1, n], cache) -> last-position logits
         self.vocab_size = vocab_size  # the target's: q is laid out over it
         self.tokens: list[int] = []  # what the draft cache holds
 
-    def propose(self, history: list[int], k: int, sampler: Sampler):
+    def propose(self, history: list[int], k: int, pipe):
+        """(k drafted tokens, their draft distributions [k, V] or None when greedy, 0). pipe: the request's
+        logits pipeline (its sampler's transforms and random generator shape the draws)."""
         ops = self.model.ops
         common = _common_prefix(self.tokens, history)
         if common == len(history):  # the last token must go through the model to draft from it
@@ -122,17 +130,16 @@ class DraftModel:
         self.cache.trim(self.cache.offset - common)
         del self.tokens[common:]
         feed = history[common:]
-        logits = self.prefill(self.model, np.asarray(feed, dtype=np.int64)[None, :], self.cache)
+        logits = prefill(self.model, np.asarray(feed, dtype=np.int64)[None, :], self.cache)
         self.tokens += feed
-        greedy = not sampler.p.needs_host_logits
         out, qs = [], []
         for i in range(k):
             last = logits[:, -1, :]
-            if greedy:
+            if pipe.point_mass:
                 t = int(ops.to_numpy(ops.argmax(last)).reshape(-1)[0])
             else:
-                q = _fit(sampler.probs(ops.to_numpy(last)[0], history + out), self.vocab_size)
-                t = int(sampler.rng.choice(q.shape[0], p=q))
+                q = _fit(pipe.sampler.probs(ops.to_numpy(last)[0], []), self.vocab_size)
+                t = int(pipe.rng.choice(q.shape[0], p=q))
                 qs.append(q)
             out.append(t)
             if i + 1 < k:
@@ -295,74 +302,75 @@ class AdaptiveK:
         c[1] = decay * c[1] + (1 if accepted < drafted else 0)
 
 
-# -- the verifier -----------------------------------------------------------------------------------------------
+# -- the acceptance rule ----------------------------------------------------------------------------------------
 
-def verify(model, logits, drafts: list[int], q, history: list[int], sampler: Sampler) -> tuple[int, int]:
-    """logits [1, n + 1, V] of the target at the last token and the n drafts. Returns (kept drafts, next token)."""
-    ops = model.ops
+def verify(drafts: list[int], q, pipe, rows=None, argmax=None) -> tuple[int, int]:
+    """The target's view of n drafts: host logits rows [n + 1, V] at the last token and each draft, or (greedy with
+    nothing needing the host) their argmax [n + 1]. pipe: the request's logits.LogitsPipeline, whose penalties,
+    processors and constraint apply at each verified position as if the kept drafts had been emitted. Returns
+    (kept drafts, the next token); the pipeline is left as it was."""
     n = len(drafts)
-    if not sampler.p.needs_host_logits:  # greedy, argmax on the device: only n + 1 integers come back
-        target = ops.to_numpy(ops.argmax(logits[0])).reshape(-1)
+    if argmax is not None:
         a = 0
-        while a < n and drafts[a] == int(target[a]):
+        while a < n and drafts[a] == int(argmax[a]):
             a += 1
-        return a, int(target[a])
-    rows = ops.to_numpy(logits[0])
-    rng = sampler.rng
-    for i in range(n):
-        context = history + drafts[:i]
-        d = drafts[i]
-        if sampler.p.greedy:  # greedy with a repetition penalty: p is a point mass
-            t = sampler(rows[i], context)
-            if t != d:
-                return i, t
-            continue
-        p = sampler.probs(rows[i], context)
-        qd = 1.0 if q is None else float(q[i][d])
-        if qd > 0 and rng.random() * qd < p[d]:  # kept with probability min(1, p(d) / q(d))
-            continue
-        if q is None:
-            residual = p.copy()
-            residual[d] = 0.0
-        else:
-            residual = np.maximum(p - q[i], 0.0)
-        total = residual.sum()
-        residual = residual / total if total > 0 else p
-        return i, int(rng.choice(residual.shape[0], p=residual))
-    return n, sampler(rows[n], history + drafts)
+        return a, int(argmax[a])
+    advanced = 0
+    try:
+        for i, d in enumerate(drafts):
+            if pipe.point_mass:  # greedy (maybe penalized) or a custom sampler: kept while it picks the draft
+                t = pipe.choose(rows[i])
+                if t != d:
+                    return i, t
+            else:
+                p = pipe.probs(rows[i])
+                qd = 1.0 if q is None else float(q[i][d])
+                if not (qd > 0 and pipe.rng.random() * qd < p[d]):  # kept with probability min(1, p(d) / q(d))
+                    return i, _residual(p, d, None if q is None else q[i], pipe.rng)
+            pipe.advance(d)
+            advanced += 1
+        return n, pipe.choose(rows[n])
+    finally:
+        pipe.rollback(advanced)
 
 
-def make_drafter(config: SpeculativeConfig, model, max_len: int, prefill: Callable):
+def _residual(p: np.ndarray, d: int, q, rng) -> int:
+    """A draw from max(p - q, 0) renormalized, after draft d was rejected (q None: a point mass on d)."""
+    if q is None:
+        residual = p.copy()
+        residual[d] = 0.0
+    else:
+        residual = np.maximum(p - q, 0.0)
+    total = residual.sum()
+    residual = residual / total if total > 0 else p
+    return int(rng.choice(residual.shape[0], p=residual))
+
+
+def make_drafter(config: SpeculativeConfig, model, max_len: int):
     if config.mode == "lookup":
         return PromptLookup(config.ngram_max, config.ngram_min)
-    return DraftModel(config.draft_model, max_len, prefill, model.args.vocab_size)
+    return DraftModel(config.draft_model, max_len, model.args.vocab_size)
 
 
 class Speculator:
-    """One sequence's speculative decoding, a target forward pass at a time: the hook for a serving engine.
+    """One sequence's drafting state, for the engine's step: plan(room) drafts for the next forward pass (none: a
+    plain step); after the pass, done(plan, new, seconds) records what was kept. The verification rows run in the
+    engine's batched forward pass, next to the other sequences' rows; verify() above decides."""
 
-    The sequence owns a batch-1 KV cache holding every token of `history` but the last (as after a prefill and
-    the first sampled token). Each step() drafts, scores the drafts in one forward pass [1, k + 1] on that cache,
-    rolls the rejected positions back and returns the new tokens (1 to k + 1; the last is not yet in the cache).
-    room: how many tokens after the next one are still wanted (drafting stops there).
-
-    An engine that batches can split a step: plan(room) drafts; where it drafted nothing, the plain step may run
-    in the engine's batch, and took(token, plan) then records its token; else step(cache, room, plan)."""
-
-    def __init__(self, model, config: SpeculativeConfig, sampler: Sampler, history: list[int], max_len: int,
-                 prefill: Callable, stats: SpeculativeStats | None = None):
-        self.model, self.config, self.sampler = model, config, sampler
-        self.history = list(history)
+    def __init__(self, model, config: SpeculativeConfig, max_len: int, stats: SpeculativeStats | None = None):
+        self.model, self.config = model, config
         self.stats = stats if stats is not None else SpeculativeStats()
-        self.drafter = make_drafter(config, model, max_len, prefill)
+        self.drafter = make_drafter(config, model, max_len)
         self.policy = AdaptiveK(config.num_draft, config.adaptive, free=self.drafter.free)
 
-    def plan(self, room: int) -> tuple:
-        """(drafts, q, bucket, watch) for the next forward pass; no drafts: a plain step."""
-        sampler, policy, drafter, history = self.sampler, self.policy, self.drafter, self.history
+    def plan(self, pipe, room: int) -> tuple:
+        """(drafts, q, bucket, watch) for the next forward pass over pipe.history; no drafts: a plain step.
+        room: tokens still wanted after the next one."""
+        policy, drafter, history = self.policy, self.drafter, pipe.history
         drafts, q, bucket, watch = [], None, 0, None
         if drafter.free:  # propose first: how good the match is decides k
-            found, q, bucket = drafter.propose(history, min(self.config.num_draft, max(room, 1)), sampler)
+            found, q, bucket = drafter.propose(history, min(self.config.num_draft, max(room, 1)), pipe)
+            found = pipe.check_draft(found)
             k = policy.choose(bucket, min(len(found), room))
             drafts = found[:k]
             if not drafts and found:
@@ -371,66 +379,26 @@ class Speculator:
             k = min(policy.choose(), room)
             if k > 0:
                 t0 = time.perf_counter()
-                drafts, q, bucket = drafter.propose(history, k, sampler)
+                drafts, q, bucket = drafter.propose(history, k, pipe)
                 policy.record_draft_time(len(drafts), time.perf_counter() - t0)
+                cut = pipe.check_draft(drafts)
+                drafts, q = cut, (None if q is None else q[: len(cut)])
         return drafts, q, bucket, watch
 
-    def took(self, token: int, plan: tuple) -> None:
-        """The token of a plain step (plan drafted nothing) that ran elsewhere, e.g. in a serving engine's batch."""
-        _, _, bucket, watch = plan
-        if watch is not None:
-            self.policy.record_drafts(1, int(watch == token), bucket)
-        self.stats.forwards += 1
-        self.stats.tokens += 1
-        self.history.append(token)
-
-    def step(self, cache, room: int, plan: tuple | None = None) -> list[int]:
-        model, sampler, policy, history = self.model, self.sampler, self.policy, self.history
-        ops = model.ops
-        y = history[-1]
-        drafts, q, bucket, watch = self.plan(room) if plan is None else plan
-        t0 = time.perf_counter()
+    def done(self, plan: tuple, new: list[int], seconds: float | None) -> None:
+        """The forward pass of `plan` produced `new` (kept drafts + one); seconds: its time where it ran alone."""
+        drafts, _, bucket, watch = plan
         if drafts:
-            out = model(np.asarray([[y] + drafts], dtype=np.int64), cache)
-            kept, y = verify(model, out, drafts, q, history, sampler)
-            cache.trim(len(drafts) - kept)
-            new = drafts[:kept] + [y]
-            policy.record_drafts(len(drafts), kept, bucket)
+            kept = len(new) - 1
+            self.policy.record_drafts(len(drafts), kept, bucket)
             self.stats.drafted += len(drafts)
             self.stats.accepted += kept
-        else:
-            out = model(np.asarray([[y]], dtype=np.int64), cache, last_only=True)
-            y = _pick(ops, out, sampler, history)
-            new = [y]
-            if watch is not None:
-                policy.record_drafts(1, int(watch == y), bucket)
-        dt = time.perf_counter() - t0
-        policy.record_forward(len(drafts) + 1, dt)
-        spent = self.stats.seconds.setdefault(len(drafts) + 1, [0.0, 0])
-        spent[0] += dt
-        spent[1] += 1
+        elif watch is not None:
+            self.policy.record_drafts(1, int(watch == new[0]), bucket)
+        if seconds is not None:
+            self.policy.record_forward(len(drafts) + 1, seconds)
+            spent = self.stats.seconds.setdefault(len(drafts) + 1, [0.0, 0])
+            spent[0] += seconds
+            spent[1] += 1
         self.stats.forwards += 1
         self.stats.tokens += len(new)
-        history.extend(new)
-        return new
-
-
-def _pick(ops, logits, sampler: Sampler, history: list[int]) -> int:
-    last = logits[:, -1, :]
-    if sampler.p.needs_host_logits:
-        return sampler(ops.to_numpy(last)[0], history)
-    return int(ops.to_numpy(ops.argmax(last)).reshape(-1)[0])
-
-
-def decode(model, cache, logits, ids: list[int], max_tokens: int, sampler: Sampler, config: SpeculativeConfig,
-           prefill: Callable, stats: SpeculativeStats | None = None) -> Iterator[int]:
-    """After the prompt's prefill (cache filled with ids, logits its last position's [1, 1, V]), yield max_tokens
-    token ids, speculating. prefill(model, tokens [1, n], cache) -> last logits (the draft model's catch-up)."""
-    y = _pick(model.ops, logits, sampler, list(ids))
-    yield y
-    spec = Speculator(model, config, sampler, list(ids) + [y], cache.max_len, prefill, stats)
-    produced = 1
-    while produced < max_tokens:
-        for t in spec.step(cache, max_tokens - produced - 1):
-            produced += 1
-            yield t

@@ -6,7 +6,7 @@ Every rank prints {"rank", "resident"} (its weight bytes as the backend holds th
 greedily from fixed prompt ids (prompt chunks of 3 tokens) and prints {"tokens", "tps"}. FAULT "die:R:K" makes
 rank R exit abruptly at its K-th pass through its blocks, "hang:R:K" makes it stop answering there; "interleave"
 runs two generations (PROMPT and PROMPT reversed) step by step in turn, each with its own cache, and prints
-{"tokens", "tokens2"}.
+{"tokens", "tokens2"}; "batch" runs the same two in one engine, batched into one forward pass per step.
 """
 
 import json
@@ -28,7 +28,7 @@ def main() -> None:
     dog = distributed.Watchdog(rank, distributed.timeout_seconds())
     shard = distributed.load_shard(model, mode, group)
     print(json.dumps({"rank": rank, "resident": shard.model.resident_nbytes}), flush=True)
-    if fault and fault != "interleave":
+    if fault and fault not in ("interleave", "batch"):
         kind, who, after = fault.split(":")
         if int(who) == rank:
             blocks, calls = shard.model.blocks, [0]
@@ -52,6 +52,16 @@ def main() -> None:
                          generate_step(driver, ids[::-1], n, prefill_step_size=3)))
         driver.close()
         print(json.dumps({"tokens": [a for a, _ in pairs], "tokens2": [b for _, b in pairs]}), flush=True)
+        return
+    if fault == "batch":
+        from mlxllama.engine import Engine, RequestParams
+
+        engine = Engine(driver, None, max_batch=2, prefill_chunk=3, prefill_step=3)
+        handles = [engine.submit(p, RequestParams(max_tokens=n, ignore_eos=True)) for p in (ids, ids[::-1])]
+        got = [[ev.token for ev in h if ev.token is not None] for h in handles]
+        driver.close()
+        print(json.dumps({"tokens": got[0], "tokens2": got[1], "batched": engine.stats.batch_sizes.get(2, 0)}),
+              flush=True)
         return
     start = time.perf_counter()
     tokens = list(generate_step(driver, ids, n, prefill_step_size=3))

@@ -203,8 +203,10 @@ def test_replies_through_the_engine_equal_plain_generation(chat_model):
     second = list(replies.stream(history, "Be brief."))
     assert replies.engine.prefix_cache.hits == hits + 1 and second[-1].cached_tokens >= first[-1].prompt_tokens - 1
     assert "".join(r.text for r in second) == mlxllama.generate(m, tok, history, max_tokens=6, system="Be brief.")
-    # a rotating window has no float prefix to keep: plain generation, every turn
-    plain = chat.Replies(m, tok, greedy, 6, {"kv_bits": None, "kv_group_size": 64, "max_kv_size": 32})
-    assert plain.engine is None
-    want = [r.text for r in stream_generate(m, tok, history, max_tokens=6, system="Be brief.", max_kv_size=32)]
-    assert [r.text for r in plain.stream(history, "Be brief.")] == want
+    # a rotating cache keeps its prefix too (until the window wraps), and reply as plain generation
+    small = chat.Replies(m, tok, greedy, 6, {"kv_bits": None, "kv_group_size": 64, "max_kv_size": 200})
+    want = [r.text for r in stream_generate(m, tok, history[:1], max_tokens=6, system="Be brief.", max_kv_size=200)]
+    assert [r.text for r in small.stream(history[:1], "Be brief.")] == want
+    want = [r.text for r in stream_generate(m, tok, history, max_tokens=6, system="Be brief.", max_kv_size=200)]
+    assert [r.text for r in small.stream(history, "Be brief.")] == want
+    assert small.engine.prefix_cache.hits == 1

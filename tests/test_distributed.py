@@ -258,6 +258,21 @@ def test_two_generations_in_turn_keep_their_own_caches(tmp_path, tiny, mode):
     assert [got["tokens"], got["tokens2"]] == want
 
 
+def test_two_tensor_ranks_batch_two_requests_as_one_process(tmp_path, tiny):
+    """The engine's batched step (forward_batch) over two tensor-parallel ranks: two requests in one forward pass
+    per step give the tokens each gives alone in one process."""
+    import mlxllama
+    from dist_rank import PROMPT
+    from mlxllama.generate import generate_step
+
+    m, _ = mlxllama.load(tiny, backend="mlx")
+    want = [list(generate_step(m, ids, 6, prefill_step_size=3)) for ids in (PROMPT, PROMPT[::-1])]
+    results = _run_ranks(tmp_path, 2, "tensor", tiny, 6, fault="batch")
+    assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:]
+    got = _json_lines(results[0][1])[-1]
+    assert [got["tokens"], got["tokens2"]] == want and got["batched"] > 0
+
+
 @pytest.mark.parametrize("family", ["bias", "qk_norm"])
 def test_tensor_parallel_keeps_biases_and_head_norms(tmp_path, sp_dir, family):
     model = _family_folder(tmp_path / family, sp_dir, family)

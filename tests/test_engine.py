@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import mlxllama
-from mlxllama.engine import Engine, RequestParams, batch_generate
+from mlxllama.engine import Engine, RequestParams
+from mlxllama.generate import batch_generate, stream_generate
 from mlxllama.errors import UsageError
 from mlxllama.prefix_cache import PrefixCache
 from mlxllama.sampling import SamplingParams
@@ -43,13 +44,13 @@ def test_prefill_is_chunked_and_bounded_while_others_decode(tiny):
     m, tok = tiny
     engine = Engine(m, tok, max_batch=4, prefill_chunk=5, prefill_step=512)
     rows = []
-    forward = m.forward_batch
+    forward = engine._forward
 
-    def spy(chunks, caches):
+    def spy(batch, chunks, out_rows):  # every forward pass of the step, lone or batched
         rows.append([len(c) for c in chunks])
-        return forward(chunks, caches)
+        return forward(batch, chunks, out_rows)
 
-    m.forward_batch = spy
+    engine._forward = spy
     try:
         first = engine.submit(tok.encode("Hello"), RequestParams(max_tokens=30))
         engine.step()  # "Hello" prefilled whole: nothing else is running
@@ -58,7 +59,7 @@ def test_prefill_is_chunked_and_bounded_while_others_decode(tiny):
         while engine.step():
             pass
     finally:
-        del m.forward_batch
+        del engine._forward
     assert rows[0] == [len(tok.encode("Hello"))]
     joined = [r for r in rows[1:] if len(r) == 2]
     assert joined and all(r[0] == 1 and r[1] <= 5 for r in joined)  # the decoding stream keeps going
@@ -82,9 +83,9 @@ def test_prefix_cache_reuses_a_previous_turn(tiny):
 def test_engine_stream_generate_for_chat_turns(tiny):
     m, tok = tiny
     engine = Engine(m, tok, max_batch=1, prefix_cache=PrefixCache(16 << 20))
-    a = "".join(r.text for r in engine.stream_generate(PROMPTS[2], max_tokens=5))
+    a = "".join(r.text for r in stream_generate(m, tok, PROMPTS[2], max_tokens=5, engine=engine))
     assert a == mlxllama.generate(m, tok, PROMPTS[2], max_tokens=5)
-    b = list(engine.stream_generate(PROMPTS[2] + a + " more", max_tokens=5))
+    b = list(stream_generate(m, tok, PROMPTS[2] + a + " more", max_tokens=5, engine=engine))
     assert engine.stats.cached_tokens > 0
     assert b[-1].finish_reason in ("stop", "length")
 
@@ -235,3 +236,64 @@ def test_speculating_engine_keeps_seeds_and_samples(tiny):
     assert texts[1] == mlxllama.generate(m, tok, PROMPTS[1], max_tokens=20)
     assert events[2][-1].finish_reason in ("stop", "length") and events[2][-1].error is None
     assert engine.spec_stats.forwards > 0 and engine.active == 0
+
+
+class EvenTokens:
+    """A constraint (logits.Constraint) allowing only even token ids, done after `limit` tokens; it records how the
+    engine drives it."""
+
+    def __init__(self, vocab: int, limit: int):
+        self.mask = np.arange(vocab) % 2 == 0
+        self.limit, self.accepted, self.calls = limit, [], []
+
+    def allowed(self):
+        return self.mask
+
+    def accept(self, tokens):
+        self.accepted += list(tokens)
+
+    def rollback(self, n):
+        self.calls.append(("rollback", n))
+        del self.accepted[len(self.accepted) - n:]
+
+    def check_draft(self, tokens):
+        self.calls.append(("check_draft", list(tokens)))
+        n = 0
+        while n < len(tokens) and tokens[n] % 2 == 0:
+            n += 1
+        return n
+
+    @property
+    def done(self):
+        return len(self.accepted) >= self.limit
+
+
+def test_a_constraint_masks_each_step_and_ends_with_stop(tiny):
+    """The constraint hook: only allowed tokens come out, each accepted once in order, and `done` ends the request
+    with "stop"; with speculation, drafts are cut by check_draft and the tokens are the same."""
+    from mlxllama.speculative import SpeculativeConfig
+
+    m, tok = tiny
+    ids = tok.encode(PROMPTS[0]) * 2
+    outs = []
+    for speculate in (None, SpeculativeConfig("lookup", 4, adaptive=False)):
+        c = EvenTokens(m.args.vocab_size, 12)
+        engine = Engine(m, None, max_batch=1, speculate=speculate)
+        evs = list(engine.submit(ids, RequestParams(max_tokens=50, ignore_eos=True, constraint=c)))
+        tokens = [ev.token for ev in evs if ev.token is not None]
+        assert all(t % 2 == 0 for t in tokens) and tokens == c.accepted and len(tokens) == 12
+        assert evs[-1].finish_reason == "stop"
+        outs.append(tokens)
+        if speculate is not None:
+            assert any(name == "check_draft" for name, _ in c.calls)
+    assert outs[0] == outs[1]
+    plain = list(Engine(m, None).submit(ids, RequestParams(max_tokens=12, ignore_eos=True)))
+    assert [ev.token for ev in plain if ev.token is not None] != outs[0]  # the mask did change the output
+
+
+def test_logit_bias_and_a_constraint_factory_reach_every_surface(tiny):
+    m, tok = tiny
+    forced = [r.token for r in stream_generate(m, tok, PROMPTS[1], max_tokens=4, logit_bias={42: 100.0})]
+    assert forced == [42] * 4
+    out = batch_generate(m, tok, PROMPTS[:2], max_tokens=5, constraint=lambda: EvenTokens(m.args.vocab_size, 3))
+    assert out.finish_reasons == ["stop", "stop"] and out.generation_tokens == [3, 3]

@@ -10,7 +10,7 @@ import pytest
 
 import mlxllama
 from mlxllama.errors import UsageError
-from mlxllama.generate import _StopStrings
+from mlxllama.finish import StopStrings
 from mlxllama.sampling import Sampler, SamplingParams
 
 
@@ -67,11 +67,11 @@ def test_out_of_range_sampling_values_are_usage_errors(kw):
 
 
 def test_stop_strings_hold_back_partial_matches():
-    s = _StopStrings(["END"])
+    s = StopStrings(["END"])
     assert s.feed("hello E") == ("hello ", False)
     assert s.feed("N") == ("", False)
     assert s.feed("Dless") == ("", True)
-    s = _StopStrings(["END"])
+    s = StopStrings(["END"])
     assert s.feed("hello E") == ("hello ", False)
     assert s.feed("ast") == ("East", False)
 
@@ -212,12 +212,12 @@ def test_logits_processors_and_a_custom_sampler(tiny):
     assert picked == [7] * 5
 
 
-def test_finish_reason_tells_a_full_context_from_max_tokens(tiny):
+def test_a_full_context_ends_with_length_like_max_tokens(tiny):
     model, tok = tiny
     ctx = model.args.max_position_embeddings
     rs = list(mlxllama.stream_generate(model, tok, [5] * (ctx - 3), max_tokens=50))
-    assert rs[-1].finish_reason in ("context", "stop")
-    if rs[-1].finish_reason == "context":
+    assert rs[-1].finish_reason in ("length", "stop")
+    if rs[-1].finish_reason == "length":
         assert len(rs) == 3
     rs = list(mlxllama.stream_generate(model, tok, [5] * 10, max_tokens=3))
     assert rs[-1].finish_reason in ("length", "stop")

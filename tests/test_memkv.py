@@ -130,10 +130,20 @@ def test_rotating_cache_trims_until_it_wraps():
 
 
 def test_cache_settings_refuse_bad_values():
-    for bad in (CacheSettings(kv_bits=3), CacheSettings(kv_group_size=48), CacheSettings(max_kv_size=4),
-                CacheSettings(kv_bits=8, max_kv_size=64)):
+    for bad in (CacheSettings(kv_bits=3), CacheSettings(kv_group_size=48), CacheSettings(max_kv_size=4)):
         with pytest.raises(UsageError):
             bad.validate(64)
+    CacheSettings(kv_bits=8, max_kv_size=64).validate(64)  # quantized and rotating combine
+
+
+def test_quantized_rotating_cache_equals_a_quantized_cache_until_it_wraps_then_keeps_the_window():
+    m = tiny_model()
+    both = m.make_cache(1, settings=CacheSettings(kv_bits=8, kv_group_size=32, max_kv_size=16))
+    quant = m.make_cache(1, settings=CacheSettings(kv_bits=8, kv_group_size=32))
+    np.testing.assert_array_equal(m(TOKENS[:, :10], both), m(TOKENS[:, :10], quant))
+    m(TOKENS[:, 10:30], both)
+    assert both.offset == 30 and both.stored == 16 and both.nbytes < quant.nbytes * 30 / 10
+    assert both.prefix_length(30) == 0 and quant.prefix_length(10) == 10
 
 
 # -- memory: fit check and wired limit ----------------------------------------------------------------------------
@@ -230,7 +240,7 @@ def test_chip_memory_sizes():
 
     assert memory_sizes_gb(lookup("M2 Max")) == (32, 64, 96)
     assert memory_sizes_gb(lookup("H200")) == (141,)
-    small, *_ = memory.chip_memories(lookup("M1"))
+    small, *_ = memory.chip_memories(lookup("M1"), memory_sizes_gb(lookup("M1")))
     assert small.usable == int(8 * 2**30 * 2 / 3) and small.metal
 
 

@@ -260,13 +260,13 @@ def test_errors_are_openai_json(server):
 
 def test_full_queue_answers_429(tiny, monkeypatch):
     m, tok = tiny
-    forward = m.forward_batch
+    to_numpy = m.ops.to_numpy
 
-    def slow(chunks, caches):  # a model slow enough that the first request is still running
+    def slow(x):  # steps slow enough that the first request is still running (every step reads a token back)
         time.sleep(0.02)
-        return forward(chunks, caches)
+        return to_numpy(x)
 
-    monkeypatch.setattr(m, "forward_batch", slow)
+    monkeypatch.setattr(m.ops, "to_numpy", slow)
     long = {"model": MODEL_ID, "messages": MSGS[2], "max_tokens": 200, "temperature": 1.0, "seed": 3,
             "stop": ["never-appears"], "stream": True}
     with serving(m, tok, max_batch=1, max_queue=1) as (base, engine):

@@ -231,7 +231,8 @@ def test_cli_bench_speculate(tiny_hf, sp_dir, tmp_path):
     assert header[:8] == ["task", "mode", "tokens", "tok/s", "x plain", "accept", "tok/fwd", "eff. score"]
     assert {(c[0].strip(), c[1].strip()) for c in body} == {(t, m) for t in ("quote", "code", "summary", "free")
                                                             for m in ("plain", "lookup")}
-    assert all(float(c[3]) > 0 and float(c[7]) > 0 for c in body)
+    assert all(float(c[3]) > 0 and float(c[7]) >= 0 and c[7].strip() != "-" for c in body)  # a tiny model's
+    # score is near 0.00 at 100 GB/s on a loaded machine: that it is computed is what counts here
     assert "100.0 GB/s (given)" in r.stdout
     assert "| rows scored | ms | x one decode step |" in r.stdout and "| 9 |" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "bench", "--speculate", "draft", "-m",
@@ -239,21 +240,25 @@ def test_cli_bench_speculate(tiny_hf, sp_dir, tmp_path):
     assert bad.returncode == 2 and "needs a draft model" in bad.stderr
 
 
-def test_speculator_steps_interleaved_sequences_as_an_engine_would(tiny_hf):
-    """Two sequences, each with its own cache, stepped in turn (a serving engine's use): each matches plain."""
+def test_speculating_sequences_share_the_engines_forward_pass(tiny_hf):
+    """Two speculating sequences, each with its own growing cache, in one engine: their token and draft rows go
+    through one forward pass per step (forward_batch), and each matches plain greedy."""
+    from mlxllama.engine import Engine, RequestParams
+
     model, tok = mlxllama.load(str(tiny_hf), backend="numpy")
     prompts = [_prompt(tok), prompt_tokens(tok, "Hello world! How are you today? Hello world!")]
     want = [list(generate_step(model, ids, 25)) for ids in prompts]
-    config = spec.SpeculativeConfig("lookup", 4, adaptive=False)
-    seqs = []
-    for ids in prompts:
-        cache = model.make_cache(1)  # growing, as a server slot's
-        first = int(prefill(model, np.asarray([ids]), cache)[0, -1].argmax())
-        seqs.append((spec.Speculator(model, config, Sampler(SamplingParams()), ids + [first], 256,
-                                     lambda m, t, c: prefill(m, t, c)), cache, [first]))
-    while any(len(out) < 25 for _, _, out in seqs):
-        for sp, cache, out in seqs:
-            if len(out) < 25:
-                out.extend(sp.step(cache, 25 - len(out) - 1))
-    assert [out for _, _, out in seqs] == want
-    assert sum(sp.stats.accepted for sp, _, _ in seqs) > 0
+    engine = Engine(model, None, max_batch=2, speculate=spec.SpeculativeConfig("lookup", 4, adaptive=False),
+                    make_cache=lambda n: model.make_cache(1))
+    seen = []
+    forward = model.forward_batch
+    model.forward_batch = lambda chunks, caches, rows=None: (seen.append([len(c) for c in chunks]),
+                                                             forward(chunks, caches, rows))[1]
+    try:
+        handles = [engine.submit(ids, RequestParams(max_tokens=25, ignore_eos=True)) for ids in prompts]
+        got = [[ev.token for ev in h if ev.token is not None] for h in handles]
+    finally:
+        del model.forward_batch
+    assert got == want
+    assert engine.spec_stats.accepted > 0
+    assert any(len(step) == 2 and max(step) > 1 and min(step) >= 1 and sum(step) > 2 for step in seen)

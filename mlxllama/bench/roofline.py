@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
-
+from ..accounting import Accounting, account_weights, quant_label  # noqa: F401  (re-exported)
+from ..accounting import kv_and_attention as _kv_and_attention
 from ..config import ModelArgs
 from ..errors import UsageError
-from ..weights import LAYER_LINEARS, QUANT_BITS, QuantizedWeight
+from ..weights import QUANT_BITS
 
 # Shape assumed by the parametric path (--params N --bits B) for the KV cache and attention FLOPs.
 LLAMA2_7B = ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -68,88 +68,6 @@ def nearest_shape(params: int) -> tuple[str, ModelArgs, bool]:
     name = min(KNOWN_SHAPES, key=lambda k: abs(math.log(shape_params(KNOWN_SHAPES[k]) / params)))
     ratio = shape_params(KNOWN_SHAPES[name]) / params
     return name, KNOWN_SHAPES[name], 1 / SHAPE_TOLERANCE <= ratio <= SHAPE_TOLERANCE
-
-
-@dataclass(frozen=True)
-class Accounting:
-    params: int                   # every weight element (logical, unpacked), the whole embedding table included
-    matmul_params: int            # weight MACs per token: every linear plus the output head
-    weight_bytes: int             # every stored tensor: the memory the weights take
-    weight_bytes_per_token: int   # read per decode step: all but the embedding table, plus one row of it
-    kv_bytes_per_position: int    # K and V, all layers, one position
-    attn_flops_per_position: int  # 4 * layers * heads * head_dim
-
-    def kv_bytes(self, ctx: float) -> float:
-        return self.kv_bytes_per_position * ctx
-
-    def bytes_per_step(self, ctx: float, batch: int = 1) -> float:
-        """Bytes one decode step reads: the weights once, the KV cache of each of `batch` sequences."""
-        return self.weight_bytes_per_token + batch * self.kv_bytes(ctx)
-
-    def bytes_per_token(self, ctx: float) -> float:
-        return self.bytes_per_step(ctx, 1)
-
-    def flops_per_token(self, ctx: float) -> float:
-        return 2 * self.matmul_params + self.attn_flops_per_position * ctx
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Accounting":
-        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
-
-
-def _nbytes(t) -> int:
-    return int(t.nbytes)
-
-
-def _elements(t) -> int:
-    shape = t.shape if isinstance(t, QuantizedWeight) else tuple(t.shape)
-    return int(np.prod(shape))
-
-
-def _kv_and_attention(args: ModelArgs, kv_bytes: float) -> tuple[int, int]:
-    """kv_bytes per K or V element: a float size, or a quantized cache's (cache.kv_element_bytes)."""
-    kv = round(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * kv_bytes)
-    attn = 4 * args.num_hidden_layers * args.num_attention_heads * args.head_dim
-    return kv, attn
-
-
-def account_weights(args: ModelArgs, weights: dict, kv_bytes: int = 2) -> Accounting:
-    """Exact accounting from a loaded model's tensors (the internal layout of mlxllama.weights).
-
-    kv_bytes is the KV cache element size the backend uses (2 for float16, 4 for float32).
-    """
-    embed = weights["model.embed_tokens"]
-    head = weights.get("lm_head", embed)
-    vocab = embed.shape[0]
-    total_bytes = sum(_nbytes(t) for t in weights.values())
-    per_token = total_bytes - _nbytes(embed) + math.ceil(_nbytes(embed) / vocab)
-    if "lm_head" not in weights:
-        per_token += _nbytes(embed)  # tied: the table is read again, whole, as the output head
-    linears = [weights[f"model.layers.{i}.{k}"] for i in range(args.num_hidden_layers) for k in LAYER_LINEARS]
-    kv, attn = _kv_and_attention(args, kv_bytes)
-    return Accounting(
-        params=sum(_elements(t) for t in weights.values()),
-        matmul_params=sum(_elements(t) for t in linears) + _elements(head),
-        weight_bytes=total_bytes,
-        weight_bytes_per_token=per_token,
-        kv_bytes_per_position=kv,
-        attn_flops_per_position=attn,
-    )
-
-
-def quant_label(weights: dict) -> str:
-    """How the linears are stored: 'q4 g32', 'float16', or a '/'-joined mix ('q4 g32/q6 g32')."""
-    kinds = []
-    for name, t in weights.items():
-        if ".layers." not in name or not name.endswith(LAYER_LINEARS):
-            continue
-        kind = f"q{t.bits} g{t.group_size}" if isinstance(t, QuantizedWeight) else str(t.dtype)
-        if kind not in kinds:
-            kinds.append(kind)
-    return "/".join(kinds) or "unknown"
 
 
 def account_shape(args: ModelArgs, linear_bytes_per_weight: float, *, embed_bytes_per_weight: float | None = None,

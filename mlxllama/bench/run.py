@@ -1,13 +1,14 @@
 """The timed benchmark: pp (prompt processing) and tg (decode, batch 1..B), llama-bench style.
 
-Tokens are random valid ids (tokenization and sampling stay out of the timed region; decode picks the argmax on the
-device, as greedy generation does). Each test runs once to warm up, then `repetitions` timed times. With a depth D
-(-d), D random tokens go into the KV cache untimed before the timed part; a pp+tg test (-pg) times a prompt then
-generation as one, as llama-bench does.
+Tokens are random valid ids, run through the engine's step (engine.py) as every generation is: no tokenizer (no
+text), greedy (the argmax on the device), end-of-sequence ignored. Each test runs once to warm up, then
+`repetitions` timed times. With a depth D (-d), D random tokens go into each sequence's KV cache untimed before the
+timed part; a pp+tg test (-pg) times a prompt then generation as one, as llama-bench does.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,74 +16,59 @@ import numpy as np
 
 from .. import loaders
 from ..api import resolve
-from ..generate import prefill
-from ..model import Model
+from ..engine import Engine, RequestParams
+from ..model import Model, prefill
 from ..weights import QuantizedWeight
 from . import hardware, probe, roofline, submissions
-from .timing import timed
 
 
-def _timed(ops, fn) -> float:
-    """Wall seconds of fn() with its result evaluated."""
-    return timed(lambda: ops.eval(fn()), ops.synchronize)[0]
-
-
-def _context(model: Model, batch: int, depth: np.ndarray | None, more: int, step: int = 512, settings=None):
-    """A cache holding `depth` [B, D] (untimed: the -d context), with room for `more` positions."""
-    n_depth = 0 if depth is None else depth.shape[1]
-    cache = model.make_cache(batch, max_len=n_depth + more, settings=settings)
-    for s in range(0, n_depth, step):
-        model.hidden(depth[:, s: s + step], cache)
-        model.ops.eval(*cache.state())
+def _context(model: Model, depth, more: int, step: int = 512, settings=None):
+    """A one-sequence cache holding `depth` [D] token ids (untimed: the -d context), with room for `more`."""
+    n_depth = 0 if depth is None else len(depth)
+    cache = model.make_cache(1, max_len=n_depth + more, settings=settings)
+    if n_depth:
+        model.ops.eval(prefill(model, np.asarray([depth], dtype=np.int64), cache, step))
     return cache
+
+
+def _through_engine(model: Model, prompts: list, max_tokens: int, depth: np.ndarray | None, step: int = 512,
+                    settings=None) -> float:
+    """Wall seconds of the engine's steps (engine.py: the step every generation takes) running each prompt
+    [n] after its `depth` row [D] (put in its own cache untimed) until max_tokens greedy tokens each."""
+    ops = model.ops
+    engine = Engine(model, None, max_batch=len(prompts), max_queue=len(prompts), prefill_step=step,
+                    prefill_chunk=step)
+    for b, p in enumerate(prompts):
+        d = None if depth is None else [int(t) for t in depth[b]]
+        cache = _context(model, d, len(p) + max_tokens + 1, step, settings)
+        engine.submit((d or []) + [int(t) for t in p], RequestParams(max_tokens=max_tokens, ignore_eos=True),
+                      cache=cache)
+    ops.synchronize()
+    t0 = time.perf_counter()
+    while engine.step():
+        pass
+    ops.synchronize()
+    return time.perf_counter() - t0
 
 
 def prefill_tps(model: Model, tokens: np.ndarray, step: int = 512, depth: np.ndarray | None = None,
                 settings=None) -> float:
-    """tokens [1, n]: every position through the blocks, the last through the head, as generation prefills;
-    after `depth` [1, D] already in the cache."""
-    ops = model.ops
-    context = None if depth is None else _context(model, 1, depth, tokens.shape[1], step, settings)
-
-    def run():
-        cache = context or model.make_cache(1, max_len=tokens.shape[1], settings=settings)
-        return ops.argmax(prefill(model, tokens, cache, step)[:, -1, :])
-
-    return tokens.shape[1] / _timed(ops, run)
+    """tokens [1, n]: every position through the blocks, the last through the head and the first token chosen,
+    as generation prefills; after `depth` [1, D] already in the cache."""
+    return tokens.shape[1] / _through_engine(model, [tokens[0]], 1, depth, step, settings)
 
 
 def decode_tps(model: Model, first: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
                settings=None) -> float:
-    """first [B, 1]: n_gen greedy steps for B sequences after `depth` [B, D] in the cache (empty by default, as
-    llama-bench's tg); t/s counts the tokens of all of them."""
-    ops = model.ops
-    batch = first.shape[0]
-    cache = _context(model, batch, depth, n_gen + 1, settings=settings)
-
-    def run():
-        y = ops.asarray(first)
-        for _ in range(n_gen):
-            y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(batch, 1)
-            ops.async_eval(y)
-        return y
-
-    return batch * n_gen / _timed(ops, run)
+    """first [B, 1]: B sequences in one engine batch (each its own cache, after its `depth` [B, D] row), n_gen
+    greedy steps each (as llama-bench's tg: the first step runs `first`); t/s counts the tokens of all of them."""
+    return first.shape[0] * n_gen / _through_engine(model, list(first), n_gen, depth, settings=settings)
 
 
 def prompt_gen_tps(model: Model, tokens: np.ndarray, n_gen: int, depth: np.ndarray | None = None,
                    step: int = 512, settings=None) -> float:
     """llama-bench's pp+tg: the prompt tokens [1, n] prefilled, then n_gen greedy steps, timed as one."""
-    ops = model.ops
-    cache = _context(model, 1, depth, tokens.shape[1] + n_gen + 1, step, settings)
-
-    def run():
-        y = ops.argmax(prefill(model, tokens, cache, step)[:, -1, :]).reshape(1, 1)
-        for _ in range(n_gen):
-            y = ops.argmax(model(y, cache, last_only=True)[:, -1, :]).reshape(1, 1)
-            ops.async_eval(y)
-        return y
-
-    return (tokens.shape[1] + n_gen) / _timed(ops, run)
+    return (tokens.shape[1] + n_gen) / _through_engine(model, [tokens[0]], n_gen + 1, depth, step, settings)
 
 
 def resident_weights(weights: dict, ops) -> dict:

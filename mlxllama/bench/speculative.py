@@ -172,6 +172,7 @@ def run(*, model: str | None, backend: str, modes: list[str], n_gen: int, num_dr
         for mode in ["plain"] + [m for m in modes if m != "plain"]:
             config = None if mode == "plain" else SpeculativeConfig(mode, num_draft, draft_model=draft
                                                                     if mode == "draft" else None)
+            timed_generation(target, ids, min(n_gen, 8), eos, config, task, mode)  # warm-up: first shapes, threads
             runs = [timed_generation(target, ids, n_gen, eos, config, task, mode) for _ in range(repetitions)]
             mid = sorted(runs, key=lambda r: r.tps)[len(runs) // 2]
             ctx = len(ids) + len(mid.tokens) / 2
