@@ -110,6 +110,8 @@ class NumpyOps:
         """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "fused" mode
         (and "auto" where numba imports) 4/8-bit tensors as stored; in "quantized" mode codes (4-bit two per byte,
         others one per byte) with float32 scales and biases."""
+        if hasattr(type(w), "prepare_numpy"):  # [kquant hook: the kernel branch has the reconciled form]
+            return int(w.numpy_nbytes())
         fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)
         if isinstance(w, QuantizedWeight) and fused and w.bits in _qmatvec().BITS:
             return int(w.nbytes)
@@ -122,6 +124,9 @@ class NumpyOps:
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by output rows; lay the result out as [in, out] (as stored in "fused"
         mode: qmatvec.PackedLinear)."""
+        hooked = [type(p) for p in parts if hasattr(type(p), "prepare_numpy")]  # [kquant hook]
+        if hooked:
+            return hooked[0].prepare_numpy(parts)
         quantized = all(isinstance(p, QuantizedWeight) for p in parts)
         if quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
             if self._auto and self.weights_mode == "float32":
@@ -212,7 +217,9 @@ class NumpyOps:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if isinstance(w, QLinear):
+        if hasattr(w, "matmul"):  # [kquant hook] a weight type's own product (backends/kquants.py)
+            y = w.matmul(x2)
+        elif isinstance(w, QLinear):
             y = self._quantized_matmul(x2, w)
         elif not isinstance(w, np.ndarray):  # qmatvec.PackedLinear
             y = self._fused_matmul(x2, w)

@@ -26,6 +26,7 @@ from .. import families
 from ..config import ModelArgs, from_gguf_metadata
 from ..errors import ModelFileError, shown as _show
 from ..families import GGUF_TO_INTERNAL
+from ..quant import ggml_affine
 from ..weights import GGMLWeight, QuantizedWeight, check_weights
 
 GGUF_MAGIC = b"GGUF"
@@ -260,37 +261,9 @@ def _unsupported(name: str, qtype: QT) -> str:
             f"{kinds}); use a file quantized to one of those")
 
 
-def _scales_biases(d: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float16 when the biases fit it exactly (always, except for absurd block scales), else float32."""
-    b16 = biases.astype(np.float16)
-    if np.array_equal(b16.astype(np.float32), biases, equal_nan=True):
-        return d, b16
-    return d.astype(np.float32), biases
-
-
 def _repack(rows: np.ndarray, qtype: QT) -> QuantizedWeight:
     """Q4_0 / Q4_1 / Q8_0 rows of raw blocks -> MLX affine layout, group size 32, value for value."""
-    n = rows.shape[0]
-    _, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = rows.reshape(n, -1, type_size)
-    d = np.ascontiguousarray(blocks[..., 0:2]).view("<f2")[..., 0]
-    d32 = d.astype(np.float32)
-    if qtype == QT.Q8_0:
-        # int8 q -> unsigned q + 128 (flip the sign bit); w = d*q = d*(q+128) - 128*d
-        q = blocks[..., 2:] ^ np.uint8(0x80)
-        packed = np.ascontiguousarray(q).reshape(n, -1).view("<u4")
-        scales, biases = _scales_biases(d, -128 * d32)
-        return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 8)
-    qs = blocks[..., -16:]
-    # GGUF: byte i of a block holds element i (low nibble) and element i + 16 (high nibble).
-    q = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-    # MLX: element j of a little-endian uint32 at bits 4j, i.e. byte k holds elements 2k (low) and 2k + 1 (high).
-    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).reshape(n, -1).view("<u4")
-    if qtype == QT.Q4_1:
-        scales, biases = d, np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0]
-    else:  # Q4_0: w = d*(q - 8) = d*q - 8*d
-        scales, biases = _scales_biases(d, -8 * d32)
-    return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 4)
+    return ggml_affine(GGMLWeight(qtype.name, rows, (rows.shape[0], rows.shape[1] // GGML_QUANT_SIZES[qtype][1] * 32)))
 
 
 def _dense(raw: np.ndarray, info: _TensorInfo) -> np.ndarray:
