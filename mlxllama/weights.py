@@ -17,6 +17,7 @@ other types with no exact affine form; each backend lays them out, see GGMLWeigh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ from .errors import ModelFileError, plain
 
 if TYPE_CHECKING:
     from .config import ModelArgs
+
+logger = logging.getLogger(__name__)
 
 # MLX's affine quantization as every part of mlxllama accepts it (config, convert, quant, roofline).
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
@@ -75,15 +78,14 @@ class GGMLWeight:
     def prepare_numpy(parts: list):
         """The numpy backend's layout of same-input projections fused by output rows (the backend's
         prepare_linear hook): the raw blocks and a numba kernel, or float32 [in, out] where numba is missing."""
-        from .backends import kquants
-
+        kquants = _kquants()
+        if kquants is None:
+            return np.ascontiguousarray(np.concatenate([p.dequantize() for p in parts]).T)
         return kquants.prepare_numpy(parts)
 
     def numpy_nbytes(self) -> int:
-        """Bytes prepare_numpy will hold for this tensor."""
-        from .backends import kquants
-
-        return kquants.prepared_nbytes(self)
+        """Bytes prepare_numpy will hold for this tensor: the file's, or float32's without numba."""
+        return self.nbytes if _kquants() is not None else 4 * self.shape[0] * self.shape[1]
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [rows, cols], equal to gguf.quants.dequantize's."""
@@ -93,6 +95,21 @@ class GGMLWeight:
         rows = np.ascontiguousarray(self.blocks[start:stop])
         return gguf.quants.dequantize(rows, GGMLQuantizationType[self.qtype]).astype(np.float32, copy=False)
 
+
+def _kquants():
+    """backends.kquants (numba kernels over GGUF blocks), or None where numba cannot be imported (once, a warning)."""
+    try:
+        from .backends import kquants
+    except ImportError as e:
+        if not _NO_NUMBA:
+            _NO_NUMBA.append(e)
+            logger.warning("numba is not usable (%s): GGUF quantized weights are widened to float32 on the numpy "
+                           "backend (pip install 'mlxllama[fast-cpu]')", str(e).splitlines()[0] if str(e) else e)
+        return None
+    return kquants
+
+
+_NO_NUMBA: list = []
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..errors import UsageError
-from ..weights import LAYER_LINEARS, QUANT_BITS, QuantizedWeight
+from ..weights import LAYER_LINEARS, QUANT_BITS, GGMLWeight, QuantizedWeight
 
 # Shape assumed by the parametric path (--params N --bits B) for the KV cache and attention FLOPs.
 LLAMA2_7B = ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -105,7 +105,7 @@ def _nbytes(t) -> int:
 
 
 def _elements(t) -> int:
-    shape = t.shape if isinstance(t, QuantizedWeight) else tuple(t.shape)
+    shape = tuple(t.shape)
     return int(np.prod(shape))
 
 
@@ -146,7 +146,8 @@ def quant_label(weights: dict) -> str:
     for name, t in weights.items():
         if ".layers." not in name or not name.endswith(LAYER_LINEARS):
             continue
-        kind = f"q{t.bits} g{t.group_size}" if isinstance(t, QuantizedWeight) else str(t.dtype)
+        kind = f"q{t.bits} g{t.group_size}" if isinstance(t, QuantizedWeight) else \
+            t.qtype if isinstance(t, GGMLWeight) else str(t.dtype)
         if kind not in kinds:
             kinds.append(kind)
     return "/".join(kinds) or "unknown"
