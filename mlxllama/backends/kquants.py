@@ -41,34 +41,34 @@ def _h(row, p, half):
     return half[np.int64(row[p]) | (np.int64(row[p + 1]) << 8)]
 
 
-@njit(nogil=True, cache=True)
-def _decode(kind, row, p, half, iq4, c, sc, bi):
-    """Block at byte p of a row: codes c[:QK], scale sc[s] and bias bi[s] per sub-block (w = sc * c + bi)."""
+@njit(nogil=True, cache=True, inline="always")
+def _decode(kind, blk, half, iq4, c, sc, bi):
+    """One block (its bytes): codes c[:QK], scale sc[s] and bias bi[s] per sub-block (w = sc * c + bi)."""
     if kind <= 5:  # 32-element blocks
-        d = _h(row, p, half)
+        d = _h(blk, 0, half)
         sc[0] = d
         bi[0] = np.float32(0)
         if kind == 2:  # Q8_0
             for i in range(32):
-                c[i] = np.float32(np.int8(row[p + 2 + i]))
+                c[i] = np.float32(np.int8(blk[2 + i]))
             return
-        q0 = p + 2
+        q0 = 2
         hb = np.uint32(0)
         if kind == 1:  # Q4_1
-            bi[0] = _h(row, p + 2, half)
-            q0 = p + 4
+            bi[0] = _h(blk, 2, half)
+            q0 = 4
         elif kind == 3:  # Q5_0
-            hb = np.uint32(row[p + 2]) | (np.uint32(row[p + 3]) << 8) | (np.uint32(row[p + 4]) << 16) \
-                | (np.uint32(row[p + 5]) << 24)
-            q0 = p + 6
+            hb = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) \
+                | (np.uint32(blk[5]) << 24)
+            q0 = 6
         elif kind == 4:  # Q5_1
-            bi[0] = _h(row, p + 2, half)
-            hb = np.uint32(row[p + 4]) | (np.uint32(row[p + 5]) << 8) | (np.uint32(row[p + 6]) << 16) \
-                | (np.uint32(row[p + 7]) << 24)
-            q0 = p + 8
+            bi[0] = _h(blk, 2, half)
+            hb = np.uint32(blk[4]) | (np.uint32(blk[5]) << 8) | (np.uint32(blk[6]) << 16) \
+                | (np.uint32(blk[7]) << 24)
+            q0 = 8
         off = np.float32(8) if kind == 0 else (np.float32(16) if kind == 3 else np.float32(0))
         for i in range(16):
-            b = row[q0 + i]
+            b = blk[q0 + i]
             lo = np.int64(b & 15)
             hi = np.int64(b >> 4)
             if kind == 5:
@@ -81,76 +81,76 @@ def _decode(kind, row, p, half, iq4, c, sc, bi):
                 c[i + 16] = np.float32(hi) - off
         return
     if kind == 6:  # Q2_K: scales[16] qs[64] d dmin
-        d = _h(row, p + 80, half)
-        dmin = _h(row, p + 82, half)
+        d = _h(blk, 80, half)
+        dmin = _h(blk, 82, half)
         for s in range(16):
-            v = row[p + s]
+            v = blk[s]
             sc[s] = d * np.float32(v & 15)
             bi[s] = -(dmin * np.float32(v >> 4))
         for j in range(2):
             for k in range(4):
                 for l in range(32):
-                    c[j * 128 + k * 32 + l] = np.float32((row[p + 16 + j * 32 + l] >> (2 * k)) & 3)
+                    c[j * 128 + k * 32 + l] = np.float32((blk[16 + j * 32 + l] >> (2 * k)) & 3)
         return
     if kind == 7:  # Q3_K: hmask[32] qs[64] scales[12] d
-        d = _h(row, p + 108, half)
+        d = _h(blk, 108, half)
         for s in range(16):
-            lo = (row[p + 96 + s % 8] >> (4 * (s // 8))) & 15
-            hi = (row[p + 104 + s % 4] >> (2 * (s // 4))) & 3
+            lo = (blk[96 + s % 8] >> (4 * (s // 8))) & 15
+            hi = (blk[104 + s % 4] >> (2 * (s // 4))) & 3
             sc[s] = d * np.float32(np.int64(lo | (hi << 4)) - 32)
             bi[s] = np.float32(0)
         for j in range(2):
             for k in range(4):
                 for l in range(32):
-                    q = np.int64((row[p + 32 + j * 32 + l] >> (2 * k)) & 3)
-                    h = np.int64((row[p + l] >> (j * 4 + k)) & 1)
+                    q = np.int64((blk[32 + j * 32 + l] >> (2 * k)) & 3)
+                    h = np.int64((blk[l] >> (j * 4 + k)) & 1)
                     c[j * 128 + k * 32 + l] = np.float32(q - 4 * (1 - h))
         return
     if kind == 8 or kind == 9:  # Q4_K / Q5_K: d dmin scales[12] (qh[32]) qs[128]
-        d = _h(row, p, half)
-        dmin = _h(row, p + 2, half)
+        d = _h(blk, 0, half)
+        dmin = _h(blk, 2, half)
         for s in range(8):
             if s < 4:
-                a = row[p + 4 + s] & 63
-                m = row[p + 8 + s] & 63
+                a = blk[4 + s] & 63
+                m = blk[8 + s] & 63
             else:
-                a = (row[p + 12 + s - 4] & 15) | ((row[p + 4 + s - 4] >> 2) & 0x30)
-                m = (row[p + 12 + s - 4] >> 4) | ((row[p + 8 + s - 4] >> 2) & 0x30)
+                a = (blk[12 + s - 4] & 15) | ((blk[4 + s - 4] >> 2) & 0x30)
+                m = (blk[12 + s - 4] >> 4) | ((blk[8 + s - 4] >> 2) & 0x30)
             sc[s] = d * np.float32(a)
             bi[s] = -(dmin * np.float32(m))
-        qs = p + 16 if kind == 8 else p + 48
+        qs = 16 if kind == 8 else 48
         for j in range(4):
             for t in range(2):
                 for l in range(32):
-                    q = np.int64((row[qs + j * 32 + l] >> (4 * t)) & 15)
+                    q = np.int64((blk[qs + j * 32 + l] >> (4 * t)) & 15)
                     if kind == 9:
-                        q |= np.int64((row[p + 16 + l] >> (2 * j + t)) & 1) << 4
+                        q |= np.int64((blk[16 + l] >> (2 * j + t)) & 1) << 4
                     c[j * 64 + t * 32 + l] = np.float32(q)
         return
     if kind == 10:  # Q6_K: ql[128] qh[64] scales[16] (int8) d
-        d = _h(row, p + 208, half)
+        d = _h(blk, 208, half)
         for s in range(16):
-            sc[s] = d * np.float32(np.int8(row[p + 192 + s]))
+            sc[s] = d * np.float32(np.int8(blk[192 + s]))
             bi[s] = np.float32(0)
         for j in range(2):
             for k in range(4):
                 for l in range(32):
                     e = k * 32 + l  # inside this half: ql byte j*64 + e % 64, nibble e // 64
-                    q = np.int64((row[p + j * 64 + e % 64] >> (4 * (e // 64))) & 15)
-                    q |= np.int64((row[p + 128 + j * 32 + l] >> (2 * k)) & 3) << 4
+                    q = np.int64((blk[j * 64 + e % 64] >> (4 * (e // 64))) & 15)
+                    q |= np.int64((blk[128 + j * 32 + l] >> (2 * k)) & 3) << 4
                     c[j * 128 + e] = np.float32(q - 32)
         return
     # kind 11, IQ4_XS: d scales_h (u16) scales_l[4] qs[128]
-    d = _h(row, p, half)
-    sh = np.int64(row[p + 2]) | (np.int64(row[p + 3]) << 8)
+    d = _h(blk, 0, half)
+    sh = np.int64(blk[2]) | (np.int64(blk[3]) << 8)
     for s in range(8):
-        lo = np.int64((row[p + 4 + s // 2] >> (4 * (s % 2))) & 15)
+        lo = np.int64((blk[4 + s // 2] >> (4 * (s % 2))) & 15)
         hi = (sh >> (2 * s)) & 3
         sc[s] = d * np.float32((lo | (hi << 4)) - 32)
         bi[s] = np.float32(0)
         for t in range(2):
             for l in range(16):
-                c[s * 32 + t * 16 + l] = iq4[np.int64((row[p + 8 + s * 16 + l] >> (4 * t)) & 15)]
+                c[s * 32 + t * 16 + l] = iq4[np.int64((blk[8 + s * 16 + l] >> (4 * t)) & 15)]
 
 
 @njit(nogil=True, cache=True)
@@ -165,7 +165,7 @@ def dequantize_rows(kind, qk, sub, bsize, blocks, o0, o1, half, iq4, out):
     for o in range(o0, o1):
         row = blocks[o]
         for b in range(n // qk):
-            _decode(kind, row, b * bsize, half, iq4, c, sc, bi)
+            _decode(kind, row[b * bsize:(b + 1) * bsize], half, iq4, c, sc, bi)
             for s in range(ns):
                 for i in range(sub):
                     out[o - o0, b * qk + s * sub + i] = sc[s] * c[s * sub + i] + bi[s]
@@ -184,7 +184,7 @@ def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
         row = blocks[o]
         acc[:] = 0
         for b in range(n // qk):
-            _decode(kind, row, b * bsize, half, iq4, c, sc, bi)
+            _decode(kind, row[b * bsize:(b + 1) * bsize], half, iq4, c, sc, bi)
             for r in range(rows):
                 t = np.float32(0)
                 for s in range(ns):
