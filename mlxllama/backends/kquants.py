@@ -198,6 +198,143 @@ def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
             y[r, o] = acc[r]
 
 
+# -- direct products of the commonest types, for a few input rows: codes read from the bytes, never stored ------
+
+@njit(nogil=True, cache=True, inline="always")
+def _k_scale_min(row, p, s):
+    """Q4_K / Q5_K: the 6-bit scale and min of sub-block s from the 12 bytes at p."""
+    if s < 4:
+        return row[p + s] & 63, row[p + 4 + s] & 63
+    return (row[p + 4 + s] & 15) | ((row[p + s - 4] >> 6) << 4), (row[p + 4 + s] >> 4) | ((row[p + s] >> 6) << 4)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_q45_k(five, blocks, half, x, xsum, y, o0, o1):
+    """y[:, o] for Q4_K (five False) or Q5_K rows o0..o1; xsum per 32 inputs."""
+    rows, n = x.shape
+    bsize = 176 if five else 144
+    qs0 = 48 if five else 16
+    for o in range(o0, o1):
+        row = blocks[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 256):
+                p = b * bsize
+                d = _h(row, p, half)
+                dmin = _h(row, p + 2, half)
+                for j in range(4):
+                    q = p + qs0 + j * 32
+                    xb = b * 256 + j * 64
+                    lo = np.float32(0)
+                    hi = np.float32(0)
+                    if five:
+                        for l in range(32):
+                            v = row[q + l]
+                            h = row[p + 16 + l] >> (2 * j)
+                            lo += np.float32((v & 15) | ((h & 1) << 4)) * x[r, xb + l]
+                            hi += np.float32((v >> 4) | ((h & 2) << 3)) * x[r, xb + 32 + l]
+                    else:
+                        for l in range(32):
+                            v = row[q + l]
+                            lo += np.float32(v & 15) * x[r, xb + l]
+                            hi += np.float32(v >> 4) * x[r, xb + 32 + l]
+                    s0, m0 = _k_scale_min(row, p + 4, 2 * j)
+                    s1, m1 = _k_scale_min(row, p + 4, 2 * j + 1)
+                    g = b * 8 + 2 * j
+                    acc += d * (np.float32(s0) * lo + np.float32(s1) * hi) \
+                        - dmin * (np.float32(m0) * xsum[r, g] + np.float32(m1) * xsum[r, g + 1])
+            y[r, o] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_q6_k(blocks, half, x, xsum, y, o0, o1):
+    """y[:, o] for Q6_K rows o0..o1; xsum per 16 inputs."""
+    rows, n = x.shape
+    for o in range(o0, o1):
+        row = blocks[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 256):
+                p = b * 210
+                d = _h(row, p + 208, half)
+                for j in range(2):
+                    for k in range(4):
+                        ql = p + j * 64 + (k % 2) * 32
+                        qh = p + 128 + j * 32
+                        for t in range(2):
+                            dot = np.float32(0)
+                            xb = b * 256 + j * 128 + k * 32 + t * 16
+                            for l in range(t * 16, t * 16 + 16):
+                                v = ((row[ql + l] >> (4 * (k // 2))) & 15) | (((row[qh + l] >> (2 * k)) & 3) << 4)
+                                dot += np.float32(v) * x[r, xb + l - t * 16]
+                            s = j * 8 + k * 2 + t
+                            sc = np.float32(np.int8(row[p + 192 + s]))
+                            acc += d * sc * (dot - np.float32(32) * xsum[r, b * 16 + s])
+            y[r, o] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_32(kind, bsize, blocks, signed, half, iq4, x, xsum, y, o0, o1):
+    """y[:, o] for rows o0..o1 of a 32-element block type (kinds 0-5 of TYPES); signed: blocks viewed as int8."""
+    rows, n = x.shape
+    q0 = 2 if kind == 0 or kind == 2 or kind == 5 else (4 if kind == 1 else (6 if kind == 3 else 8))
+    for o in range(o0, o1):
+        row = blocks[o]
+        srow = signed[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 32):
+                p = b * bsize
+                d = _h(row, p, half)
+                dot = np.float32(0)
+                xb = b * 32
+                if kind == 2:
+                    for i in range(32):
+                        dot += np.float32(srow[p + 2 + i]) * x[r, xb + i]
+                    acc += d * dot
+                    continue
+                if kind == 5:
+                    for i in range(16):
+                        v = row[p + 2 + i]
+                        dot += iq4[v & 15] * x[r, xb + i] + iq4[v >> 4] * x[r, xb + 16 + i]
+                    acc += d * dot
+                    continue
+                hb = np.uint32(0)
+                if kind >= 3:
+                    h = p + q0 - 4
+                    hb = np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16) \
+                        | (np.uint32(row[h + 3]) << 24)
+                for i in range(16):
+                    v = row[p + q0 + i]
+                    lo = np.uint32(v & 15) | (((hb >> i) & 1) << 4)
+                    hi = np.uint32(v >> 4) | (((hb >> (i + 16)) & 1) << 4)
+                    dot += np.float32(lo) * x[r, xb + i] + np.float32(hi) * x[r, xb + 16 + i]
+                if kind == 1 or kind == 4:  # Q4_1, Q5_1: d * q + m
+                    acc += d * dot + _h(row, p + 2, half) * xsum[r, b]
+                else:  # Q4_0, Q5_0: d * (q - 8 or 16)
+                    acc += d * (dot - np.float32(8 if kind == 0 else 16) * xsum[r, b])
+            y[r, o] = acc
+
+
+_FEW_ROWS = 4  # at most this many input rows: the direct product of the type where it has one
+
+
+def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
+    """y[:, o0:o1] by a type's own direct product; False where it has none (or x2 has too many rows)."""
+    if x2.shape[0] > _FEW_ROWS:
+        return False
+    if qtype in ("Q4_K", "Q5_K"):
+        _mv_q45_k(qtype == "Q5_K", blocks, _HALF, x2, xsum, y, o0, o1)
+    elif qtype == "Q6_K":
+        _mv_q6_k(blocks, _HALF, x2, xsum, y, o0, o1)
+    elif TYPES[qtype][1] == 32:
+        kind, _, _, bsize = TYPES[qtype]
+        _mv_32(kind, bsize, blocks, blocks.view(np.int8), _HALF, _IQ4, x2, xsum, y, o0, o1)
+    else:
+        return False
+    return True
+
+
 class KQuantLinear:
     """Same-input GGUF matrices fused by output rows, as stored: one segment per part, each its blocks
     [rows, row_bytes] and type. shape is (in, out), as numpy_ops' float32 matrices."""
@@ -223,12 +360,16 @@ class KQuantLinear:
         out = np.empty((rows, self.shape[1]), np.float32)
         if rows <= _DIRECT_ROWS:
             sums = {}
-            for o0, o1, (kind, qk, sub, bsize), blocks in self.segments:
+            for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(self.segments, self.qtypes):
                 if sub not in sums:
                     sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
                 y = out[:, o0:o1] if len(self.segments) == 1 else np.empty((rows, o1 - o0), np.float32)
-                args = (kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y)
-                _spread(lambda a, b, args=args: matmul_rows(*args, a, b), o1 - o0, (o1 - o0) * n_in * rows)
+
+                def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
+                    if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
+                        matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+
+                _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
                 if len(self.segments) > 1:
                     out[:, o0:o1] = y
             return out
