@@ -205,6 +205,8 @@ def test_both_backends_run_the_tiny_files(tiny_quants, ft):
     ops = MLXOps()
     got, model = _logits(path, ops)
     np.testing.assert_allclose(got, ref, atol=5e-5 * scale)
+    one = model(ops.asarray(TOKENS[:, :1]), make_cache(ops, args, 1))  # a single-token step: mx.compile's path
+    np.testing.assert_allclose(ops.to_numpy(one)[0, 0], ref[0, 0], atol=5e-5 * scale)
     assert sum(ops.prepared_nbytes(w) for w in weights.values()) == _held_bytes(model)
 
 
