@@ -12,7 +12,8 @@ Names follow the HF/MLX LLaMA convention (without the `.weight` suffix for linea
     lm_head                                     [vocab, hidden]   (absent when embeddings are tied)
 Each value is a numpy array (float32 or float16, possibly a read-only memmap), a QuantizedWeight in
 MLX's affine layout, or a GGMLWeight: a GGUF tensor's raw blocks, kept as the file stores them (K-quants and the
-other types with no exact affine form; each backend lays them out, see GGMLWeight). bfloat16 files are widened to float32 (exact); ModelArgs.torch_dtype remembers it.
+other types with no exact affine form; each backend lays them out, see GGMLWeight). bfloat16 files are widened
+to float32 (exact); ModelArgs.torch_dtype remembers it.
 """
 
 from __future__ import annotations

@@ -44,42 +44,54 @@ def _h(row, p, half):
 @njit(nogil=True, cache=True, inline="always")
 def _decode(kind, blk, half, iq4, c, sc, bi):
     """One block (its bytes): codes c[:QK], scale sc[s] and bias bi[s] per sub-block (w = sc * c + bi)."""
-    if kind <= 5:  # 32-element blocks
-        d = _h(blk, 0, half)
-        sc[0] = d
-        bi[0] = np.float32(0)
-        if kind == 2:  # Q8_0
-            for i in range(32):
-                c[i] = np.float32(np.int8(blk[2 + i]))
-            return
-        q0 = 2
-        hb = np.uint32(0)
-        if kind == 1:  # Q4_1
-            bi[0] = _h(blk, 2, half)
-            q0 = 4
-        elif kind == 3:  # Q5_0
-            hb = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) \
-                | (np.uint32(blk[5]) << 24)
-            q0 = 6
-        elif kind == 4:  # Q5_1
-            bi[0] = _h(blk, 2, half)
-            hb = np.uint32(blk[4]) | (np.uint32(blk[5]) << 8) | (np.uint32(blk[6]) << 16) \
-                | (np.uint32(blk[7]) << 24)
-            q0 = 8
-        off = np.float32(8) if kind == 0 else (np.float32(16) if kind == 3 else np.float32(0))
-        for i in range(16):
-            b = blk[q0 + i]
-            lo = np.int64(b & 15)
-            hi = np.int64(b >> 4)
-            if kind == 5:
-                c[i] = iq4[lo]
-                c[i + 16] = iq4[hi]
-            else:
-                lo |= np.int64((hb >> i) & 1) << 4
-                hi |= np.int64((hb >> (i + 16)) & 1) << 4
-                c[i] = np.float32(lo) - off
-                c[i + 16] = np.float32(hi) - off
+    if kind <= 5:
+        _decode_32(kind, blk, half, iq4, c, sc, bi)
+    else:
+        _decode_256(kind, blk, half, iq4, c, sc, bi)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_32(kind, blk, half, iq4, c, sc, bi):
+    """A 32-element block: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL."""
+    d = _h(blk, 0, half)
+    sc[0] = d
+    bi[0] = np.float32(0)
+    if kind == 2:  # Q8_0
+        for i in range(32):
+            c[i] = np.float32(np.int8(blk[2 + i]))
         return
+    q0 = 2
+    hb = np.uint32(0)
+    if kind == 1:  # Q4_1
+        bi[0] = _h(blk, 2, half)
+        q0 = 4
+    elif kind == 3:  # Q5_0
+        hb = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) \
+            | (np.uint32(blk[5]) << 24)
+        q0 = 6
+    elif kind == 4:  # Q5_1
+        bi[0] = _h(blk, 2, half)
+        hb = np.uint32(blk[4]) | (np.uint32(blk[5]) << 8) | (np.uint32(blk[6]) << 16) \
+            | (np.uint32(blk[7]) << 24)
+        q0 = 8
+    off = np.float32(8) if kind == 0 else (np.float32(16) if kind == 3 else np.float32(0))
+    for i in range(16):
+        b = blk[q0 + i]
+        lo = np.int64(b & 15)
+        hi = np.int64(b >> 4)
+        if kind == 5:
+            c[i] = iq4[lo]
+            c[i + 16] = iq4[hi]
+        else:
+            lo |= np.int64((hb >> i) & 1) << 4
+            hi |= np.int64((hb >> (i + 16)) & 1) << 4
+            c[i] = np.float32(lo) - off
+            c[i + 16] = np.float32(hi) - off
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_256(kind, blk, half, iq4, c, sc, bi):
+    """A 256-element block: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS."""
     if kind == 6:  # Q2_K: scales[16] qs[64] d dmin
         d = _h(blk, 80, half)
         dmin = _h(blk, 82, half)
