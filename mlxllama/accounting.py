@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .weights import LAYER_LINEARS, QuantizedWeight
+from .weights import LAYER_LINEARS, GGMLWeight, QuantizedWeight
 
 
 def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64) -> float:
@@ -140,7 +140,8 @@ def quant_label(weights: dict) -> str:
     for name, t in weights.items():
         if ".layers." not in name or not name.endswith(LAYER_LINEARS):
             continue
-        kind = f"q{t.bits} g{t.group_size}" if isinstance(t, QuantizedWeight) else str(t.dtype)
+        kind = f"q{t.bits} g{t.group_size}" if isinstance(t, QuantizedWeight) else \
+            t.qtype if isinstance(t, GGMLWeight) else str(t.dtype)
         if kind not in kinds:
             kinds.append(kind)
     return "/".join(kinds) or "unknown"

@@ -11,7 +11,7 @@ import numpy as np
 from .api import load_weights
 from .errors import ModelFileError, UsageError
 from .loaders.mlx_folder import save_mlx
-from .weights import QUANT_BITS, QUANT_GROUP_SIZES, QuantizedWeight
+from .weights import QUANT_BITS, QUANT_GROUP_SIZES, GGMLWeight, QuantizedWeight
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -36,6 +36,41 @@ def requantized(weights: dict, bits: int, group_size: int) -> str | None:
     kinds = sorted({f"q{w.bits} g{w.group_size}" for w in weights.values()
                     if isinstance(w, QuantizedWeight) and (w.bits, w.group_size) != (bits, group_size)})
     return ", ".join(kinds) or None
+
+
+def _mlx_layout(weights: dict, dtype, src: str) -> dict:
+    """GGUF blocks (weights.GGMLWeight) in what MLX and mlx-lm load: the exact affine form where the type has one
+    (quant.ggml_affine; its float32 scales take `dtype`), else requantized to 8 bits in groups of 32. One warning
+    line says what changed."""
+    from .quant import ggml_affine, quantize
+
+    out, exact, requantized, rounded = {}, Counter(), Counter(), False
+    for name, w in weights.items():
+        if not isinstance(w, GGMLWeight):
+            out[name] = w
+            continue
+        qw = ggml_affine(w)
+        if qw is None:
+            requantized[w.qtype] += 1
+            out[name] = quantize(w.dequantize().astype(dtype), 32, 8)
+            continue
+        exact[w.qtype] += 1
+        if qw.scales.dtype != dtype:
+            cast = (qw.scales.astype(dtype), qw.biases.astype(dtype))
+            rounded |= not all(np.array_equal(c.astype(np.float32), v.astype(np.float32))
+                               for c, v in zip(cast, (qw.scales, qw.biases)))
+            qw = QuantizedWeight(qw.weight, *cast, qw.group_size, qw.bits)
+        out[name] = qw
+    if requantized or rounded:
+        kinds = lambda c: ", ".join(f"{n} {k}" for k, n in sorted(c.items()))  # noqa: E731
+        said = []
+        if requantized:
+            said.append(f"{kinds(requantized)} tensors have no MLX layout and were requantized to 8 bits g32")
+        if rounded:
+            said.append(f"the float32 block scales of {kinds(exact)} tensors were rounded to {np.dtype(dtype).name} "
+                        "(--dtype float32 keeps them exact)")
+        warnings.warn(f"{src}: " + "; ".join(said), stacklevel=3)
+    return out
 
 
 def convert_model(src, dst, quantize: bool = False, bits: int = 4, group_size: int = 64, dtype: str = "float16",
@@ -64,6 +99,7 @@ def convert_model(src, dst, quantize: bool = False, bits: int = 4, group_size: i
         weights, args = quantize_weights(weights, args, group_size=group_size, bits=bits, dtype=np_dtype,
                                          progress=lambda done, total: progress("quantizing", done, total))
     else:
+        weights = _mlx_layout(weights, np_dtype, str(src))
         weights = {k: w if isinstance(w, QuantizedWeight) else np.asarray(w).astype(np_dtype, copy=False)
                    for k, w in weights.items()}
         args = args.replace(quantization=quantization_section(weights))

@@ -35,7 +35,7 @@ from .accounting import kv_and_attention, quant_label
 from .config import ModelArgs
 from .errors import MlxLlamaError, ModelFileError, UsageError
 from .model import Model
-from .weights import LAYER_LINEARS, QuantizedWeight
+from .weights import LAYER_LINEARS, GGMLWeight, QuantizedWeight
 
 MODES = ("tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0
@@ -247,6 +247,8 @@ def _accounting(args: ModelArgs, weights: dict, ops) -> dict:
     """accounting.account_weights for a part of a model (a pipeline stage may hold no embedding or head), with the
     weights as the backend holds them; the fields add up over the ranks (norms counted on every tensor rank)."""
     def nbytes(w):
+        if isinstance(w, GGMLWeight):  # GGUF blocks: the layout depends on the type and the backend
+            return ops.prepared_nbytes(w)
         return w.nbytes if isinstance(w, QuantizedWeight) else int(np.prod(w.shape)) * ops.float_bytes
 
     def elements(w):

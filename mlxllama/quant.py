@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import ModelArgs
 from .errors import UsageError
-from .weights import LAYER_LINEARS, QUANT_BITS, QUANT_GROUP_SIZES, QuantizedWeight
+from .weights import LAYER_LINEARS, QUANT_BITS, QUANT_GROUP_SIZES, GGMLWeight, QuantizedWeight
 
 BITS = (1,) + QUANT_BITS  # 1 bit quantizes too (MLX's rule differs there); model files use QUANT_BITS
 GROUP_SIZES = QUANT_GROUP_SIZES
@@ -226,10 +226,12 @@ def quantize_weights(weights: dict, args: ModelArgs, group_size: int = 64, bits:
         if progress is not None:
             progress(len(out), len(weights))
         if not is_quantizable(name):
-            if isinstance(w, QuantizedWeight):
+            if isinstance(w, (QuantizedWeight, GGMLWeight)):
                 raise UsageError(f"tensor {name} is quantized but should be a float vector")
             out[name] = np.asarray(w).astype(dtype, copy=False)
             continue
+        if isinstance(w, GGMLWeight):
+            w = ggml_affine(w) or w.dequantize().astype(dtype)
         if isinstance(w, QuantizedWeight):
             if (w.bits, w.group_size) == (bits, group_size):
                 out[name] = w
@@ -240,3 +242,90 @@ def quantize_weights(weights: dict, args: ModelArgs, group_size: int = 64, bits:
             raise UsageError(f"tensor {name} of shape {w.shape} cannot be quantized in groups of {group_size}")
         out[name] = quantize(w.astype(dtype, copy=False), group_size, bits)
     return out, args.replace(quantization={"group_size": group_size, "bits": bits}, torch_dtype=dtype.name)
+
+
+# -- GGUF blocks in MLX's affine layout ------------------------------------------------------------------------
+
+# GGUF types with an exact MLX affine form (bits, group 32): w = scale * q + bias gives gguf's float32 weights
+GGML_AFFINE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_K": 4, "Q5_K": 5}
+_GGML_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176}
+
+
+def _scales_biases(d: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float16 when the biases fit it exactly (always, except for absurd block scales), else float32."""
+    b16 = biases.astype(np.float16)
+    if np.array_equal(b16.astype(np.float32), biases, equal_nan=True):
+        return d, b16
+    return d.astype(np.float32), biases
+
+
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks[..., at:at + 2]).view("<f2")[..., 0]
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """GGUF's 32-element nibble runs (byte i: element i low, i + 16 high) -> codes in element order."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 32 high bits (a little-endian uint32 per block) -> one 0/16 per element."""
+    bits = np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
+    return bits.astype(np.uint8) << np.uint8(4)
+
+
+def ggml_affine(w: GGMLWeight) -> QuantizedWeight | None:
+    """w in MLX's affine layout (group 32), value for value, or None where its type has no exact affine form
+    (Q6_K, Q3_K and Q2_K scale sub-blocks of 16; IQ4 codes index a non-uniform table). Scales and biases are
+    float32 where float16 would round them (K-quants' d * sc), float16 otherwise."""
+    bits = GGML_AFFINE.get(w.qtype)
+    if bits is None:
+        return None
+    n = w.blocks.shape[0]
+    blocks = np.asarray(w.blocks).reshape(n, -1, _GGML_BLOCK_BYTES[w.qtype])
+    if w.qtype in ("Q4_K", "Q5_K"):
+        q, scales, biases = _k_affine(blocks, w.qtype)
+    else:
+        d = _half(blocks, 0)
+        d32 = d.astype(np.float32)
+        if w.qtype == "Q8_0":  # int8 q -> q + 128; w = d*q = d*(q+128) - 128*d
+            q = blocks[..., 2:] ^ np.uint8(0x80)
+            scales, biases = _scales_biases(d, -128 * d32)
+        elif w.qtype == "Q4_0":
+            q = _low_high(blocks[..., 2:])
+            scales, biases = _scales_biases(d, -8 * d32)
+        elif w.qtype == "Q4_1":
+            q, scales, biases = _low_high(blocks[..., 4:]), d, _half(blocks, 2)
+        elif w.qtype == "Q5_0":
+            q = _low_high(blocks[..., 6:]) | _high_bits(blocks[..., 2:6])
+            scales, biases = _scales_biases(d, -16 * d32)
+        else:  # Q5_1
+            q, scales, biases = _low_high(blocks[..., 8:]) | _high_bits(blocks[..., 4:8]), d, _half(blocks, 2)
+    return QuantizedWeight(pack(np.ascontiguousarray(q).reshape(n, -1), bits), scales, biases, 32, bits)
+
+
+def _k_affine(blocks: np.ndarray, qtype: str):
+    """Q4_K / Q5_K blocks [rows, nb, bytes] -> codes [rows, nb, 8, 32], float32 scales d*sc and biases -dmin*m."""
+    from gguf.quants import Q4_K
+
+    n, nb = blocks.shape[:2]
+    d, dmin = _half(blocks, 0).astype(np.float32), _half(blocks, 2).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+    scales = (d[..., None] * sc.reshape(n, nb, 8).astype(np.float32)).reshape(n, -1)
+    biases = -(dmin[..., None] * m.reshape(n, nb, 8).astype(np.float32)).reshape(n, -1)
+    qs = blocks[..., 16:] if qtype == "Q4_K" else blocks[..., 48:]
+    q = (qs.reshape(n, nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & np.uint8(0x0F)
+    q = q.reshape(n, nb, 8, 32)
+    if qtype == "Q5_K":
+        qh = blocks[..., 16:48].reshape(n, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+        q = q | ((qh & np.uint8(1)) << np.uint8(4))
+    return q, scales, biases
+
+
+def dequantize_any(w, dtype=np.float32) -> np.ndarray:
+    """A QuantizedWeight or GGMLWeight as a float matrix (dtype), exactly; other arrays as they are."""
+    if isinstance(w, GGMLWeight):
+        return w.dequantize().astype(dtype, copy=False)
+    if isinstance(w, QuantizedWeight):
+        return dequantize(w, dtype)
+    return np.asarray(w)

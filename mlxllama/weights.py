@@ -10,12 +10,15 @@ Names follow the HF/MLX LLaMA convention (without the `.weight` suffix for linea
     model.layers.{i}.mlp.{gate,up,down}_proj    [out, in]
     model.norm                                  [hidden]
     lm_head                                     [vocab, hidden]   (absent when embeddings are tied)
-Each value is a numpy array (float32 or float16, possibly a read-only memmap) or a QuantizedWeight in
-MLX's affine layout. bfloat16 files are widened to float32 (exact); ModelArgs.torch_dtype remembers it.
+Each value is a numpy array (float32 or float16, possibly a read-only memmap), a QuantizedWeight in
+MLX's affine layout, or a GGMLWeight: a GGUF tensor's raw blocks, kept as the file stores them (K-quants and the
+other types with no exact affine form; each backend lays them out, see GGMLWeight). bfloat16 files are widened
+to float32 (exact); ModelArgs.torch_dtype remembers it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,8 @@ from .errors import ModelFileError, plain
 
 if TYPE_CHECKING:
     from .config import ModelArgs
+
+logger = logging.getLogger(__name__)
 
 # MLX's affine quantization as every part of mlxllama accepts it (config, convert, quant, roofline).
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
@@ -52,6 +57,60 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
 
+
+@dataclass
+class GGMLWeight:
+    """A GGUF quantized matrix as stored: blocks [rows, row_bytes] uint8 (a memmap view until laid out), each row
+    cols / block_elements blocks of the GGML type `qtype` (a gguf GGMLQuantizationType name, "Q4_K", ...).
+
+    Its float values are gguf.quants.dequantize's, exactly. The numpy backend multiplies the blocks as they are
+    (backends/kquants.py, through prepare_numpy); MLX maps the types that have an exact affine form onto
+    mx.quantized_matmul and decodes the others per product (backends/mlx_ops.py)."""
+
+    qtype: str
+    blocks: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blocks.nbytes)
+
+    @staticmethod
+    def prepare_numpy(parts: list):
+        """The numpy backend's layout of same-input projections fused by output rows (the backend's
+        prepare_linear hook): the raw blocks and a numba kernel, or float32 [in, out] where numba is missing."""
+        kquants = _kquants()
+        if kquants is None:
+            return np.ascontiguousarray(np.concatenate([p.dequantize() for p in parts]).T)
+        return kquants.prepare_numpy(parts)
+
+    def numpy_nbytes(self) -> int:
+        """Bytes prepare_numpy will hold for this tensor: the file's, or float32's without numba."""
+        return self.nbytes if _kquants() is not None else 4 * self.shape[0] * self.shape[1]
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32 [rows, cols], equal to gguf.quants.dequantize's."""
+        import gguf.quants
+        from gguf.constants import GGMLQuantizationType
+
+        rows = np.ascontiguousarray(self.blocks[start:stop])
+        return gguf.quants.dequantize(rows, GGMLQuantizationType[self.qtype]).astype(np.float32, copy=False)
+
+
+def _kquants():
+    """backends.kquants (numba kernels over GGUF blocks), or None where numba cannot be imported (once, a warning)."""
+    try:
+        from .backends import kquants
+    except ImportError as e:
+        if not _NO_NUMBA:
+            _NO_NUMBA.append(e)
+            logger.warning("numba is not usable (%s): GGUF quantized weights are widened to float32 on the numpy "
+                           "backend (pip install 'mlxllama[fast-cpu]')", str(e).splitlines()[0] if str(e) else e)
+        return None
+    return kquants
+
+
+_NO_NUMBA: list = []
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -98,7 +157,7 @@ def check_weights(weights: dict, args: "ModelArgs", source: str) -> None:
         raise ModelFileError(f"{source}: unexpected tensor {plain(extra[0])}")
     for k, s in want.items():
         w = weights[k]
-        shape = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
+        shape = w.shape if isinstance(w, (QuantizedWeight, GGMLWeight)) else tuple(w.shape)
         if tuple(shape) != s:
             raise ModelFileError(f"{source}: tensor {k} has shape {tuple(shape)}, config implies {s}")
 
@@ -115,4 +174,17 @@ def cut(w, rows: slice = slice(None), cols: slice = slice(None)):
         words = slice(c0 * w.bits // 32, c1 * w.bits // 32)
         groups = slice(c0 // g, c1 // g)
         return QuantizedWeight(w.weight[rows, words], w.scales[rows, groups], w.biases[rows, groups], g, w.bits)
+    if isinstance(w, GGMLWeight):
+        return _cut_blocks(w, rows, cols)
     return w[rows] if w.ndim == 1 else w[rows, cols]
+
+
+def _cut_blocks(w: GGMLWeight, rows: slice, cols: slice) -> GGMLWeight:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[w.qtype]]
+    c0, c1, _ = cols.indices(w.shape[1])
+    if c0 % block or c1 % block:
+        raise ModelFileError(f"columns {c0}:{c1} of a {w.qtype} weight do not fall on its blocks of {block}")
+    part = w.blocks[rows, c0 // block * type_size: c1 // block * type_size]
+    return GGMLWeight(w.qtype, part, (part.shape[0], c1 - c0))

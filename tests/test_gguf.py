@@ -16,7 +16,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from mlxllama.errors import ConfigError, ModelFileError
 from mlxllama.loaders.gguf import GGUF_TO_INTERNAL, load_gguf, read_gguf_metadata
-from mlxllama.weights import QuantizedWeight, expected_shapes
+from mlxllama.weights import GGMLWeight, QuantizedWeight, expected_shapes
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 96, 256, 2, 4, 2, 512  # 256: K-quant rows need multiples of 256
 HEAD_DIM = HIDDEN // HEADS
@@ -109,8 +109,11 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], qtype: QT, *, arch="l
         reference[name] = ref
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
-    for name, arr in extra_tensors:
-        w.add_tensor(name, arr)
+    for name, arr in extra_tensors:  # an array, or (raw bytes, GGML type)
+        if isinstance(arr, tuple):
+            w.add_tensor(name, arr[0], raw_dtype=arr[1])
+        else:
+            w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -198,26 +201,38 @@ def test_native_quants_match_mlx_dequantize(tmp_path):
             np.testing.assert_array_equal(np.array(out), ref[name], err_msg=f"{qtype.name} {name}")
 
 
-@pytest.mark.parametrize("qtype,bits", [(QT.Q5_0, 8), (QT.Q5_1, 8), (QT.Q4_K, 4), (QT.Q6_K, 8)], ids=_id)
-def test_requantized_types_are_close(tmp_path, qtype, bits):
+@pytest.mark.parametrize("qtype", [QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=_id)
+def test_block_types_are_kept_exact(tmp_path, qtype):
+    """Types without MLX's exact repack stay as the file's blocks, equal to gguf.quants.dequantize; in such a file
+    the Q8_0 embedding stays as blocks too (one layout per file)."""
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     ref = write_gguf(path, hf_weights(), qtype)
-    with pytest.warns(UserWarning, match=qtype.name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         _, weights, _ = load_gguf(path)
     for name, r in ref.items():
         got = weights[name]
         if r.ndim == 1:
             np.testing.assert_array_equal(got, r)
             continue
-        assert isinstance(got, QuantizedWeight) and (got.bits, got.group_size) == (bits, 32), name
-        groups = r.reshape(r.shape[0], -1, 32)
-        step = (groups.max(-1) - groups.min(-1)) / ((1 << bits) - 1)
-        err = np.abs(deq32(got) - r).reshape(groups.shape)
-        # MLX's algorithm represents the larger-magnitude end of a group exactly, which can leave the other
-        # end up to one step off the grid; plus float16 rounding of the input, the scale and the bias.
-        absmax = np.abs(groups).max(-1)
-        assert np.all(err.max(-1) <= step + 4 * absmax * 2.0**-11 + 1e-7), name
-        assert err.mean() <= 0.3 * step.mean(), name  # round-to-nearest on average: a quarter step
+        assert isinstance(got, GGMLWeight) and got.qtype == qtype.name and got.shape == r.shape, name
+        np.testing.assert_array_equal(got.dequantize(), r, err_msg=name)
+        if name == "model.layers.1.mlp.down_proj":  # not permuted: still a view of the file
+            assert isinstance(got.blocks, np.memmap) or isinstance(got.blocks.base, np.memmap)
+    assert sum(w.nbytes for w in weights.values() if isinstance(w, GGMLWeight)) == sum(
+        GGML_QUANT_SIZES[qtype][1] * r.size // GGML_QUANT_SIZES[qtype][0] for r in ref.values() if r.ndim == 2)
+
+
+def test_other_quantized_types_are_refused_in_one_line(tmp_path):
+    weights = hf_weights()
+    rows, cols = weights.pop("model.layers.0.mlp.down_proj").shape
+    block, size = GGML_QUANT_SIZES[QT.IQ2_XXS]
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    path = tmp_path / "iq2-down.gguf"
+    write_gguf(path, weights, QT.F32, extra_tensors=[("blk.0.ffn_down.weight", (raw, QT.IQ2_XXS))])
+    with pytest.raises(ModelFileError) as e:
+        load_gguf(path)
+    assert "\n" not in str(e.value) and "IQ2_XXS" in str(e.value) and "exactly" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -414,7 +429,7 @@ def test_unsupported_tensor_type(tmp_path):
     weights = {k: v for k, v in hf.items() if k != "model.norm"}
     path = tmp_path / "norm-i8.gguf"
     write_gguf(path, weights, QT.F32, extra_tensors=[("output_norm.weight", np.ones(HIDDEN, np.int8))])
-    _raises(path, "unsupported type I8")
+    _raises(path, "type I8, which mlxllama does not run")
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from ..weights import QuantizedWeight
+from ..weights import GGMLWeight, QuantizedWeight
 from .contract import QuantizedKV
 
 DEQUANTIZED_MATMUL_ROWS = 16  # on the CPU, inputs with at least this many rows take the dequantize-then-matmul path
@@ -57,11 +57,21 @@ class MLXOps:
         compute dtype, the rest in it."""
         if isinstance(w, QuantizedWeight):
             return int(w.weight.nbytes + 2 * w.scales.size * self.float_bytes)
+        if isinstance(w, GGMLWeight):
+            from ..quant import GGML_AFFINE
+
+            bits = GGML_AFFINE.get(w.qtype)
+            if bits is None:  # kept as the file's blocks (RawLinear)
+                return w.nbytes
+            rows, cols = w.shape
+            return rows * cols * bits // 8 + 2 * rows * (cols // 32) * self.float_bytes
         return int(np.prod(w.shape)) * self.float_bytes
 
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by stacking output rows; quantized rows stack exactly. Scales and biases
         take the compute dtype (float32 on the CPU: MLX's CPU kernels are faster with it)."""
+        if any(isinstance(p, GGMLWeight) for p in parts):
+            return self._prepare_blocks(parts)
         if all(isinstance(p, QuantizedWeight) for p in parts) and \
                 len({(p.bits, p.group_size, p.scales.dtype) for p in parts}) == 1:
             p0 = parts[0]
@@ -77,13 +87,36 @@ class MLXOps:
         mx.eval(out)  # materialize now: the loader's copy can go, and no lazy cast is left holding both
         return out
 
+    def _prepare_blocks(self, parts: list):
+        """GGUF blocks: types with an exact affine form become QLinear (quant.ggml_affine: K-quants' d * sc scales
+        are float32, exact on the CPU; a GPU's float16 compute rounds them), the others stay as the file's blocks
+        and are decoded per product (RawLinear, kquants_mlx). Parts of different layouts are kept apart
+        (SplitLinear) rather than widened."""
+        from ..quant import ggml_affine
+
+        laid = [(ggml_affine(p) or p) if isinstance(p, GGMLWeight) else p for p in parts]
+        affine = all(isinstance(p, QuantizedWeight) for p in laid)
+        if affine and len({(p.bits, p.group_size) for p in laid}) == 1:
+            return self.prepare_linear([QuantizedWeight(p.weight, p.scales.astype(np.float32),
+                                                        p.biases.astype(np.float32), p.group_size, p.bits)
+                                        for p in laid])
+        if len(laid) > 1:
+            return SplitLinear(tuple(self.prepare_linear([p]) for p in laid))
+        from .kquants_mlx import RAW_TYPES
+
+        p = laid[0]
+        _, block_bytes = RAW_TYPES[p.qtype]
+        out = RawLinear(mx.array(np.asarray(p.blocks).reshape(p.shape[0], -1, block_bytes)), p.qtype)
+        mx.eval(out.blocks)
+        return out
+
     def prepare_norm(self, w):
         out = self._dense(w)
         mx.eval(out)
         return out
 
     def prepare_embedding(self, w):
-        if isinstance(w, QuantizedWeight):
+        if isinstance(w, (QuantizedWeight, GGMLWeight)):
             return self.prepare_linear([w])
         out = self._dense(w)
         mx.eval(out)
@@ -118,15 +151,27 @@ class MLXOps:
 
     def embedding(self, table, ids, start: int | None = None):
         if start is not None:  # a vocabulary shard: rows of other ranks' ids are zero (all_sum fills them in)
-            rows = (table.weight if isinstance(table, QLinear) else table).shape[0]
+            rows = (table.weight if isinstance(table, QLinear) else
+                    table.blocks if isinstance(table, RawLinear) else table).shape[0]
             mine = (ids >= start) & (ids < start + rows)
             return mx.where(mine[..., None], self.embedding(table, mx.where(mine, ids - start, 0)), 0)
+        if isinstance(table, RawLinear):
+            from .kquants_mlx import decode
+
+            rows = decode(table.qtype, table.blocks[ids.reshape(-1)])
+            return rows.reshape(*ids.shape, -1).astype(self.float_dtype)
         if isinstance(table, QLinear):
             return mx.dequantize(table.weight[ids], table.scales[ids], table.biases[ids],
                                  group_size=table.group_size, bits=table.bits).astype(self.float_dtype)
         return table[ids]
 
     def linear(self, x, w):
+        if isinstance(w, SplitLinear):
+            return mx.concatenate([self.linear(x, p) for p in w.parts], axis=-1)
+        if isinstance(w, RawLinear):  # decoded per product: a float transient of this one weight
+            from .kquants_mlx import decode
+
+            return x @ decode(w.qtype, w.blocks).astype(x.dtype).T
         if isinstance(w, QLinear):
             if not self.on_gpu and x.size // x.shape[-1] >= DEQUANTIZED_MATMUL_ROWS:
                 # MLX's CPU quantized_matmul is a scalar loop; for many rows, dequantizing (a transient float
@@ -260,6 +305,29 @@ class QLinear(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+class RawLinear(NamedTuple):
+    """A GGUF weight with no exact affine form, resident as the file's blocks: uint8 [rows, n_blocks, block_bytes]
+    of type qtype (kquants_mlx.RAW_TYPES), decoded per product."""
+
+    blocks: mx.array
+    qtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+
+class SplitLinear(NamedTuple):
+    """Same-input projections of different layouts (a GGUF K-quant mix: Q4_K beside Q6_K), each prepared alone;
+    the product concatenates their outputs."""
+
+    parts: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 class DenseT(NamedTuple):

@@ -117,7 +117,7 @@ class NumpyOps:
         (and "auto" where numba imports) 4/8-bit tensors as stored; in "quantized" mode codes (4-bit two per byte,
         others one per byte) with float32 scales and biases; a weight type that prepares itself, its nbytes."""
         if _custom(w):
-            return int(w.nbytes)
+            return int(w.numpy_nbytes() if hasattr(w, "numpy_nbytes") else w.nbytes)
         fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)
         if isinstance(w, QuantizedWeight) and fused and w.bits in _qmatvec().BITS:
             return int(w.nbytes)
@@ -130,8 +130,9 @@ class NumpyOps:
     def prepare_linear(self, parts: list):
         """Fuse same-input projections by output rows; lay the result out as [in, out] (as stored in "fused"
         mode: qmatvec.PackedLinear; a weight type with prepare_numpy: what it returns)."""
-        if _custom(parts[0]):
-            return type(parts[0]).prepare_numpy(parts)
+        custom = [p for p in parts if _custom(p)]
+        if custom:
+            return type(custom[0]).prepare_numpy(parts)
         quantized = all(isinstance(p, QuantizedWeight) for p in parts)
         if quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
             if self._auto and self.weights_mode == "float32":

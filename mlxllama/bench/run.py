@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .. import loaders
 from ..api import resolve
 from ..engine import Engine, RequestParams
 from ..model import Model, prefill
-from ..weights import QuantizedWeight
+from ..weights import GGMLWeight, QuantizedWeight
 from . import hardware, probe, roofline, submissions
 
 
@@ -75,8 +75,16 @@ def resident_weights(weights: dict, ops) -> dict:
     """What the backend really reads per token: dense tensors in its float type, quantized ones packed or, where
     the backend widens them at load, in its float type too (zero-copy stand-ins, nothing is allocated)."""
     held = np.dtype(f"float{8 * ops.float_bytes}")
-    return {k: w if isinstance(w, QuantizedWeight) and ops.keeps_quantized else np.broadcast_to(held.type(0), w.shape)
-            for k, w in weights.items()}
+    return {k: _Held(w.shape, ops.prepared_nbytes(w)) if isinstance(w, GGMLWeight)
+            else w if isinstance(w, QuantizedWeight) and ops.keeps_quantized
+            else np.broadcast_to(held.type(0), w.shape) for k, w in weights.items()}
+
+
+class _Held(NamedTuple):
+    """A stand-in for a GGUF block tensor as the backend holds it (its layout depends on the type and backend)."""
+
+    shape: tuple
+    nbytes: int
 
 
 def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int, batches: list[int], backend: str,

@@ -3,6 +3,10 @@
 The header is parsed here with bounds checks on every read (_read_header), because gguf.GGUFReader trusts
 the file: a hostile array length makes it loop or allocate without limit, and it takes seconds to walk a
 50k-token vocabulary. Tensor data stays in a read-only np.memmap; F32/F16 tensors are returned as views of it.
+
+Q4_0, Q4_1 and Q8_0 are repacked exactly into MLX's affine layout (QuantizedWeight). K-quants (Q2_K..Q6_K), Q5_0,
+Q5_1, IQ4_NL and IQ4_XS stay as the file's blocks (GGMLWeight, views of the file), and in a file that has any of them
+Q4_0/Q4_1/Q8_0 stay so too, so that projections fused by a backend share one layout. Other types are refused.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import mmap
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from .. import families
 from ..config import ModelArgs, from_gguf_metadata
 from ..errors import ModelFileError, shown as _show
 from ..families import GGUF_TO_INTERNAL
-from ..weights import QuantizedWeight, check_weights
+from ..quant import ggml_affine
+from ..weights import GGMLWeight, QuantizedWeight, check_weights
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -48,8 +52,8 @@ _SCALAR_NP = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2"
 
 _NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0)  # repacked exactly into MLX's affine layout
 _DENSE = (QT.F32, QT.F16, QT.BF16)
-_REQUANT_8BIT = (QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K)  # everything else requantized goes to 4 bits
-_REQUANT_GROUP = 32
+# kept as the file's blocks (weights.GGMLWeight), exact; in a file with any of them, _NATIVE tensors are kept so too
+_BLOCKS = (QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)
 
 
 @dataclass
@@ -248,40 +252,18 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def _is_supported(qtype: QT) -> bool:
-    return qtype in _DENSE or qtype in _NATIVE or isinstance(getattr(gguf.quants, qtype.name, None), type)
+    return qtype in _DENSE or qtype in _NATIVE or qtype in _BLOCKS
 
 
-def _scales_biases(d: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float16 when the biases fit it exactly (always, except for absurd block scales), else float32."""
-    b16 = biases.astype(np.float16)
-    if np.array_equal(b16.astype(np.float32), biases, equal_nan=True):
-        return d, b16
-    return d.astype(np.float32), biases
+def _unsupported(name: str, qtype: QT) -> str:
+    kinds = ", ".join(t.name for t in _NATIVE + _BLOCKS)
+    return (f"tensor {name} has type {qtype.name}, which mlxllama does not run exactly (quantized types it runs: "
+            f"{kinds}); use a file quantized to one of those")
 
 
 def _repack(rows: np.ndarray, qtype: QT) -> QuantizedWeight:
     """Q4_0 / Q4_1 / Q8_0 rows of raw blocks -> MLX affine layout, group size 32, value for value."""
-    n = rows.shape[0]
-    _, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = rows.reshape(n, -1, type_size)
-    d = np.ascontiguousarray(blocks[..., 0:2]).view("<f2")[..., 0]
-    d32 = d.astype(np.float32)
-    if qtype == QT.Q8_0:
-        # int8 q -> unsigned q + 128 (flip the sign bit); w = d*q = d*(q+128) - 128*d
-        q = blocks[..., 2:] ^ np.uint8(0x80)
-        packed = np.ascontiguousarray(q).reshape(n, -1).view("<u4")
-        scales, biases = _scales_biases(d, -128 * d32)
-        return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 8)
-    qs = blocks[..., -16:]
-    # GGUF: byte i of a block holds element i (low nibble) and element i + 16 (high nibble).
-    q = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-    # MLX: element j of a little-endian uint32 at bits 4j, i.e. byte k holds elements 2k (low) and 2k + 1 (high).
-    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).reshape(n, -1).view("<u4")
-    if qtype == QT.Q4_1:
-        scales, biases = d, np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0]
-    else:  # Q4_0: w = d*(q - 8) = d*q - 8*d
-        scales, biases = _scales_biases(d, -8 * d32)
-    return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases, 32, 4)
+    return ggml_affine(GGMLWeight(qtype.name, rows, (rows.shape[0], rows.shape[1] // GGML_QUANT_SIZES[qtype][1] * 32)))
 
 
 def _dense(raw: np.ndarray, info: _TensorInfo) -> np.ndarray:
@@ -295,17 +277,10 @@ def _dense(raw: np.ndarray, info: _TensorInfo) -> np.ndarray:
     return gguf.quants.dequantize(raw.reshape(*info.shape[:-1], row_bytes), info.qtype)
 
 
-def _requantize(dense: np.ndarray, qtype: QT) -> QuantizedWeight:
-    from .. import quant
-
-    w16 = dense.astype(np.float16)
-    src = w16 if np.isfinite(w16).all() else dense
-    return quant.quantize(src, _REQUANT_GROUP, 8 if qtype in _REQUANT_8BIT else 4)
-
-
-def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None, cols: slice = slice(None)):
+def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None, cols: slice = slice(None),
+             keep_blocks: bool = False):
     """One tensor in the internal layout; cols (a distributed rank's part) is cut from the raw blocks where it falls
-    on block boundaries, so the repack reads only that part."""
+    on block boundaries, so the repack reads only that part. keep_blocks: every quantized type stays as stored."""
     raw = data[info.offset:info.offset + info.nbytes]
     if len(info.shape) == 2 and info.qtype not in _DENSE:
         rows = raw.reshape(info.shape[0], -1)
@@ -318,9 +293,9 @@ def _convert(data: np.memmap, info: _TensorInfo, row_index: np.ndarray | None, c
                 raise ModelFileError(f"columns {c0}:{c1} of tensor {info.name} do not fall on its {info.qtype.name} "
                                      f"blocks of {block}")
             rows = rows[:, c0 // block * type_size: c1 // block * type_size]
-        if info.qtype in _NATIVE:
+        if info.qtype in _NATIVE and not keep_blocks:
             return _repack(rows, info.qtype)
-        return _requantize(gguf.quants.dequantize(rows, info.qtype), info.qtype)
+        return GGMLWeight(info.qtype.name, rows, (rows.shape[0], rows.shape[1] // type_size * block))
     w = _dense(raw, info)
     w = w[row_index] if row_index is not None else w
     return w[:, cols] if w.ndim == 2 else w
@@ -344,7 +319,7 @@ def _torch_dtype(qtype: QT) -> str:
     return {QT.BF16: "bfloat16", QT.F32: "float32"}.get(qtype, "float16")
 
 
-def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight], dict]:
+def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight | GGMLWeight], dict]:
     """(args, weights in the internal layout, metadata). Raises ModelFileError (ConfigError for metadata).
     shard: see loaders.load; the kept rows and columns are cut before conversion (repacks work row by row)."""
     path = Path(path)
@@ -365,7 +340,7 @@ def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | Quant
         if internal in infos:
             raise ModelFileError(f"{path}: tensors {infos[internal].name} and {name} both map to {internal}")
         if not _is_supported(info.qtype):
-            raise ModelFileError(f"{path}: tensor {name} has unsupported type {info.qtype.name}")
+            raise ModelFileError(f"{path}: {_unsupported(name, info.qtype)}")
         infos[internal] = info
     embed = infos.get("model.embed_tokens")
     args = args.replace(tie_word_embeddings="lm_head" not in infos,
@@ -384,8 +359,8 @@ def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | Quant
         factors = _dense(data[rope_freqs.offset:rope_freqs.offset + rope_freqs.nbytes], rope_freqs)
         args = args.replace(rope_freq_factors=[float(x) for x in factors])
 
-    weights: dict[str, np.ndarray | QuantizedWeight] = {}
-    requantized: set[str] = set()
+    weights: dict[str, np.ndarray | QuantizedWeight | GGMLWeight] = {}
+    keep_blocks = any(i.qtype in _BLOCKS and len(i.shape) == 2 for i in infos.values())
     permuted = families.by_name(args.family).gguf_permuted
     for internal, info in infos.items():
         part = (slice(None), slice(None)) if shard is None else shard(args, internal, info.shape)
@@ -399,13 +374,8 @@ def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | Quant
             row_index = _unpermute_rows(info.shape[0], args.num_key_value_heads)
         if rows != slice(None):
             row_index = (np.arange(info.shape[0]) if row_index is None else row_index)[rows]
-        if info.qtype not in _DENSE + _NATIVE and len(info.shape) == 2 and info.qtype.name not in requantized:
-            requantized.add(info.qtype.name)
-            bits = 8 if info.qtype in _REQUANT_8BIT else 4
-            warnings.warn(f"{path}: {info.qtype.name} tensors are requantized to {bits}-bit affine "
-                          f"(group {_REQUANT_GROUP}); expect a small accuracy loss", stacklevel=2)
         try:
-            weights[internal] = _convert(data, info, row_index, cols)
+            weights[internal] = _convert(data, info, row_index, cols, keep_blocks)
         except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:
             raise ModelFileError(f"{path}: cannot convert tensor {info.name} ({info.qtype.name}): {e}") from None
         if weights[internal].__class__ is QuantizedWeight:

@@ -1,0 +1,457 @@
+"""GGUF quantized blocks (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS, and Q4_0/Q4_1/Q8_0 beside them) multiplied as the file
+stores them, on the numpy backend (numba).
+
+Every type decodes, block by block, into integer codes c with one scale and one bias per sub-block of S elements
+(S = 16 or 32): w = scale * c + bias, formed in float32 exactly as gguf.quants.dequantize forms it (Q4_K: scale
+d * sc, bias -(dmin * m); Q6_K: scale d * sc, code q - 32, no bias; IQ4: the code is the type's table value). Then
+
+  a product with up to _DIRECT_ROWS input rows decodes each block once and, per input row and sub-block, adds
+      scale * (c . x) + bias * sum(x)
+  in float32 (the weights are never formed: another rounding order than x @ W, ~1e-6 relative);
+  a longer one dequantizes a block of weight rows into a cache-sized buffer (bit for bit gguf's weights) and
+  multiplies it with BLAS.
+
+Resident memory is the file's tensor bytes; nothing is widened at load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+from numba import njit
+
+# type name -> (kind, elements per block, elements per sub-block, bytes per block)
+TYPES = {
+    "Q4_0": (0, 32, 32, 18), "Q4_1": (1, 32, 32, 20), "Q8_0": (2, 32, 32, 34), "Q5_0": (3, 32, 32, 22),
+    "Q5_1": (4, 32, 32, 24), "IQ4_NL": (5, 32, 32, 18), "Q2_K": (6, 256, 16, 84), "Q3_K": (7, 256, 16, 110),
+    "Q4_K": (8, 256, 32, 144), "Q5_K": (9, 256, 32, 176), "Q6_K": (10, 256, 16, 210), "IQ4_XS": (11, 256, 32, 136),
+}
+_DIRECT_ROWS = 16  # products of at most this many input rows decode in the kernel; longer ones go through BLAS
+_DEQUANT_BLOCK = 1 << 20  # float32 weights dequantized at a time for BLAS (4 MB)
+_SPLIT = 1 << 20  # products over at least this many weights are split over threads
+
+_HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)  # fp16 bits -> f32
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _h(row, p, half):
+    return half[np.int64(row[p]) | (np.int64(row[p + 1]) << 8)]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode(kind, blk, half, iq4, c, sc, bi):
+    """One block (its bytes): codes c[:QK], scale sc[s] and bias bi[s] per sub-block (w = sc * c + bi)."""
+    if kind <= 5:
+        _decode_32(kind, blk, half, iq4, c, sc, bi)
+    else:
+        _decode_256(kind, blk, half, iq4, c, sc, bi)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_32(kind, blk, half, iq4, c, sc, bi):
+    """A 32-element block: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL."""
+    d = _h(blk, 0, half)
+    sc[0] = d
+    bi[0] = np.float32(0)
+    if kind == 2:  # Q8_0
+        for i in range(32):
+            c[i] = np.float32(np.int8(blk[2 + i]))
+        return
+    q0 = 2
+    hb = np.uint32(0)
+    if kind == 1:  # Q4_1
+        bi[0] = _h(blk, 2, half)
+        q0 = 4
+    elif kind == 3:  # Q5_0
+        hb = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) \
+            | (np.uint32(blk[5]) << 24)
+        q0 = 6
+    elif kind == 4:  # Q5_1
+        bi[0] = _h(blk, 2, half)
+        hb = np.uint32(blk[4]) | (np.uint32(blk[5]) << 8) | (np.uint32(blk[6]) << 16) \
+            | (np.uint32(blk[7]) << 24)
+        q0 = 8
+    off = np.float32(8) if kind == 0 else (np.float32(16) if kind == 3 else np.float32(0))
+    for i in range(16):
+        b = blk[q0 + i]
+        lo = np.int64(b & 15)
+        hi = np.int64(b >> 4)
+        if kind == 5:
+            c[i] = iq4[lo]
+            c[i + 16] = iq4[hi]
+        else:
+            lo |= np.int64((hb >> i) & 1) << 4
+            hi |= np.int64((hb >> (i + 16)) & 1) << 4
+            c[i] = np.float32(lo) - off
+            c[i + 16] = np.float32(hi) - off
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_256(kind, blk, half, iq4, c, sc, bi):
+    """A 256-element block: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS."""
+    if kind == 6:  # Q2_K: scales[16] qs[64] d dmin
+        d = _h(blk, 80, half)
+        dmin = _h(blk, 82, half)
+        for s in range(16):
+            v = blk[s]
+            sc[s] = d * np.float32(v & 15)
+            bi[s] = -(dmin * np.float32(v >> 4))
+        for j in range(2):
+            for k in range(4):
+                for l in range(32):
+                    c[j * 128 + k * 32 + l] = np.float32((blk[16 + j * 32 + l] >> (2 * k)) & 3)
+        return
+    if kind == 7:  # Q3_K: hmask[32] qs[64] scales[12] d
+        d = _h(blk, 108, half)
+        for s in range(16):
+            lo = (blk[96 + s % 8] >> (4 * (s // 8))) & 15
+            hi = (blk[104 + s % 4] >> (2 * (s // 4))) & 3
+            sc[s] = d * np.float32(np.int64(lo | (hi << 4)) - 32)
+            bi[s] = np.float32(0)
+        for j in range(2):
+            for k in range(4):
+                for l in range(32):
+                    q = np.int64((blk[32 + j * 32 + l] >> (2 * k)) & 3)
+                    h = np.int64((blk[l] >> (j * 4 + k)) & 1)
+                    c[j * 128 + k * 32 + l] = np.float32(q - 4 * (1 - h))
+        return
+    if kind == 8 or kind == 9:  # Q4_K / Q5_K: d dmin scales[12] (qh[32]) qs[128]
+        d = _h(blk, 0, half)
+        dmin = _h(blk, 2, half)
+        for s in range(8):
+            if s < 4:
+                a = blk[4 + s] & 63
+                m = blk[8 + s] & 63
+            else:
+                a = (blk[12 + s - 4] & 15) | ((blk[4 + s - 4] >> 2) & 0x30)
+                m = (blk[12 + s - 4] >> 4) | ((blk[8 + s - 4] >> 2) & 0x30)
+            sc[s] = d * np.float32(a)
+            bi[s] = -(dmin * np.float32(m))
+        qs = 16 if kind == 8 else 48
+        for j in range(4):
+            for t in range(2):
+                for l in range(32):
+                    q = np.int64((blk[qs + j * 32 + l] >> (4 * t)) & 15)
+                    if kind == 9:
+                        q |= np.int64((blk[16 + l] >> (2 * j + t)) & 1) << 4
+                    c[j * 64 + t * 32 + l] = np.float32(q)
+        return
+    if kind == 10:  # Q6_K: ql[128] qh[64] scales[16] (int8) d
+        d = _h(blk, 208, half)
+        for s in range(16):
+            sc[s] = d * np.float32(np.int8(blk[192 + s]))
+            bi[s] = np.float32(0)
+        for j in range(2):
+            for k in range(4):
+                for l in range(32):
+                    e = k * 32 + l  # inside this half: ql byte j*64 + e % 64, nibble e // 64
+                    q = np.int64((blk[j * 64 + e % 64] >> (4 * (e // 64))) & 15)
+                    q |= np.int64((blk[128 + j * 32 + l] >> (2 * k)) & 3) << 4
+                    c[j * 128 + e] = np.float32(q - 32)
+        return
+    # kind 11, IQ4_XS: d scales_h (u16) scales_l[4] qs[128]
+    d = _h(blk, 0, half)
+    sh = np.int64(blk[2]) | (np.int64(blk[3]) << 8)
+    for s in range(8):
+        lo = np.int64((blk[4 + s // 2] >> (4 * (s % 2))) & 15)
+        hi = (sh >> (2 * s)) & 3
+        sc[s] = d * np.float32((lo | (hi << 4)) - 32)
+        bi[s] = np.float32(0)
+        for t in range(2):
+            for l in range(16):
+                c[s * 32 + t * 16 + l] = iq4[np.int64((blk[8 + s * 16 + l] >> (4 * t)) & 15)]
+
+
+@njit(nogil=True, cache=True)
+def dequantize_rows(kind, qk, sub, bsize, blocks, o0, o1, half, iq4, out):
+    """Rows o0..o1 of the weight as float32 into out [o1 - o0, cols]: sc * c + bi, each step rounded to float32
+    (no fused multiply-add), the very weights gguf.quants.dequantize forms."""
+    n = out.shape[1]
+    c = np.empty(qk, np.float32)
+    ns = qk // sub
+    sc = np.empty(ns, np.float32)
+    bi = np.empty(ns, np.float32)
+    for o in range(o0, o1):
+        row = blocks[o]
+        for b in range(n // qk):
+            _decode(kind, row[b * bsize:(b + 1) * bsize], half, iq4, c, sc, bi)
+            for s in range(ns):
+                for i in range(sub):
+                    out[o - o0, b * qk + s * sub + i] = sc[s] * c[s * sub + i] + bi[s]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
+    """y[:, o] = x @ W[o] for o in o0..o1, x [rows, cols] float32, xsum [rows, cols / sub] its sub-block sums."""
+    rows, n = x.shape
+    c = np.empty(qk, np.float32)
+    ns = qk // sub
+    sc = np.empty(ns, np.float32)
+    bi = np.empty(ns, np.float32)
+    acc = np.empty(rows, np.float32)
+    for o in range(o0, o1):
+        row = blocks[o]
+        acc[:] = 0
+        for b in range(n // qk):
+            _decode(kind, row[b * bsize:(b + 1) * bsize], half, iq4, c, sc, bi)
+            for r in range(rows):
+                t = np.float32(0)
+                for s in range(ns):
+                    dot = np.float32(0)
+                    base = b * qk + s * sub
+                    for i in range(sub):
+                        dot += c[s * sub + i] * x[r, base + i]
+                    t += sc[s] * dot + bi[s] * xsum[r, b * ns + s]
+                acc[r] += t
+        for r in range(rows):
+            y[r, o] = acc[r]
+
+
+# -- direct products of the commonest types, for a few input rows: codes read from the bytes, never stored ------
+
+@njit(nogil=True, cache=True, inline="always")
+def _k_scale_min(row, p, s):
+    """Q4_K / Q5_K: the 6-bit scale and min of sub-block s from the 12 bytes at p."""
+    if s < 4:
+        return row[p + s] & 63, row[p + 4 + s] & 63
+    return (row[p + 4 + s] & 15) | ((row[p + s - 4] >> 6) << 4), (row[p + 4 + s] >> 4) | ((row[p + s] >> 6) << 4)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_q45_k(five, blocks, half, x, xsum, y, o0, o1):
+    """y[:, o] for Q4_K (five False) or Q5_K rows o0..o1; xsum per 32 inputs."""
+    rows, n = x.shape
+    bsize = 176 if five else 144
+    qs0 = 48 if five else 16
+    for o in range(o0, o1):
+        row = blocks[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 256):
+                p = b * bsize
+                d = _h(row, p, half)
+                dmin = _h(row, p + 2, half)
+                for j in range(4):
+                    q = p + qs0 + j * 32
+                    xb = b * 256 + j * 64
+                    lo = np.float32(0)
+                    hi = np.float32(0)
+                    if five:
+                        for l in range(32):
+                            v = row[q + l]
+                            h = row[p + 16 + l] >> (2 * j)
+                            lo += np.float32((v & 15) | ((h & 1) << 4)) * x[r, xb + l]
+                            hi += np.float32((v >> 4) | ((h & 2) << 3)) * x[r, xb + 32 + l]
+                    else:
+                        for l in range(32):
+                            v = row[q + l]
+                            lo += np.float32(v & 15) * x[r, xb + l]
+                            hi += np.float32(v >> 4) * x[r, xb + 32 + l]
+                    s0, m0 = _k_scale_min(row, p + 4, 2 * j)
+                    s1, m1 = _k_scale_min(row, p + 4, 2 * j + 1)
+                    g = b * 8 + 2 * j
+                    acc += d * (np.float32(s0) * lo + np.float32(s1) * hi) \
+                        - dmin * (np.float32(m0) * xsum[r, g] + np.float32(m1) * xsum[r, g + 1])
+            y[r, o] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_q6_k(blocks, half, x, xsum, y, o0, o1):
+    """y[:, o] for Q6_K rows o0..o1; xsum per 16 inputs."""
+    rows, n = x.shape
+    for o in range(o0, o1):
+        row = blocks[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 256):
+                p = b * 210
+                d = _h(row, p + 208, half)
+                for j in range(2):
+                    for k in range(4):
+                        ql = p + j * 64 + (k % 2) * 32
+                        qh = p + 128 + j * 32
+                        for t in range(2):
+                            dot = np.float32(0)
+                            xb = b * 256 + j * 128 + k * 32 + t * 16
+                            for l in range(t * 16, t * 16 + 16):
+                                v = ((row[ql + l] >> (4 * (k // 2))) & 15) | (((row[qh + l] >> (2 * k)) & 3) << 4)
+                                dot += np.float32(v) * x[r, xb + l - t * 16]
+                            s = j * 8 + k * 2 + t
+                            sc = np.float32(np.int8(row[p + 192 + s]))
+                            acc += d * sc * (dot - np.float32(32) * xsum[r, b * 16 + s])
+            y[r, o] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mv_32(kind, bsize, blocks, signed, half, iq4, x, xsum, y, o0, o1):
+    """y[:, o] for rows o0..o1 of a 32-element block type (kinds 0-5 of TYPES); signed: blocks viewed as int8."""
+    rows, n = x.shape
+    q0 = 2 if kind == 0 or kind == 2 or kind == 5 else (4 if kind == 1 else (6 if kind == 3 else 8))
+    for o in range(o0, o1):
+        row = blocks[o]
+        srow = signed[o]
+        for r in range(rows):
+            acc = np.float32(0)
+            for b in range(n // 32):
+                p = b * bsize
+                d = _h(row, p, half)
+                dot = np.float32(0)
+                xb = b * 32
+                if kind == 2:
+                    for i in range(32):
+                        dot += np.float32(srow[p + 2 + i]) * x[r, xb + i]
+                    acc += d * dot
+                    continue
+                if kind == 5:
+                    for i in range(16):
+                        v = row[p + 2 + i]
+                        dot += iq4[v & 15] * x[r, xb + i] + iq4[v >> 4] * x[r, xb + 16 + i]
+                    acc += d * dot
+                    continue
+                hb = np.uint32(0)
+                if kind >= 3:
+                    h = p + q0 - 4
+                    hb = np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16) \
+                        | (np.uint32(row[h + 3]) << 24)
+                for i in range(16):
+                    v = row[p + q0 + i]
+                    lo = np.uint32(v & 15) | (((hb >> i) & 1) << 4)
+                    hi = np.uint32(v >> 4) | (((hb >> (i + 16)) & 1) << 4)
+                    dot += np.float32(lo) * x[r, xb + i] + np.float32(hi) * x[r, xb + 16 + i]
+                if kind == 1 or kind == 4:  # Q4_1, Q5_1: d * q + m
+                    acc += d * dot + _h(row, p + 2, half) * xsum[r, b]
+                else:  # Q4_0, Q5_0: d * (q - 8 or 16)
+                    acc += d * (dot - np.float32(8 if kind == 0 else 16) * xsum[r, b])
+            y[r, o] = acc
+
+
+_FEW_ROWS = 4  # at most this many input rows: the direct product of the type where it has one
+
+
+def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
+    """y[:, o0:o1] by a type's own direct product; False where it has none (or x2 has too many rows)."""
+    if x2.shape[0] > _FEW_ROWS:
+        return False
+    if qtype in ("Q4_K", "Q5_K"):
+        _mv_q45_k(qtype == "Q5_K", blocks, _HALF, x2, xsum, y, o0, o1)
+    elif qtype == "Q6_K":
+        _mv_q6_k(blocks, _HALF, x2, xsum, y, o0, o1)
+    elif TYPES[qtype][1] == 32:
+        kind, _, _, bsize = TYPES[qtype]
+        _mv_32(kind, bsize, blocks, blocks.view(np.int8), _HALF, _IQ4, x2, xsum, y, o0, o1)
+    else:
+        return False
+    return True
+
+
+class KQuantLinear:
+    """Same-input GGUF matrices fused by output rows, as stored: one segment per part, each its blocks
+    [rows, row_bytes] and type. shape is (in, out), as numpy_ops' float32 matrices."""
+
+    def __init__(self, parts: list):
+        self.segments = []
+        o = 0
+        for p in parts:
+            kind, qk, sub, bsize = TYPES[p.qtype]
+            self.segments.append((o, o + p.shape[0], (kind, qk, sub, bsize), np.ascontiguousarray(p.blocks)))
+            o += p.shape[0]
+        self.shape = (parts[0].shape[1], o)
+        self.qtypes = tuple(p.qtype for p in parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(seg[3].nbytes) for seg in self.segments)
+
+    def matmul(self, x2: np.ndarray) -> np.ndarray:
+        """x2 [rows, in] float32 -> [rows, out]."""
+        x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        rows, n_in = x2.shape
+        out = np.empty((rows, self.shape[1]), np.float32)
+        if rows <= _DIRECT_ROWS:
+            sums = {}
+            for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(self.segments, self.qtypes):
+                if sub not in sums:
+                    sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
+                y = out[:, o0:o1] if len(self.segments) == 1 else np.empty((rows, o1 - o0), np.float32)
+
+                def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
+                    if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
+                        matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+
+                _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
+                if len(self.segments) > 1:
+                    out[:, o0:o1] = y
+            return out
+        step = max(16, _DEQUANT_BLOCK // n_in)
+
+        def span(a: int, b: int) -> None:
+            buf = np.empty((min(step, b - a), n_in), np.float32)
+            for s in range(a, b, step):
+                e = min(s + step, b)
+                w = self.dequantize(s, e, buf[: e - s])
+                np.matmul(x2, w.T, out=out[:, s:e])
+
+        _spread(span, self.shape[1], self.shape[1] * n_in * 8)
+        return out
+
+    def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
+        """Output rows o0..o1 (across segments) as float32 [o1 - o0, in] in out (C order)."""
+        for s0, s1, (kind, qk, sub, bsize), blocks in self.segments:
+            a, b = max(o0, s0), min(o1, s1)
+            if a < b:
+                dequantize_rows(kind, qk, sub, bsize, blocks, a - s0, b - s0, _HALF, _IQ4, out[a - o0: b - o0])
+        return out
+
+
+def dequantize(w) -> np.ndarray:
+    """A weights.GGMLWeight as float32 [rows, cols], bit for bit gguf.quants.dequantize's."""
+    out = np.empty(w.shape, np.float32)
+    kind, qk, sub, bsize = TYPES[w.qtype]
+    dequantize_rows(kind, qk, sub, bsize, np.ascontiguousarray(w.blocks), 0, w.shape[0], _HALF, _IQ4, out)
+    return out
+
+
+def prepare_numpy(parts: list) -> KQuantLinear:
+    unknown = sorted({p.qtype for p in parts if p.qtype not in TYPES})
+    if unknown:
+        raise ValueError(f"no numpy kernel for GGUF type {unknown[0]}")
+    return KQuantLinear(parts)
+
+
+def prepared_nbytes(w) -> int:
+    return int(w.nbytes)
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _spread(fn, n: int, work: int) -> None:
+    """fn(a, b) over [0, n) in a few spans on this module's worker threads (the kernels release the GIL); small
+    products stay on the calling thread."""
+    threads = _threads()
+    if threads == 1 or work < _SPLIT or n < 64:
+        fn(0, n)
+        return
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="mlxllama-kquants")
+    parts = min(threads * 2, n // 16)
+    edges = [n * i // parts for i in range(parts + 1)]
+    futures = [_POOL.submit(fn, a, b) for a, b in zip(edges[1:-1], edges[2:])]
+    fn(edges[0], edges[1])
+    for f in futures:
+        f.result()
