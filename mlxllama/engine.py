@@ -54,6 +54,7 @@ class RequestParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token the completion already has
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: object = None  # structured output (#23): a constrain.Constraint or a zero-argument factory of one
 
     def validate(self) -> "RequestParams":
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -135,6 +136,7 @@ class _Seq:
     stops: _StopStrings = None
     first_token_time: float | None = None
     speculator: Speculator | None = None  # with the engine's speculate, from the second generated token on
+    constraint: object = None  # structured output (#23): this request's own matcher
 
     @property
     def prefilling(self) -> bool:
@@ -373,7 +375,7 @@ class Engine:
         p = s.params
         seeded = p.sampling.seed is not None and not p.sampling.greedy
         return (self.speculate is not None and not s.prefilling and not seeded and not p.logprobs
-                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 and s.constraint is None)
 
     def _plan(self, seqs: list[_Seq]) -> tuple[list, list]:
         """Each speculative sequence's drafts for this step: ([(seq, plan)] with drafts, each to run its own
@@ -411,8 +413,16 @@ class Engine:
         ops = self.model.ops
         row = {id(s): i for i, s in enumerate(batch)}
         argmax = None
+        masks = {id(s): s.constraint.allowed() for s in sampling if s.constraint is not None}  # (#23)
         if any(not s.params.needs_host_logits for s in sampling):
-            argmax = ops.to_numpy(ops.argmax(logits)).reshape(-1)
+            device = logits
+            if any(id(s) in masks and not s.params.needs_host_logits for s in sampling):  # (#23) mask on the device
+                keep = np.ones((len(batch), logits.shape[-1]), dtype=np.int32)
+                for s in sampling:
+                    if id(s) in masks:
+                        keep[row[id(s)]] = _fit(masks[id(s)], keep.shape[1])
+                device = logits - ops.asarray(1 - keep) * 1e30
+            argmax = ops.to_numpy(ops.argmax(device)).reshape(-1)
         for s in sampling:
             try:
                 i = row[id(s)]
@@ -429,6 +439,8 @@ class Engine:
                     toks = np.fromiter(s.counts.keys(), dtype=np.int64)
                     cnt = np.fromiter(s.counts.values(), dtype=np.float64)
                     adjusted[toks] -= cnt * s.params.frequency_penalty + s.params.presence_penalty
+                if id(s) in masks:  # (#23)
+                    adjusted = np.where(_fit(masks[id(s)], adjusted.shape[0]), adjusted, -np.inf)
                 token = s.sampler(adjusted, s.prompt + s.generated)
                 if s.params.logprobs:
                     lp = float(logp[token])
@@ -444,12 +456,14 @@ class Engine:
         s.generated.append(token)
         s.counts[token] = s.counts.get(token, 0) + 1
         finish = None
+        if s.constraint is not None:  # (#23)
+            s.constraint.accept([token])
         if token in self.eos:
             finish, text = "stop", s.detok.finalize()
         else:
             text = s.detok.add_token(token)
-            if len(s.generated) >= s.max_tokens:
-                finish = "length"
+            if len(s.generated) >= s.max_tokens or (s.constraint is not None and s.constraint.done):
+                finish = "stop" if s.constraint is not None and s.constraint.done else "length"
                 text += s.detok.finalize()
         text, hit = s.stops.feed(text)
         if hit:
@@ -495,6 +509,8 @@ class Engine:
         s.sampler = Sampler(s.params.sampling)
         s.detok = self.tokenizer.detokenizer()
         s.stops = _StopStrings(s.params.stop)
+        c = s.params.constraint  # (#23)
+        s.constraint = c() if callable(c) and not hasattr(c, "allowed") else c
         s.cache = self.make_cache(min(self.ctx, len(s.prompt) + s.max_tokens))
         self.stats.prompt_tokens += len(s.prompt)
         if self.prefix_cache is not None and getattr(s.cache, "prefix", None) is not None:
@@ -550,6 +566,11 @@ class Engine:
     def active(self) -> int:
         """Sequences holding a KV cache now."""
         return len(self._running)
+
+
+def _fit(mask: np.ndarray, n: int) -> np.ndarray:
+    """A constraint's mask cut or padded (disallowed) to n tokens (#23)."""
+    return mask[:n] if mask.size >= n else np.concatenate([mask, np.zeros(n - mask.size, dtype=bool)])
 
 
 @dataclass

@@ -97,7 +97,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
                     prefill_progress: Callable[[int, int], None] | None = None, kv_bits: int | None = None,
                     kv_group_size: int = 64, max_kv_size: int | None = None, speculate: str | None = None,
-                    num_draft: int = 8, draft_model=None) -> Iterator[GenerationResponse]:
+                    num_draft: int = 8, draft_model=None, response_format: dict | None = None, json_schema=None,
+                    grammar: str | None = None) -> Iterator[GenerationResponse]:
     """Generate from a prompt, one GenerationResponse per token.
 
     Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). logits_processors run on the
@@ -108,7 +109,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     many positions (the first 4 and the latest). Before anything is allocated, the memory need is checked
     (memory.check_model). speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a
     reference with the same vocabulary) drafts up to num_draft tokens per forward pass; the output follows plain
-    decoding exactly (speculative.py)."""
+    decoding exactly (speculative.py). Structured output (constrain.py): response_format (OpenAI's: json_object or
+    json_schema), json_schema (a dict or JSON text) or grammar (Lark, llguidance's dialect) constrains the output."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max-tokens must be an integer >= 1, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -125,6 +127,12 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     else:
         raise UsageError(f"logprobs must be true, false or an integer from 0 to 20, got {logprobs!r}")
     chooser = Sampler(sampling or loose)
+    if response_format is not None or json_schema is not None or grammar is not None:  # (#23)
+        from .constrain import MaskProcessor, make_constraint
+
+        c = make_constraint(tokenizer, model.args.vocab_size, response_format=response_format,
+                            json_schema=json_schema, grammar=grammar)
+        logits_processors = list(logits_processors) + ([MaskProcessor(c)] if c is not None else [])
     if speculate is not None and (logits_processors or sampler is not None or logprobs is not False):
         raise UsageError("speculative decoding does not combine with logits_processors, sampler or logprobs yet")
     speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
