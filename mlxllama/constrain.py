@@ -212,14 +212,15 @@ def compile_grammar(tokenizer, grammar: str):
 
 
 def make_constraint(tokenizer, vocab_size: int, *, response_format: dict | None = None, json_schema=None,
-                    grammar: str | None = None, tools: list | None = None, tool_choice=None) -> Constraint | None:
+                    grammar: str | None = None, tools: list | None = None, tool_choice=None,
+                    parallel_tool_calls: bool = True) -> Constraint | None:
     """One request's Constraint, or None when its output is free. tools/tool_choice: a call in the template's
     format is forced when tool_choice is "required" or names a function (tools.py)."""
     text = None
     if tools and tool_choice not in (None, "auto", "none"):
         from .tools import call_grammar
 
-        text = call_grammar(tokenizer, tools, tool_choice)
+        text = call_grammar(tokenizer, tools, tool_choice, parallel_tool_calls)
     else:
         text = grammar_for(response_format, json_schema, grammar)
     if text is None:

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Engine, EngineStopped, Event, QueueFull, RequestParams
 from ..errors import UsageError
 from ..sampling import SamplingParams
-from . import metrics
+from . import metrics, structured
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 
@@ -185,16 +185,14 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
         tok = engine.tokenizer
         if tok.chat_template is None:
             return _error(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
         try:
-            ids = await run_in_threadpool(lambda: tok.encode(tok.apply_chat_template(messages,
-                                                                                     add_generation_prompt=True)))
+            text, plan = await run_in_threadpool(structured.prepare_chat, body, tok, engine.model.args.vocab_size)
+            ids = await run_in_threadpool(tok.encode, text)
         except UsageError as e:
             return _error(400, str(e), param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
-        return await _generate(request, body, ids, max_tokens, body.logprobs, top, chat=True)
+        return await _generate(request, body, ids, max_tokens, body.logprobs, top, chat=True, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -207,10 +205,13 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
                 return _error(400, f"prompt token ids must be in [0, {engine.model.args.vocab_size})",
                               param="prompt")
         lp = body.logprobs
-        return await _generate(request, body, ids, body.max_tokens or 16, lp is not None, lp or 0, chat=False)
+        constraint = await run_in_threadpool(structured.completion_constraint, body, engine.tokenizer,
+                                             engine.model.args.vocab_size)
+        return await _generate(request, body, ids, body.max_tokens or 16, lp is not None, lp or 0, chat=False,
+                               plan=structured.Plan(constraint=constraint))
 
     async def _generate(request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, chat: bool):
+                        top_logprobs: int, chat: bool, plan: structured.Plan | None = None):
         if body.model is not None and body.model != model_id:
             return _error(400, f"the model {body.model!r} is not served here; this server serves {model_id!r}",
                           param="model", code="model_not_found")
@@ -225,7 +226,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
             sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                     min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed),
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            logprobs=logprobs, top_logprobs=top_logprobs)
+            logprobs=logprobs, top_logprobs=top_logprobs, constraint=plan.constraint if plan else None)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
@@ -241,7 +242,8 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
         shape = _Shape(rid, created, model_id, chat, engine.tokenizer)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(events, handle, shape, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(events, handle, shape, include_usage, plan if chat else None),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, lps, last = [], [], None
         try:
@@ -265,7 +267,12 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None)
         if last.finish_reason in ("error", "cancelled"):
             return _error(503 if last.finish_reason == "cancelled" else 500,
                           last.error or "the request was cancelled: the server is shutting down", type_="server_error")
-        return shape.full("".join(text), last, lps if logprobs else None)
+        out = shape.full("".join(text), last, lps if logprobs else None)
+        if chat and plan is not None:
+            choice = out["choices"][0]
+            choice["message"], choice["finish_reason"] = structured.message("".join(text), plan,
+                                                                            choice["finish_reason"])
+        return out
 
     return app
 
@@ -341,10 +348,11 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool):
+async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool, plan=None):
     """The SSE stream of one request. A client that goes away cancels the generator here (Starlette cancels the
     response task), and the finally clause cancels the sequence: the engine frees it at its next step."""
     done = False
+    split = structured.StreamSplitter(plan) if plan is not None and not plan.passthrough else None
     try:
         if shape.chat:
             yield _data(shape.chunk(None, None, first=True))
@@ -356,11 +364,19 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
                                        "server_error"))
                 break
             with_lp = ev.logprob is not None
-            if ev.text or with_lp:
+            if split is not None:  # structured output (#23): reasoning, content and tool-call deltas
+                for delta in split.feed(ev.text):
+                    yield _data(structured.chunk(shape, delta))
+            elif ev.text or with_lp:
                 yield _data(shape.chunk(ev.text, None, ev, with_logprobs=with_lp))
             if ev.finish_reason is not None:
                 done = True
-                yield _data(shape.chunk(None, "stop" if ev.finish_reason == "stop" else "length"))
+                finish = "stop" if ev.finish_reason == "stop" else "length"
+                if split is not None:
+                    deltas, finish = split.close(finish)
+                    for delta in deltas:
+                        yield _data(structured.chunk(shape, delta))
+                yield _data(shape.chunk(None, finish))
                 if include_usage:
                     yield _data(shape.usage_chunk(ev))
                 break
