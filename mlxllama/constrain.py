@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,28 @@ class _Wrapper:
         self._tok = tokenizer
 
     def __call__(self, s) -> list[int]:
-        text = s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s
-        return self._tok.encode(text, add_special_tokens=False)
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        ids = self._tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)
+        if b"".join(self.tokens[i] for i in ids) == data:
+            return ids
+        return self._greedy(data)  # sentencepiece's dummy prefix added a space: spell the bytes as they are
+
+    def _greedy(self, data: bytes) -> list[int]:
+        if not hasattr(self, "_by_bytes"):
+            specials = set(self.special_token_ids)
+            self._by_bytes = {b: i for i, b in reversed(list(enumerate(self.tokens))) if b and i not in specials}
+            self._longest = max(map(len, self._by_bytes))
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self._longest, len(data) - i), 0, -1):
+                t = self._by_bytes.get(data[i:i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:
+                i += 1  # a byte no token spells (no byte fallback): left out
+        return out
 
 
 def ll_tokenizer(tokenizer):
@@ -150,6 +170,8 @@ def grammar_for(response_format: dict | None = None, json_schema=None, grammar: 
     import llguidance
 
     if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise UsageError("the grammar is empty")
         return llguidance.LLMatcher.grammar_from_lark(grammar)
     got = _schema_of(response_format, json_schema)
     if got is None:
@@ -197,17 +219,17 @@ class Constraint:
         return self.m.get_error() if self.m.is_error() else None
 
 
-def compile_grammar(tokenizer, grammar: str):
+def compile_grammar(tokenizer, grammar: str, what: str = "grammar"):
     """A fresh llguidance matcher for a grammar; UsageError with the library's reason when it does not compile."""
     import llguidance
 
     tok = ll_tokenizer(tokenizer)
     bad, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok)
     if bad:
-        raise UsageError(f"the grammar does not compile: {messages[0] if messages else 'unknown error'}")
+        raise UsageError(f"the {what} does not compile: {first_line(Exception(messages[0])) if messages else '?'}")
     matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
     if matcher.is_error():
-        raise UsageError(f"the grammar does not compile: {matcher.get_error()}")
+        raise UsageError(f"the {what} does not compile: {first_line(Exception(matcher.get_error()))}")
     return matcher
 
 
@@ -216,16 +238,18 @@ def make_constraint(tokenizer, vocab_size: int, *, response_format: dict | None 
                     parallel_tool_calls: bool = True) -> Constraint | None:
     """One request's Constraint, or None when its output is free. tools/tool_choice: a call in the template's
     format is forced when tool_choice is "required" or names a function (tools.py)."""
-    text = None
-    if tools and tool_choice not in (None, "auto", "none"):
+    forced = bool(tools) and tool_choice not in (None, "auto", "none")
+    if forced:
         from .tools import call_grammar
 
-        text = call_grammar(tokenizer, tools, tool_choice, parallel_tool_calls)
+        special = ll_tokenizer(tokenizer).is_special_token
+        text = call_grammar(tokenizer, tools, tool_choice, parallel_tool_calls, special)
     else:
         text = grammar_for(response_format, json_schema, grammar)
     if text is None:
         return None
-    return Constraint(compile_grammar(tokenizer, text), vocab_size, ll_tokenizer(tokenizer).vocab_size)
+    what = "tool call grammar" if forced else "grammar" if grammar is not None else "JSON schema"
+    return Constraint(compile_grammar(tokenizer, text, what), vocab_size, ll_tokenizer(tokenizer).vocab_size)
 
 
 def constraint_factory(tokenizer, vocab_size: int, **kw):

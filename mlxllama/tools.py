@@ -222,18 +222,17 @@ def _call_schema(funcs: list[dict], args_key: str) -> dict:
                                            "key_separator": ": ", "lenient": True}})
 
 
-def _literal(tokenizer, text: str) -> str:
+def _literal(tokenizer, text: str, is_special) -> str:
     """A Lark literal for text; a special token of the vocabulary is matched as that token."""
-    from .constrain import ll_tokenizer
-
     i = tokenizer.token_to_id(text)
-    if i is not None and ll_tokenizer(tokenizer).is_special_token(i):
+    if i is not None and is_special(i):
         return f"<[{i}]>"
     return json.dumps(text)
 
 
-def call_grammar(tokenizer, tools: list, tool_choice, parallel: bool = True) -> str:
-    """The llguidance grammar of an answer that is one or more calls (parallel) of the allowed functions."""
+def call_grammar(tokenizer, tools: list, tool_choice, parallel: bool = True, is_special=lambda i: False) -> str:
+    """The llguidance grammar of an answer that is one or more calls (parallel) of the allowed functions.
+    is_special(token id): whether the matcher's tokenizer holds that token as a special one."""
     import llguidance
 
     funcs = chosen_functions(tools, tool_choice)
@@ -244,11 +243,11 @@ def call_grammar(tokenizer, tools: list, tool_choice, parallel: bool = True) -> 
         schema = {"type": "array", "items": _call_schema(funcs, "arguments"), "minItems": 1}
         if not parallel:
             schema["maxItems"] = 1
-        lark = f"start: {_literal(tokenizer, '[TOOL_CALLS]')} body\nbody: %json {json.dumps(schema)}\n"
+        lark = f"start: {_literal(tokenizer, '[TOOL_CALLS]', is_special)} body\nbody: %json {json.dumps(schema)}\n"
     elif fam == LLAMA3:
         lark = start + f"call: %json {json.dumps(_call_schema(funcs, 'parameters'))}\n"
     else:
-        open_, close = _literal(tokenizer, "<tool_call>"), _literal(tokenizer, "</tool_call>")
+        open_, close = _literal(tokenizer, "<tool_call>", is_special), _literal(tokenizer, "</tool_call>", is_special)
         lark = (start + f"call: {open_} \"\\n\" body \"\\n\" {close}\n"
                 f"body: %json {json.dumps(_call_schema(funcs, 'arguments'))}\n")
     return llguidance.LLMatcher.grammar_from_lark(lark)

@@ -98,6 +98,7 @@ class StreamSplitter:
     mode: str = "start"  # start -> [reasoning ->] answer -> content | calls
     buf: str = ""
     out: list = field(default_factory=list)
+    thought: bool = False  # a <think> block closed: the whitespace after it is dropped
 
     def __post_init__(self):
         if self.plan.reasoning and self.plan.think_open:
@@ -130,7 +131,7 @@ class StreamSplitter:
         before, sep, after = self.buf.partition(T.THINK_CLOSE)
         if sep:
             self._emit("reasoning_content", before)
-            self.buf, self.mode = after.lstrip(), "answer"
+            self.buf, self.mode, self.thought = after.lstrip(), "answer", True
             return
         keep = _held(self.buf, (T.THINK_CLOSE,))
         self._emit("reasoning_content", self.buf[: len(self.buf) - keep])
@@ -148,6 +149,9 @@ class StreamSplitter:
             self.mode = "content"
 
     def _content(self) -> None:
+        if self.thought:
+            self.buf = self.buf.lstrip()
+            self.thought = not self.buf
         self._emit("content", self.buf)
         self.buf = ""
 
