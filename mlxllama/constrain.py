@@ -165,6 +165,24 @@ def _schema_of(response_format: dict | None, json_schema) -> tuple[Any, bool] | 
     raise UsageError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
 
 
+_DATA_KEYS = {"enum", "const", "default", "examples"}  # values there are JSON data, not schemas
+
+
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` wherever an object lists its properties and says nothing of
+    others (xgrammar's strict mode and OpenAI's strict schemas do the same): otherwise a small model invents keys
+    without end."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYS else closed_objects(v) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties",
+                                                          "unevaluatedProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_for(response_format: dict | None = None, json_schema=None, grammar: str | None = None) -> str | None:
     """The llguidance grammar for a request, or None when the output is free."""
     import llguidance
@@ -178,7 +196,8 @@ def grammar_for(response_format: dict | None = None, json_schema=None, grammar: 
         return None
     schema, strict = got
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=dict(JSON_OPTIONS, lenient=not strict))
+        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema),
+                                                             overrides=dict(JSON_OPTIONS, lenient=not strict))
     except ValueError as e:
         raise UsageError(f"the JSON schema is invalid: {e}") from None
 
@@ -243,7 +262,9 @@ def make_constraint(tokenizer, vocab_size: int, *, response_format: dict | None 
         from .tools import call_grammar
 
         special = ll_tokenizer(tokenizer).is_special_token
-        text = call_grammar(tokenizer, tools, tool_choice, parallel_tool_calls, special)
+        closed = [dict(t, function=dict(t["function"], parameters=closed_objects(t["function"].get("parameters"))))
+                  if isinstance(t, dict) and isinstance(t.get("function"), dict) else t for t in tools]
+        text = call_grammar(tokenizer, closed, tool_choice, parallel_tool_calls, special)
     else:
         text = grammar_for(response_format, json_schema, grammar)
     if text is None:
