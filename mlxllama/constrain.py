@@ -166,20 +166,27 @@ def _schema_of(response_format: dict | None, json_schema) -> tuple[Any, bool] | 
 
 
 _DATA_KEYS = {"enum", "const", "default", "examples"}  # values there are JSON data, not schemas
+MAX_STRING = 512  # characters of a string the schema leaves unbounded (no maxLength, pattern, format, enum)
+MAX_ITEMS = 64  # items of an array the schema leaves unbounded
 
 
-def closed_objects(schema):
-    """The schema with `additionalProperties: false` wherever an object lists its properties and says nothing of
-    others (xgrammar's strict mode and OpenAI's strict schemas do the same): otherwise a small model invents keys
-    without end."""
+def bounded(schema):
+    """The schema made finite where it is open-ended, so that any model's output ends and parses: objects that list
+    their properties get `additionalProperties: false` unless they say otherwise (as xgrammar's strict mode and
+    OpenAI's strict schemas do), unbounded strings MAX_STRING characters, unbounded arrays MAX_ITEMS items.
+    Whatever it allows, the original schema allows; a schema's own limits win."""
     if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
+        return [bounded(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in _DATA_KEYS else closed_objects(v) for k, v in schema.items()}
+    out = {k: v if k in _DATA_KEYS else bounded(v) for k, v in schema.items()}
     if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties",
                                                           "unevaluatedProperties"} & out.keys():
         out["additionalProperties"] = False
+    if out.get("type") == "string" and not {"maxLength", "pattern", "format", "enum", "const"} & out.keys():
+        out["maxLength"] = max(MAX_STRING, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)
+    if out.get("type") == "array" and "maxItems" not in out:
+        out["maxItems"] = max(MAX_ITEMS, out.get("minItems", 0) if isinstance(out.get("minItems"), int) else 0)
     return out
 
 
@@ -196,7 +203,7 @@ def grammar_for(response_format: dict | None = None, json_schema=None, grammar: 
         return None
     schema, strict = got
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema),
+        return llguidance.LLMatcher.grammar_from_json_schema(bounded(schema),
                                                              overrides=dict(JSON_OPTIONS, lenient=not strict))
     except ValueError as e:
         raise UsageError(f"the JSON schema is invalid: {e}") from None
@@ -262,7 +269,7 @@ def make_constraint(tokenizer, vocab_size: int, *, response_format: dict | None 
         from .tools import call_grammar
 
         special = ll_tokenizer(tokenizer).is_special_token
-        closed = [dict(t, function=dict(t["function"], parameters=closed_objects(t["function"].get("parameters"))))
+        closed = [dict(t, function=dict(t["function"], parameters=bounded(t["function"].get("parameters"))))
                   if isinstance(t, dict) and isinstance(t.get("function"), dict) else t for t in tools]
         text = call_grammar(tokenizer, closed, tool_choice, parallel_tool_calls, special)
     else:
