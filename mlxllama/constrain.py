@@ -166,8 +166,8 @@ def _schema_of(response_format: dict | None, json_schema) -> tuple[Any, bool] | 
 
 
 _DATA_KEYS = {"enum", "const", "default", "examples"}  # values there are JSON data, not schemas
-MAX_STRING = 512  # characters of a string the schema leaves unbounded (no maxLength, pattern, format, enum)
-MAX_ITEMS = 64  # items of an array the schema leaves unbounded
+MAX_STRING = 256  # characters of a string the schema leaves unbounded (no maxLength, pattern, format, enum)
+MAX_ITEMS = 16  # items of an array the schema leaves unbounded
 
 
 def bounded(schema):

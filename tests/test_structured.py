@@ -175,9 +175,8 @@ def test_openai_sdk_parse_streamed_and_not_with_8_in_flight(smol):
 
 def test_llm_cli_against_the_server(tiny_hf, tmp_path):
     """Simon Willison's `llm`, with the server as an OpenAI-compatible model: a prompt and a --schema prompt."""
-    llm = os.path.join(os.path.dirname(sys.executable), "llm")
-    if not os.path.exists(llm):
-        pytest.skip("llm is not installed")
+    pytest.importorskip("llm")
+    llm = [sys.executable, "-m", "llm"]
     model, tok = mlxllama.load(tiny_hf, backend="numpy")
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
     with serving(model, tok) as (url, _):
@@ -190,14 +189,36 @@ def test_llm_cli_against_the_server(tiny_hf, tmp_path):
             """))
         (tmp_path / "keys.json").write_text(json.dumps({"tiny": "x"}))
         env = dict(os.environ, LLM_USER_PATH=str(tmp_path))
-        r = subprocess.run([llm, "-m", "tiny", "-o", "max_tokens", "5", "Hello"], capture_output=True, text=True,
+        r = subprocess.run([*llm, "-m", "tiny", "-o", "max_tokens", "5", "Hello"], capture_output=True, text=True,
                            env=env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip(), r.stderr
         schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
                                                    "adult": {"type": "boolean"}},
                   "required": ["age", "adult"], "additionalProperties": False}  # bounded: the model is random
-        r = subprocess.run([llm, "-m", "tiny", "--schema", json.dumps(schema), "How old?"], capture_output=True,
+        r = subprocess.run([*llm, "-m", "tiny", "--schema", json.dumps(schema), "How old?"], capture_output=True,
                            text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
         answer = json.loads(r.stdout)
         assert isinstance(answer["age"], int) and isinstance(answer["adult"], bool)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_greedy_constrained_decoding_masks_on_each_backend(tiny_hf, backend):
+    """Greedy decoding with only a constraint takes the engine's device path (the mask added on the backend's
+    arrays, argmax there); sampling takes the host path. Both hold the schema on a random model."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    model, tok = mlxllama.load(tiny_hf, backend=backend)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
+    engine = Engine(model, tok, max_batch=2)
+    greedy = engine.submit(tok.encode("hello"), RequestParams(max_tokens=60, constraint=make_constraint(
+        tok, model.args.vocab_size, json_schema=schema)))
+    sampled = engine.submit(tok.encode("hello"), RequestParams(
+        max_tokens=60, sampling=SamplingParams(temperature=1.0, seed=0),
+        constraint=make_constraint(tok, model.args.vocab_size, json_schema=schema)))
+    while engine.step():
+        pass
+    for h in (greedy, sampled):
+        text, finish = _drain(h)
+        assert finish == "stop" and set(json.loads(text)) == {"n", "ok"}
