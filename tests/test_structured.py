@@ -222,3 +222,23 @@ def test_greedy_constrained_decoding_masks_on_each_backend(tiny_hf, backend):
     for h in (greedy, sampled):
         text, finish = _drain(h)
         assert finish == "stop" and set(json.loads(text)) == {"n", "ok"}
+
+
+def test_constraint_protocol_accept_rollback_check_draft(tiny_hf):
+    """What the engine's speculation uses: a draft is cut at its first disallowed token, and the matcher rolls back
+    with the KV cache."""
+    model, tok = mlxllama.load(tiny_hf, backend="numpy")
+    c = make_constraint(tok, model.args.vocab_size, grammar='start: "ab" ("cd" | "ef")')
+    spell = ll_tokenizer(tok).greedy_tokenize
+    good, bad = spell("abcd"), spell("abx")
+    assert c.check_draft(good) == len(good) and c.check_draft(bad) == len(spell("ab"))
+    start = c.allowed().copy()
+    c.accept(spell("ab"))
+    after_ab = c.allowed().copy()
+    assert not (start == after_ab).all() and not c.done
+    c.accept(spell("cd"))
+    assert c.done
+    c.rollback(len(spell("cd")))
+    assert not c.done and (c.allowed() == after_ab).all()
+    c.rollback(len(spell("ab")))
+    assert (c.allowed() == start).all() and c.allowed().shape == (model.args.vocab_size,)
