@@ -36,7 +36,7 @@ _cache_lock = threading.Lock()
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character each byte is spelled with, inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -62,7 +62,7 @@ def test_schema_holds_on_smollm2_sampled(smol):
     model, tok = smol
     schema = Person.model_json_schema()
     assert "$defs" in schema and "anyOf" in json.dumps(schema)
-    for seed in range(3):
+    for seed in range(2):
         out = mlxllama.generate(model, tok, f"Invent person number {seed}. Answer in JSON.", max_tokens=300,
                                 chat=True, json_schema=schema, temperature=1.0, seed=seed)
         Person.model_validate_json(out)

@@ -79,6 +79,7 @@ def message(text: str, plan: Plan, finish: str) -> tuple[dict, str]:
             msg["content"] = left or None
             msg["tool_calls"] = [c.as_openai() for c in calls]
             return msg, "tool_calls" if finish == "stop" else finish
+        logger.debug("no tool calls in the %s format in the answer; returned as content", plan.family or "any")
     return msg, finish
 
 
