@@ -97,6 +97,9 @@ def render(tokenizer, messages: list[dict], tools: list | None = None, **kw) -> 
     """The chat template over OpenAI messages (with tool calls and tool results) and the tools. Templates that take
     one call per assistant turn (Llama 3.1) get parallel calls as consecutive assistant turns."""
     msgs = template_messages(messages)
+    if tools:  # templates read these without checking (Hermes' reads the description)
+        tools = [dict(t, function={"description": "", "parameters": {"type": "object", "properties": {}},
+                                   **t["function"]}) if isinstance(t.get("function"), dict) else t for t in tools]
     try:
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tools=tools or None, **kw)
     except UsageError:

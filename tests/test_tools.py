@@ -54,6 +54,24 @@ def test_family_of_real_templates(name, fam):
     assert T.family(template(name)) == fam
 
 
+@pytest.mark.parametrize("name", ["Qwen-Qwen3-0.6B.jinja", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+                                  "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+                                  "meta-llama-Llama-3.2-3B-Instruct.jinja", LLAMA31, QWEN25])
+def test_every_template_renders_calls_and_results_with_our_ids(tiny_hf, name):
+    _, tok = mlxllama.load(tiny_hf, backend="numpy")
+    tok.chat_template = template(name)
+    fam = T.family(tok.chat_template)
+    ids = [T.new_id(fam), T.new_id(fam)]
+    calls = [{"id": ids[0], "type": "function", "function": {"name": "get_weather",
+                                                            "arguments": '{"city": "Tokyo", "days": 3}'}},
+             {"id": ids[1], "type": "function", "function": {"name": "get_time", "arguments": '{"utc": true}'}}]
+    text = T.render(tok, [{"role": "user", "content": "Weather and time?"},
+                          {"role": "assistant", "content": None, "tool_calls": calls},
+                          {"role": "tool", "tool_call_id": ids[0], "content": "sunny, 21C"},
+                          {"role": "tool", "tool_call_id": ids[1], "content": "12:00"}], TOOLS)
+    assert text.index('"Tokyo"') < text.index("sunny, 21C") < text.index("12:00")
+
+
 @pytest.mark.parametrize("fam, text", [
     (T.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
                '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'),
