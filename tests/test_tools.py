@@ -154,6 +154,11 @@ def test_streamed_calls_get_one_index_each():
     assert [d["tool_calls"][0]["index"] for d in deltas] == [0, 0, 1, 1]
     split = StreamSplitter(Plan(family=T.HERMES, tools=True))
     assert [d for d in split.feed("Hello there") if "content" in d] == [{"content": "Hello there"}]
+    both = ". " + text
+    deltas = [d for i in range(0, len(both), 4) for d in split.feed(both[i:i + 4])]
+    deltas += split.close("stop")[0]
+    assert "".join(d.get("content", "") for d in deltas) == ". "  # text before the calls streams as content
+    assert [d["tool_calls"][0]["index"] for d in deltas if "tool_calls" in d] == [0, 0, 1, 1]
 
 
 def _round_trip(client, stream: bool, seed: int, **kw):

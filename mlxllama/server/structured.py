@@ -153,6 +153,16 @@ class StreamSplitter:
         if self.thought:
             self.buf = self.buf.lstrip()
             self.thought = not self.buf
+        if self.plan.tools and self.plan.family == T.HERMES:  # text, then <tool_call> blocks
+            at = self.buf.find("<tool_call>")
+            if at >= 0:
+                self._emit("content", self.buf[:at])
+                self.buf, self.mode = self.buf[at:], "calls"
+                return
+            keep = _held(self.buf, ("<tool_call>",))
+            self._emit("content", self.buf[: len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep:]
+            return
         self._emit("content", self.buf)
         self.buf = ""
 
@@ -164,7 +174,7 @@ class StreamSplitter:
         self.out = []
         if self.mode == "reasoning":
             self._emit("reasoning_content", self.buf)
-        elif self.mode in ("calls", "answer") and self.plan.tools:
+        elif self.mode in ("calls", "answer", "content") and self.plan.tools:
             parsed = T.parse_tool_calls(self.buf, self.plan.family)
             if parsed is not None:
                 left, calls = parsed
