@@ -227,3 +227,20 @@ def test_auto_tool_choice_returns_unparseable_output_as_content(tiny_family):
             content, calls, finish = _round_trip(client, stream, 3, messages=[{"role": "user", "content": "hi"}],
                                                  tool_choice="auto", max_completion_tokens=6)
             assert finish in ("length", "stop") and not calls and isinstance(content, str)
+
+
+def test_broken_calls_come_back_as_content_whole_and_streamed():
+    from mlxllama.server.structured import message
+
+    text = '<tool_call>\n{"name": "get_time", "arguments": {"utc": tru\n</tool_call>'
+    plan = Plan(family=T.HERMES, tools=True)
+    msg, finish = message(text, plan, "stop")
+    assert msg == {"role": "assistant", "content": text} and finish == "stop"
+    split = StreamSplitter(plan)
+    deltas = [d for i in range(0, len(text), 6) for d in split.feed(text[i:i + 6])]
+    more, finish = split.close("stop")
+    assert "".join(d.get("content", "") for d in deltas + more) == text and finish == "stop"
+    msg, finish = message('{"name": "get_time", "parameters": {"utc": true}}', Plan(family=T.LLAMA3, tools=True),
+                          "stop")
+    assert msg["content"] is None and msg["tool_calls"][0]["function"]["name"] == "get_time"
+    assert finish == "tool_calls"
