@@ -176,6 +176,10 @@ def generate(
     num_draft: int = typer.Option(8, "--num-draft", help="Most tokens drafted per forward pass (with --speculate)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model with the same vocabulary "
                                               "(--speculate draft)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", metavar="FILE",
+                                               help="Constrain the output to JSON valid under this JSON Schema."),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", metavar="FILE",
+                                           help="Constrain the output to this Lark grammar (llguidance's dialect)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Generate text from a prompt, streaming tokens as they come. Decoding is greedy unless --temp > 0.
@@ -188,6 +192,7 @@ def generate(
       mlxllama generate "def fib(n):" --no-chat -m ./SmolLM2-mlx --backend numpy --max-tokens 64
       mlxllama generate "Name three colors." --stats json 2>stats.json     # -q: no stats at all
       mlxllama generate "Quote this exactly: ..." --speculate lookup --num-draft 8
+      mlxllama generate "A person as JSON" --json-schema person.json --temp 0.7
     """
     from mlxllama.errors import UsageError
     from mlxllama.speculative import check_options, make_config
@@ -198,6 +203,7 @@ def generate(
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
     check_options(speculate, num_draft, draft_model is not None)  # option errors before the model loads
     kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
+    kwargs.update(_structured_kwargs(json_schema, grammar))
     if parallel is not None:
         from mlxllama import distributed
 
@@ -249,6 +255,29 @@ def _print_stream(m, tok, text: str, quiet: bool, stats: str, **kwargs) -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
     report(last)
+
+
+def _structured_kwargs(json_schema: Optional[Path], grammar: Optional[Path]) -> dict:
+    """--json-schema / --grammar as stream_generate's keyword arguments (the files read and parsed here)."""
+    from mlxllama.errors import UsageError
+
+    if json_schema is not None and grammar is not None:
+        raise UsageError("give --json-schema or --grammar, not both")
+    out = {}
+    for name, path in (("json_schema", json_schema), ("grammar", grammar)):
+        if path is None:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--{name.replace('_', '-')} {path}: {getattr(e, 'strerror', None) or e}") from None
+        if name == "json_schema":
+            try:
+                text = json.loads(text)
+            except ValueError as e:
+                raise UsageError(f"--json-schema {path}: not JSON ({e})") from None
+        out[name] = text
+    return out
 
 
 @app.command()

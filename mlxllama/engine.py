@@ -651,6 +651,9 @@ class Engine:
         self.stats.running = len(self._running)
 
     def _setup(self, s: _Seq) -> None:
+        c = s.params.constraint
+        if callable(c) and not hasattr(c, "allowed"):  # a factory: each request gets its own matcher
+            s.params.constraint = c()
         s.pipe = s.params.pipeline(s.prompt)
         s.fin = Finisher(self.tokenizer, self.eos, s.max_tokens, s.params.stop, s.params.constraint,
                          s.params.ignore_eos)

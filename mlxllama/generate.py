@@ -32,7 +32,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     kv_group_size: int = 64, max_kv_size: int | None = None, speculate: str | None = None,
                     num_draft: int = 8, draft_model=None, constraint=None, logit_bias: dict | None = None,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                    engine: Engine | None = None) -> Iterator[GenerationResponse]:
+                    engine: Engine | None = None, response_format: dict | None = None, json_schema=None,
+                    grammar: str | None = None) -> Iterator[GenerationResponse]:
     """Generate from a prompt, one GenerationResponse per token, through the engine (a batch of one).
 
     Sampling: keyword arguments or `sampling=SamplingParams(...)` (one or the other). The logits pipeline
@@ -46,7 +47,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a reference with the same
     vocabulary) drafts up to num_draft tokens per forward pass; greedy output is the plain output exactly, and
     everything above composes with it (engine.py says what a seed guarantees). engine: an Engine kept across calls
-    (its prefix cache, cache kind and speculation apply; the cache and speculation arguments must be left out)."""
+    (its prefix cache, cache kind and speculation apply; the cache and speculation arguments must be left out).
+    Structured output (constrain.py): response_format (OpenAI's: json_object or json_schema), json_schema (a dict or
+    JSON text) or grammar (Lark, llguidance's dialect) becomes the constraint."""
     params, ids = _request(model, tokenizer, prompt, max_tokens, locals())
     if engine is not None:
         yield from responses(engine, ids, params)
@@ -85,6 +88,13 @@ def _request(model, tokenizer, prompt, max_tokens: int, a: dict) -> tuple[Reques
         raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it")
     stop = a["stop"]
     constraint = a["constraint"]
+    if a["response_format"] is not None or a["json_schema"] is not None or a["grammar"] is not None:
+        if constraint is not None:
+            raise UsageError("pass either constraint= or response_format/json_schema/grammar, not both")
+        from .constrain import constraint_factory
+
+        constraint = constraint_factory(tokenizer, model.args.vocab_size, response_format=a["response_format"],
+                                        json_schema=a["json_schema"], grammar=a["grammar"])
     params = RequestParams(
         max_tokens=max_tokens, sampling=(a["sampling"] or loose).validate(),
         stop=[stop] if isinstance(stop, str) else list(stop or []), logprobs=logprobs is not False,

@@ -36,6 +36,7 @@ from ..engine import Engine, EngineStopped, Event, QueueFull, RequestParams
 from ..errors import UsageError
 from ..sampling import SamplingParams
 from ..sampling_defaults import LLAMA_CPP_DEFAULTS
+from . import structured
 from .http import USAGE_KEY, BodyLimit, Gate, error_body
 from .http import error_response as _error
 from .metrics import CONTENT_TYPE, Metrics
@@ -139,16 +140,14 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
         tok = engine.tokenizer
         if tok.chat_template is None:
             return _error(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
         try:
-            ids = await run_in_threadpool(lambda: tok.encode(tok.apply_chat_template(messages,
-                                                                                     add_generation_prompt=True)))
+            text, plan = await run_in_threadpool(structured.prepare_chat, body, tok, engine.model.args.vocab_size)
+            ids = await run_in_threadpool(tok.encode, text)
         except UsageError as e:
             return _error(400, str(e), param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
-        return await _generate(request, body, ids, max_tokens, body.logprobs, top, chat=True)
+        return await _generate(request, body, ids, max_tokens, body.logprobs, top, chat=True, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -161,9 +160,12 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
                 return _error(400, f"prompt token ids must be in [0, {engine.model.args.vocab_size})",
                               param="prompt")
         lp = body.logprobs
-        return await _generate(request, body, ids, body.max_tokens, lp is not None, lp or 0, chat=False)
+        constraint = await run_in_threadpool(structured.completion_constraint, body, engine.tokenizer,
+                                             engine.model.args.vocab_size)
+        return await _generate(request, body, ids, body.max_tokens, lp is not None, lp or 0, chat=False,
+                               plan=structured.Plan(constraint=constraint))
 
-    def _params(body, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> RequestParams:
+    def _params(body, max_tokens: int | None, logprobs: bool, top_logprobs: int, constraint) -> RequestParams:
         def pick(name):
             v = getattr(body, name)
             return defaults[name] if v is None else v
@@ -173,10 +175,10 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
                                   seed=body.seed)
         return RequestParams(max_tokens=max_tokens or config.max_tokens, stop=body.stops, sampling=sampling,
                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                             logprobs=logprobs, top_logprobs=top_logprobs)
+                             logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint)
 
     async def _generate(request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, chat: bool):
+                        top_logprobs: int, chat: bool, plan: structured.Plan | None = None):
         if body.model is not None and body.model not in names and not config.any_model:
             return _error(404, f"the model {body.model[:200]!r} does not exist here; this server serves "
                                f"{model_id!r}", param="model", code="model_not_found")
@@ -186,7 +188,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
         if len(ids) >= ctx:
             return _error(400, f"the prompt has {len(ids)} tokens but the context is {ctx} tokens",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        params = _params(body, max_tokens, logprobs, top_logprobs)
+        params = _params(body, max_tokens, logprobs, top_logprobs, plan.constraint if plan else None)
         params.max_tokens = min(params.max_tokens, ctx - len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -203,8 +205,8 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
         shape = _Shape(rid, created, model_id, chat, engine.tokenizer)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _Stream(_sse(events, handle, shape, include_usage, request.scope), handle,
-                           media_type="text/event-stream",
+            sse = _sse(events, handle, shape, include_usage, request.scope, plan if chat else None)
+            return _Stream(sse, handle, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, lps, last = [], [], None
         try:
@@ -224,7 +226,12 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
                 logger.error("request %s failed in the engine: %s", rid, last.error)
             return _error(503 if last.finish_reason == "cancelled" else 500,
                           last.error or "the request was cancelled: the server is shutting down", type_="server_error")
-        return shape.full("".join(text), last, lps if logprobs else None)
+        out = shape.full("".join(text), last, lps if logprobs else None)
+        if chat and plan is not None:
+            choice = out["choices"][0]
+            choice["message"], choice["finish_reason"] = structured.message("".join(text), plan,
+                                                                            choice["finish_reason"])
+        return out
 
     return app
 
@@ -432,10 +439,11 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool, scope: dict):
+async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool, scope: dict, plan=None):
     """The SSE stream of one request. A client that goes away cancels the generator here (Starlette cancels the
     response task), and the finally clause cancels the sequence: the engine frees it at its next step."""
     done = False
+    split = structured.StreamSplitter(plan) if plan is not None and not plan.passthrough else None
     try:
         if shape.chat:
             yield _data(shape.chunk(None, None, first=True))
@@ -451,11 +459,19 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
                                        "server_error"))
                 break
             with_lp = ev.logprob is not None
-            if ev.text or with_lp:
+            if split is not None:  # structured output (#23): reasoning, content and tool-call deltas
+                for delta in split.feed(ev.text):
+                    yield _data(structured.chunk(shape, delta))
+            elif ev.text or with_lp:
                 yield _data(shape.chunk(ev.text, None, ev, with_logprobs=with_lp))
             if ev.finish_reason is not None:
                 done = True
-                yield _data(shape.chunk(None, "stop" if ev.finish_reason == "stop" else "length"))
+                finish = "stop" if ev.finish_reason == "stop" else "length"
+                if split is not None:
+                    deltas, finish = split.close(finish)
+                    for delta in deltas:
+                        yield _data(structured.chunk(shape, delta))
+                yield _data(shape.chunk(None, finish))
                 if include_usage:
                     yield _data(shape.usage_chunk(ev))
                 break

@@ -34,6 +34,59 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Union[dict, bool] = Field({"type": "object"}, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise FieldError("response_format", "response_format of type json_schema needs a json_schema object")
+        return self
+
+    def as_dict(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class FunctionDef(_Body):
+    name: str = Field(..., min_length=1, max_length=256)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[StrictBool] = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: Union[str, dict] = "{}"
+
+
+class ToolCallIn(_Body):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class _Generation(_Body):
     model: Optional[str] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
@@ -51,19 +104,15 @@ class _Generation(_Body):
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
     # OpenAI parameters this server does not implement: rejected when set
     logit_bias: Optional[dict] = None
-    tools: Optional[list] = None
-    tool_choice: Optional[Union[str, dict]] = None
-    response_format: Optional[dict] = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("logit_bias", "tools", "tool_choice"):
+        for name in ("logit_bias",):
             if getattr(self, name):
                 raise FieldError(name, f"{name} is not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise FieldError("response_format", "response_format other than text is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP:
             raise FieldError("stop", f"at most {MAX_STOP} stop strings")
@@ -83,6 +132,18 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None
+    tool_call_id: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        """The message as chat templates take it (content as text, tool calls as dicts)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        for k in ("name", "tool_call_id"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -97,11 +158,21 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["auto", "none", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: StrictBool = True
 
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            names = [t.function.name for t in self.tools or []]
+            if not names:
+                raise FieldError("tool_choice", "tool_choice needs tools")
+            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+                raise FieldError("tool_choice",
+                                 f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
         return self
 
 
