@@ -37,8 +37,18 @@ class _Node:
 
 def own(a):
     """A copy of array `a` in a buffer of its own (np.array and mx.array both copy; a lazy backend's copy is
-    evaluated by the cache's `eval`)."""
+    evaluated by the cache's `eval`); a cache's stored parts (cache.Stored, a tuple of arrays) part by part."""
+    if isinstance(a, tuple):
+        return type(a)(own(p) for p in a)
     return np.array(a) if isinstance(a, np.ndarray) else type(a)(a)
+
+
+def _arrays(a) -> list:
+    return list(a) if isinstance(a, tuple) else [a]
+
+
+def _positions(a) -> int:
+    return int(_arrays(a)[0].shape[2])
 
 
 class PrefixCache:
@@ -92,11 +102,11 @@ class PrefixCache:
         nbytes = sum(int(k.nbytes) + int(v.nbytes) for k, v in kv)
         if not tokens or nbytes > self.max_bytes:
             return False
-        if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in kv):
+        if any(_positions(k) != len(tokens) or _positions(v) != len(tokens) for k, v in kv):
             raise ValueError("the KV to store must hold exactly the tokens' positions")
         kv = [(own(k), own(v)) for k, v in kv]
         if self._eval is not None:
-            self._eval(*(a for pair in kv for a in pair))
+            self._eval(*(a for pair in kv for part in pair for a in _arrays(part)))
         with self._lock:
             for i, e in list(self._entries.items()):
                 if len(e.tokens) <= len(tokens) and tokens[: len(e.tokens)] == e.tokens:
