@@ -177,13 +177,13 @@ def test_parallel_greedy_requests_equal_their_solo_outputs(server, tiny):
 
 def test_disconnect_frees_the_sequence(server, tiny, monkeypatch):
     base, engine = server
-    forward = tiny[0].forward_batch
+    to_numpy = tiny[0].ops.to_numpy
 
-    def slow(chunks, caches):  # the tiny model would finish 200 tokens before a loaded machine's client looks
+    def slow(x):  # the tiny model would finish 200 tokens before a loaded machine's client looks
         time.sleep(0.01)
-        return forward(chunks, caches)
+        return to_numpy(x)
 
-    monkeypatch.setattr(tiny[0], "forward_batch", slow)
+    monkeypatch.setattr(tiny[0].ops, "to_numpy", slow)
     cancelled = engine.stats.requests["cancelled"]
     body = {"model": MODEL_ID, "messages": MSGS[1], "max_tokens": 200, "temperature": 1.0, "seed": 1,
             "stop": ["never-appears"], "stream": True}
@@ -506,17 +506,17 @@ def test_model_names_launch_reference_and_any(tiny, chat_folder):
 
 @contextmanager
 def slow_model(model, seconds: float = 0.01):
-    forward = model.forward_batch
+    to_numpy = model.ops.to_numpy
 
-    def slow(chunks, caches):  # the tiny model would otherwise finish before the client goes
+    def slow(x):  # the tiny model would otherwise finish before the client goes (every step reads a token back)
         time.sleep(seconds)
-        return forward(chunks, caches)
+        return to_numpy(x)
 
-    model.forward_batch = slow
+    model.ops.to_numpy = slow
     try:
         yield
     finally:
-        del model.forward_batch
+        del model.ops.to_numpy
 
 
 def test_a_non_streaming_client_that_times_out_frees_its_sequence(tiny):
