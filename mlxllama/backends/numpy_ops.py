@@ -100,6 +100,15 @@ class NumpyOps:
         self._local = threading.local()  # per calling thread: forward-pass depth and step workers
         choose = self.threads > 1 and (mode != "float32" or _blas.available)
         self._choice = ThreadChoice((1, self.threads) if choose else (1,))
+        self._blas_for_mode()
+
+    def _blas_for_mode(self) -> None:
+        """Packed modes run BLAS one thread per call (multi-row products are split over this backend's workers).
+        OpenBLAS ignores a thread count raised or lowered from another thread than the one that set it last, so
+        the count is set here, when the mode is known (at load), not by whichever thread runs a forward pass
+        (a server's engine thread)."""
+        if self.weights_mode != "float32" and _blas.available and _blas.get() != 1:
+            _blas.set(1)
 
     @property
     def keeps_quantized(self) -> bool:
@@ -137,6 +146,7 @@ class NumpyOps:
         if quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
             if self._auto and self.weights_mode == "float32":
                 self.weights_mode = "fused" if _qmatvec() is not None else "float32"
+                self._blas_for_mode()
                 if self.weights_mode == "float32":
                     _notice(f"numba is not usable ({_QMATVEC_ERROR}): quantized weights are widened to float32, "
                             "4 bytes each (pip install 'mlxllama[fast-cpu]' for the fused 4-bit kernel)")
