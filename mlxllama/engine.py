@@ -331,6 +331,10 @@ class Engine:
         """shutdown() was called: no new requests are taken."""
         return self._draining or self._stopping
 
+    def kv_bytes_running(self) -> int:
+        """Bytes held by the running sequences' KV caches (their buffers, used or not)."""
+        return sum(int(s.cache.nbytes) for s in list(self._running) if s.cache is not None)
+
     @property
     def active(self) -> int:
         """Sequences holding a KV cache now."""

@@ -350,15 +350,18 @@ def tiny32(sp_dir, tmp_path_factory):
 def test_quantized_kv_server_answers(tiny32):
     m, tok = tiny32
     with serving(m, tok, kv_bits=8, kv_group_size=32, max_batch=4) as (base, engine):
-        assert engine.prefix_cache is None  # quantized caches hold no float prefix to save
         c = client(base)
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(lambda msgs: c.chat.completions.create(
                 model=MODEL_ID, messages=msgs, max_tokens=12, temperature=0), MSGS[:2]))
+        again = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=12, temperature=0)
     for msgs, r in zip(MSGS[:2], got):
         assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens_details.cached_tokens == 0
         assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, kv_bits=8,
                                                                  kv_group_size=32)
+    # the prefix cache keeps quantized KV as stored: a repeat reuses it and answers the same
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert again.choices[0].message.content == got[0].choices[0].message.content
 
 
 def test_rotating_window_server_answers_past_the_window(tiny):
@@ -384,8 +387,7 @@ def test_cli_serve_refuses_what_does_not_fit(chat_folder):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "does not fit" in r.stderr and "batch 1000000" in r.stderr
     for args, message in ((["--kv-bits", "3"], "--kv-bits must be 4 or 8"),
-                          (["--speculate", "draft"], "needs a draft model"),
-                          (["--speculate", "lookup", "--max-kv-size", "64"], "do not combine")):
+                          (["--speculate", "draft"], "needs a draft model")):
         bad = subprocess.run([sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(chat_folder), "--port",
                               port, *args], env=env, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
@@ -655,3 +657,20 @@ def test_the_server_trims_the_heap_after_requests_finish(tiny, monkeypatch):
     with serving(*tiny) as (base, _), httpx.Client(timeout=60) as h:
         assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
         assert wait_for(lambda: calls, 6.0), "no trim after a finished request"
+
+
+def test_logit_bias_steers_greedy_decoding(server, tiny):
+    """OpenAI's logit_bias goes through the engine's pipeline: +100 on one token makes greedy pick it every step;
+    malformed biases are 400s naming the field."""
+    base, _ = server
+    c = client(base)
+    forced = tiny[1].encode("x")[-1]
+    got = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100})
+    plain = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=4, temperature=0)
+    assert got.choices[0].message.content == tiny[1].decode([forced] * 4) != plain.choices[0].message.content
+    with httpx.Client(timeout=30) as h:
+        for bias in ({"abc": 1}, {"5": 500}):
+            r = h.post(base + "/v1/chat/completions", json={"model": MODEL_ID, "messages": MSGS[0],
+                                                              "logit_bias": bias})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text

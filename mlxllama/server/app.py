@@ -120,7 +120,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
 
     @app.get("/health")
     async def health():
-        if engine._draining or not engine.running_in_thread:
+        if engine.draining or not engine.running_in_thread:
             return _error(503, "shutting down", type_="server_error")
         return {"status": "ok"}
 
@@ -175,7 +175,8 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
                                   seed=body.seed)
         return RequestParams(max_tokens=max_tokens or config.max_tokens, stop=body.stops, sampling=sampling,
                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                             logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint)
+                             logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint,
+                             logit_bias=body.token_bias)
 
     async def _generate(request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
                         top_logprobs: int, chat: bool, plan: structured.Plan | None = None):
@@ -484,8 +485,8 @@ async def _sse(events: asyncio.Queue, handle, shape: _Shape, include_usage: bool
 def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
     """The engine `mlxllama serve` runs (not started): each sequence's KV cache as config asks, after the fit check
     for max_batch sequences at the full context (memory.DoesNotFit, one line, where they would not fit). The prefix
-    cache holds float K/V only: with --kv-bits or --max-kv-size there is none. With --speculate, the draft model
-    (if any) is loaded and checked here."""
+    cache holds any cache kind (a rotating window that has wrapped stores no prefix). With --speculate, the draft
+    model (if any) is loaded and checked here."""
     from ..memory import check_model
     from ..prefix_cache import PrefixCache
     from ..speculative import make_config
@@ -499,8 +500,7 @@ def make_engine(model, tokenizer, config: ServeConfig) -> Engine:
     options = dict(config.engine_options)
     if not settings.default:
         options.setdefault("make_cache", lambda n: model.make_cache(1, max_len=n, settings=settings))
-    use_prefix = config.prefix_cache_bytes and settings.default
-    prefix = PrefixCache(config.prefix_cache_bytes, eval=model.ops.eval) if use_prefix else None
+    prefix = PrefixCache(config.prefix_cache_bytes, eval=model.ops.eval) if config.prefix_cache_bytes else None
     if config.speculate is not None:
         options.setdefault("speculate", make_config(config.speculate, config.num_draft, config.draft_model,
                                                     target_model=model, target_tokenizer=tokenizer))
@@ -515,9 +515,6 @@ def check_options(config: ServeConfig) -> None:
 
     config.cache_settings.validate()
     check_speculation(config.speculate, config.num_draft, config.draft_model is not None)
-    if config.speculate is not None and config.max_kv_size is not None:
-        raise UsageError("--speculate and --max-kv-size do not combine: a rotating window cannot roll back "
-                         "rejected drafts once it has wrapped")
 
 
 def _kv_label(config: ServeConfig) -> str:

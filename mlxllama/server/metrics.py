@@ -30,12 +30,7 @@ class Metrics:
 
 def kv_bytes_running(engine) -> int:
     """Bytes held by the KV caches of the running sequences (their buffers, used or not)."""
-    total = 0
-    for s in list(getattr(engine, "_running", ())):
-        cache = s.cache
-        if cache is not None:
-            total += int(cache.nbytes)
-    return total
+    return engine.kv_bytes_running()
 
 
 class EngineCollector:

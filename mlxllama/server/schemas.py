@@ -105,18 +105,23 @@ class _Generation(_Body):
     n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
     user: Optional[str] = None
     response_format: Optional[ResponseFormat] = None
-    # OpenAI parameters this server does not implement: rejected when set
-    logit_bias: Optional[dict] = None
+    logit_bias: Optional[dict[str, float]] = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
 
     @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("logit_bias",):
-            if getattr(self, name):
-                raise FieldError(name, f"{name} is not supported by this server")
+    def _limits(self):
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.strip().isdigit():
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {token[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise FieldError("logit_bias", f"logit_bias values must be in [-100, 100], got {bias!r}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP:
             raise FieldError("stop", f"at most {MAX_STOP} stop strings")
         return self
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
 
     @property
     def stops(self) -> list[str]:
