@@ -50,12 +50,11 @@ def serve(
                                                          "model's context); the fit check counts --max-batch of "
                                                          "them."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize each sequence's KV cache to 8 or 4 "
-                                                                  "bits (no prefix cache then: it holds float KV "
-                                                                  "only)."),
+                                                                  "bits (the prefix cache keeps it as stored)."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Keep at most N positions per sequence: "
                                                                          "the first 4 and the latest (a rotating "
-                                                                         "window; no prefix cache then)."),
+                                                                         "window; combines with --kv-bits)."),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from each prompt and reply) "
                                             "or draft (--draft-model): each greedy or sampled stream verifies up "
                                             "to --num-draft tokens per forward pass, same output; batching stays "
@@ -66,6 +65,10 @@ def serve(
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help=NUMPY_WEIGHTS_HELP),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Spread the model over mlx.launch's ranks: "
+                                           "tensor or pipeline; rank 0 serves and batches over them (no prefix "
+                                           "cache then). E.g. mlx.launch --hosts ip0,ip1 -- mlxllama serve -m M "
+                                           "--parallel tensor"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
 
@@ -78,7 +81,7 @@ def serve(
 
     Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
     does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
-    float KV only, so it is off with --kv-bits or --max-kv-size.
+    every cache kind as stored.
 
     Requests that leave sampling out get the model's generation_config.json values, else llama.cpp's (temp 0.8,
     top-k 40, top-p 0.95, min-p 0.05); --temp, --top-p, --top-k and --min-p set them. Start-up prints them, and
@@ -106,4 +109,5 @@ def serve(
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
                     max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
-                    any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log))
+                    any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log,
+                    parallel=parallel))

@@ -273,6 +273,53 @@ def test_two_tensor_ranks_batch_two_requests_as_one_process(tmp_path, tiny):
     assert [got["tokens"], got["tokens2"]] == want and got["batched"] > 0
 
 
+def _wait_healthy(base: str, procs, timeout: float = RUN_TIMEOUT) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the parallel server did not come up")
+
+
+def test_serve_parallel_batches_over_the_ranks_as_one_process(tmp_path, tiny):
+    """`mlxllama serve --parallel tensor` on two loopback ranks: concurrent greedy requests are batched over the
+    ranks and each answers as one process does alone; SIGTERM on rank 0 ends both ranks with exit 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import mlxllama
+
+    m, tok = mlxllama.load(tiny, backend="mlx")
+    prompts = ["hello world", "the quick brown fox"]
+    want = [mlxllama.generate(m, tok, p, max_tokens=6) for p in prompts]
+    port = _free_ports(1)[0]
+    cli = [sys.executable, "-c", "from mlxllama_cli.app import main; main()", "serve", "-m", str(tiny), "--backend",
+           "mlx", "--port", str(port), "--parallel", "tensor", "--max-batch", "2"]
+    procs = _start(tmp_path, 2, cli)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, procs)
+        body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "stop": ["never-appears"]}
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: httpx.post(base + "/v1/completions", json=dict(body, prompt=p),
+                                                     timeout=120).json()["choices"][0]["text"], prompts))
+        procs[0].send_signal(signal.SIGTERM)
+        results = _finish(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert got == want
+    assert [rc for rc, _, _ in results] == [0, 0], [e[-2000:] for _, _, e in results]
+
+
 @pytest.mark.parametrize("family", ["bias", "qk_norm"])
 def test_tensor_parallel_keeps_biases_and_head_norms(tmp_path, sp_dir, family):
     model = _family_folder(tmp_path / family, sp_dir, family)

@@ -76,6 +76,7 @@ class ServeConfig:
     # is None or missing from the model's generation_config.json, else llama.cpp's defaults
     sampling: dict | None = None
     access_log: bool = True
+    parallel: str | None = None  # "tensor" or "pipeline": rank 0 serves, the model spread over mlx.launch's ranks
     engine_options: dict[str, Any] = field(default_factory=dict)  # more Engine keyword arguments
 
     @property
@@ -534,14 +535,21 @@ def run(config: ServeConfig) -> None:
     from ..sampling_defaults import describe, with_overrides
 
     check_options(config)  # before the model loads
+    path = api.resolve(config.model, config.revision)
+    values, source = with_overrides(path, config.sampling or {})
+    if config.parallel is not None:
+        model, tokenizer = _parallel_model(path, config)
+        if model is None:  # another rank than 0: it served rank 0's forward passes until rank 0 closed
+            return
+        config = replace(config, prefix_cache_bytes=0)  # a saved prefix would live on rank 0 alone
     sock = _listen(config)
     try:
-        path = api.resolve(config.model, config.revision)
-        values, source = with_overrides(path, config.sampling or {})
-        model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
+        if config.parallel is None:
+            model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
         engine = make_engine(model, tokenizer, config).start()
     except BaseException:
         sock.close()
+        _close(model if config.parallel is not None else None)
         raise
     config = replace(config, sampling=values)
     model_id = config.model_id or (path.stem if path.is_file() else path.name)
@@ -570,7 +578,22 @@ def run(config: ServeConfig) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        _close(model if config.parallel is not None else None)
     logger.info("mlxllama serve: stopped")
+
+
+def _parallel_model(path, config: ServeConfig):
+    """Under mlx.launch: (rank 0's distributed model, tokenizer) on rank 0; (None, None) on the other ranks once
+    rank 0 has closed (they serve its forward passes, batched steps included, until then)."""
+    from ..distributed import setup
+
+    return setup(path, config.parallel, backend="mlx" if config.backend == "auto" else config.backend,
+                 revision=config.revision)
+
+
+def _close(model) -> None:
+    if model is not None:
+        model.close()  # releases the other ranks
 
 
 def _listen(config: ServeConfig) -> socket.socket:
