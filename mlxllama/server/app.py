@@ -541,7 +541,9 @@ def run(config: ServeConfig) -> None:
         model, tokenizer = _parallel_model(path, config)
         if model is None:  # another rank than 0: it served rank 0's forward passes until rank 0 closed
             return
-        config = replace(config, prefix_cache_bytes=0)  # a saved prefix would live on rank 0 alone
+        # a saved prefix would live on rank 0 alone; pipeline ranks run one sequence per step
+        config = replace(config, prefix_cache_bytes=0,
+                         max_batch=config.max_batch if config.parallel == "tensor" else 1)
     sock = _listen(config)
     try:
         if config.parallel is None:
