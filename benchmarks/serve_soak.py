@@ -25,7 +25,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_load import free_port  # noqa: E402  (the benchmark beside this one)
 
 TOPICS = ["the sky", "a robot", "a CPU cache", "inflation", "the water cycle", "vaccines", "the Roman empire",
           "machine learning", "a car engine", "photosynthesis", "leadership", "the beach", "airplanes", "relativity",
@@ -65,14 +67,6 @@ class Tally:
                 self.latencies.append(seconds)
             if not ok and len(self.failures) < 20:
                 self.failures.append((kind, status, why[:200]))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_bytes(pid: int) -> int:
