@@ -105,6 +105,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
     names = names or accepted_names(model_id, config)
     defaults = dict(LLAMA_CPP_DEFAULTS, **{k: v for k, v in (config.sampling or {}).items() if v is not None})
     stats = Metrics(engine)
+    reqs = _Requests(engine, model_id, config, names, defaults)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -148,7 +149,7 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
             return _error(400, str(e), param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
-        return await _generate(request, body, ids, max_tokens, body.logprobs, top, chat=True, plan=plan)
+        return await reqs.generate(request, body, ids, max_tokens, body.logprobs, top, chat=True, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -163,35 +164,55 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
         lp = body.logprobs
         constraint = await run_in_threadpool(structured.completion_constraint, body, engine.tokenizer,
                                              engine.model.args.vocab_size)
-        return await _generate(request, body, ids, body.max_tokens, lp is not None, lp or 0, chat=False,
-                               plan=structured.Plan(constraint=constraint))
+        return await reqs.generate(request, body, ids, body.max_tokens, lp is not None, lp or 0, chat=False,
+                                   plan=structured.Plan(constraint=constraint))
 
-    def _params(body, max_tokens: int | None, logprobs: bool, top_logprobs: int, constraint) -> RequestParams:
+    return app
+
+
+@dataclass
+class _Requests:
+    """What the two generation routes share: the checks, a request's parameters, submission and the reply."""
+    engine: Engine
+    model_id: str
+    config: ServeConfig
+    names: set
+    defaults: dict
+
+    def params(self, body, max_tokens: int | None, logprobs: bool, top_logprobs: int, constraint) -> RequestParams:
         def pick(name):
             v = getattr(body, name)
-            return defaults[name] if v is None else v
+            return self.defaults[name] if v is None else v
 
         sampling = SamplingParams(temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                                   min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
                                   seed=body.seed)
-        return RequestParams(max_tokens=max_tokens or config.max_tokens, stop=body.stops, sampling=sampling,
+        return RequestParams(max_tokens=max_tokens or self.config.max_tokens, stop=body.stops, sampling=sampling,
                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                              logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint,
                              logit_bias=body.token_bias)
 
-    async def _generate(request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, chat: bool, plan: structured.Plan | None = None):
-        if body.model is not None and body.model not in names and not config.any_model:
+    def refusal(self, body, ids: list[int], chat: bool):
+        """The error response for a request the engine cannot take as it is, or None."""
+        if body.model is not None and body.model not in self.names and not self.config.any_model:
             return _error(404, f"the model {body.model[:200]!r} does not exist here; this server serves "
-                               f"{model_id!r}", param="model", code="model_not_found")
+                               f"{self.model_id!r}", param="model", code="model_not_found")
         if not ids:
             return _error(400, "the prompt is empty", param="messages" if chat else "prompt")
-        ctx = engine.ctx
+        ctx = self.engine.ctx
         if len(ids) >= ctx:
             return _error(400, f"the prompt has {len(ids)} tokens but the context is {ctx} tokens",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        params = _params(body, max_tokens, logprobs, top_logprobs, plan.constraint if plan else None)
-        params.max_tokens = min(params.max_tokens, ctx - len(ids))
+        return None
+
+    async def generate(self, request: Request, body, ids: list[int], max_tokens: int | None, logprobs: bool,
+                       top_logprobs: int, chat: bool, plan: structured.Plan | None = None):
+        bad = self.refusal(body, ids, chat)
+        if bad is not None:
+            return bad
+        engine = self.engine
+        params = self.params(body, max_tokens, logprobs, top_logprobs, plan.constraint if plan else None)
+        params.max_tokens = min(params.max_tokens, engine.ctx - len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
@@ -203,39 +224,40 @@ def create_app(engine: Engine, model_id: str, config: ServeConfig | None = None,
         except UsageError as e:
             return _error(400, str(e))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        shape = _Shape(rid, created, model_id, chat, engine.tokenizer)
+        shape = _Shape(rid, int(time.time()), self.model_id, chat, engine.tokenizer)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             sse = _sse(events, handle, shape, include_usage, request.scope, plan if chat else None)
             return _Stream(sse, handle, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, lps, last = [], [], None
-        try:
-            async for ev in _until_finished(events, request):
-                text.append(ev.text)
-                if ev.token is not None and ev.logprob is not None:
-                    lps.append(ev)
-                last = ev
-        finally:
-            if last is None or last.finish_reason is None:
-                handle.cancel()  # the client went away, or this task was cancelled: free the sequence now
-        if last is None or last.finish_reason is None:
-            return Response(status_code=499)
-        _record_usage(request.scope, last)
-        if last.finish_reason in ("error", "cancelled"):
-            if last.finish_reason == "error":
-                logger.error("request %s failed in the engine: %s", rid, last.error)
-            return _error(503 if last.finish_reason == "cancelled" else 500,
-                          last.error or "the request was cancelled: the server is shutting down", type_="server_error")
-        out = shape.full("".join(text), last, lps if logprobs else None)
-        if chat and plan is not None:
-            choice = out["choices"][0]
-            choice["message"], choice["finish_reason"] = structured.message("".join(text), plan,
-                                                                            choice["finish_reason"])
-        return out
+        return await _reply(request, events, handle, shape, logprobs, plan if chat else None)
 
-    return app
+
+async def _reply(request: Request, events: asyncio.Queue, handle, shape: _Shape, logprobs: bool, plan):
+    """The non-streamed response of one submitted request (a client that goes away cancels it)."""
+    text, lps, last = [], [], None
+    try:
+        async for ev in _until_finished(events, request):
+            text.append(ev.text)
+            if ev.token is not None and ev.logprob is not None:
+                lps.append(ev)
+            last = ev
+    finally:
+        if last is None or last.finish_reason is None:
+            handle.cancel()  # the client went away, or this task was cancelled: free the sequence now
+    if last is None or last.finish_reason is None:
+        return Response(status_code=499)
+    _record_usage(request.scope, last)
+    if last.finish_reason in ("error", "cancelled"):
+        if last.finish_reason == "error":
+            logger.error("request %s failed in the engine: %s", shape.rid, last.error)
+        return _error(503 if last.finish_reason == "cancelled" else 500,
+                      last.error or "the request was cancelled: the server is shutting down", type_="server_error")
+    out = shape.full("".join(text), last, lps if logprobs else None)
+    if plan is not None:
+        choice = out["choices"][0]
+        choice["message"], choice["finish_reason"] = structured.message("".join(text), plan, choice["finish_reason"])
+    return out
 
 
 def _error_handlers(app: FastAPI) -> None:
