@@ -163,9 +163,8 @@ def _get(d: dict, key: str, kind, source: str, default=...):
     return float(v) if kind is float else v
 
 
-def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a JSON object")
+def _hf_family(d: dict, source: str):
+    """The family of an HF config (families.py), or a ConfigError saying why it is not run."""
     archs = d.get("architectures")
     model_type = d.get("model_type")
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
@@ -179,6 +178,30 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     if fam is None:
         what = f"architecture {_show(archs)}" if archs else f"model_type {_show(model_type)}"
         raise ConfigError(f"{source}: unsupported {what}; mlxllama runs {families.SUPPORTED}")
+    return fam
+
+
+def _hf_special_ids(d: dict, source: str) -> tuple[int | None, list[int]]:
+    """(bos_token_id, eos_token_ids) of an HF config."""
+    eos = d.get("eos_token_id")
+    if eos is None:
+        eos_list = []
+    elif _is_int(eos):
+        eos_list = [eos]
+    elif isinstance(eos, list) and all(_is_int(e) for e in eos):
+        eos_list = eos
+    else:
+        raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
+    bos = d.get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+        raise ConfigError(f"{source}: bos_token_id must be an integer")
+    return bos, eos_list
+
+
+def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    fam = _hf_family(d, source)
     if d.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
     attention_bias = _get(d, "attention_bias", bool, source, False)
@@ -208,18 +231,7 @@ def from_hf_dict(d: Any, source: str = "config.json") -> ModelArgs:
     heads = _get(d, "num_attention_heads", int, source)
     if heads > 0 and hidden % heads and "head_dim" not in d:
         raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
-    eos = d.get("eos_token_id")
-    if eos is None:
-        eos_list = []
-    elif _is_int(eos):
-        eos_list = [eos]
-    elif isinstance(eos, list) and all(_is_int(e) for e in eos):
-        eos_list = eos
-    else:
-        raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
-    bos = d.get("bos_token_id")
-    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
-        raise ConfigError(f"{source}: bos_token_id must be an integer")
+    bos, eos_list = _hf_special_ids(d, source)
     quant = d.get("quantization", d.get("quantization_config"))
     if quant is not None:
         if not isinstance(quant, dict):

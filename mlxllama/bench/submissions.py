@@ -171,119 +171,136 @@ def _positive(v) -> bool:
     return _is_num(v) and v > 0
 
 
-def validate(obj) -> list[str]:
-    """Every reason the submission is unacceptable, one line each; an empty list means valid."""
-    if not isinstance(obj, dict):
-        return [f"submission must be a JSON object, got {type(obj).__name__}"]
-    reasons: list[str] = []
-    bad = reasons.append
+class _Checker:
+    """Collects the reasons a submission is unacceptable: sections (objects) and their fields, checked."""
 
-    def section(key: str, nullable: bool = False) -> dict:
-        v = obj.get(key, ...)
+    def __init__(self, obj: dict):
+        self.obj = obj
+        self.reasons: list[str] = []
+
+    def section(self, key: str, nullable: bool = False) -> dict:
+        v = self.obj.get(key, ...)
         if v is ...:
-            bad(f"{key}: missing")
+            self.reasons.append(f"{key}: missing")
         elif v is None and nullable:
             return {}
         elif not isinstance(v, dict):
-            bad(f"{key}: must be an object{' or null' if nullable else ''}")
+            self.reasons.append(f"{key}: must be an object{' or null' if nullable else ''}")
         else:
             return v
         return {}
 
-    def field(d: dict, where: str, key: str, check, what: str, nullable: bool = False):
+    def field(self, d: dict, where: str, key: str, check, what: str, nullable: bool = False):
         path = f"{where}.{key}" if where else key
         if key not in d:
-            bad(f"{path}: missing")
+            self.reasons.append(f"{path}: missing")
             return None
         v = d[key]
         if v is None and nullable:
             return None
         if not check(v):
-            bad(f"{path}: must be {what}{' or null' if nullable else ''}, got {v!r}"[:200])
+            self.reasons.append(f"{path}: must be {what}{' or null' if nullable else ''}, got {v!r}"[:200])
             return None
         return v
 
-    is_str = lambda v: isinstance(v, str) and v.strip() != ""  # noqa: E731
 
+def _is_text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def validate(obj) -> list[str]:
+    """Every reason the submission is unacceptable, one line each; an empty list means valid."""
+    if not isinstance(obj, dict):
+        return [f"submission must be a JSON object, got {type(obj).__name__}"]
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION or not _is_int(version):
         return [f"schema_version: must be {SCHEMA_VERSION}, got {version!r}"]
-    source = field(obj, "", "source", is_str, "a non-empty string")
-    measured_source = source == "measured"
-    date = field(obj, "", "date", is_str, "an ISO 8601 date")
+    c = _Checker(obj)
+    measured_source = c.field(obj, "", "source", _is_text, "a non-empty string") == "measured"
+    date = c.field(obj, "", "date", _is_text, "an ISO 8601 date")
     if date is not None:
         try:
             _dt.datetime.fromisoformat(date.replace("Z", "+00:00"))
         except ValueError:
-            bad(f"date: not an ISO 8601 date: {date!r}"[:200])
-    field(obj, "", "backend", is_str, "a non-empty string")
-    field(obj, "", "device", is_str, "a non-empty string")
+            c.reasons.append(f"date: not an ISO 8601 date: {date!r}"[:200])
+    c.field(obj, "", "backend", _is_text, "a non-empty string")
+    c.field(obj, "", "device", _is_text, "a non-empty string")
+    rated = _check_machine(c, measured_source)
+    _check_versions_and_model(c, measured_source)
+    rated = _check_cluster(c, rated)
+    tests = obj.get("tests", ...)
+    if tests is ...:
+        c.reasons.append("tests: missing")
+    elif not isinstance(tests, list) or not tests:
+        c.reasons.append("tests: must be a non-empty list")
+    else:
+        seen = set()
+        for i, t in enumerate(tests):
+            c.reasons.extend(_validate_test(t, f"tests[{i}]", rated, seen))
+    return c.reasons
 
-    machine = section("machine")
+
+def _check_machine(c: _Checker, measured_source: bool) -> float | None:
+    """machine, chip and measured_bandwidth; returns the chip's rated bandwidth (GB/s) where valid."""
+    machine = c.section("machine")
     if machine:
-        field(machine, "machine", "os", is_str, "a non-empty string")
+        c.field(machine, "machine", "os", _is_text, "a non-empty string")
         for key in ("cpu_cores", "memory_bytes", "gpu_cores"):
             if machine.get(key) is not None and not (_is_int(machine[key]) and machine[key] > 0):
-                bad(f"machine.{key}: must be a positive integer or null, got {machine[key]!r}")
-
-    chip = section("chip")
+                c.reasons.append(f"machine.{key}: must be a positive integer or null, got {machine[key]!r}")
+    chip = c.section("chip")
     rated = None
     if chip and machine and measured_source:
         from .hardware import chip_contradiction
 
         contradiction = chip_contradiction(machine, chip.get("name"))
         if contradiction:
-            bad(f"chip: {contradiction}; a measured submission is scored against the machine that ran it")
+            c.reasons.append(f"chip: {contradiction}; a measured submission is scored against the machine that ran it")
     if chip:
-        field(chip, "chip", "name", is_str, "a non-empty string", nullable=True)
-        field(chip, "chip", "gpu_cores", lambda v: _is_int(v) and v > 0, "a positive integer", nullable=True)
-        rated = field(chip, "chip", "rated_bandwidth_gbps", _positive, "a positive number", nullable=True)
-        field(chip, "chip", "peak_fp16_tflops", _positive, "a positive number", nullable=True)
-
-    measured = section("measured_bandwidth", nullable=True)
+        c.field(chip, "chip", "name", _is_text, "a non-empty string", nullable=True)
+        c.field(chip, "chip", "gpu_cores", lambda v: _is_int(v) and v > 0, "a positive integer", nullable=True)
+        rated = c.field(chip, "chip", "rated_bandwidth_gbps", _positive, "a positive number", nullable=True)
+        c.field(chip, "chip", "peak_fp16_tflops", _positive, "a positive number", nullable=True)
+    measured = c.section("measured_bandwidth", nullable=True)
     if measured:
-        field(measured, "measured_bandwidth", "backend", is_str, "a non-empty string")
+        c.field(measured, "measured_bandwidth", "backend", _is_text, "a non-empty string")
         for key in ("copy_gbps", "read_gbps"):
-            field(measured, "measured_bandwidth", key, _positive, "a positive number")
+            c.field(measured, "measured_bandwidth", key, _positive, "a positive number")
+    return rated
 
-    versions_ = section("versions")
+
+def _check_versions_and_model(c: _Checker, measured_source: bool) -> None:
+    versions_ = c.section("versions")
     if versions_:
         for key in ("mlxllama", "mlx", "numpy", "python"):
             required = measured_source and key != "mlx"
-            field(versions_, "versions", key, is_str, "a version string", nullable=not required)
-
-    model = section("model")
+            c.field(versions_, "versions", key, _is_text, "a version string", nullable=not required)
+    model = c.section("model")
     if model:
-        field(model, "model", "id", is_str, "a non-empty string")
-        field(model, "model", "quant", is_str, "a non-empty string")
-        field(model, "model", "sha256", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v),
-              "64 lowercase hex digits", nullable=not measured_source)
-        acc = field(model, "model", "accounting", lambda v: isinstance(v, dict), "an object")
+        c.field(model, "model", "id", _is_text, "a non-empty string")
+        c.field(model, "model", "quant", _is_text, "a non-empty string")
+        c.field(model, "model", "sha256", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v),
+                "64 lowercase hex digits", nullable=not measured_source)
+        acc = c.field(model, "model", "accounting", lambda v: isinstance(v, dict), "an object")
         if acc is not None:
             for key in ACCOUNTING_FIELDS:
-                field(acc, "model.accounting", key, lambda v: _is_int(v) and v > 0, "a positive integer")
+                c.field(acc, "model.accounting", key, lambda v: _is_int(v) and v > 0, "a positive integer")
 
-    cluster = obj.get("cluster")
-    if cluster is not None:
-        if not isinstance(cluster, dict):
-            bad("cluster: must be an object")
-        else:
-            nodes = field(cluster, "cluster", "nodes", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
-            field(cluster, "cluster", "link", is_str, "a non-empty string")
-            mode = field(cluster, "cluster", "parallel", lambda v: v in ("tensor", "pipeline"), "tensor or pipeline")
-            if rated and nodes and mode == "tensor":
-                rated *= nodes  # every node reads its part of each token's bytes
 
-    tests = obj.get("tests", ...)
-    if tests is ...:
-        bad("tests: missing")
-    elif not isinstance(tests, list) or not tests:
-        bad("tests: must be a non-empty list")
-    else:
-        seen = set()
-        for i, t in enumerate(tests):
-            reasons.extend(_validate_test(t, f"tests[{i}]", rated, seen))
-    return reasons
+def _check_cluster(c: _Checker, rated: float | None) -> float | None:
+    """The optional cluster section; a tensor-parallel run's rated bandwidth adds up over its nodes."""
+    cluster = c.obj.get("cluster")
+    if cluster is None:
+        return rated
+    if not isinstance(cluster, dict):
+        c.reasons.append("cluster: must be an object")
+        return rated
+    nodes = c.field(cluster, "cluster", "nodes", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+    c.field(cluster, "cluster", "link", _is_text, "a non-empty string")
+    mode = c.field(cluster, "cluster", "parallel", lambda v: v in ("tensor", "pipeline"), "tensor or pipeline")
+    if rated and nodes and mode == "tensor":
+        rated *= nodes  # every node reads its part of each token's bytes
+    return rated
 
 
 def _validate_test(t, where: str, rated_gbps: float | None, seen: set) -> list[str]:

@@ -39,6 +39,30 @@ def _int_list(value: Any) -> list[int]:
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
+def _folder_backend(folder: Path, config: dict) -> SentencePiece | HFTokenizers:
+    """tokenizer.json through HF tokenizers, else tokenizer.model through sentencepiece (with the config's special
+    added tokens)."""
+    json_path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
+    if json_path.is_file():
+        try:
+            return HFTokenizers(tokenizers.Tokenizer.from_file(str(json_path)))
+        except Exception as e:
+            raise ModelFileError(f"{json_path}: not a tokenizers file ({first_line(e)})") from None
+    if not model_path.is_file():
+        raise ModelFileError(f"{folder}: no tokenizer.json or tokenizer.model")
+    extra = {}
+    added = config.get("added_tokens_decoder")
+    if isinstance(added, dict):
+        for key, tok in added.items():
+            content = _token_text(tok)
+            if content and str(key).isdigit() and isinstance(tok, dict) and tok.get("special", False):
+                extra[content] = int(key)
+    try:
+        return SentencePiece(model_path.read_bytes(), extra)
+    except Exception as e:
+        raise ModelFileError(f"{model_path}: not a sentencepiece model ({first_line(e)})") from None
+
+
 def load_tokenizer(folder: Path, args_eos: list[int] | None = None) -> Tokenizer:
     """Load a HF-style folder: tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json,
     special_tokens_map.json, chat_template.jinja and generation_config.json when present.
@@ -56,26 +80,7 @@ def load_tokenizer(folder: Path, args_eos: list[int] | None = None) -> Tokenizer
     def special(name: str) -> str | None:
         return _token_text(config.get(name)) or _token_text(special_map.get(name))
 
-    json_path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
-    if json_path.is_file():
-        try:
-            backend: SentencePiece | HFTokenizers = HFTokenizers(tokenizers.Tokenizer.from_file(str(json_path)))
-        except Exception as e:
-            raise ModelFileError(f"{json_path}: not a tokenizers file ({first_line(e)})") from None
-    elif model_path.is_file():
-        extra = {}
-        added = config.get("added_tokens_decoder")
-        if isinstance(added, dict):
-            for key, tok in added.items():
-                content = _token_text(tok)
-                if content and str(key).isdigit() and isinstance(tok, dict) and tok.get("special", False):
-                    extra[content] = int(key)
-        try:
-            backend = SentencePiece(model_path.read_bytes(), extra)
-        except Exception as e:
-            raise ModelFileError(f"{model_path}: not a sentencepiece model ({first_line(e)})") from None
-    else:
-        raise ModelFileError(f"{folder}: no tokenizer.json or tokenizer.model")
+    backend = _folder_backend(folder, config)
 
     def token_id(name: str, fallback: int | None) -> int | None:
         text = special(name)
