@@ -377,7 +377,7 @@ def info(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trace
     \b
       mlxllama info
     """
-    from mlxllama.info import system_info
+    from mlxllama.bench.info import system_info
 
     for key, value in system_info().items():
         typer.echo(f"{key + ':':<18}{value}")

@@ -6,7 +6,7 @@ import importlib.metadata
 import platform
 import sys
 
-from . import __version__, backends
+from .. import __version__, backends
 
 
 def _version(pkg: str) -> str:
@@ -29,11 +29,11 @@ def system_info() -> dict[str, str]:
     out["auto picks"] = backends.pick("auto") + ("" if backends.mlx_has_gpu() else
                                                  " (MLX has no GPU here; numpy's BLAS is faster on a CPU)")
     if backends.mlx_importable():
-        from .backends.mlx_ops import MLXOps
+        from ..backends.mlx_ops import MLXOps
 
         out["mlx device"] = MLXOps().device()
     try:
-        from .bench.hardware import detect
+        from .hardware import detect
 
         hw = detect()
         out["machine"] = hw.describe() if hasattr(hw, "describe") else str(hw)
