@@ -24,7 +24,7 @@ pytest.importorskip("mlx.core")
 from mlxllama import loaders  # noqa: E402
 from mlxllama.distributed import Plan, pipeline_layers  # noqa: E402
 from mlxllama.errors import ModelFileError, UsageError  # noqa: E402
-from mlxllama.weights import QuantizedWeight, cut  # noqa: E402
+from mlxllama.weights import GGMLWeight, QuantizedWeight, cut  # noqa: E402
 
 RANK = Path(__file__).parent / "dist_rank.py"
 RUN_TIMEOUT = 240  # seconds for one multi-process run on a loaded 2-core machine
@@ -48,6 +48,8 @@ def tiny_tied(tmp_path_factory, sp_dir) -> Path:
 def _materialize(w):
     if isinstance(w, QuantizedWeight):
         return [np.asarray(w.weight), np.asarray(w.scales), np.asarray(w.biases)]
+    if isinstance(w, GGMLWeight):
+        return [np.asarray(w.blocks)]
     return [np.asarray(w)]
 
 

@@ -140,8 +140,10 @@ class NumpyOps:
         """Fuse same-input projections by output rows; lay the result out as [in, out] (as stored in "fused"
         mode: qmatvec.PackedLinear; a weight type with prepare_numpy: what it returns)."""
         custom = [p for p in parts if _custom(p)]
-        if custom:
+        if custom and len(custom) == len(parts):
             return type(custom[0]).prepare_numpy(parts)
+        if custom:  # one projection mixing layouts (GGUF blocks beside float or affine parts): blocks as float32
+            parts = [p.dequantize() if _custom(p) else p for p in parts]
         quantized = all(isinstance(p, QuantizedWeight) for p in parts)
         if quantized and len({(p.bits, p.group_size) for p in parts}) == 1:
             if self._auto and self.weights_mode == "float32":
