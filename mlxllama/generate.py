@@ -101,7 +101,7 @@ def _request(model, tokenizer, prompt, max_tokens: int, a: dict) -> tuple[Reques
         top_logprobs=0 if isinstance(logprobs, bool) else logprobs, logit_bias=a["logit_bias"],
         frequency_penalty=a["frequency_penalty"], presence_penalty=a["presence_penalty"],
         logits_processors=list(a["logits_processors"]), sampler=a["sampler"],
-        constraint=constraint() if callable(constraint) and not hasattr(constraint, "allowed") else constraint,
+        constraint=constraint,  # an object or a factory: the engine makes one per request (Engine._setup)
         prefill_progress=a["prefill_progress"])
     return params.validate(), ids
 

@@ -33,7 +33,6 @@ from mlxllama.server.app import (
     make_engine,
     release_free_memory,
 )
-from mlxllama.server.metrics import kv_bytes_running
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -532,7 +531,7 @@ def test_a_non_streaming_client_that_times_out_frees_its_sequence(tiny):
         gone = time.monotonic()
         assert wait_for(lambda: engine.active == 0, 1.0), "the sequence still runs 1 s after its client left"
         assert time.monotonic() - gone < 1.0 and engine.stats.requests["cancelled"] == 1
-        assert kv_bytes_running(engine) == 0
+        assert engine.kv_bytes_running() == 0
 
 
 def test_sixteen_dropped_streams_free_their_slots_and_kv(tiny):
@@ -549,10 +548,10 @@ def test_sixteen_dropped_streams_free_their_slots_and_kv(tiny):
                 lines.append(r.iter_lines())
                 next(lines[-1])  # the role chunk: the request is in
             assert wait_for(lambda: engine.active == 16, 10), (engine.active, engine.stats.requests)
-            assert kv_bytes_running(engine) > 0
+            assert engine.kv_bytes_running() > 0
         gone = time.monotonic()
         assert wait_for(lambda: engine.active == 0, 2.0), f"{engine.active} sequences still run"
-        assert engine.stats.requests["cancelled"] == 16 and kv_bytes_running(engine) == 0
+        assert engine.stats.requests["cancelled"] == 16 and engine.kv_bytes_running() == 0
         print(f"16 streams freed in {time.monotonic() - gone:.3f} s")
         with httpx.Client(timeout=60) as h:  # the server still answers, and its gauges say so
             assert h.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200

@@ -28,11 +28,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def kv_bytes_running(engine) -> int:
-    """Bytes held by the KV caches of the running sequences (their buffers, used or not)."""
-    return engine.kv_bytes_running()
-
-
 class EngineCollector:
     def __init__(self, engine):
         self.engine = engine
@@ -61,7 +56,7 @@ class EngineCollector:
         yield _gauge("achieved_gbps", "Weights and KV read per decode step over its time (GB/s), last steps.",
                      st.achieved_gbps)
         pc = e.prefix_cache
-        held = {"running": kv_bytes_running(e), "prefix_cache": pc.nbytes if pc is not None else 0}
+        held = {"running": e.kv_bytes_running(), "prefix_cache": pc.nbytes if pc is not None else 0}
         yield _gauge("kv_cache_bytes", "Bytes of KV the engine holds: the running sequences' caches and the "
                      "prefix cache's entries.", held, "holder")
         if pc is not None:
