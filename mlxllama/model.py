@@ -67,6 +67,8 @@ class Model:
                 down=ops.prepare_linear([take(p + "mlp.down_proj")]),
                 qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
             ))
+            if release:
+                return_freed_memory()  # the loader's copy of this layer, now laid out again, leaves at once
         if "model.norm" in weights:
             self.norm = ops.prepare_norm(take("model.norm"))
         self.rope = ops.rope_table(rope_inv_freq(args))
