@@ -19,10 +19,11 @@ positions at the same time: a step's offset, a rollback and a prefix are one dec
   bytes_per_position, stored, nbytes, state the accounting (accounting.py) and evaluation
 
 Two independent choices, so every combination exists:
-  storage   float K/V in the backend's dtype, or in float16 (`dtype="float16"`: half the bytes of a float32
-            backend, llama.cpp's default cache type; read back widened to the backend's dtype), or quantized along head_dim as stored (`bits` 8 or 4: MLX's affine
-            format, a scale and a bias per group); `update` then returns QuantizedKV tuples that ops.attention
-            attends to without widening the cache (on MLX, mx.quantized_matmul, as mlx-lm does).
+  storage   float K/V in the backend's dtype; or float16 (`dtype="float16"`: half the bytes of a float32
+            backend, llama.cpp's default cache type; `update` returns them widened to the backend's dtype); or
+            quantized along head_dim as stored (`bits` 8 or 4: MLX's affine format, a scale and a bias per
+            group); `update` then returns QuantizedKV tuples that ops.attention attends to without widening the
+            cache (on MLX, mx.quantized_matmul, as mlx-lm does).
   window    every position (KVCache, QuantizedKVCache), or RotatingKVCache: at most `max_size` positions, the
             first `keep` (attention sinks) and a ring of the most recent max_size - keep (mlx-lm's). Positions
             keep counting (RoPE sees the true ones).
