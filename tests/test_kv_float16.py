@@ -159,3 +159,15 @@ def test_llamacpp_rounded_product_is_the_product_of_rounded_inputs(qtype, rows):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     lin.activations = "float32"
     assert np.abs(lin.matmul(x) - got).max() > 1e-4  # the rounding is really applied
+
+
+def test_fit_takes_kv_dtype_and_refuses_a_bad_one_in_one_line(tiny_hf):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "mlxllama_cli.app", "fit", "-m", str(tiny_hf), "--ctx", "256", "--backend", "numpy"]
+    ok = subprocess.run(cli + ["--kv-dtype", "float16"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "16-bit" in ok.stdout
+    bad = subprocess.run(cli + ["--kv-dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --kv-dtype must be float16, got bfloat16"
