@@ -11,6 +11,7 @@ from mlxllama import accounting, memory
 from mlxllama.backends import kquants
 from mlxllama.cache import CacheSettings, KVCache, RotatingKVCache, kv_element_bytes
 from mlxllama.errors import UsageError
+from test_kquants import tiny_quants  # noqa: F401  (a fixture)
 from test_memkv import TOKENS, tiny_model
 
 
@@ -171,3 +172,24 @@ def test_fit_takes_kv_dtype_and_refuses_a_bad_one_in_one_line(tiny_hf):
     assert "16-bit" in ok.stdout
     bad = subprocess.run(cli + ["--kv-dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --kv-dtype must be float16, got bfloat16"
+
+
+def test_the_benchmarks_rounding_switch_reaches_every_gguf_product(tiny_quants):
+    import sys
+    from pathlib import Path
+
+    from mlxllama.backends import get_ops
+    from mlxllama.cache import make_cache
+    from test_kquants import _logits
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from perplexity_llamacpp import round_like_llamacpp
+
+    plain, model = _logits(tiny_quants["Q4_K_M"], get_ops("numpy"))
+    held = [model.embed, model.lm_head] + [w for layer in model.layers for w in layer]
+    products = {id(w): w for w in held if isinstance(w, kquants.KQuantLinear)}
+    assert round_like_llamacpp(model) == len(products) > 0
+    assert all(w.activations == "llama.cpp" for w in products.values())
+    tokens = model.ops.asarray(np.array([[1, 5, 9, 3]]))
+    rounded = model.ops.to_numpy(model(tokens, make_cache(model.ops, model.args, 1)))
+    assert np.isfinite(rounded).all() and rounded.shape[-1] == plain.shape[-1]
