@@ -1,6 +1,6 @@
-"""The KL table: what 4-bit weights and 8-/4-bit KV caches cost, in KL divergence from a float32 reference, on a
-real English text (benchmarks/data/alice-ch1-2.txt: chapters I-II of Alice's Adventures in Wonderland, Project
-Gutenberg eBook #11, public domain).
+"""The KL table: what 4-bit weights and float16 / 8- / 4-bit KV caches cost, in KL divergence from a float32
+reference, on a real English text (benchmarks/data/alice-ch1-2.txt: chapters I-II of Alice's Adventures in
+Wonderland, Project Gutenberg eBook #11, public domain).
 
 The reference is an F32 copy of the model made by dequantizing its Q4_1 tensors (the original bf16 weights are not
 available offline). Q4_1 itself therefore differs from it only by how the product is computed; the cost of 4-bit
@@ -59,6 +59,7 @@ def main() -> None:
     quant_ops = backends.get_ops(a.backend, numpy_weights="quantized")
     rows = [
         ("Q4_1 (as stored; weights kept packed)", weights, quant_ops, CacheSettings()),
+        ("F32 copy, KV float16", f32, ops, CacheSettings(kv_dtype="float16")),
         ("F32 copy, KV 8-bit g64", f32, ops, CacheSettings(kv_bits=8)),
         ("F32 copy, KV 4-bit g64", f32, ops, CacheSettings(kv_bits=4)),
         ("Q4_1, KV 8-bit g64", weights, quant_ops, CacheSettings(kv_bits=8)),

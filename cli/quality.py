@@ -51,6 +51,8 @@ def fit(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: a quantized KV cache."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="A rotating KV window of N positions."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep K and V as float16 (half a "
+                                                                    "float32 cache; llama.cpp's default)."),
     chip: Optional[str] = typer.Option(None, "--chip", help="Check against each memory size of a chip from the table "
                                                             "(e.g. 'M2 Max') instead of this machine."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy: how the weights will be held."),
@@ -78,8 +80,8 @@ def fit(
         ctx = args.max_position_embeddings
     if ctx < 1:
         raise UsageError(f"--ctx must be at least 1, got {ctx}")
-    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
-        args.head_dim)
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size,
+                             kv_dtype=kv_dtype).validate(args.head_dim)
     lines, ok = memory_lines(args, weights, ops, ctx, batch, settings, the_chip)
     for line in lines:
         typer.echo(line)
@@ -98,6 +100,8 @@ def perplexity(
                                                                            "here (for a later --kl-base)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: score with a quantized KV cache."),
     kv_group_size: int = typer.Option(64, "--kv-group-size"),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep K and V as float16 (half a "
+                                                                    "float32 cache; llama.cpp's default)."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy: float32 or quantized."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -126,7 +130,8 @@ def perplexity(
     if save_logits is not None and kl_base is not None and Path(kl_base) == save_logits:
         raise UsageError("--save-logits and --kl-base name the same file")
     m, tok = mlxllama.load(model, backend=backend, numpy_weights=numpy_weights, ctx=ctx, batch=batch)
-    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size).validate(m.args.head_dim)
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, kv_dtype=kv_dtype).validate(
+        m.args.head_dim)
     base = None
     if kl_base is not None:
         if kl_base.endswith(".npz") and Path(kl_base).is_file():

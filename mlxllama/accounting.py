@@ -13,11 +13,12 @@ import numpy as np
 from .weights import LAYER_LINEARS, GGMLWeight, QuantizedWeight
 
 
-def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64) -> float:
-    """Bytes one K or V element takes in the cache: the float size, or bits/8 plus a scale and a bias (float_bytes
-    each) per group."""
+def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64,
+                     kv_dtype: str | None = None) -> float:
+    """Bytes one K or V element takes in the cache: the float size (2 for a float16 cache, kv_dtype "float16"), or
+    bits/8 plus a scale and a bias (float_bytes each) per group."""
     if kv_bits is None:
-        return float(float_bytes)
+        return 2.0 if kv_dtype == "float16" else float(float_bytes)
     return kv_bits / 8 + 2 * float_bytes / group_size
 
 
@@ -25,8 +26,9 @@ def kv_bytes_per_position(args, float_bytes: int = 2, settings=None) -> float:
     """K and V of one position over every layer, for the cache kind `settings` (cache.CacheSettings) asks for."""
     bits = getattr(settings, "kv_bits", None)
     group = getattr(settings, "kv_group_size", 64)
+    dtype = getattr(settings, "kv_dtype", None)
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * kv_element_bytes(
-        float_bytes, bits, group)
+        float_bytes, bits, group, dtype)
 
 
 def kv_positions_held(ctx: int, settings=None) -> int:

@@ -19,9 +19,11 @@ positions at the same time: a step's offset, a rollback and a prefix are one dec
   bytes_per_position, stored, nbytes, state the accounting (accounting.py) and evaluation
 
 Two independent choices, so every combination exists:
-  storage   float K/V in the backend's dtype, or quantized along head_dim as stored (`bits` 8 or 4: MLX's affine
-            format, a scale and a bias per group); `update` then returns QuantizedKV tuples that ops.attention
-            attends to without widening the cache (on MLX, mx.quantized_matmul, as mlx-lm does).
+  storage   float K/V in the backend's dtype; or float16 (`dtype="float16"`: half the bytes of a float32
+            backend, llama.cpp's default cache type; `update` returns them widened to the backend's dtype); or
+            quantized along head_dim as stored (`bits` 8 or 4: MLX's affine format, a scale and a bias per
+            group); `update` then returns QuantizedKV tuples that ops.attention attends to without widening the
+            cache (on MLX, mx.quantized_matmul, as mlx-lm does).
   window    every position (KVCache, QuantizedKVCache), or RotatingKVCache: at most `max_size` positions, the
             first `keep` (attention sinks) and a ring of the most recent max_size - keep (mlx-lm's). Positions
             keep counting (RoPE sees the true ones).
@@ -38,17 +40,20 @@ from .errors import UsageError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
+KV_DTYPES = ("float16",)
 
 
 @dataclass(frozen=True)
 class CacheSettings:
     """kv_bits: None (float K/V) or 4 / 8; kv_group_size: the quantization group along head_dim;
-    max_kv_size: None (every position) or a rotating window of that many positions, the first `keep` kept."""
+    max_kv_size: None (every position) or a rotating window of that many positions, the first `keep` kept;
+    kv_dtype: None (float K/V in the backend's dtype) or "float16" (stored as float16; a float cache only)."""
 
     kv_bits: int | None = None
     kv_group_size: int = 64
     max_kv_size: int | None = None
     keep: int = 4
+    kv_dtype: str | None = None
 
     def validate(self, head_dim: int | None = None) -> "CacheSettings":
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
@@ -57,6 +62,10 @@ class CacheSettings:
             raise UsageError(f"--kv-group-size must be 32, 64 or 128, got {self.kv_group_size}")
         if self.kv_bits is not None and head_dim is not None and head_dim % self.kv_group_size:
             raise UsageError(f"--kv-group-size {self.kv_group_size} does not divide the head size {head_dim}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise UsageError(f"--kv-dtype must be float16, got {self.kv_dtype}")
+        if self.kv_dtype is not None and self.kv_bits is not None:
+            raise UsageError("--kv-dtype float16 is a float cache; it does not combine with --kv-bits")
         if self.max_kv_size is not None:
             if self.max_kv_size <= self.keep:
                 raise UsageError(f"--max-kv-size must be more than the {self.keep} kept first tokens, "
@@ -65,7 +74,7 @@ class CacheSettings:
 
     @property
     def default(self) -> bool:
-        return self.kv_bits is None and self.max_kv_size is None
+        return self.kv_bits is None and self.max_kv_size is None and self.kv_dtype is None
 
 
 def make_cache(ops, args, batch: int, max_len: int | None = None, settings: CacheSettings | None = None):
@@ -78,10 +87,21 @@ def make_cache(ops, args, batch: int, max_len: int | None = None, settings: Cach
             raise UsageError(f"--max-kv-size {s.max_kv_size} is more than the model's sliding window "
                              f"({args.sliding_window}); give at most that")
         return RotatingKVCache(*shape, max_size=min(s.max_kv_size, length), keep=s.keep, bits=s.kv_bits,
-                               group_size=s.kv_group_size)
+                               group_size=s.kv_group_size, dtype=s.kv_dtype)
     if s.kv_bits is not None:
         return QuantizedKVCache(*shape, length, grow=max_len is None, bits=s.kv_bits, group_size=s.kv_group_size)
-    return KVCache(*shape, length, grow=max_len is None)
+    return KVCache(*shape, length, grow=max_len is None, dtype=s.kv_dtype)
+
+
+def _float16(ops):
+    """The backend's float16 dtype."""
+    if ops.name == "mlx":
+        import mlx.core as mx
+
+        return mx.float16
+    import numpy as np
+
+    return np.float16
 
 
 class Stored(tuple):
@@ -102,7 +122,7 @@ class KVCache:
     step = 256
 
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 grow: bool = False, bits: int | None = None, group_size: int = 64):
+                 grow: bool = False, bits: int | None = None, group_size: int = 64, dtype: str | None = None):
         self.ops = ops
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.max_len = max_len
@@ -110,6 +130,9 @@ class KVCache:
         if bits is not None:
             CacheSettings(kv_bits=bits, kv_group_size=group_size).validate(head_dim)
         self.bits, self.group_size = bits, group_size
+        CacheSettings(kv_bits=bits, kv_dtype=dtype).validate()
+        self.dtype = dtype  # None: the backend's float dtype; "float16": stored as float16, read back widened
+        self._stored_dtype = _float16(ops) if dtype == "float16" else None
         # per layer, a tuple of buffers for the keys and one for the values (one array; quantized: data, scales,
         # biases)
         self.keys = [None] * num_layers
@@ -120,13 +143,13 @@ class KVCache:
     # What is stored for k [B, KV, L, D]: a tuple of arrays [B, KV, L, ...].
     def _encode(self, k) -> tuple:
         if self.bits is None:
-            return (k,)
+            return (k,) if self._stored_dtype is None else (k.astype(self._stored_dtype),)
         q = self.ops.quantize_kv(k, self.group_size, self.bits)
         return (q.data, q.scales, q.biases)
 
     def _decode(self, parts: tuple):
         if self.bits is None:
-            return parts[0]
+            return parts[0] if self._stored_dtype is None else parts[0].astype(self.ops.float_dtype)
         return QuantizedKV(*parts, self.group_size, self.bits)
 
     def _reserve(self, needed: int, like: tuple) -> None:
@@ -180,7 +203,7 @@ class KVCache:
     @property
     def bytes_per_position(self) -> float:
         """K and V of one position, every layer (quantized: scales and biases included)."""
-        element = kv_element_bytes(self.ops.kv_bytes, self.bits, self.group_size)
+        element = kv_element_bytes(self.ops.kv_bytes, self.bits, self.group_size, self.dtype)
         return 2 * len(self.keys) * self.batch * self.kv_heads * self.head_dim * element
 
     def prefix_length(self, n: int) -> int:
@@ -231,10 +254,10 @@ class RotatingKVCache(KVCache):
     """
 
     def __init__(self, ops, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_size: int,
-                 keep: int = 4, bits: int | None = None, group_size: int = 64):
+                 keep: int = 4, bits: int | None = None, group_size: int = 64, dtype: str | None = None):
         if max_size <= keep:
             raise UsageError(f"a rotating KV cache needs more than {keep} positions, got {max_size}")
-        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_size, True, bits, group_size)
+        super().__init__(ops, num_layers, batch, kv_heads, head_dim, max_size, True, bits, group_size, dtype)
         self.max_size, self.keep = max_size, keep
         self._next = keep  # the ring slot the next single token goes to, once the buffer is full
         self._pending = None  # the ring slot after this step's update (the same for every layer)

@@ -89,7 +89,8 @@ def memory_need(args, weights_bytes: int, ctx: int, batch: int = 1, float_bytes:
     from .cache import CacheSettings
 
     s = settings or CacheSettings()
-    label = f"{s.kv_bits}-bit g{s.kv_group_size}" if s.kv_bits else f"{8 * float_bytes}-bit"
+    label = f"{s.kv_bits}-bit g{s.kv_group_size}" if s.kv_bits else \
+        ("16-bit" if s.kv_dtype == "float16" else f"{8 * float_bytes}-bit")
     if s.max_kv_size:
         label += f", window {s.max_kv_size}"
     return MemoryNeed(weights=int(weights_bytes), kv=kv_bytes(args, ctx, batch, float_bytes, s),

@@ -328,6 +328,57 @@ def _mv_32(kind, bsize, blocks, signed, half, iq4, x, xsum, y, o0, o1):
             y[r, o] = acc
 
 
+# -- llama.cpp's activation rounding (an explicit numerics option: numerics.py) -------------------------------
+#
+# llama.cpp's CPU products quantize each input row before integer dot products: to Q8_K (256 per block) for the
+# K-quants, to Q8_0 (32 per block) for Q4_0/Q5_0/Q8_0/IQ4_NL, to Q8_1 (Q8_0's values and the block's sum, stored
+# as float16) for Q4_1/Q5_1. These give the exact values those blocks hold, so that a float product over them
+# reproduces llama.cpp's up to float32 summation order.
+
+Q8_K_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})
+Q8_1_TYPES = frozenset({"Q4_1", "Q5_1"})
+
+
+def q8_0_values(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [rows, n] float32 (n a multiple of 32) -> (values [rows, n], q [rows, n / 32, 32], d [rows, n / 32, 1]) of
+    llama.cpp's quantize_row_q8_0 on AVX2: d = amax / 127 stored as float16, q = round-half-even(x * (127 / amax))."""
+    g = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    nz = amax != 0
+    inv = np.where(nz, np.float32(127) / np.where(nz, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.rint(g * inv)
+    d16 = d.astype(np.float16).astype(np.float32)
+    return (q * d16).reshape(x.shape), q, d
+
+
+def q8_1_sums(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The sum Q8_1 stores per block ([rows, n / 32]): float16(d * sum(q)), d the float32 scale before rounding."""
+    return (d[..., 0] * q.sum(axis=-1, dtype=np.float32)).astype(np.float16).astype(np.float32)
+
+
+def q8_k_values(x: np.ndarray) -> np.ndarray:
+    """x [rows, n] float32 (n a multiple of 256) -> the values of llama.cpp's quantize_row_q8_K_ref: iscale =
+    -127 / max (max: the first element of largest magnitude, signed), q = min(127, round-half-even(iscale * x)),
+    d = 1 / iscale in float32."""
+    g = x.reshape(x.shape[0], -1, 256)
+    mx = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)
+    nz = mx != 0
+    iscale = np.where(nz, np.float32(-127) / np.where(nz, mx, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.minimum(np.rint(iscale * g), np.float32(127))
+    d = np.where(nz, np.float32(1) / np.where(nz, iscale, np.float32(1)), np.float32(0)).astype(np.float32)
+    return (q * d).reshape(x.shape)
+
+
+def llamacpp_activations(x: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """What llama.cpp multiplies a `qtype` weight with: x rounded to Q8_K, Q8_0 or Q8_1 values, and for Q8_1 the
+    float16 block sums its Q4_1/Q5_1 products use for the bias term (None otherwise)."""
+    if qtype in Q8_K_TYPES:
+        return q8_k_values(x), None
+    values, q, d = q8_0_values(x)
+    return values, (q8_1_sums(q, d) if qtype in Q8_1_TYPES else None)
+
+
 _FEW_ROWS = 4  # at most this many input rows: the direct product of the type where it has one
 
 
@@ -347,9 +398,15 @@ def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
     return True
 
 
+ACTIVATIONS = ("float32", "llama.cpp")
+
+
 class KQuantLinear:
     """Same-input GGUF matrices fused by output rows, as stored: one segment per part, each its blocks
-    [rows, row_bytes] and type. shape is (in, out), as numpy_ops' float32 matrices."""
+    [rows, row_bytes] and type. shape is (in, out), as numpy_ops' float32 matrices.
+
+    activations: "float32" (default: the input as it is) or "llama.cpp" (each part's input rounded as llama.cpp's
+    CPU product rounds it for that type: llamacpp_activations; numerics.py sets it)."""
 
     def __init__(self, parts: list):
         self.segments = []
@@ -360,6 +417,7 @@ class KQuantLinear:
             o += p.shape[0]
         self.shape = (parts[0].shape[1], o)
         self.qtypes = tuple(p.qtype for p in parts)
+        self.activations = "float32"
 
     @property
     def nbytes(self) -> int:
@@ -368,42 +426,67 @@ class KQuantLinear:
     def matmul(self, x2: np.ndarray) -> np.ndarray:
         """x2 [rows, in] float32 -> [rows, out]."""
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
-        rows, n_in = x2.shape
-        out = np.empty((rows, self.shape[1]), np.float32)
-        if rows <= _DIRECT_ROWS:
-            sums = {}
-            for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(self.segments, self.qtypes):
-                if sub not in sums:
-                    sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
-                y = out[:, o0:o1] if len(self.segments) == 1 else np.empty((rows, o1 - o0), np.float32)
-
-                def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
-                    if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
-                        matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
-
-                _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
-                if len(self.segments) > 1:
-                    out[:, o0:o1] = y
-            return out
-        step = max(16, _DEQUANT_BLOCK // n_in)
-
-        def span(a: int, b: int) -> None:
-            buf = np.empty((min(step, b - a), n_in), np.float32)
-            for s in range(a, b, step):
-                e = min(s + step, b)
-                w = self.dequantize(s, e, buf[: e - s])
-                np.matmul(x2, w.T, out=out[:, s:e])
-
-        _spread(span, self.shape[1], self.shape[1] * n_in * 8)
+        if self.activations == "float32":
+            return _product(x2, self.segments, self.qtypes)
+        out = np.empty((x2.shape[0], self.shape[1]), np.float32)
+        for (o0, o1, fmt, blocks), qtype in zip(self.segments, self.qtypes):
+            xs, sums = llamacpp_activations(x2, qtype)
+            out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
         """Output rows o0..o1 (across segments) as float32 [o1 - o0, in] in out (C order)."""
-        for s0, s1, (kind, qk, sub, bsize), blocks in self.segments:
-            a, b = max(o0, s0), min(o1, s1)
-            if a < b:
-                dequantize_rows(kind, qk, sub, bsize, blocks, a - s0, b - s0, _HALF, _IQ4, out[a - o0: b - o0])
+        return _dequantize(self.segments, o0, o1, out)
+
+
+def _dequantize(segments, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
+    for s0, s1, (kind, qk, sub, bsize), blocks in segments:
+        a, b = max(o0, s0), min(o1, s1)
+        if a < b:
+            dequantize_rows(kind, qk, sub, bsize, blocks, a - s0, b - s0, _HALF, _IQ4, out[a - o0: b - o0])
+    return out
+
+
+def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarray | None = None) -> np.ndarray:
+    """x2 [rows, in] float32 times the segments' weights -> [rows, out]. q8_1_sums (one Q4_1/Q5_1 segment): the
+    per-32 input sums its bias term takes instead of x2's own (llama.cpp's float16 Q8_1 sums)."""
+    rows, n_in = x2.shape
+    n_out = segments[-1][1]
+    out = np.empty((rows, n_out), np.float32)
+    if rows <= _DIRECT_ROWS:
+        sums = {} if q8_1_sums is None else {32: q8_1_sums}
+        for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(segments, qtypes):
+            if sub not in sums:
+                sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
+            y = out[:, o0:o1] if len(segments) == 1 else np.empty((rows, o1 - o0), np.float32)
+
+            def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
+                if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
+                    matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+
+            _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
+            if len(segments) > 1:
+                out[:, o0:o1] = y
         return out
+    step = max(16, _DEQUANT_BLOCK // n_in)
+
+    def span(a: int, b: int) -> None:
+        buf = np.empty((min(step, b - a), n_in), np.float32)
+        for s in range(a, b, step):
+            e = min(s + step, b)
+            np.matmul(x2, _dequantize(segments, s, e, buf[: e - s]).T, out=out[:, s:e])
+
+    _spread(span, n_out, n_out * n_in * 8)
+    if q8_1_sums is not None:  # the bias term with the stored sums, not x2's: add m * (stored - exact) per block
+        delta = q8_1_sums - x2.reshape(rows, -1, 32).sum(axis=-1, dtype=np.float32)
+        out += delta @ _block_mins(segments[0][3], segments[0][2][3]).T
+    return out
+
+
+def _block_mins(blocks: np.ndarray, bsize: int) -> np.ndarray:
+    """Q4_1 / Q5_1: each block's m (the float16 after d), [rows, blocks] float32."""
+    b = blocks.reshape(blocks.shape[0], -1, bsize)
+    return _HALF[b[..., 2].astype(np.int64) | (b[..., 3].astype(np.int64) << 8)]
 
 
 def dequantize(w) -> np.ndarray:
