@@ -174,15 +174,14 @@ def test_fit_takes_kv_dtype_and_refuses_a_bad_one_in_one_line(tiny_hf):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --kv-dtype must be float16, got bfloat16"
 
 
-def test_the_benchmarks_rounding_switch_reaches_every_gguf_product(tiny_quants):
-    import sys
+def test_the_benchmarks_rounding_switch_reaches_every_gguf_product(tiny_quants, monkeypatch):
     from pathlib import Path
 
     from mlxllama.backends import get_ops
     from mlxllama.cache import make_cache
     from test_kquants import _logits
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # restored after the test
     from perplexity_llamacpp import round_like_llamacpp
 
     plain, model = _logits(tiny_quants["Q4_K_M"], get_ops("numpy"))

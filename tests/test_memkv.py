@@ -299,12 +299,11 @@ def test_trim_turns_drops_the_oldest_turns():
 
 
 @pytest.mark.slow
-def test_perplexity_agrees_with_llama_cpp(smollm2, tmp_path):
+def test_perplexity_agrees_with_llama_cpp(smollm2, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # restored after the test
     from perplexity_llamacpp import compare
 
     text = Path(__file__).parent.parent / "benchmarks" / "data" / "alice-ch1-2.txt"
