@@ -93,8 +93,11 @@ KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of -
 MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the latest (a rotating window)."
 
 
-def _kv_kwargs(kv_bits, kv_group_size, max_kv_size) -> dict:
-    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "max_kv_size": max_kv_size}
+KV_DTYPE_HELP = "float16: keep K and V as float16 (half a float32 cache; llama.cpp's default cache type)."
+
+
+def _kv_kwargs(kv_bits, kv_group_size, max_kv_size, kv_dtype=None) -> dict:
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "max_kv_size": max_kv_size, "kv_dtype": kv_dtype}
 PARALLEL_HELP = ("Run over the ranks of mlx.launch: tensor (every layer split; bandwidth adds up) or pipeline "
                  "(layer ranges; memory adds up). E.g. mlx.launch --hosts ip0,ip1 -- mlxllama generate ... "
                  "--parallel tensor")
@@ -170,6 +173,7 @@ def generate(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_DTYPE_HELP),
     parallel: Optional[str] = typer.Option(None, "--parallel", help=PARALLEL_HELP),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from the prompt and output) "
                                             "or draft (--draft-model): several tokens per forward pass, same output."),
@@ -202,7 +206,7 @@ def generate(
     text = _read_prompt(prompt)
     kwargs = _sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
     check_options(speculate, num_draft, draft_model is not None)  # option errors before the model loads
-    kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
+    kwargs.update(_kv_kwargs(kv_bits, kv_group_size, max_kv_size, kv_dtype))
     kwargs.update(_structured_kwargs(json_schema, grammar))
     if parallel is not None:
         from mlxllama import distributed
@@ -300,6 +304,7 @@ def chat(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits: 32, 64 or 128."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help=MAX_KV_HELP),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_DTYPE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Chat with a model in a REPL with a line editor (history on the arrow keys).
@@ -333,7 +338,7 @@ def chat(
                                                               else "") + ")"
     m, tok = _load(str(path), backend, None, numpy_weights)
     repl.run(m, tok, system=system, sampling=kwargs["sampling"], max_tokens=max_tokens, show_stats=stats,
-             banner=banner, cache_kwargs=_kv_kwargs(kv_bits, kv_group_size, max_kv_size))
+             banner=banner, cache_kwargs=_kv_kwargs(kv_bits, kv_group_size, max_kv_size, kv_dtype))
 
 
 @app.command()

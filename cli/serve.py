@@ -55,6 +55,8 @@ def serve(
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Keep at most N positions per sequence: "
                                                                          "the first 4 and the latest (a rotating "
                                                                          "window; combines with --kv-bits)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep each sequence's K and V as "
+                                                                    "float16 (half a float32 cache)."),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from each prompt and reply) "
                                             "or draft (--draft-model): each greedy or sampled stream verifies up "
                                             "to --num-draft tokens per forward pass, same output; batching stays "
@@ -108,6 +110,6 @@ def serve(
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                    max_kv_size=max_kv_size, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
+                    max_kv_size=max_kv_size, kv_dtype=kv_dtype, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
                     any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log,
                     parallel=parallel))

@@ -29,7 +29,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
                     sampling: SamplingParams | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                     sampler: Callable[[np.ndarray], int] | None = None, logprobs: bool | int = False,
                     prefill_progress: Callable[[int, int], None] | None = None, kv_bits: int | None = None,
-                    kv_group_size: int = 64, max_kv_size: int | None = None, speculate: str | None = None,
+                    kv_group_size: int = 64, max_kv_size: int | None = None, kv_dtype: str | None = None,
+                    speculate: str | None = None,
                     num_draft: int = 8, draft_model=None, constraint=None, logit_bias: dict | None = None,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     engine: Engine | None = None, response_format: dict | None = None, json_schema=None,
@@ -43,7 +44,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     logits instead of the built-in sampler. logprobs: True for the chosen token's log-probability, an integer k for
     the k most likely tokens' too. prefill_progress(done, total) is called as the prompt is processed. kv_bits (8
     or 4) quantizes the KV cache; max_kv_size keeps a rotating window of that many positions (the first 4 and the
-    latest); they combine. Before anything is allocated, the memory need is checked (memory.check_model).
+    latest); they combine. kv_dtype "float16" keeps a float cache as float16 (half the bytes). Before anything is allocated, the memory need is checked (memory.check_model).
     speculate: "lookup" (prompt n-gram lookup) or "draft" (draft_model: a Model or a reference with the same
     vocabulary) drafts up to num_draft tokens per forward pass; greedy output is the plain output exactly, and
     everything above composes with it (engine.py says what a seed guarantees). engine: an Engine kept across calls
@@ -55,7 +56,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
         yield from responses(engine, ids, params)
         return
     speculation = spec.make_config(speculate, num_draft, draft_model, target_model=model, target_tokenizer=tokenizer)
-    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size).validate(
+    settings = CacheSettings(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size,
+                             kv_dtype=kv_dtype).validate(
         model.args.head_dim)
     length = min(model.args.max_position_embeddings, len(ids) + params.max_tokens)
     check_model(model, length, 1, settings)

@@ -346,9 +346,10 @@ def tiny32(sp_dir, tmp_path_factory):
     return mlxllama.load(d, backend="numpy")
 
 
-def test_quantized_kv_server_answers(tiny32):
+@pytest.mark.parametrize("kv", [dict(kv_bits=8, kv_group_size=32), dict(kv_dtype="float16")], ids=["8bit", "float16"])
+def test_quantized_kv_server_answers(tiny32, kv):
     m, tok = tiny32
-    with serving(m, tok, kv_bits=8, kv_group_size=32, max_batch=4) as (base, engine):
+    with serving(m, tok, max_batch=4, **kv) as (base, engine):
         c = client(base)
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(lambda msgs: c.chat.completions.create(
@@ -356,9 +357,8 @@ def test_quantized_kv_server_answers(tiny32):
         again = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=12, temperature=0)
     for msgs, r in zip(MSGS[:2], got):
         assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens_details.cached_tokens == 0
-        assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, kv_bits=8,
-                                                                 kv_group_size=32)
-    # the prefix cache keeps quantized KV as stored: a repeat reuses it and answers the same
+        assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, **kv)
+    # the prefix cache keeps quantized or float16 KV as stored: a repeat reuses it and answers the same
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     assert again.choices[0].message.content == got[0].choices[0].message.content
 

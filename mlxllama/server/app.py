@@ -68,6 +68,7 @@ class ServeConfig:
     kv_bits: int | None = None  # the KV cache of each sequence: cache.CacheSettings
     kv_group_size: int = 64
     max_kv_size: int | None = None
+    kv_dtype: str | None = None  # "float16": a float cache kept as float16
     speculate: str | None = None  # "lookup" or "draft" (draft_model: a reference with the model's vocabulary)
     num_draft: int = 8
     draft_model: str | None = None
@@ -83,7 +84,8 @@ class ServeConfig:
     def cache_settings(self):
         from ..cache import CacheSettings
 
-        return CacheSettings(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size, max_kv_size=self.max_kv_size)
+        return CacheSettings(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size, max_kv_size=self.max_kv_size,
+                             kv_dtype=self.kv_dtype)
 
 
 def accepted_names(model_id: str, config: ServeConfig, path: Path | None = None) -> set[str]:
@@ -541,10 +543,9 @@ def check_options(config: ServeConfig) -> None:
 
 
 def _kv_label(config: ServeConfig) -> str:
-    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else "float KV"
+    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else f"{config.kv_dtype or 'float'} KV"
     if config.max_kv_size:
         kv += f", window {config.max_kv_size}"
-    kv += "" if config.cache_settings.default or not config.prefix_cache_bytes else ", no prefix cache"
     return kv + (f", speculate {config.speculate} k<={config.num_draft}" if config.speculate else "")
 
 
