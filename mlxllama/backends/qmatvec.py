@@ -746,39 +746,43 @@ class PackedLinear:
         biases = self.scales if self.biases is None else self.biases
         return self.bytes, self.scales, biases, self.bias_factor, self.bits, self.group_size
 
-    def unit_rows(self, rows: int) -> bool:
-        """Whether a product of `rows` rows runs the unit tiles (int16 inputs, UNIT_ROWS rows or more, whole units
-        of inputs) rather than _tile's."""
-        return rows >= UNIT_ROWS and self.act == 16 and self.shape[0] % _unit(self.bits) == 0
+    def unit_rows(self, rows: int) -> int:
+        """How many of `rows` input rows run the unit tiles: the multiples of UNIT_ROWS (int16 inputs, whole units
+        of inputs); the rest run _tile's."""
+        if self.act != 16 or self.shape[0] % _unit(self.bits):
+            return 0
+        return rows // UNIT_ROWS * UNIT_ROWS
 
     def input_buffers(self, rows: int):
-        """Empty (xq, dxs) for `rows` input rows: what quantize_input fills."""
-        n = self.shape[0]
-        dxs = np.empty((2, n // _BLOCK, rows), np.float32)
-        if self.unit_rows(rows):
-            unit = _unit(self.bits)
-            return np.empty((n // unit, rows, unit), np.int16), dxs
-        return np.empty((rows, n), self._xdtype), dxs
+        """Empty buffers for `rows` input rows, what quantize_input fills: (xq, dxs) for _tile's rows, and before
+        them (xq [in / unit, rows, unit], dxs) for the unit tiles' rows where there are any."""
+        n, main = self.shape[0], self.unit_rows(rows)
+        tiles = (np.empty((rows - main, n), self._xdtype), np.empty((2, n // _BLOCK, rows - main), np.float32))
+        if not main:
+            return tiles
+        unit = _unit(self.bits)
+        return (np.empty((n // unit, main, unit), np.int16), np.empty((2, n // _BLOCK, main), np.float32)) + tiles
 
     def quantize_input(self, x2: np.ndarray, buffers=None):
         """What rows() takes for x2 [rows, in] float32 (C order), in buffers (input_buffers) where given."""
-        xq, dxs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
-        if xq.ndim == 3:
-            quantize_units(x2, self.bits, self._lim, self._order, xq, dxs)
-        else:
-            quantize_input(x2, self.bits, self._lim, xq, dxs)
-        return xq, dxs
+        bufs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
+        main = 0 if len(bufs) == 2 else bufs[0].shape[1]
+        if main:
+            quantize_units(x2[:main], self.bits, self._lim, self._order, bufs[0], bufs[1])
+        quantize_input(x2[main:], self.bits, self._lim, bufs[-2], bufs[-1])
+        return bufs
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
         """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); out C-order float32; releases the GIL."""
-        if xin[0].ndim == 3:
-            _urows(self._tag, *self._args(), *xin, out, o0, o1)
-        else:
-            _rows(self._tag, *self._args(), *xin, out, o0, o1)
+        main = 0 if len(xin) == 2 else xin[0].shape[1]
+        if main:
+            _urows(self._tag, *self._args(), xin[0], xin[1], out[:main], o0, o1)
+        if main < out.shape[0]:
+            _rows(self._tag, *self._args(), xin[-2], xin[-1], out[main:], o0, o1)
 
     def matmul(self, x2: np.ndarray) -> np.ndarray:
-        """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in
-        buffers kept per thread and row count."""
+        """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call (two with both kinds of
+        tile), the rounded input in buffers kept per thread and row count."""
         rows = x2.shape[0]
         key = (threading.get_ident(), rows)
         bufs = self._buffers.get(key)
@@ -786,10 +790,11 @@ class PackedLinear:
             bufs = self._buffers[key] = self.input_buffers(rows)
         out = np.empty((rows, self.shape[1]), np.float32)
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
-        if bufs[0].ndim == 3:
-            _uproduct(self._tag, x2, self._lim, self._order, *self._args(), *bufs, out)
-        else:
-            _product(self._tag, x2, self._lim, *self._args(), *bufs, out)
+        main = 0 if len(bufs) == 2 else bufs[0].shape[1]
+        if main:
+            _uproduct(self._tag, x2[:main], self._lim, self._order, *self._args(), bufs[0], bufs[1], out[:main])
+        if main < rows:
+            _product(self._tag, x2[main:], self._lim, *self._args(), bufs[-2], bufs[-1], out[main:])
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
