@@ -32,6 +32,16 @@ the transformers reference; with int8 inputs by up to 7e-2 (activation outliers:
 its root mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That
 is why int16 is the default: on AVX2 it costs the same multiply instructions per block (benchmarks/README.md).
 
+Unit tiles (8 or more rows, int16 inputs): the multiples of 8 rows of a product run _utile instead, 16 or 8 rows
+at a time. There a unit is the 32 bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as 16 words: each code
+position comes out by a shift and a mask (no byte shuffles), the inputs are laid out to match (unit_order) with a
+unit of every row side by side, two rows' integer products share a float accumulator (pairwise adds within each
+128-bit half), and one input scale covers CHUNK = 256 inputs, applied once per chunk. The rounding step is then
+the chunk's largest |x| / 65534 rather than the block's: on SmolLM2 a 18-row prefill's logits differ from float32
+mode's by 5e-4 of the largest logit (2.3e-4 with per-block scales) and every argmax is kept; the bound is checked
+in tests/test_qmatvec.py with the chunk's maximum. Measured on an AVX2 Zen 2 core (benchmarks/README.md): 16 rows
+run ~1.4x the multiply-adds per second of _tile's 4-row tiles, whose decode of 4-bit codes shuffles bytes.
+
 Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
 the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
 """
@@ -431,7 +441,7 @@ def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y
 
 # -- unit tiles: up to 8 input rows, codes unpacked by shifts, one input scale per chunk ---------------------------
 
-UTILES = (8, 4, 2, 1)
+UTILES = (16, 8, 4, 2, 1)
 UNIT_ROWS = 8  # products of at least this many rows run the unit tiles (benchmarks/kernels.py)
 CHUNK = 256  # inputs sharing one input scale in quantize_units
 
@@ -491,7 +501,8 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     dcol = base(3, dxs_, r0_)  # dx of block b, rows r0..: dcol[b * rows ..]; s: nblk * rows further
     scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
     vR, v8 = _vec(_F32, R), _vec(_F32, 8)
-    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R)]
+    paired = R >= 2  # two rows' sums share a vector (pairwise adds within halves): half the accumulators
+    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2 if paired else 1)]
     acc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
     bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
     symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
@@ -500,8 +511,8 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     with cgutils.for_range(builder, builder.udiv(builder.add(nunits, c(upc - 1)), c(upc))) as outer:
         u0 = builder.mul(outer.index, c(upc))
         u1 = builder.select(builder.icmp_signed("<", builder.add(u0, c(upc)), nunits), builder.add(u0, c(upc)), nunits)
-        for r in range(R):
-            builder.store(ir.Constant(v8, None), part[r])
+        for p in part:
+            builder.store(ir.Constant(v8, None), p)
         with cgutils.for_range(builder, builder.sub(u1, u0)) as inner:
             u = builder.add(u0, inner.index)
             scales = []
@@ -520,23 +531,48 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
                 svec = builder.insert_element(svec, scales[lane * per_unit // 8], ir.Constant(_I32, lane))
             codes = _unit_codes(builder, builder.gep(wrow, [builder.mul(u, c(32))]), bits)
             xu = builder.gep(xtile, [builder.mul(u, xstep)])
+            dots = []
             for r in range(R):
                 d = None
                 for j, cj in enumerate(codes):
                     xp = builder.bitcast(builder.gep(xu, [c(U * r + 16 * j)]), _vec(_I16, 16).as_pointer())
                     p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
                     d = p if d is None else builder.add(d, p)
+                dots.append(d)
+            if paired:
+                dots = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, R, 2)]
+            for d, p in zip(dots, part):
                 t = builder.fmul(builder.sitofp(d, v8), svec, flags=_FP)
-                builder.store(builder.fadd(builder.load(part[r]), t, flags=_FP), part[r])
+                builder.store(builder.fadd(builder.load(p), t, flags=_FP), p)
         dv = builder.load(builder.bitcast(builder.gep(dcol, [builder.mul(builder.mul(u0, c(per_unit)), rows_)]),
                                           vR.as_pointer()), align=4)
-        sums = _row_sums(builder, [builder.load(p) for p in part])
+        sums = _pair_sums(builder, [builder.load(p) for p in part]) if paired else _row_sums(builder, [builder.load(part[0])])
         builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, dv, flags=_FP), flags=_FP), acc)
     yrow = base(10, y_, yoff_)
     out = builder.fadd(builder.load(acc), builder.load(bacc), flags=_FP)
     for r in range(R):
         builder.store(builder.extract_element(out, ir.Constant(_I32, r)),
                       builder.gep(yrow, [builder.mul(ystr_, c(r))]))
+
+
+def _hadd(builder, u, v):
+    """Pairwise sums of two <8 x i32> within each 128-bit half, as vphaddd: [u0+u1, u2+u3, v0+v1, v2+v3 | ...]."""
+    lo = ir.Constant(_vec(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
+    hi = ir.Constant(_vec(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
+    return builder.add(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
+
+
+def _pair_sums(builder, vecs):
+    """<8 x float> vectors of two rows each ([r, r, r', r' | r, r, r', r']) -> <2 * len x float> row sums."""
+    out = ir.Constant(_vec(_F32, 2 * len(vecs)), None)
+    for k, v in enumerate(vecs):
+        q = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3])),
+                         builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7])), flags=_FP)
+        for h in range(2):
+            lane = builder.fadd(builder.extract_element(q, ir.Constant(_I32, 2 * h)),
+                                builder.extract_element(q, ir.Constant(_I32, 2 * h + 1)), flags=_FP)
+            out = builder.insert_element(out, lane, ir.Constant(_I32, 2 * k + h))
+    return out
 
 
 def _row_sums(builder, vecs):
@@ -620,7 +656,7 @@ def _uproduct(tag, x2, lim, order, w, scales, biases, bfac, bits, group_size, xq
 @njit(inline="always")
 def _utile_rows(r1: int, r: int) -> int:
     left = r1 - r
-    return 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
+    return 16 if left >= 16 else (8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1)))
 
 
 @njit(cache=True, nogil=True)
