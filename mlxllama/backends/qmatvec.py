@@ -547,7 +547,8 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
                 builder.store(builder.fadd(builder.load(p), t, flags=_FP), p)
         dv = builder.load(builder.bitcast(builder.gep(dcol, [builder.mul(builder.mul(u0, c(per_unit)), rows_)]),
                                           vR.as_pointer()), align=4)
-        sums = _pair_sums(builder, [builder.load(p) for p in part]) if paired else _row_sums(builder, [builder.load(part[0])])
+        vecs = [builder.load(p) for p in part]
+        sums = _pair_sums(builder, vecs) if paired else _row_sums(builder, vecs)
         builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, dv, flags=_FP), flags=_FP), acc)
     yrow = base(10, y_, yoff_)
     out = builder.fadd(builder.load(acc), builder.load(bacc), flags=_FP)
