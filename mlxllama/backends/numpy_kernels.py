@@ -12,8 +12,9 @@ PARALLEL_ROWS = 16  # products with at least this many rows are split over the w
 GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
 QUANT_BLOCK = 1 << 21  # weights dequantized at a time for BLAS (8 MB of float32: stays in cache)
 # "fused" mode: products of at most this many rows run the integer tiles, longer ones dequantized blocks and BLAS.
-# Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2, AVX2): at 32 rows the
-# tiles make 20.6 G multiply-adds/s against BLAS's 18.2, at 64 rows 20.2 against 24.1.
+# Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2, AVX2), with the unit
+# tiles: at 32 rows the tiles make 28.9-30.4 G multiply-adds/s against BLAS's 26.7-27.0, at 64 rows 27.0-29.5
+# against 32.4-35.2.
 FUSED_ROWS = 32
 FUSED_SPLIT = 1 << 21  # "fused" mode: products of at least this many multiply-adds (~100 us) are shared
 
@@ -78,7 +79,7 @@ def quantized_matmul(workers: Workers, x2: np.ndarray, w: QLinear, step_workers:
 
 
 def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.ndarray:
-    """x2 @ w for a qmatvec.PackedLinear: up to FUSED_ROWS rows, the int8 tiles over spans of output columns (the
+    """x2 @ w for a qmatvec.PackedLinear: up to FUSED_ROWS rows, the integer tiles over spans of output columns (the
     input rounded once, every span reading it); above, a block of weight rows at a time dequantized into a
     scratch buffer and multiplied by BLAS."""
     n_in, n_out = w.shape

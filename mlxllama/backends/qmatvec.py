@@ -32,6 +32,17 @@ the transformers reference; with int8 inputs by up to 7e-2 (activation outliers:
 its root mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That
 is why int16 is the default: on AVX2 it costs the same multiply instructions per block (benchmarks/README.md).
 
+Unit tiles (int16 inputs): the multiples of 2 rows (4-bit weights) or 8 rows (8-bit) of a product run _utile
+instead, up to 16 rows at a time. A unit is the 32 bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as
+16 words: each code position comes out by a shift and a mask (no byte shuffles); the inputs are laid out to match
+(unit_order), a unit of every row side by side; two rows' integer products share a float accumulator (pairwise
+adds within each 128-bit half); one input scale covers CHUNK = 128 inputs, applied once per chunk. The rounding
+step is then the chunk's largest |x| / 65534 rather than the block's: on SmolLM2, logits of an 18-row prefill
+differ from float32 mode's by 4.3e-4 of the largest logit (2.3e-4 with per-block scales; 256-input chunks gave
+5e-4 and moved test_smollm2_logit_error past its 1e-3), every argmax kept; tests/test_qmatvec.py checks the bound
+with the chunk's maximum. On an AVX2 Zen 2 core (benchmarks/README.md) 8 and 16 rows run ~1.2-1.3x the
+multiply-adds per second of _tile's 4-row tiles, whose decode of 4-bit codes shuffles bytes.
+
 Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
 the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
 """
@@ -232,6 +243,46 @@ def _hsum(builder, v, n: int):
 
 # -- the tile: R input rows against one weight row -----------------------------------------------------------------
 
+def _codes16(builder, wrow, b, idx, bits: int):
+    """Block b's 32 codes widened to int16 as two <16 x i16> halves, the order the input is permuted to: 4 bits
+    as [low nibbles, high nibbles] (one widening load, a mask and a shift), 8 bits as stored."""
+    wp = builder.gep(wrow, [builder.mul(b, ir.Constant(idx, 32 * bits // 8))])
+    v16 = _vec(_I16, 16)
+    if bits == 4:
+        packed = builder.zext(builder.load(builder.bitcast(wp, _vec(_I8, 16).as_pointer()), align=1), v16)
+        return [builder.and_(packed, ir.Constant(v16, [15] * 16)), builder.lshr(packed, ir.Constant(v16, [4] * 16))]
+    halves = []
+    for h in range(2):
+        p = builder.bitcast(builder.gep(wp, [ir.Constant(idx, 16 * h)]), _vec(_I8, 16).as_pointer())
+        halves.append(builder.zext(builder.load(p, align=1), v16))
+    return halves
+
+
+def _dot16_halves(builder, isa: str, halves, xp):
+    """<8 x i32> partial sums of two <16 x i16> code halves against the 32 int16 inputs at xp."""
+    v16, v8 = _vec(_I16, 16), _vec(_I32, 8)
+    xs = [builder.load(builder.bitcast(builder.gep(xp, [ir.Constant(ir.IntType(64), 16 * h)]), v16.as_pointer()),
+                       align=2) for h in range(2)]
+    if isa == "avx2":
+        parts = [_call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x]) for c, x in zip(halves, xs)]
+        return builder.add(parts[0], parts[1])
+    if isa == "vnni":
+        acc = ir.Constant(v8, None)
+        for c, x in zip(halves, xs):
+            acc = _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
+                        [acc, builder.bitcast(c, v8), builder.bitcast(x, v8)])
+        return acc
+    v32 = _vec(_I32, 16)
+    out = None
+    for c, x in zip(halves, xs):
+        m = builder.mul(builder.sext(c, v32), builder.sext(x, v32))
+        lo = builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 8), list(range(8))))
+        hi = builder.shuffle_vector(m, m, ir.Constant(_vec(_I32, 8), list(range(8, 16))))
+        s = builder.add(lo, hi)
+        out = s if out is None else builder.add(out, s)
+    return out
+
+
 def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     """IR for y[yoff + r * ystride], r < R (see _tile)."""
     (w_, woff_, xq_, xoff_, n_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
@@ -251,27 +302,34 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     acc = [[cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R)]
            for _ in range(unroll)]
     bacc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, R), None))
+    symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
 
     def block(b, u):
-        codes = _codes(builder, wrow, b, idx, bits, signed8)
         g = builder.ashr(b, shift_)
         scale = _load_scale(builder, builder.gep(srow, [g]), half)
-        bias = _load_scale(builder, builder.gep(brow, [g]), half)
-        bias = builder.select(builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)),
-                              builder.fmul(scale, bfac_), bias)
+        bias = builder.select(symmetric, builder.fmul(scale, bfac_),
+                              _load_scale(builder, builder.gep(brow, [g]), half))
         if signed8:
             bias = builder.fadd(bias, builder.fmul(scale, ir.Constant(_F32, 128.0)))
         off = builder.mul(b, rows_)
-        dv = builder.load(builder.bitcast(builder.gep(dcol, [off]), _vec(_F32, R).as_pointer()), align=4)
         sv = builder.load(builder.bitcast(builder.gep(scol, [off]), _vec(_F32, R).as_pointer()), align=4)
-        fv = builder.fmul(dv, _splat(builder, scale, R), flags=_FP)
         t = builder.fmul(sv, _splat(builder, bias, R), flags=_FP)
         builder.store(builder.fadd(builder.load(bacc), t, flags=_FP), bacc)
+        ssplat = _splat(builder, scale, 8)
+        if act == 16:
+            halves = _codes16(builder, wrow, b, idx, bits)
+        else:
+            codes = _codes(builder, wrow, b, idx, bits, signed8)
         for r in range(R):
             xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
-            x = builder.load(builder.bitcast(xp, _vec(ir.IntType(act), 32).as_pointer()), align=act // 8)
-            f = builder.shuffle_vector(fv, fv, ir.Constant(_vec(_I32, 8), [r] * 8))
-            t = builder.fmul(builder.sitofp(dot(builder, codes, x, bits), _vec(_F32, 8)), f, flags=_FP)
+            if act == 16:
+                d = _dot16_halves(builder, isa, halves, xp)
+            else:
+                x = builder.load(builder.bitcast(xp, _vec(_I8, 32).as_pointer()), align=1)
+                d = dot(builder, codes, x, bits)
+            dx = builder.load(builder.gep(dcol, [builder.add(off, ir.Constant(idx, r))]))
+            f = builder.fmul(ssplat, _splat(builder, dx, 8), flags=_FP)
+            t = builder.fmul(builder.sitofp(d, _vec(_F32, 8)), f, flags=_FP)
             builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=_FP), acc[u][r])
 
     step = ir.Constant(idx, unroll)
@@ -382,6 +440,243 @@ def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y
     _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
 
 
+# -- unit tiles: up to 8 input rows, codes unpacked by shifts, one input scale per chunk ---------------------------
+
+UTILES = (16, 8, 4, 2, 1)
+UNIT_ROWS = {4: 2, 8: 8}  # bits -> the unit tiles take the multiples of this many rows (measured: faster there)
+CHUNK = 128  # inputs sharing one input scale in quantize_units
+
+
+def _unit(bits: int) -> int:
+    """Inputs per unit: 32 bytes of codes, read as 16 words."""
+    return 256 // bits
+
+
+def unit_order(bits: int) -> np.ndarray:
+    """Position in a unit -> input: code j of every word, j = 0, 1, ... (4 bits: 4k + j; 8 bits: 2k + j)."""
+    per = 16 // bits
+    return np.array([per * k + j for j in range(per) for k in range(16)])
+
+
+def _pmadd(builder, isa: str, c, x):
+    """<16 x i16> . <16 x i16> -> <8 x i32>: adjacent pairs of products summed (vpmaddwd)."""
+    v8 = _vec(_I32, 8)
+    if isa == "avx2":
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x])
+    if isa == "vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
+                     [ir.Constant(v8, None), builder.bitcast(c, v8), builder.bitcast(x, v8)])
+    m = builder.mul(builder.sext(c, _vec(_I32, 16)), builder.sext(x, _vec(_I32, 16)))
+    even = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(1, 16, 2))))
+    return builder.add(even, odd)
+
+
+def _unit_codes(builder, wp, bits: int):
+    """A unit's codes as int16 vectors, by masks and shifts of its 16 words (no shuffles)."""
+    v16 = _vec(_I16, 16)
+    words = builder.load(builder.bitcast(wp, v16.as_pointer()), align=1)
+    mask = ir.Constant(v16, [(1 << bits) - 1] * 16)
+    out = []
+    for j in range(16 // bits):
+        v = words if j == 0 else builder.lshr(words, ir.Constant(v16, [bits * j] * 16))
+        out.append(v if bits * (j + 1) == 16 else builder.and_(v, mask))
+    return out
+
+
+def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
+    """IR for y[yoff + r * ystride], r < R (see _utile)."""
+    (w_, woff_, xq_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
+
+    def base(i, arg, off):
+        return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
+
+    U = _unit(bits)
+    per_unit = U // _BLOCK  # blocks per unit: 2 (4 bits) or 1
+    half = at[6].dtype == types.uint16
+    wrow, srow, brow = base(0, w_, woff_), base(6, sc_, soff_), base(7, bi_, soff_)
+    idx = woff_.type
+    c = lambda v: ir.Constant(idx, v)  # noqa: E731
+    xtile = base(2, xq_, builder.mul(r0_, c(U)))  # unit u, row r0 + r: + (u * rows + r) * U
+    xstep = builder.mul(rows_, c(U))
+    dcol = base(3, dxs_, r0_)  # dx of block b, rows r0..: dcol[b * rows ..]; s: nblk * rows further
+    scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
+    vR, v8 = _vec(_F32, R), _vec(_F32, 8)
+    paired = R >= 2  # two rows' sums share a vector (pairwise adds within halves): half the accumulators
+    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2 if paired else 1)]
+    acc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
+    bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
+    symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
+    nunits = builder.udiv(nblk_, c(per_unit))
+    upc = CHUNK // U  # units per chunk
+    with cgutils.for_range(builder, builder.udiv(builder.add(nunits, c(upc - 1)), c(upc))) as outer:
+        u0 = builder.mul(outer.index, c(upc))
+        u1 = builder.select(builder.icmp_signed("<", builder.add(u0, c(upc)), nunits), builder.add(u0, c(upc)), nunits)
+        for p in part:
+            builder.store(ir.Constant(v8, None), p)
+        with cgutils.for_range(builder, builder.sub(u1, u0)) as inner:
+            u = builder.add(u0, inner.index)
+            scales = []
+            for k in range(per_unit):
+                b = builder.add(builder.mul(u, c(per_unit)), c(k))
+                g = builder.ashr(b, shift_)
+                scale = _load_scale(builder, builder.gep(srow, [g]), half)
+                bias = builder.select(symmetric, builder.fmul(scale, bfac_),
+                                      _load_scale(builder, builder.gep(brow, [g]), half))
+                sv = builder.load(builder.bitcast(builder.gep(scol, [builder.mul(b, rows_)]), vR.as_pointer()), align=4)
+                builder.store(builder.fadd(builder.load(bacc), builder.fmul(sv, _splat(builder, bias, R), flags=_FP),
+                                           flags=_FP), bacc)
+                scales.append(scale)
+            svec = ir.Constant(v8, None)
+            for lane in range(8):
+                svec = builder.insert_element(svec, scales[lane * per_unit // 8], ir.Constant(_I32, lane))
+            codes = _unit_codes(builder, builder.gep(wrow, [builder.mul(u, c(32))]), bits)
+            xu = builder.gep(xtile, [builder.mul(u, xstep)])
+            dots = []
+            for r in range(R):
+                d = None
+                for j, cj in enumerate(codes):
+                    xp = builder.bitcast(builder.gep(xu, [c(U * r + 16 * j)]), _vec(_I16, 16).as_pointer())
+                    p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
+                    d = p if d is None else builder.add(d, p)
+                dots.append(d)
+            if paired:
+                dots = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, R, 2)]
+            for d, p in zip(dots, part):
+                t = builder.fmul(builder.sitofp(d, v8), svec, flags=_FP)
+                builder.store(builder.fadd(builder.load(p), t, flags=_FP), p)
+        dv = builder.load(builder.bitcast(builder.gep(dcol, [builder.mul(builder.mul(u0, c(per_unit)), rows_)]),
+                                          vR.as_pointer()), align=4)
+        vecs = [builder.load(p) for p in part]
+        sums = _pair_sums(builder, vecs) if paired else _row_sums(builder, vecs)
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, dv, flags=_FP), flags=_FP), acc)
+    yrow = base(10, y_, yoff_)
+    out = builder.fadd(builder.load(acc), builder.load(bacc), flags=_FP)
+    for r in range(R):
+        builder.store(builder.extract_element(out, ir.Constant(_I32, r)),
+                      builder.gep(yrow, [builder.mul(ystr_, c(r))]))
+
+
+def _hadd(builder, u, v):
+    """Pairwise sums of two <8 x i32> within each 128-bit half, as vphaddd: [u0+u1, u2+u3, v0+v1, v2+v3 | ...]."""
+    lo = ir.Constant(_vec(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
+    hi = ir.Constant(_vec(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
+    return builder.add(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
+
+
+def _pair_sums(builder, vecs):
+    """<8 x float> vectors of two rows each ([r, r, r', r' | r, r, r', r']) -> <2 * len x float> row sums."""
+    out = ir.Constant(_vec(_F32, 2 * len(vecs)), None)
+    for k, v in enumerate(vecs):
+        q = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3])),
+                         builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7])), flags=_FP)
+        for h in range(2):
+            lane = builder.fadd(builder.extract_element(q, ir.Constant(_I32, 2 * h)),
+                                builder.extract_element(q, ir.Constant(_I32, 2 * h + 1)), flags=_FP)
+            out = builder.insert_element(out, lane, ir.Constant(_I32, 2 * k + h))
+    return out
+
+
+def _row_sums(builder, vecs):
+    """R <8 x float> (R in UTILES) -> <R x float> of their lane sums: pairs of vectors merged into one of their
+    pairwise sums, then the last vector's lane groups halved."""
+    def merge(u, v):
+        even = ir.Constant(_vec(_I32, 8), [0, 2, 4, 6, 8, 10, 12, 14])
+        odd = ir.Constant(_vec(_I32, 8), [1, 3, 5, 7, 9, 11, 13, 15])
+        return builder.fadd(builder.shuffle_vector(u, v, even), builder.shuffle_vector(u, v, odd), flags=_FP)
+
+    rows = len(vecs)
+    while len(vecs) > 1:
+        vecs = [merge(vecs[i], vecs[i + 1]) for i in range(0, len(vecs), 2)]
+    v, n = vecs[0], 8
+    while n > rows:
+        lanes = [ir.Constant(_vec(_I32, n // 2), list(range(k, n, 2))) for k in (0, 1)]
+        v = builder.fadd(builder.shuffle_vector(v, v, lanes[0]), builder.shuffle_vector(v, v, lanes[1]), flags=_FP)
+        n //= 2
+    return v
+
+
+@intrinsic
+def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride, nblk,
+           shift):
+    """_tile's result (R in UTILES) for int16 inputs from quantize_units: xq [in / unit, rows, unit], a unit of
+    every row side by side (unit: the 64 or 32 inputs of 32 bytes of codes, in unit_order), dx one per CHUNK
+    inputs. Codes come out of the weight's words by masks and shifts; each row's products are scaled by the
+    weight's scales per unit and by dx once per chunk."""
+    isa = _TAG_PATHS[tag.dtype]
+    sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, dxs, types.intp, types.intp, scales, biases,
+                     types.intp, types.float32, y, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        idx = args[1].type
+        for b in BITS:
+            for r in UTILES:
+                case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
+                                    builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
+                with builder.if_then(case):
+                    _utile_ir(context, builder, signature.args[3:], args[3:], isa, b, r)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def quantize_units(x2, bits, lim, order, xq, dxs):
+    """x2 [rows, in] -> xq [in / unit, rows, unit] int16 (order: unit_order(bits)) with one scale per CHUNK inputs
+    (|xq| <= lim: the step is the chunk's largest |x| / lim), and dxs [2, in / 32, rows]: each block's chunk dx
+    and its s = dx * sum(xq) over the block."""
+    rows, n = x2.shape
+    U = order.shape[0]
+    for r in range(rows):
+        for c0 in range(0, n, CHUNK):
+            c1 = min(n, c0 + CHUNK)
+            m = np.float32(0)
+            for i in range(c0, c1):
+                m = max(m, abs(x2[r, i]))
+            d = m / lim
+            inv = lim / m if m > 0 else np.float32(0)
+            for b in range(c0 // _BLOCK, c1 // _BLOCK):
+                dxs[0, b, r] = d
+                dxs[1, b, r] = 0
+            for u0 in range(c0, c1, U):
+                for p in range(U):
+                    i = u0 + order[p]
+                    v = np.int32(np.rint(x2[r, i] * inv))
+                    xq[u0 // U, r, p] = v
+                    dxs[1, i // _BLOCK, r] += np.float32(v)
+            for b in range(c0 // _BLOCK, c1 // _BLOCK):
+                dxs[1, b, r] *= d
+
+
+@njit(cache=True, nogil=True)
+def _uproduct(tag, x2, lim, order, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+    """The unit-tile product in one compiled call: the input rounded, then every output row."""
+    quantize_units(x2, bits, lim, order, xq, dxs)
+    _urows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+
+
+@njit(inline="always")
+def _utile_rows(r1: int, r: int) -> int:
+    left = r1 - r
+    return 16 if left >= 16 else (8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1)))
+
+
+@njit(cache=True, nogil=True)
+def _urows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+    """_rows for inputs from quantize_units, through _utile."""
+    rows, nblk = xq.shape[1], dxs.shape[1]
+    shift = 0 if group_size == 32 else (1 if group_size == 64 else 2)
+    for c0 in range(o0, o1, _OUT_CHUNK):
+        c1 = min(o1, c0 + _OUT_CHUNK)
+        r = 0
+        while r < rows:
+            R = _utile_rows(rows, r)
+            for o in range(c0, c1):
+                _utile(tag, bits, R, w, o * w.shape[1], xq, dxs, r, rows, scales, biases, o * scales.shape[1], bfac,
+                       y, r * y.shape[1] + o, y.shape[1], nblk, shift)
+            r += R
+
+
 def _dequantize_row(bits: int):
     """An intrinsic writing one row as float32: out[ooff + i] = scale * q_i + bias, rounded after the product
     and after the sum (no fused multiply-add, no fast-math), as numpy forms it. Arguments as _row_dot's."""
@@ -463,6 +758,7 @@ class PackedLinear:
         self.act = act or activation_bits()
         self._tag = np.empty(0, _TAGS[self.isa])
         self._xdtype, self._lim = (np.int8, np.float32(127)) if self.act == 8 else (np.int16, np.float32(32767))
+        self._order = unit_order(p0.bits)
         self._buffers: dict[tuple[int, int], tuple] = {}  # (thread, rows) -> matmul's input buffers
         words = p0.weight if len(parts) == 1 else np.concatenate([p.weight for p in parts])
         self.words = np.ascontiguousarray(words, dtype=np.uint32)
@@ -488,24 +784,43 @@ class PackedLinear:
         biases = self.scales if self.biases is None else self.biases
         return self.bytes, self.scales, biases, self.bias_factor, self.bits, self.group_size
 
+    def unit_rows(self, rows: int) -> int:
+        """How many of `rows` input rows run the unit tiles: the multiples of UNIT_ROWS[bits] (int16 inputs, whole
+        units of inputs); the rest run _tile's."""
+        if self.act != 16 or self.shape[0] % _unit(self.bits):
+            return 0
+        return rows // UNIT_ROWS[self.bits] * UNIT_ROWS[self.bits]
+
     def input_buffers(self, rows: int):
-        """Empty (xq, dxs) for `rows` input rows: what quantize_input fills."""
-        n = self.shape[0]
-        return np.empty((rows, n), self._xdtype), np.empty((2, n // _BLOCK, rows), np.float32)
+        """Empty buffers for `rows` input rows, what quantize_input fills: (xq, dxs) for _tile's rows, and before
+        them (xq [in / unit, rows, unit], dxs) for the unit tiles' rows where there are any."""
+        n, main = self.shape[0], self.unit_rows(rows)
+        tiles = (np.empty((rows - main, n), self._xdtype), np.empty((2, n // _BLOCK, rows - main), np.float32))
+        if not main:
+            return tiles
+        unit = _unit(self.bits)
+        return (np.empty((n // unit, main, unit), np.int16), np.empty((2, n // _BLOCK, main), np.float32)) + tiles
 
     def quantize_input(self, x2: np.ndarray, buffers=None):
         """What rows() takes for x2 [rows, in] float32 (C order), in buffers (input_buffers) where given."""
-        xq, dxs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
-        quantize_input(x2, self.bits, self._lim, xq, dxs)
-        return xq, dxs
+        bufs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
+        main = 0 if len(bufs) == 2 else bufs[0].shape[1]
+        if main:
+            quantize_units(x2[:main], self.bits, self._lim, self._order, bufs[0], bufs[1])
+        quantize_input(x2[main:], self.bits, self._lim, bufs[-2], bufs[-1])
+        return bufs
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
         """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x); out C-order float32; releases the GIL."""
-        _rows(self._tag, *self._args(), *xin, out, o0, o1)
+        main = 0 if len(xin) == 2 else xin[0].shape[1]
+        if main:
+            _urows(self._tag, *self._args(), xin[0], xin[1], out[:main], o0, o1)
+        if main < out.shape[0]:
+            _rows(self._tag, *self._args(), xin[-2], xin[-1], out[main:], o0, o1)
 
     def matmul(self, x2: np.ndarray) -> np.ndarray:
-        """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in
-        buffers kept per thread and row count."""
+        """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call (two with both kinds of
+        tile), the rounded input in buffers kept per thread and row count."""
         rows = x2.shape[0]
         key = (threading.get_ident(), rows)
         bufs = self._buffers.get(key)
@@ -513,7 +828,11 @@ class PackedLinear:
             bufs = self._buffers[key] = self.input_buffers(rows)
         out = np.empty((rows, self.shape[1]), np.float32)
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
-        _product(self._tag, x2, self._lim, *self._args(), *bufs, out)
+        main = 0 if len(bufs) == 2 else bufs[0].shape[1]
+        if main:
+            _uproduct(self._tag, x2[:main], self._lim, self._order, *self._args(), bufs[0], bufs[1], out[:main])
+        if main < rows:
+            _product(self._tag, x2[main:], self._lim, *self._args(), bufs[-2], bufs[-1], out[main:])
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
