@@ -173,6 +173,19 @@ class NumpyOps:
     def compile(self, fn):
         return fn
 
+    def decode_program(self, model):
+        """The whole single-token step in one compiled call (numpy_step.DecodeProgram), where the model's weights
+        are all "fused" and numba imports; else None."""
+        if self.weights_mode != "fused" or _qmatvec() is None:
+            return None
+        from .numpy_step import DecodeProgram
+
+        return DecodeProgram.build(model, self)
+
+    def step_threads(self) -> int:
+        """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""
+        return getattr(self._local, "step_workers", 1)
+
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
         """Around one forward pass (the outermost of nested scopes decides). Multi-row products run BLAS

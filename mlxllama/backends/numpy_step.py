@@ -1,0 +1,465 @@
+"""A whole single-token decode step of the numpy backend in one compiled call (numba), for "fused" weights.
+
+DecodeProgram.run(token, cache) embeds the token, runs every layer (RMSNorm, the fused qkv product and its bias,
+per-head q/k norm, RoPE from the model's table, the K/V write at the cache's offset, GQA attention over the held
+positions (sliding window honoured), the o product, RMSNorm, gate_up, SiLU gate, down) and the output head, and
+returns float32 logits [1, 1, vocab]: the same numbers as the op-by-op path (the same qmatvec kernel on the same
+int16/int8 rounded inputs; sums over the head size and the norms in another order, ~1e-6 relative).
+
+Threads: every thread runs the same program step(tid, nthreads, ...). Each product's output rows and the
+attention heads are claimed in chunks through atomic counters (a thread slowed by another process leaves work to
+the others), and a barrier (an atomic counter) separates dependent phases; the work on hidden-size vectors (norms,
+residual, rounding the inputs) is done by every thread on its own copy, which needs no barrier. A waiting thread
+spins SPIN times, then yields its core (sched_yield) at each further check, so a core held by another process costs
+time slices, not a livelock. The caller's thread is thread 0; the others are handed the step once per token.
+
+What it takes (decided once at load, DecodeProgram.build returns None otherwise): every projection, the embedding
+and the head a qmatvec.PackedLinear with one scales dtype, one process (no vocabulary split). What it takes per
+step (run returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float KVCache
+with room for the token. MLXLLAMA_DECODE_PROGRAM=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import math
+import os
+import platform
+
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.typed import List
+
+from .qmatvec import PackedLinear, _rows, quantize_input
+
+logger = logging.getLogger(__name__)
+
+SPIN = 4000  # barrier checks (each with a pause) before a waiting thread starts yielding its core
+CHUNK = 64  # output rows claimed at a time
+QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
+PHASES = 6  # claim counters per layer: qkv, K/V write, heads, o, gate_up, down
+_ATTN_FM = {"reassoc", "contract", "nsz", "arcp"}  # sums over the head size vectorized
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _register_yield() -> bool:
+    """Make sched_yield linkable from compiled code (libc's, by address)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        llvm.add_symbol("sched_yield", ctypes.cast(libc.sched_yield, ctypes.c_void_p).value)
+        return True
+    except (OSError, AttributeError):
+        logger.debug("no sched_yield: waiting threads only pause", exc_info=True)
+        return False
+
+
+_HAVE_YIELD = _register_yield()
+
+
+@intrinsic
+def _atomic_add(typingctx, arr, idx, val):
+    """arr[idx] += val atomically (int64 array); returns the value before."""
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]), args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, arr, idx):
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _relax(typingctx, yield_core):
+    """A spin-wait hint (x86's pause), or, with yield_core, sched_yield."""
+    sig = types.none(types.boolean)
+
+    def codegen(context, builder, signature, args):
+        if _HAVE_YIELD:
+            with builder.if_then(args[0]):
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                    "sched_yield")
+                builder.call(fn, [])
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _barrier(sync, nthr, k):
+    """The k-th barrier of this step (sync[0] counts arrivals from 0; sync[1] != 0 releases every barrier: a thread
+    that failed to start); returns k + 1."""
+    if nthr == 1:
+        return k + 1
+    _atomic_add(sync, 0, 1)
+    target = (k + 1) * nthr
+    spins = 0
+    while _atomic_load(sync, 0) < target and _atomic_load(sync, 1) == 0:
+        spins += 1
+        _relax(spins > SPIN)
+    return k + 1
+
+
+@njit(cache=True, nogil=True)
+def _claim(sync, slot, nthr, mine):
+    """The next unit of work counter `slot` hands out: with one thread, simply mine + 1."""
+    if nthr == 1:
+        return mine + 1
+    return _atomic_add(sync, slot, 1)
+
+
+@njit(cache=True, nogil=True)
+def _product(tag, W, S, B, meta, bfac, i, xq, dxs, y, sync, slot, nthr):
+    """y[0, rows claimed] = linear i's rows over the rounded input (xq, dxs), CHUNK rows per claim."""
+    n_out = y.shape[1]
+    c = _claim(sync, slot, nthr, -1)
+    while c * CHUNK < n_out:
+        o0 = c * CHUNK
+        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, min(n_out, o0 + CHUNK))
+        c = _claim(sync, slot, nthr, c)
+
+
+@njit(cache=True, nogil=True)
+def _quantize(x, bits, xq, dxs):
+    """x [1, n] rounded for a product of `bits`-bit weights (int16 or int8 xq: the limit by its dtype)."""
+    lim = np.float32(32767) if xq.itemsize == 2 else np.float32(127)
+    quantize_input(x, bits, lim, xq, dxs)
+
+
+@njit(cache=True, nogil=True)
+def _rms_norm(x, w, eps, out):
+    """out = x / rms(x) * w, as numpy_ops.rms_norm forms one row (the scale in float64, then float32 products)."""
+    d = x.shape[0]
+    ss = np.float32(0)
+    for i in range(d):
+        ss += x[i] * x[i]
+    s = np.float32(1.0 / math.sqrt(np.float64(ss) / d + eps))
+    for i in range(d):
+        out[i] = (x[i] * s) * w[i]
+
+
+@njit(cache=True, nogil=True)
+def _head_norm(x, w, eps):
+    """x *= w / rms(x) in place, as numpy_ops.rms_norm forms several rows (float32 throughout)."""
+    d = x.shape[0]
+    ss = np.float32(0)
+    for i in range(d):
+        ss += x[i] * x[i]
+    s = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+    for i in range(d):
+        x[i] = (x[i] * s) * w[i]
+
+
+@njit(cache=True, nogil=True)
+def _head_in(qkv, bias, has_bias, j, Dh, out):
+    """out = head j of the qkv product (plus its bias)."""
+    for d in range(Dh):
+        out[d] = qkv[0, j * Dh + d] + bias[j * Dh + d] if has_bias else qkv[0, j * Dh + d]
+
+
+@njit(cache=True, nogil=True)
+def _rope(x, cos, sin, pos, tmp):
+    """x = x * cos + [x2, x1] * sin at `pos` (numpy_layouts.RopeTable's folded sin), in place."""
+    half = x.shape[0] // 2
+    for d in range(half):
+        tmp[d] = x[d + half]
+        tmp[d + half] = x[d]
+    for d in range(x.shape[0]):
+        x[d] = x[d] * cos[pos, d] + tmp[d] * sin[pos, d]
+
+
+@njit(cache=True, nogil=True, fastmath=_ATTN_FM)
+def _attend(q, K, V, g, t0, t1, scores, out):
+    """out = softmax(q . K[g, t0:t1]) @ V[g, t0:t1] (q already scaled)."""
+    Dh = q.shape[0]
+    m = np.float32(-3.0e38)
+    for t in range(t0, t1):
+        s = np.float32(0)
+        for d in range(Dh):
+            s += q[d] * K[0, g, t, d]
+        scores[t] = s
+        m = max(m, s)
+    den = np.float32(0)
+    for d in range(Dh):
+        out[d] = 0
+    for t in range(t0, t1):
+        p = np.float32(math.exp(scores[t] - m))
+        den += p
+        for d in range(Dh):
+            out[d] += p * V[0, g, t, d]
+    for d in range(Dh):
+        out[d] /= den
+
+
+# dims: the model's sizes, an int64 array
+_L, _D, _H, _KV, _DH, _F, _WINDOW, _QKV_BIAS, _O_BIAS, _QK_NORM = range(10)
+
+
+@njit(cache=True, nogil=True)
+def _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp, sync, nthr):
+    """The token's rotated keys and its values into the cache at pos, the K/V heads claimed one at a time."""
+    H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
+    slot = 2 + 6 * l + 1
+    c = _claim(sync, slot, nthr, -1)
+    while c < KV:
+        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, H + c, Dh, hv)
+        if dims[_QK_NORM]:
+            _head_norm(hv, qk_norm[l, H + c], eps)
+        _rope(hv, cos, sin, pos, tmp)
+        K[0, c, pos, :] = hv
+        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, H + KV + c, Dh, hv)
+        V[0, c, pos, :] = hv
+        c = _claim(sync, slot, nthr, c)
+
+
+@njit(cache=True, nogil=True)
+def _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr):
+    """attn[0, head] for the query heads claimed one at a time, over the positions the window lets it see."""
+    H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
+    t0 = pos + 1 - window if 0 < window < pos + 1 else 0
+    slot = 2 + 6 * l + 2
+    c = _claim(sync, slot, nthr, -1)
+    while c < H:
+        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, c, Dh, hv)
+        if dims[_QK_NORM]:
+            _head_norm(hv, qk_norm[l, c], eps)
+        _rope(hv, cos, sin, pos, tmp)
+        for d in range(Dh):
+            hv[d] *= scale
+        _attend(hv, K, V, c // (H // KV), t0, pos + 1, scores, attn[0, c * Dh:(c + 1) * Dh])
+        c = _claim(sync, slot, nthr, c)
+
+
+@njit(cache=True, nogil=True)
+def _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
+                     qk_norm, dims, eps, scale, bufs):
+    """h += o(attention(qkv(norm(h)))); returns the barrier count."""
+    h, xD, xqD, dxsD, xO, xqO, dxsO, hv, tmp, scores, qkv, attn, o_out = (
+        bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid], bufs[4][tid], bufs[5][tid], bufs[6][tid],
+        bufs[10][tid], bufs[11][tid], bufs[12][tid], bufs[13], bufs[14], bufs[15])
+    i = 4 * l
+    _rms_norm(h[0], norms[2 * l], eps, xD[0])
+    _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
+    _product(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, sync, 2 + 6 * l, nthr)
+    k = _barrier(sync, nthr, k)
+    _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp, sync, nthr)
+    k = _barrier(sync, nthr, k)
+    _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr)
+    k = _barrier(sync, nthr, k)
+    xO[0, :] = attn[0]
+    _quantize(xO, meta[i + O, 0], xqO, dxsO)
+    _product(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, o_out, sync, 2 + 6 * l + 3, nthr)
+    k = _barrier(sync, nthr, k)
+    for j in range(h.shape[1]):
+        h[0, j] = h[0, j] + (o_out[0, j] + o_bias[l, j] if dims[_O_BIAS] else o_out[0, j])
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs):
+    """h += down(silu(gate) * up), gate and up from gate_up(norm(h)); returns the barrier count."""
+    h, xD, xqD, dxsD, xF, xqF, dxsF, gu, down = (bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid],
+                                                bufs[7][tid], bufs[8][tid], bufs[9][tid], bufs[16], bufs[17])
+    i, F = 4 * l, xF.shape[1]
+    _rms_norm(h[0], norms[2 * l + 1], eps, xD[0])
+    _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
+    _product(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, sync, 2 + 6 * l + 4, nthr)
+    k = _barrier(sync, nthr, k)
+    for j in range(F):
+        g = gu[0, j]
+        xF[0, j] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + j]
+    _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
+    _product(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, down, sync, 2 + 6 * l + 5, nthr)
+    k = _barrier(sync, nthr, k)
+    for j in range(h.shape[1]):
+        h[0, j] = h[0, j] + down[0, j]
+    return k
+
+
+@njit(cache=True, nogil=True)
+def step(tid, nthr, sync, x, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias, qk_norm, dims,
+         eps, scale, bufs):
+    """One decode step for thread tid of nthr, from the token's embedding x [hidden]: every layer, the final norm
+    and the head (linear 4 * layers) into bufs[18] [1, vocab]. sync: int64 zeros [2 + 6 * layers + 1] (arrivals at
+    barriers, an abort flag that releases every barrier, the claim counters)."""
+    L = dims[_L]
+    h, xD, xqD, dxsD = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid]
+    h[0, :] = x
+    k = 0
+    for l in range(L):
+        k = _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K[l], V[l], cos, sin, norms,
+                             qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
+        k = _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs)
+    _rms_norm(h[0], norms[2 * L], eps, xD[0])
+    _quantize(xD, meta[4 * L, 0], xqD, dxsD)
+    _product(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, bufs[18], sync, 2 + 6 * L, nthr)
+
+
+def enabled() -> bool:
+    """MLXLLAMA_DECODE_PROGRAM=0 turns the program off (A/B timing)."""
+    return os.environ.get("MLXLLAMA_DECODE_PROGRAM", "1").strip() not in ("0", "off", "false", "no")
+
+
+def _linears(model) -> list | None:
+    """The products in program order (4 per layer, then the head), or None where one is not a PackedLinear or
+    they differ in kernel path, input width or scales dtype."""
+    lins = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.lm_head]
+    if not all(isinstance(w, PackedLinear) for w in lins):
+        return None
+    if len({(w._tag.dtype, w._xdtype, w.scales.dtype) for w in lins}) != 1:
+        return None
+    return lins
+
+
+def _stacked(vectors: list, shape: tuple) -> np.ndarray:
+    """Per-layer vectors (None: absent) as one float32 array [layers, *shape] (zeros where absent)."""
+    out = np.zeros((len(vectors),) + shape, np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            out[i] = np.asarray(v, np.float32).reshape(shape)
+    return out
+
+
+def _typed(arrays: list) -> List:
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
+class DecodeProgram:
+    """The compiled decode step of one model on one NumpyOps: weights referenced as laid out (nothing copied but
+    the norms and biases), every buffer allocated here; the KV buffers are re-listed when a cache grows or another
+    cache comes."""
+
+    def __init__(self, model, ops, lins: list):
+        a = model.args
+        self.model, self.ops, self.rope = model, ops, model.rope
+        L, D, H, KV, Dh, F = (a.num_hidden_layers, a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
+                              a.head_dim, a.intermediate_size)
+        self.threads = ops.threads
+        self.tag = lins[0]._tag
+        self.W = _typed([w.bytes for w in lins])
+        self.S = _typed([w.scales for w in lins])
+        self.B = _typed([w.scales if w.biases is None else w.biases for w in lins])
+        self.meta = np.array([[w.bits, w.group_size] for w in lins], np.int64)
+        self.bfac = np.array([w.bias_factor for w in lins], np.float32)
+        layers = model.layers
+        self.norms = _stacked([n for y in layers for n in (y.attn_norm, y.mlp_norm)] + [model.norm], (D,))
+        self.qkv_bias = _stacked([y.qkv_bias for y in layers], ((H + 2 * KV) * Dh,))
+        self.o_bias = _stacked([y.o_bias for y in layers], (D,))
+        self.qk_norm = _stacked([y.qk_norm for y in layers], (H + KV, Dh))
+        self.dims = np.array([L, D, H, KV, Dh, F, a.sliding_window or 0, a.qkv_bias, a.o_bias, a.qk_norm], np.int64)
+        self.eps, self.scale = np.float32(a.rms_norm_eps), np.float32(Dh ** -0.5)
+        self.sync = np.zeros(2 + 6 * L + 1, np.int64)
+        self._bufs = self._buffers(lins, D, H * Dh, F, Dh, (H + 2 * KV) * Dh)
+        self._kv_src = self.K = self.V = None
+        self._pool = None
+
+    @classmethod
+    def build(cls, model, ops) -> "DecodeProgram | None":
+        """The program for this model, or None where it does not apply (the module doc says when)."""
+        if not enabled() or model.vocab_start is not None or model.embed is None or model.norm is None:
+            return None
+        lins = _linears(model)
+        if lins is None:
+            logger.debug("decode program: not every product is a fused PackedLinear; op-by-op steps")
+            return None
+        return cls(model, ops, lins)
+
+    def _buffers(self, lins: list, D: int, HD: int, F: int, Dh: int, QKV_: int) -> tuple:
+        n, xq = self.threads, lins[0].input_buffers(1)[0].dtype
+
+        def rounded(width):  # per thread: the float input, its rounded form, dx and s per block
+            return (np.zeros((n, 1, width), np.float32), np.zeros((n, 1, width), xq),
+                    np.zeros((n, 2, width // 32, 1), np.float32))
+
+        f32 = np.float32
+        per_thread = (np.zeros((n, 1, D), f32),) + rounded(D) + rounded(HD) + rounded(F) + (
+            np.zeros((n, Dh), f32), np.zeros((n, Dh), f32), np.zeros((n, 256), f32))
+        shared = (np.zeros((1, QKV_), f32), np.zeros((1, HD), f32), np.zeros((1, D), f32), np.zeros((1, 2 * F), f32),
+                  np.zeros((1, D), f32), np.zeros((1, lins[-1].shape[1]), f32))
+        return per_thread + shared
+
+    def _takes(self, cache) -> bool:
+        """A plain float KVCache of one sequence, already holding buffers with room for this token."""
+        from ..cache import KVCache
+
+        return (type(cache) is KVCache and cache.bits is None and cache.batch == 1 and cache.keys[0] is not None
+                and cache.offset < cache.capacity)
+
+    def _kv_lists(self, cache) -> bool:
+        """The cache's K and V buffers as typed lists (again only when they were reallocated); False where one
+        is not a C-order float32 array."""
+        src = cache.keys[0][0]
+        if src is self._kv_src:
+            return True
+        ks, vs = [k[0] for k in cache.keys], [v[0] for v in cache.values]
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
+            return False
+        self.K, self.V, self._kv_src = _typed(ks), _typed(vs), src
+        if self._bufs[12].shape[1] < cache.capacity:
+            scores = np.zeros((self.threads, cache.capacity), np.float32)
+            self._bufs = self._bufs[:12] + (scores,) + self._bufs[13:]
+        return True
+
+    def __call__(self, tokens, cache):
+        """Logits [1, 1, vocab] of tokens [1, 1] (the cache advanced past it), or None: this cache or step is not
+        one the program takes (nothing was changed)."""
+        if not self._takes(cache) or not self._kv_lists(cache):
+            return None
+        pos = cache.offset
+        self.rope.get(pos, 1)  # the table grown to cover pos
+        ops = self.ops
+        with ops.forward_scope(1):
+            x = ops.embedding(self.model.embed, tokens).reshape(-1).astype(np.float32, copy=False)
+            args = (x, pos, self.tag, self.W, self.S, self.B, self.meta, self.bfac, self.K, self.V, self.rope.cos,
+                    self.rope.sin, self.norms, self.qkv_bias, self.o_bias, self.qk_norm, self.dims, self.eps,
+                    self.scale, self._bufs)
+            self._run(min(ops.step_threads(), self.threads), args)
+        cache.advance(1)
+        return self._bufs[18].copy().reshape(1, 1, -1)
+
+    def _run(self, nthr: int, args: tuple) -> None:
+        self.sync[:] = 0
+        if nthr == 1:
+            step(0, 1, self.sync, *args)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mlxllama-step")
+        futures = [self._pool.submit(self._worker, t, nthr, args) for t in range(1, nthr)]
+        try:
+            step(0, nthr, self.sync, *args)
+        finally:
+            for f in futures:
+                f.result()
+
+    def _worker(self, tid: int, nthr: int, args: tuple) -> None:
+        try:
+            step(tid, nthr, self.sync, *args)
+        except BaseException:
+            self.sync[1] = 1  # releases thread 0 from every barrier: it does the work left
+            raise
