@@ -189,27 +189,71 @@ def _rope(x, cos, sin, pos, tmp):
         x[d] = x[d] * cos[pos, d] + tmp[d] * sin[pos, d]
 
 
+@intrinsic
+def _f32_from_bits(typingctx, i):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=_ATTN_FM)
+def _exp(x):
+    """exp(x) for float32 x <= 0 to ~2e-7 relative, in operations a loop vectorizes: x = n ln2 + y (two-part ln2),
+    e**y by its Taylor polynomial (|y| <= ln2 / 2), 2**n from the exponent bits."""
+    x = max(x, np.float32(-87.0))
+    n = np.rint(x * np.float32(1.4426950408889634))
+    y = (x - n * np.float32(0.693145751953125)) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1 / 720) * y + np.float32(1 / 120)
+    p = p * y + np.float32(1 / 24)
+    p = p * y + np.float32(1 / 6)
+    p = p * y + np.float32(0.5)
+    p = (p * y + np.float32(1)) * y + np.float32(1)
+    return p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
 @njit(cache=True, nogil=True, fastmath=_ATTN_FM)
-def _attend(q, K, V, g, t0, t1, scores, out):
-    """out = softmax(q . K[g, t0:t1]) @ V[g, t0:t1] (q already scaled)."""
-    Dh = q.shape[0]
-    m = np.float32(-3.0e38)
+def _scores(q, Kg, t0, t1, scores, cap):
+    """scores[r * cap + t] = q[r] . Kg[t], each key row read once for the group."""
+    rep, Dh = q.shape
     for t in range(t0, t1):
-        s = np.float32(0)
+        for r in range(rep):
+            s = np.float32(0)
+            for d in range(Dh):
+                s += q[r, d] * Kg[t, d]
+            scores[r * cap + t] = s
+
+
+@njit(cache=True, nogil=True, fastmath=_ATTN_FM)
+def _attend(q, K, V, g, t0, t1, scores, norm, attn):
+    """The query heads of K/V head g, q [rep, Dh] (rotated and scaled; overwritten): attn[0, head g * rep + r] =
+    softmax(q[r] . K[g, t0:t1]) @ V[g, t0:t1]. scores [rep * cap]: row r's at r * cap; norm [rep]: scratch."""
+    rep, Dh = q.shape
+    Vg, cap = V[0, g], scores.shape[0] // rep
+    _scores(q, K[0, g], t0, t1, scores, cap)
+    for r in range(rep):
+        m = np.float32(-3.0e38)
+        for t in range(t0, t1):
+            m = max(m, scores[r * cap + t])
+        den = np.float32(0)
+        for t in range(t0, t1):
+            p = _exp(scores[r * cap + t] - m)
+            scores[r * cap + t] = p
+            den += p
+        norm[r] = np.float32(1) / den
         for d in range(Dh):
-            s += q[d] * K[0, g, t, d]
-        scores[t] = s
-        m = max(m, s)
-    den = np.float32(0)
-    for d in range(Dh):
-        out[d] = 0
-    for t in range(t0, t1):
-        p = np.float32(math.exp(scores[t] - m))
-        den += p
+            q[r, d] = 0
+    for t in range(t0, t1):  # q accumulates: a separate output array would keep this loop from vectorizing
+        for r in range(rep):
+            p = scores[r * cap + t]
+            for d in range(Dh):
+                q[r, d] += p * Vg[t, d]
+    base = g * rep * Dh
+    for r in range(rep):
         for d in range(Dh):
-            out[d] += p * V[0, g, t, d]
-    for d in range(Dh):
-        out[d] /= den
+            attn[0, base + r * Dh + d] = q[r, d] * norm[r]
 
 
 # dims: the model's sizes, an int64 array
@@ -235,20 +279,24 @@ def _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp
 
 @njit(cache=True, nogil=True)
 def _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr):
-    """attn[0, head] for the query heads claimed one at a time, over the positions the window lets it see."""
+    """attn[0, heads of group g] for the K/V heads g claimed one at a time, over the positions the window lets
+    them see. hv [rep, Dh]."""
     H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
+    rep = H // KV
     t0 = pos + 1 - window if 0 < window < pos + 1 else 0
     slot = 2 + 6 * l + 2
-    c = _claim(sync, slot, nthr, -1)
-    while c < H:
-        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, c, Dh, hv)
-        if dims[_QK_NORM]:
-            _head_norm(hv, qk_norm[l, c], eps)
-        _rope(hv, cos, sin, pos, tmp)
-        for d in range(Dh):
-            hv[d] *= scale
-        _attend(hv, K, V, c // (H // KV), t0, pos + 1, scores, attn[0, c * Dh:(c + 1) * Dh])
-        c = _claim(sync, slot, nthr, c)
+    g = _claim(sync, slot, nthr, -1)
+    while g < KV:
+        for r in range(rep):
+            q = hv[r]
+            _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, g * rep + r, Dh, q)
+            if dims[_QK_NORM]:
+                _head_norm(q, qk_norm[l, g * rep + r], eps)
+            _rope(q, cos, sin, pos, tmp)
+            for d in range(Dh):
+                q[d] *= scale
+        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn)
+        g = _claim(sync, slot, nthr, g)
 
 
 @njit(cache=True, nogil=True)
@@ -263,7 +311,7 @@ def _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K, V,
     _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
     _product(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, sync, 2 + 6 * l, nthr)
     k = _barrier(sync, nthr, k)
-    _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp, sync, nthr)
+    _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv[0], tmp, sync, nthr)
     k = _barrier(sync, nthr, k)
     _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr)
     k = _barrier(sync, nthr, k)
@@ -373,7 +421,7 @@ class DecodeProgram:
         self.dims = np.array([L, D, H, KV, Dh, F, a.sliding_window or 0, a.qkv_bias, a.o_bias, a.qk_norm], np.int64)
         self.eps, self.scale = np.float32(a.rms_norm_eps), np.float32(Dh ** -0.5)
         self.sync = np.zeros(2 + 6 * L + 1, np.int64)
-        self._bufs = self._buffers(lins, D, H * Dh, F, Dh, (H + 2 * KV) * Dh)
+        self._bufs = self._buffers(lins, D, H, KV, F, Dh)
         self._kv_src = self.K = self.V = None
         self._pool = None
 
@@ -388,8 +436,9 @@ class DecodeProgram:
             return None
         return cls(model, ops, lins)
 
-    def _buffers(self, lins: list, D: int, HD: int, F: int, Dh: int, QKV_: int) -> tuple:
+    def _buffers(self, lins: list, D: int, H: int, KV: int, F: int, Dh: int) -> tuple:
         n, xq = self.threads, lins[0].input_buffers(1)[0].dtype
+        HD, QKV_ = H * Dh, (H + 2 * KV) * Dh
 
         def rounded(width):  # per thread: the float input, its rounded form, dx and s per block
             return (np.zeros((n, 1, width), np.float32), np.zeros((n, 1, width), xq),
@@ -397,7 +446,7 @@ class DecodeProgram:
 
         f32 = np.float32
         per_thread = (np.zeros((n, 1, D), f32),) + rounded(D) + rounded(HD) + rounded(F) + (
-            np.zeros((n, Dh), f32), np.zeros((n, Dh), f32), np.zeros((n, 256), f32))
+            np.zeros((n, H // KV, Dh), f32), np.zeros((n, max(Dh, H // KV)), f32), np.zeros((n, 256 * H // KV), f32))
         shared = (np.zeros((1, QKV_), f32), np.zeros((1, HD), f32), np.zeros((1, D), f32), np.zeros((1, 2 * F), f32),
                   np.zeros((1, D), f32), np.zeros((1, lins[-1].shape[1]), f32))
         return per_thread + shared
@@ -419,8 +468,9 @@ class DecodeProgram:
         if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
             return False
         self.K, self.V, self._kv_src = _typed(ks), _typed(vs), src
-        if self._bufs[12].shape[1] < cache.capacity:
-            scores = np.zeros((self.threads, cache.capacity), np.float32)
+        rep = self.dims[_H] // self.dims[_KV]
+        if self._bufs[12].shape[1] < cache.capacity * rep:
+            scores = np.zeros((self.threads, cache.capacity * rep), np.float32)
             self._bufs = self._bufs[:12] + (scores,) + self._bufs[13:]
         return True
 
