@@ -44,6 +44,7 @@ SPIN = 4000  # barrier checks (each with a pause) before a waiting thread starts
 CHUNK = 64  # output rows claimed at a time
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
 PHASES = 6  # claim counters per layer: qkv, K/V write, heads, o, gate_up, down
+PAD = 8  # int64s per counter: each on its own 64-byte cache line (a spinning thread does not slow the claims)
 _ATTN_FM = {"reassoc", "contract", "nsz", "arcp"}  # sums over the head size vectorized
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -108,14 +109,14 @@ def _relax(typingctx, yield_core):
 
 @njit(cache=True, nogil=True)
 def _barrier(sync, nthr, k):
-    """The k-th barrier of this step (sync[0] counts arrivals from 0; sync[1] != 0 releases every barrier: a thread
-    that failed to start); returns k + 1."""
+    """The k-th barrier of this step (counter 0 counts arrivals from 0; counter 1 != 0 releases every barrier: a
+    thread that failed to start); returns k + 1."""
     if nthr == 1:
         return k + 1
     _atomic_add(sync, 0, 1)
     target = (k + 1) * nthr
     spins = 0
-    while _atomic_load(sync, 0) < target and _atomic_load(sync, 1) == 0:
+    while _atomic_load(sync, 0) < target and _atomic_load(sync, PAD) == 0:
         spins += 1
         _relax(spins > SPIN)
     return k + 1
@@ -126,17 +127,19 @@ def _claim(sync, slot, nthr, mine):
     """The next unit of work counter `slot` hands out: with one thread, simply mine + 1."""
     if nthr == 1:
         return mine + 1
-    return _atomic_add(sync, slot, 1)
+    return _atomic_add(sync, slot * PAD, 1)
 
 
 @njit(cache=True, nogil=True)
 def _product(tag, W, S, B, meta, bfac, i, xq, dxs, y, sync, slot, nthr):
-    """y[0, rows claimed] = linear i's rows over the rounded input (xq, dxs), CHUNK rows per claim."""
+    """y[0, rows claimed] = linear i's rows over the rounded input (xq, dxs), at least CHUNK rows per claim (about
+    8 claims per thread for large products)."""
     n_out = y.shape[1]
+    chunk = max(CHUNK, n_out // (8 * nthr) // CHUNK * CHUNK)
     c = _claim(sync, slot, nthr, -1)
-    while c * CHUNK < n_out:
-        o0 = c * CHUNK
-        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, min(n_out, o0 + CHUNK))
+    while c * chunk < n_out:
+        o0 = c * chunk
+        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, min(n_out, o0 + chunk))
         c = _claim(sync, slot, nthr, c)
 
 
@@ -264,7 +267,7 @@ _L, _D, _H, _KV, _DH, _F, _WINDOW, _QKV_BIAS, _O_BIAS, _QK_NORM = range(10)
 def _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp, sync, nthr):
     """The token's rotated keys and its values into the cache at pos, the K/V heads claimed one at a time."""
     H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
-    slot = 2 + 6 * l + 1
+    slot = 2 + PHASES * l + 1
     c = _claim(sync, slot, nthr, -1)
     while c < KV:
         _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, H + c, Dh, hv)
@@ -284,7 +287,7 @@ def _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv,
     H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
     rep = H // KV
     t0 = pos + 1 - window if 0 < window < pos + 1 else 0
-    slot = 2 + 6 * l + 2
+    slot = 2 + PHASES * l + 2
     g = _claim(sync, slot, nthr, -1)
     while g < KV:
         for r in range(rep):
@@ -309,7 +312,7 @@ def _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K, V,
     i = 4 * l
     _rms_norm(h[0], norms[2 * l], eps, xD[0])
     _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, sync, 2 + 6 * l, nthr)
+    _product(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, sync, 2 + PHASES * l, nthr)
     k = _barrier(sync, nthr, k)
     _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv[0], tmp, sync, nthr)
     k = _barrier(sync, nthr, k)
@@ -317,7 +320,7 @@ def _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K, V,
     k = _barrier(sync, nthr, k)
     xO[0, :] = attn[0]
     _quantize(xO, meta[i + O, 0], xqO, dxsO)
-    _product(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, o_out, sync, 2 + 6 * l + 3, nthr)
+    _product(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, o_out, sync, 2 + PHASES * l + 3, nthr)
     k = _barrier(sync, nthr, k)
     for j in range(h.shape[1]):
         h[0, j] = h[0, j] + (o_out[0, j] + o_bias[l, j] if dims[_O_BIAS] else o_out[0, j])
@@ -332,13 +335,13 @@ def _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs
     i, F = 4 * l, xF.shape[1]
     _rms_norm(h[0], norms[2 * l + 1], eps, xD[0])
     _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, sync, 2 + 6 * l + 4, nthr)
+    _product(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, sync, 2 + PHASES * l + 4, nthr)
     k = _barrier(sync, nthr, k)
     for j in range(F):
         g = gu[0, j]
         xF[0, j] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + j]
     _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
-    _product(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, down, sync, 2 + 6 * l + 5, nthr)
+    _product(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, down, sync, 2 + PHASES * l + 5, nthr)
     k = _barrier(sync, nthr, k)
     for j in range(h.shape[1]):
         h[0, j] = h[0, j] + down[0, j]
@@ -349,7 +352,7 @@ def _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs
 def step(tid, nthr, sync, x, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias, qk_norm, dims,
          eps, scale, bufs):
     """One decode step for thread tid of nthr, from the token's embedding x [hidden]: every layer, the final norm
-    and the head (linear 4 * layers) into bufs[18] [1, vocab]. sync: int64 zeros [2 + 6 * layers + 1] (arrivals at
+    and the head (linear 4 * layers) into bufs[18] [1, vocab]. sync: int64 zeros [(2 + PHASES * layers + 1) * PAD] (arrivals at
     barriers, an abort flag that releases every barrier, the claim counters)."""
     L = dims[_L]
     h, xD, xqD, dxsD = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid]
@@ -361,7 +364,7 @@ def step(tid, nthr, sync, x, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norm
         k = _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs)
     _rms_norm(h[0], norms[2 * L], eps, xD[0])
     _quantize(xD, meta[4 * L, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, bufs[18], sync, 2 + 6 * L, nthr)
+    _product(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, bufs[18], sync, 2 + PHASES * L, nthr)
 
 
 def enabled() -> bool:
@@ -420,7 +423,7 @@ class DecodeProgram:
         self.qk_norm = _stacked([y.qk_norm for y in layers], (H + KV, Dh))
         self.dims = np.array([L, D, H, KV, Dh, F, a.sliding_window or 0, a.qkv_bias, a.o_bias, a.qk_norm], np.int64)
         self.eps, self.scale = np.float32(a.rms_norm_eps), np.float32(Dh ** -0.5)
-        self.sync = np.zeros(2 + 6 * L + 1, np.int64)
+        self.sync = np.zeros((2 + PHASES * L + 1) * PAD, np.int64)
         self._bufs = self._buffers(lins, D, H, KV, F, Dh)
         self._kv_src = self.K = self.V = None
         self._pool = None
@@ -511,5 +514,5 @@ class DecodeProgram:
         try:
             step(tid, nthr, self.sync, *args)
         except BaseException:
-            self.sync[1] = 1  # releases thread 0 from every barrier: it does the work left
+            self.sync[PAD] = 1  # releases thread 0 from every barrier: it does the work left
             raise
