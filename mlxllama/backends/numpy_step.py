@@ -6,12 +6,17 @@ positions (sliding window honoured), the o product, RMSNorm, gate_up, SiLU gate,
 returns float32 logits [1, 1, vocab]: the same numbers as the op-by-op path (the same qmatvec kernel on the same
 int16/int8 rounded inputs; sums over the head size and the norms in another order, ~1e-6 relative).
 
-Threads: every thread runs the same program step(tid, nthreads, ...). Each product's output rows and the
-attention heads are claimed in chunks through atomic counters (a thread slowed by another process leaves work to
-the others), and a barrier (an atomic counter) separates dependent phases; the work on hidden-size vectors (norms,
-residual, rounding the inputs) is done by every thread on its own copy, which needs no barrier. A waiting thread
-spins SPIN times, then yields its core (sched_yield) at each further check, so a core held by another process costs
-time slices, not a livelock. The caller's thread is thread 0; the others are handed the step once per token.
+Threads: every thread runs the same program step(tid, nthreads, ...), phase after phase (per layer: qkv, the K/V
+heads, o, gate_up, down; then the head). A phase's units (chunks of output rows, K/V heads) are claimed through an
+atomic counter and counted done through another; a thread moves to the next phase once every unit of this one is
+done. So a thread waits only for units another thread has claimed and not finished: one that starts late, or is
+descheduled between units, finds its share done by the other and catches up without computing anything (an
+arrival barrier would make every thread wait for the slowest at each phase). The residual stream is shared, each
+o/down chunk adding its own rows; a thread that claims a unit first rounds the phase's input (norm, SiLU gate) into
+its own buffers, which holds still until the phase is done. A waiting thread spins SPIN times, then yields its core
+(sched_yield) at each further check, so a core held by another process costs time slices, not a livelock. The
+caller's thread is thread 0; the others are handed the step once per token (a late one is waited for at the next
+step, before the counters are reset).
 
 What it takes (decided once at load, DecodeProgram.build returns None otherwise): every projection, the embedding
 and the head a qmatvec.PackedLinear with one scales dtype, one process (no vocabulary split). What it takes per
@@ -43,7 +48,7 @@ logger = logging.getLogger(__name__)
 SPIN = 4000  # barrier checks (each with a pause) before a waiting thread starts yielding its core
 CHUNK = 64  # output rows claimed at a time
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
-PHASES = 6  # claim counters per layer: qkv, K/V write, heads, o, gate_up, down
+PHASES = 5  # per layer: qkv, K/V heads (cache write and attention), o, gate_up, down
 PAD = 8  # int64s per counter: each on its own 64-byte cache line (a spinning thread does not slow the claims)
 _ATTN_FM = {"reassoc", "contract", "nsz", "arcp"}  # sums over the head size vectorized
 
@@ -108,39 +113,46 @@ def _relax(typingctx, yield_core):
 
 
 @njit(cache=True, nogil=True)
-def _barrier(sync, nthr, k):
-    """The k-th barrier of this step (counter 0 counts arrivals from 0; counter 1 != 0 releases every barrier: a
-    thread that failed to start); returns k + 1."""
-    if nthr == 1:
-        return k + 1
-    _atomic_add(sync, 0, 1)
-    target = (k + 1) * nthr
+def _claim(sync, j):
+    """The next unit of phase j's work (a chunk of rows, a K/V head): counter 2j hands them out."""
+    return _atomic_add(sync, 2 * j * PAD, 1)
+
+
+@njit(cache=True, nogil=True)
+def _done(sync, j):
+    _atomic_add(sync, (2 * j + 1) * PAD, 1)
+
+
+@njit(cache=True, nogil=True)
+def _wait(sync, j, units):
+    """Until every unit of phase j is done (counter 2j + 1): spin with a pause, then yield the core at each check."""
     spins = 0
-    while _atomic_load(sync, 0) < target and _atomic_load(sync, PAD) == 0:
+    while _atomic_load(sync, (2 * j + 1) * PAD) < units:
         spins += 1
         _relax(spins > SPIN)
-    return k + 1
 
 
 @njit(cache=True, nogil=True)
-def _claim(sync, slot, nthr, mine):
-    """The next unit of work counter `slot` hands out: with one thread, simply mine + 1."""
-    if nthr == 1:
-        return mine + 1
-    return _atomic_add(sync, slot * PAD, 1)
-
-
-@njit(cache=True, nogil=True)
-def _product(tag, W, S, B, meta, bfac, i, xq, dxs, y, sync, slot, nthr):
-    """y[0, rows claimed] = linear i's rows over the rounded input (xq, dxs), at least CHUNK rows per claim (about
-    8 claims per thread for large products)."""
-    n_out = y.shape[1]
+def _chunking(n_out, nthr):
+    """Rows per claim (at least CHUNK; about 8 claims per thread for large products) and the number of chunks."""
     chunk = max(CHUNK, n_out // (8 * nthr) // CHUNK * CHUNK)
-    c = _claim(sync, slot, nthr, -1)
-    while c * chunk < n_out:
-        o0 = c * chunk
-        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, min(n_out, o0 + chunk))
-        c = _claim(sync, slot, nthr, c)
+    return chunk, (n_out + chunk - 1) // chunk
+
+
+@njit(cache=True, nogil=True)
+def _chunks(tag, W, S, B, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c, nthr):
+    """y[0, rows] = linear i's rows of chunk c and every further chunk this thread claims; with residual, also
+    h[rows] += y[rows] + bias[rows] (the rows are this thread's alone)."""
+    n_out = y.shape[1]
+    chunk, n = _chunking(n_out, nthr)
+    while c < n:
+        o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
+        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1)
+        if residual:
+            for o in range(o0, o1):
+                h[o] = h[o] + (y[0, o] + bias[o])
+        _done(sync, j)
+        c = _claim(sync, j)
 
 
 @njit(cache=True, nogil=True)
@@ -264,107 +276,102 @@ _L, _D, _H, _KV, _DH, _F, _WINDOW, _QKV_BIAS, _O_BIAS, _QK_NORM = range(10)
 
 
 @njit(cache=True, nogil=True)
-def _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv, tmp, sync, nthr):
-    """The token's rotated keys and its values into the cache at pos, the K/V heads claimed one at a time."""
-    H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
-    slot = 2 + PHASES * l + 1
-    c = _claim(sync, slot, nthr, -1)
-    while c < KV:
-        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, H + c, Dh, hv)
-        if dims[_QK_NORM]:
-            _head_norm(hv, qk_norm[l, H + c], eps)
-        _rope(hv, cos, sin, pos, tmp)
-        K[0, c, pos, :] = hv
-        _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, H + KV + c, Dh, hv)
-        V[0, c, pos, :] = hv
-        c = _claim(sync, slot, nthr, c)
-
-
-@njit(cache=True, nogil=True)
-def _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr):
-    """attn[0, heads of group g] for the K/V heads g claimed one at a time, over the positions the window lets
-    them see. hv [rep, Dh]."""
+def _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn):
+    """K/V head g: the token's rotated key and its value into the cache at pos, then its query heads' attention
+    into attn over the positions the window lets them see. hv [rep, Dh]."""
     H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
-    rep = H // KV
+    rep, bias = H // KV, dims[_QKV_BIAS] != 0
+    k = hv[0]
+    _head_in(qkv, qkv_bias[l], bias, H + g, Dh, k)
+    if dims[_QK_NORM]:
+        _head_norm(k, qk_norm[l, H + g], eps)
+    _rope(k, cos, sin, pos, tmp)
+    K[0, g, pos, :] = k
+    _head_in(qkv, qkv_bias[l], bias, H + KV + g, Dh, k)
+    V[0, g, pos, :] = k
+    for r in range(rep):
+        q = hv[r]
+        _head_in(qkv, qkv_bias[l], bias, g * rep + r, Dh, q)
+        if dims[_QK_NORM]:
+            _head_norm(q, qk_norm[l, g * rep + r], eps)
+        _rope(q, cos, sin, pos, tmp)
+        for d in range(Dh):
+            q[d] *= scale
     t0 = pos + 1 - window if 0 < window < pos + 1 else 0
-    slot = 2 + PHASES * l + 2
-    g = _claim(sync, slot, nthr, -1)
-    while g < KV:
-        for r in range(rep):
-            q = hv[r]
-            _head_in(qkv, qkv_bias[l], dims[_QKV_BIAS] != 0, g * rep + r, Dh, q)
-            if dims[_QK_NORM]:
-                _head_norm(q, qk_norm[l, g * rep + r], eps)
-            _rope(q, cos, sin, pos, tmp)
-            for d in range(Dh):
-                q[d] *= scale
-        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn)
-        g = _claim(sync, slot, nthr, g)
+    _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn)
 
 
 @njit(cache=True, nogil=True)
-def _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
+def _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
                      qk_norm, dims, eps, scale, bufs):
-    """h += o(attention(qkv(norm(h)))); returns the barrier count."""
-    h, xD, xqD, dxsD, xO, xqO, dxsO, hv, tmp, scores, qkv, attn, o_out = (
-        bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid], bufs[4][tid], bufs[5][tid], bufs[6][tid],
-        bufs[10][tid], bufs[11][tid], bufs[12][tid], bufs[13], bufs[14], bufs[15])
-    i = 4 * l
-    _rms_norm(h[0], norms[2 * l], eps, xD[0])
-    _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, sync, 2 + PHASES * l, nthr)
-    k = _barrier(sync, nthr, k)
-    _write_kv(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv[0], tmp, sync, nthr)
-    k = _barrier(sync, nthr, k)
-    _heads(l, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn, sync, nthr)
-    k = _barrier(sync, nthr, k)
-    xO[0, :] = attn[0]
-    _quantize(xO, meta[i + O, 0], xqO, dxsO)
-    _product(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, o_out, sync, 2 + PHASES * l + 3, nthr)
-    k = _barrier(sync, nthr, k)
-    for j in range(h.shape[1]):
-        h[0, j] = h[0, j] + (o_out[0, j] + o_bias[l, j] if dims[_O_BIAS] else o_out[0, j])
-    return k
+    """Phases 5l (qkv), 5l + 1 (K/V heads: cache write and attention), 5l + 2 (o, added to h)."""
+    xD, xqD, dxsD, xO, xqO, dxsO = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid], bufs[4][tid], bufs[5][tid]
+    hv, tmp, scores, h, qkv, attn, y = (bufs[9][tid], bufs[10][tid], bufs[11][tid], bufs[12], bufs[13], bufs[14],
+                                        bufs[15])
+    i, j = 4 * l, PHASES * l
+    c = _claim(sync, j)
+    if c < _chunking(qkv.shape[1], nthr)[1]:  # h holds still until this phase is done: round it now
+        _rms_norm(h, norms[2 * l], eps, xD[0])
+        _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
+        _chunks(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c, nthr)
+    _wait(sync, j, _chunking(qkv.shape[1], nthr)[1])
+    g = _claim(sync, j + 1)
+    while g < dims[_KV]:
+        _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn)
+        _done(sync, j + 1)
+        g = _claim(sync, j + 1)
+    _wait(sync, j + 1, dims[_KV])
+    c = _claim(sync, j + 2)
+    if c < _chunking(y.shape[1], nthr)[1]:
+        xO[0, :] = attn[0]
+        _quantize(xO, meta[i + O, 0], xqO, dxsO)
+        _chunks(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c, nthr)
+    _wait(sync, j + 2, _chunking(y.shape[1], nthr)[1])
 
 
 @njit(cache=True, nogil=True)
-def _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs):
-    """h += down(silu(gate) * up), gate and up from gate_up(norm(h)); returns the barrier count."""
-    h, xD, xqD, dxsD, xF, xqF, dxsF, gu, down = (bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid],
-                                                bufs[7][tid], bufs[8][tid], bufs[9][tid], bufs[16], bufs[17])
-    i, F = 4 * l, xF.shape[1]
-    _rms_norm(h[0], norms[2 * l + 1], eps, xD[0])
-    _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, sync, 2 + PHASES * l + 4, nthr)
-    k = _barrier(sync, nthr, k)
-    for j in range(F):
-        g = gu[0, j]
-        xF[0, j] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + j]
-    _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
-    _product(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, down, sync, 2 + PHASES * l + 5, nthr)
-    k = _barrier(sync, nthr, k)
-    for j in range(h.shape[1]):
-        h[0, j] = h[0, j] + down[0, j]
-    return k
+def _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, zeros, eps, bufs):
+    """Phases 5l + 3 (gate_up) and 5l + 4 (down(silu(gate) * up), added to h)."""
+    xD, xqD, dxsD, xF, xqF, dxsF = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[6][tid], bufs[7][tid], bufs[8][tid]
+    h, y, gu = bufs[12], bufs[15], bufs[16]
+    i, j, F = 4 * l, PHASES * l + 3, xF.shape[1]
+    c = _claim(sync, j)
+    if c < _chunking(gu.shape[1], nthr)[1]:
+        _rms_norm(h, norms[2 * l + 1], eps, xD[0])
+        _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
+        _chunks(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c, nthr)
+    _wait(sync, j, _chunking(gu.shape[1], nthr)[1])
+    c = _claim(sync, j + 1)
+    if c < _chunking(y.shape[1], nthr)[1]:
+        for f in range(F):
+            g = gu[0, f]
+            xF[0, f] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + f]
+        _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
+        _chunks(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c, nthr)
+    _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
 
 
 @njit(cache=True, nogil=True)
-def step(tid, nthr, sync, x, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias, qk_norm, dims,
+def step(tid, nthr, sync, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias, qk_norm, dims,
          eps, scale, bufs):
-    """One decode step for thread tid of nthr, from the token's embedding x [hidden]: every layer, the final norm
-    and the head (linear 4 * layers) into bufs[18] [1, vocab]. sync: int64 zeros [(2 + PHASES * layers + 1) * PAD] (arrivals at
-    barriers, an abort flag that releases every barrier, the claim counters)."""
+    """One decode step for thread tid of nthr from the token's embedding in bufs[12] (the residual stream): every
+    layer, the final norm and the head (linear 4 * layers) into bufs[17] [1, vocab]. sync: int64 zeros
+    [2 * (PHASES * layers + 1) * PAD]: per phase, the units claimed and the units done. A thread waits only for
+    units another has claimed and not finished: one that starts late (or is descheduled between units) finds the
+    work done by the others and catches up without computing anything."""
     L = dims[_L]
-    h, xD, xqD, dxsD = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid]
-    h[0, :] = x
-    k = 0
     for l in range(L):
-        k = _attention_block(tid, nthr, sync, k, l, pos, tag, W, S, B, meta, bfac, K[l], V[l], cos, sin, norms,
-                             qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
-        k = _mlp_block(tid, nthr, sync, k, l, tag, W, S, B, meta, bfac, norms, eps, bufs)
-    _rms_norm(h[0], norms[2 * L], eps, xD[0])
-    _quantize(xD, meta[4 * L, 0], xqD, dxsD)
-    _product(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, bufs[18], sync, 2 + PHASES * L, nthr)
+        _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K[l], V[l], cos, sin, norms,
+                         qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
+        _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, bufs[18], eps, bufs)
+    xD, xqD, dxsD, h, logits = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[12], bufs[17]
+    j = PHASES * L
+    c = _claim(sync, j)
+    if c < _chunking(logits.shape[1], nthr)[1]:
+        _rms_norm(h, norms[2 * L], eps, xD[0])
+        _quantize(xD, meta[4 * L, 0], xqD, dxsD)
+        _chunks(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c, nthr)
+    _wait(sync, j, _chunking(logits.shape[1], nthr)[1])
 
 
 def enabled() -> bool:
@@ -423,10 +430,11 @@ class DecodeProgram:
         self.qk_norm = _stacked([y.qk_norm for y in layers], (H + KV, Dh))
         self.dims = np.array([L, D, H, KV, Dh, F, a.sliding_window or 0, a.qkv_bias, a.o_bias, a.qk_norm], np.int64)
         self.eps, self.scale = np.float32(a.rms_norm_eps), np.float32(Dh ** -0.5)
-        self.sync = np.zeros((2 + PHASES * L + 1) * PAD, np.int64)
+        self.sync = np.zeros(2 * (PHASES * L + 1) * PAD, np.int64)
         self._bufs = self._buffers(lins, D, H, KV, F, Dh)
         self._kv_src = self.K = self.V = None
         self._pool = None
+        self._helpers: list = []
 
     @classmethod
     def build(cls, model, ops) -> "DecodeProgram | None":
@@ -440,18 +448,21 @@ class DecodeProgram:
         return cls(model, ops, lins)
 
     def _buffers(self, lins: list, D: int, H: int, KV: int, F: int, Dh: int) -> tuple:
-        n, xq = self.threads, lins[0].input_buffers(1)[0].dtype
-        HD, QKV_ = H * Dh, (H + 2 * KV) * Dh
+        """Per thread (first axis): the rounded inputs of products of D, H * Dh and F inputs (each as float, rounded,
+        dx and s per block), the query rows of a K/V head, a scratch vector, the scores. Shared: the residual
+        stream, the qkv product, attention's output, the o or down product, gate_up's, the logits, zeros [D]."""
+        n, xq, f32 = self.threads, lins[0].input_buffers(1)[0].dtype, np.float32
+        rep = H // KV
 
-        def rounded(width):  # per thread: the float input, its rounded form, dx and s per block
-            return (np.zeros((n, 1, width), np.float32), np.zeros((n, 1, width), xq),
-                    np.zeros((n, 2, width // 32, 1), np.float32))
+        def rounded(width):
+            return (np.zeros((n, 1, width), f32), np.zeros((n, 1, width), xq),
+                    np.zeros((n, 2, width // 32, 1), f32))
 
-        f32 = np.float32
-        per_thread = (np.zeros((n, 1, D), f32),) + rounded(D) + rounded(HD) + rounded(F) + (
-            np.zeros((n, H // KV, Dh), f32), np.zeros((n, max(Dh, H // KV)), f32), np.zeros((n, 256 * H // KV), f32))
-        shared = (np.zeros((1, QKV_), f32), np.zeros((1, HD), f32), np.zeros((1, D), f32), np.zeros((1, 2 * F), f32),
-                  np.zeros((1, D), f32), np.zeros((1, lins[-1].shape[1]), f32))
+        per_thread = rounded(D) + rounded(H * Dh) + rounded(F) + (
+            np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, 256 * rep), f32))
+        shared = (np.zeros(D, f32), np.zeros((1, (H + 2 * KV) * Dh), f32), np.zeros((1, H * Dh), f32),
+                  np.zeros((1, D), f32), np.zeros((1, 2 * F), f32), np.zeros((1, lins[-1].shape[1]), f32),
+                  np.zeros(D, f32))
         return per_thread + shared
 
     def _takes(self, cache) -> bool:
@@ -472,9 +483,9 @@ class DecodeProgram:
             return False
         self.K, self.V, self._kv_src = _typed(ks), _typed(vs), src
         rep = self.dims[_H] // self.dims[_KV]
-        if self._bufs[12].shape[1] < cache.capacity * rep:
+        if self._bufs[11].shape[1] < cache.capacity * rep:
             scores = np.zeros((self.threads, cache.capacity * rep), np.float32)
-            self._bufs = self._bufs[:12] + (scores,) + self._bufs[13:]
+            self._bufs = self._bufs[:11] + (scores,) + self._bufs[12:]
         return True
 
     def __call__(self, tokens, cache):
@@ -486,33 +497,27 @@ class DecodeProgram:
         self.rope.get(pos, 1)  # the table grown to cover pos
         ops = self.ops
         with ops.forward_scope(1):
-            x = ops.embedding(self.model.embed, tokens).reshape(-1).astype(np.float32, copy=False)
-            args = (x, pos, self.tag, self.W, self.S, self.B, self.meta, self.bfac, self.K, self.V, self.rope.cos,
+            self._bufs[12][:] = ops.embedding(self.model.embed, tokens).reshape(-1)
+            args = (pos, self.tag, self.W, self.S, self.B, self.meta, self.bfac, self.K, self.V, self.rope.cos,
                     self.rope.sin, self.norms, self.qkv_bias, self.o_bias, self.qk_norm, self.dims, self.eps,
                     self.scale, self._bufs)
             self._run(min(ops.step_threads(), self.threads), args)
         cache.advance(1)
-        return self._bufs[18].copy().reshape(1, 1, -1)
+        return self._bufs[17].copy().reshape(1, 1, -1)
 
     def _run(self, nthr: int, args: tuple) -> None:
+        """Thread 0 here, the others handed the step; a helper that is still running (it started late and finds
+        nothing left to do) is waited for at the next step, before the counters are reset."""
+        for f in self._helpers:
+            f.result()
         self.sync[:] = 0
         if nthr == 1:
+            self._helpers = []
             step(0, 1, self.sync, *args)
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mlxllama-step")
-        futures = [self._pool.submit(self._worker, t, nthr, args) for t in range(1, nthr)]
-        try:
-            step(0, nthr, self.sync, *args)
-        finally:
-            for f in futures:
-                f.result()
-
-    def _worker(self, tid: int, nthr: int, args: tuple) -> None:
-        try:
-            step(tid, nthr, self.sync, *args)
-        except BaseException:
-            self.sync[PAD] = 1  # releases thread 0 from every barrier: it does the work left
-            raise
+        self._helpers = [self._pool.submit(step, t, nthr, self.sync, *args) for t in range(1, nthr)]
+        step(0, nthr, self.sync, *args)
