@@ -149,3 +149,54 @@ def test_no_program_where_it_does_not_apply(monkeypatch):
     assert Model(args, dict(weights), numpy_ops.NumpyOps("fused"))._decode is None  # float weights
     monkeypatch.setenv("MLXLLAMA_DECODE_PROGRAM", "0")
     assert Model(qargs, dict(qweights), numpy_ops.NumpyOps("fused"))._decode is None
+
+
+class LateHelpers:
+    """An executor whose helpers start `delay` seconds late (None: never)."""
+
+    def __init__(self, delay):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.delay, self.pool = delay, ThreadPoolExecutor(1)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        import time
+
+        if self.delay is None:
+            f = Future()
+            f.set_result(None)
+            return f
+        return self.pool.submit(lambda: (time.sleep(self.delay), fn(*args)))
+
+
+@pytest.mark.parametrize("delay", [None, 0.0, 0.02])
+def test_two_thread_step_with_a_late_or_absent_helper(delay):
+    """Thread 0 never waits for a helper that has claimed nothing: it does the whole step alone, and a helper
+    that starts afterwards finds every unit done and changes nothing."""
+    model = tiny_model(4, 32, qkv_bias=True)
+    force_threads(model, 2)
+    model._decode._pool = LateHelpers(delay)
+    got, want, _, _ = with_and_without(model)
+    assert_close(got, want)
+
+
+def test_concurrent_steps_on_one_model():
+    """Two threads stepping their own sequences on one model: one takes the program, the other (while it is busy)
+    steps op by op; both give their sequential logits."""
+    import threading
+
+    model = tiny_model(4, 32)
+    want = [step_logits(model, tokens=t)[0] for t in (TOKENS, TOKENS[:, ::-1].copy())]
+    got = [None, None]
+
+    def run(i, t):
+        got[i] = step_logits(model, tokens=t)[0]
+
+    threads = [threading.Thread(target=run, args=(i, t)) for i, t in enumerate((TOKENS, TOKENS[:, ::-1].copy()))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        assert_close(g, w)

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import threading
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
@@ -435,6 +436,7 @@ class DecodeProgram:
         self._kv_src = self.K = self.V = None
         self._pool = None
         self._helpers: list = []
+        self._lock = threading.Lock()  # the buffers serve one step at a time
 
     @classmethod
     def build(cls, model, ops) -> "DecodeProgram | None":
@@ -491,8 +493,16 @@ class DecodeProgram:
     def __call__(self, tokens, cache):
         """Logits [1, 1, vocab] of tokens [1, 1] (the cache advanced past it), or None: this cache or step is not
         one the program takes (nothing was changed)."""
-        if not self._takes(cache) or not self._kv_lists(cache):
+        if not self._lock.acquire(blocking=False):  # another thread is stepping this model: op by op
             return None
+        try:
+            if not self._takes(cache) or not self._kv_lists(cache):
+                return None
+            return self._step(tokens, cache)
+        finally:
+            self._lock.release()
+
+    def _step(self, tokens, cache):
         pos = cache.offset
         self.rope.get(pos, 1)  # the table grown to cover pos
         ops = self.ops
