@@ -47,7 +47,7 @@ from .qmatvec import PackedLinear, _rows, quantize_input
 logger = logging.getLogger(__name__)
 
 SPIN = 4000  # barrier checks (each with a pause) before a waiting thread starts yielding its core
-CHUNK = 64  # output rows claimed at a time
+CHUNK = 32  # least output rows claimed at a time
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
 PHASES = 5  # per layer: qkv, K/V heads (cache write and attention), o, gate_up, down
 PAD = 8  # int64s per counter: each on its own 64-byte cache line (a spinning thread does not slow the claims)
@@ -135,8 +135,8 @@ def _wait(sync, j, units):
 
 @njit(cache=True, nogil=True)
 def _chunking(n_out, nthr):
-    """Rows per claim (at least CHUNK; about 8 claims per thread for large products) and the number of chunks."""
-    chunk = max(CHUNK, n_out // (8 * nthr) // CHUNK * CHUNK)
+    """Rows per claim (at least CHUNK; about 16 claims per thread for large products) and the number of chunks."""
+    chunk = max(CHUNK, n_out // (16 * nthr) // CHUNK * CHUNK)
     return chunk, (n_out + chunk - 1) // chunk
 
 
