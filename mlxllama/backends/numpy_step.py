@@ -1,10 +1,11 @@
 """A whole single-token decode step of the numpy backend in one compiled call (numba), for "fused" weights.
 
-DecodeProgram.run(token, cache) embeds the token, runs every layer (RMSNorm, the fused qkv product and its bias,
+DecodeProgram(tokens, cache) embeds the token (ops.embedding), runs every layer (RMSNorm, the fused qkv product and its bias,
 per-head q/k norm, RoPE from the model's table, the K/V write at the cache's offset, GQA attention over the held
 positions (sliding window honoured), the o product, RMSNorm, gate_up, SiLU gate, down) and the output head, and
-returns float32 logits [1, 1, vocab]: the same numbers as the op-by-op path (the same qmatvec kernel on the same
-int16/int8 rounded inputs; sums over the head size and the norms in another order, ~1e-6 relative).
+returns float32 logits [1, 1, vocab]: the op-by-op path's numbers (the same qmatvec kernel on inputs rounded the
+same way; the norms' and attention's sums in another order, so an input may now and then round to the neighbouring
+int16 step: the tests allow 2e-4 of the largest logit).
 
 Threads: every thread runs the same program step(tid, nthreads, ...), phase after phase (per layer: qkv, the K/V
 heads, o, gate_up, down; then the head). A phase's units (chunks of output rows, K/V heads) are claimed through an
@@ -13,15 +14,17 @@ done. So a thread waits only for units another thread has claimed and not finish
 descheduled between units, finds its share done by the other and catches up without computing anything (an
 arrival barrier would make every thread wait for the slowest at each phase). The residual stream is shared, each
 o/down chunk adding its own rows; a thread that claims a unit first rounds the phase's input (norm, SiLU gate) into
-its own buffers, which holds still until the phase is done. A waiting thread spins SPIN times, then yields its core
+its own buffers (what it rounds cannot change before the phase is done). A waiting thread spins SPIN times, then yields its core
 (sched_yield) at each further check, so a core held by another process costs time slices, not a livelock. The
 caller's thread is thread 0; the others are handed the step once per token (a late one is waited for at the next
 step, before the counters are reset).
 
-What it takes (decided once at load, DecodeProgram.build returns None otherwise): every projection, the embedding
-and the head a qmatvec.PackedLinear with one scales dtype, one process (no vocabulary split). What it takes per
-step (run returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float KVCache
-with room for the token. MLXLLAMA_DECODE_PROGRAM=0 turns it off.
+What it takes (decided once at load, DecodeProgram.build returns None otherwise): every projection and the output
+head a qmatvec.PackedLinear, all with one kernel path, input width and scales dtype; one process (no vocabulary
+split). Anything else (float32 or "quantized" weight modes, GGUF K-quant blocks) steps op by op. What it takes per
+step (the call returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float
+KVCache with room for the token (not a quantized or rotating one), no other thread stepping the same model.
+MLXLLAMA_DECODE_PROGRAM=0 turns it off.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .qmatvec import PackedLinear, _rows, quantize_input
 
 logger = logging.getLogger(__name__)
 
-SPIN = 4000  # barrier checks (each with a pause) before a waiting thread starts yielding its core
+SPIN = 4000  # checks (each with a pause) before a waiting thread starts yielding its core
 CHUNK = 32  # least output rows claimed at a time
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
 PHASES = 5  # per layer: qkv, K/V heads (cache write and attention), o, gate_up, down
@@ -518,11 +521,11 @@ class DecodeProgram:
     def _run(self, nthr: int, args: tuple) -> None:
         """Thread 0 here, the others handed the step; a helper that is still running (it started late and finds
         nothing left to do) is waited for at the next step, before the counters are reset."""
-        for f in self._helpers:
+        helpers, self._helpers = self._helpers, []
+        for f in helpers:
             f.result()
         self.sync[:] = 0
         if nthr == 1:
-            self._helpers = []
             step(0, 1, self.sync, *args)
             return
         if self._pool is None:
