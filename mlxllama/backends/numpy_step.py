@@ -36,12 +36,14 @@ import math
 import os
 import platform
 import threading
+import warnings
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.errors import NumbaTypeSafetyWarning
 from numba.extending import intrinsic
 from numba.typed import List
 
@@ -405,8 +407,10 @@ def _stacked(vectors: list, shape: tuple) -> np.ndarray:
 
 def _typed(arrays: list) -> List:
     out = List()
-    for a in arrays:
-        out.append(a)
+    with warnings.catch_warnings():  # read-only weights (a file's mapping) beside writable ones: only ever read
+        warnings.simplefilter("ignore", NumbaTypeSafetyWarning)
+        for a in arrays:
+            out.append(a)
     return out
 
 
