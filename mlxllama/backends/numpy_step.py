@@ -36,16 +36,13 @@ import math
 import os
 import platform
 import threading
-import warnings
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
-from numba.core.errors import NumbaTypeSafetyWarning
 from numba.extending import intrinsic
-from numba.typed import List
 
 from .qmatvec import PackedLinear, _rows, quantize_input
 
@@ -99,6 +96,26 @@ def _atomic_load(typingctx, arr, idx):
 
 
 @intrinsic
+def _pointer(typingctx, address, like):
+    """The address (int64) as a pointer to like's dtype (like: an empty array), for numba.carray."""
+    ptr = types.CPointer(like.dtype)
+    sig = ptr(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return sig, codegen
+
+
+_U8 = np.empty(0, np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _kv(address, dims, cap):
+    return carray(_pointer(address, np.empty(0, np.float32)), (1, dims[_KV], cap, dims[_DH]))
+
+
+@intrinsic
 def _relax(typingctx, yield_core):
     """A spin-wait hint (x86's pause), or, with yield_core, sched_yield."""
     sig = types.none(types.boolean)
@@ -146,14 +163,17 @@ def _chunking(n_out, nthr):
 
 
 @njit(cache=True, nogil=True)
-def _chunks(tag, W, S, B, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c, nthr):
+def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c, nthr):
     """y[0, rows] = linear i's rows of chunk c and every further chunk this thread claims; with residual, also
     h[rows] += y[rows] + bias[rows] (the rows are this thread's alone)."""
     n_out = y.shape[1]
     chunk, n = _chunking(n_out, nthr)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        _rows(tag, W[i], S[i], B[i], bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1)
+        w = carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3]))
+        sc = carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4]))
+        bi = carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4]))
+        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1)
         if residual:
             for o in range(o0, o1):
                 h[o] = h[o] + (y[0, o] + bias[o])
@@ -308,7 +328,7 @@ def _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, 
 
 
 @njit(cache=True, nogil=True)
-def _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
+def _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
                      qk_norm, dims, eps, scale, bufs):
     """Phases 5l (qkv), 5l + 1 (K/V heads: cache write and attention), 5l + 2 (o, added to h)."""
     xD, xqD, dxsD, xO, xqO, dxsO = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid], bufs[4][tid], bufs[5][tid]
@@ -319,7 +339,7 @@ def _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K, V, co
     if c < _chunking(qkv.shape[1], nthr)[1]:  # h holds still until this phase is done: round it now
         _rms_norm(h, norms[2 * l], eps, xD[0])
         _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
-        _chunks(tag, W, S, B, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c, nthr)
+        _chunks(tag, W, stag, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c, nthr)
     _wait(sync, j, _chunking(qkv.shape[1], nthr)[1])
     g = _claim(sync, j + 1)
     while g < dims[_KV]:
@@ -331,12 +351,12 @@ def _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K, V, co
     if c < _chunking(y.shape[1], nthr)[1]:
         xO[0, :] = attn[0]
         _quantize(xO, meta[i + O, 0], xqO, dxsO)
-        _chunks(tag, W, S, B, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c, nthr)
+        _chunks(tag, W, stag, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c, nthr)
     _wait(sync, j + 2, _chunking(y.shape[1], nthr)[1])
 
 
 @njit(cache=True, nogil=True)
-def _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, zeros, eps, bufs):
+def _mlp_block(tid, nthr, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, bufs):
     """Phases 5l + 3 (gate_up) and 5l + 4 (down(silu(gate) * up), added to h)."""
     xD, xqD, dxsD, xF, xqF, dxsF = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[6][tid], bufs[7][tid], bufs[8][tid]
     h, y, gu = bufs[12], bufs[15], bufs[16]
@@ -345,7 +365,7 @@ def _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, zeros, eps, 
     if c < _chunking(gu.shape[1], nthr)[1]:
         _rms_norm(h, norms[2 * l + 1], eps, xD[0])
         _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
-        _chunks(tag, W, S, B, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c, nthr)
+        _chunks(tag, W, stag, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c, nthr)
     _wait(sync, j, _chunking(gu.shape[1], nthr)[1])
     c = _claim(sync, j + 1)
     if c < _chunking(y.shape[1], nthr)[1]:
@@ -353,30 +373,33 @@ def _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, zeros, eps, 
             g = gu[0, f]
             xF[0, f] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + f]
         _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
-        _chunks(tag, W, S, B, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c, nthr)
+        _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c, nthr)
     _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
 
 
 @njit(cache=True, nogil=True)
-def step(tid, nthr, sync, pos, tag, W, S, B, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias, qk_norm, dims,
-         eps, scale, bufs):
+def step(tid, nthr, sync, pos, tag, W, stag, meta, bfac, K, V, cap, cos, sin, norms, qkv_bias, o_bias, qk_norm,
+         dims, eps, scale, bufs):
     """One decode step for thread tid of nthr from the token's embedding in bufs[12] (the residual stream): every
-    layer, the final norm and the head (linear 4 * layers) into bufs[17] [1, vocab]. sync: int64 zeros
+    layer, the final norm and the head (linear 4 * layers) into bufs[17] [1, vocab]. W [linears, 3]: the addresses
+    of each linear's bytes, scales and biases (scales' dtype: stag's; shapes in meta); K, V [layers]: the addresses
+    of the cache's [1, KV, cap, Dh] float32 buffers. sync: int64 zeros
     [2 * (PHASES * layers + 1) * PAD]: per phase, the units claimed and the units done. A thread waits only for
     units another has claimed and not finished: one that starts late (or is descheduled between units) finds the
     work done by the others and catches up without computing anything."""
     L = dims[_L]
     for l in range(L):
-        _attention_block(tid, nthr, sync, l, pos, tag, W, S, B, meta, bfac, K[l], V[l], cos, sin, norms,
+        _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, _kv(K[l], dims, cap), _kv(V[l], dims, cap), cos, sin,
+                         norms,
                          qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
-        _mlp_block(tid, nthr, sync, l, tag, W, S, B, meta, bfac, norms, bufs[18], eps, bufs)
+        _mlp_block(tid, nthr, sync, l, tag, W, stag, meta, bfac, norms, bufs[18], eps, bufs)
     xD, xqD, dxsD, h, logits = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[12], bufs[17]
     j = PHASES * L
     c = _claim(sync, j)
     if c < _chunking(logits.shape[1], nthr)[1]:
         _rms_norm(h, norms[2 * L], eps, xD[0])
         _quantize(xD, meta[4 * L, 0], xqD, dxsD)
-        _chunks(tag, W, S, B, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c, nthr)
+        _chunks(tag, W, stag, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c, nthr)
     _wait(sync, j, _chunking(logits.shape[1], nthr)[1])
 
 
@@ -405,13 +428,11 @@ def _stacked(vectors: list, shape: tuple) -> np.ndarray:
     return out
 
 
-def _typed(arrays: list) -> List:
-    out = List()
-    with warnings.catch_warnings():  # read-only weights (a file's mapping) beside writable ones: only ever read
-        warnings.simplefilter("ignore", NumbaTypeSafetyWarning)
-        for a in arrays:
-            out.append(a)
-    return out
+def _address(a: np.ndarray) -> int:
+    """The address of a C-order array's first element (the program reads it there: the caller keeps a alive)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("the decode program reads C-order arrays only")
+    return a.ctypes.data
 
 
 class DecodeProgram:
@@ -426,10 +447,11 @@ class DecodeProgram:
                               a.head_dim, a.intermediate_size)
         self.threads = ops.threads
         self.tag = lins[0]._tag
-        self.W = _typed([w.bytes for w in lins])
-        self.S = _typed([w.scales for w in lins])
-        self.B = _typed([w.scales if w.biases is None else w.biases for w in lins])
-        self.meta = np.array([[w.bits, w.group_size] for w in lins], np.int64)
+        self._held = [(w.bytes, w.scales, w.scales if w.biases is None else w.biases) for w in lins]
+        self.W = np.array([[_address(a) for a in held] for held in self._held], np.int64)
+        self.stag = np.empty(0, lins[0].scales.dtype)
+        self.meta = np.array([[w.bits, w.group_size, w.bytes.shape[0], w.bytes.shape[1], w.scales.shape[1]]
+                              for w in lins], np.int64)
         self.bfac = np.array([w.bias_factor for w in lins], np.float32)
         layers = model.layers
         self.norms = _stacked([n for y in layers for n in (y.attn_norm, y.mlp_norm)] + [model.norm], (D,))
@@ -490,7 +512,9 @@ class DecodeProgram:
         ks, vs = [k[0] for k in cache.keys], [v[0] for v in cache.values]
         if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
             return False
-        self.K, self.V, self._kv_src = _typed(ks), _typed(vs), src
+        self.K = np.array([_address(a) for a in ks], np.int64)
+        self.V = np.array([_address(a) for a in vs], np.int64)
+        self._kv_held, self._kv_src, self._cap = (ks, vs), src, ks[0].shape[2]
         rep = self.dims[_H] // self.dims[_KV]
         if self._bufs[11].shape[1] < cache.capacity * rep:
             scores = np.zeros((self.threads, cache.capacity * rep), np.float32)
@@ -515,7 +539,7 @@ class DecodeProgram:
         ops = self.ops
         with ops.forward_scope(1):
             self._bufs[12][:] = ops.embedding(self.model.embed, tokens).reshape(-1)
-            args = (pos, self.tag, self.W, self.S, self.B, self.meta, self.bfac, self.K, self.V, self.rope.cos,
+            args = (pos, self.tag, self.W, self.stag, self.meta, self.bfac, self.K, self.V, self._cap, self.rope.cos,
                     self.rope.sin, self.norms, self.qkv_bias, self.o_bias, self.qk_norm, self.dims, self.eps,
                     self.scale, self._bufs)
             self._run(min(ops.step_threads(), self.threads), args)
