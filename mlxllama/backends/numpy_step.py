@@ -437,8 +437,8 @@ def _address(a: np.ndarray) -> int:
 
 class DecodeProgram:
     """The compiled decode step of one model on one NumpyOps: weights referenced as laid out (nothing copied but
-    the norms and biases), every buffer allocated here; the KV buffers are re-listed when a cache grows or another
-    cache comes."""
+    the norms and biases; the program reads them by address, and this object keeps them alive), every buffer
+    allocated here; the KV buffers' addresses are taken again when a cache grows or another cache comes."""
 
     def __init__(self, model, ops, lins: list):
         a = model.args
