@@ -77,6 +77,7 @@ class Model:
         # The per-layer pieces around attention; a backend may compile them for single-token steps.
         self._attn_in = ops.compile(self._attn_in_impl)
         self._attn_out_mlp = ops.compile(self._attn_out_mlp_impl)
+        self._decode = ops.decode_program(self)  # the whole single-token step as one call, where the backend has it
 
     @property
     def resident_nbytes(self) -> int:
@@ -99,6 +100,10 @@ class Model:
     def __call__(self, tokens, cache: KVCache, last_only: bool = False):
         """tokens [B, L] (ints) -> logits [B, L, vocab], or [B, 1, vocab] with last_only."""
         tokens = self.ops.asarray(tokens)
+        if self._decode is not None and tuple(tokens.shape) == (1, 1):
+            logits = self._decode(tokens, cache)
+            if logits is not None:
+                return logits
         with self.ops.forward_scope(tokens.shape[0] * (1 if last_only else tokens.shape[1])):
             h = self.hidden(tokens, cache)
             return self.head(h[:, -1:, :] if last_only else h)

@@ -57,6 +57,10 @@ class Backend(Protocol):
     def tied_head(self, embedding) -> Any: ...
     def rope_table(self, inv_freq: np.ndarray) -> Any: ...
     def compile(self, fn: Callable) -> Callable: ...  # may compile fn(h, *args) for single-token steps
+    # the whole single-token step of one sequence as one call, built once at load, or None (the op-by-op path):
+    # program(tokens [1, 1], cache) -> logits [1, 1, vocab] with the cache written and advanced exactly as the
+    # op-by-op step leaves it, or None for a step it does not take (the cache untouched)
+    def decode_program(self, model) -> Callable | None: ...
     def forward_scope(self, rows: int) -> ContextManager: ...  # around one forward pass of `rows` token rows
 
     # the ops of the forward pass

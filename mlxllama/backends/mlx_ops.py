@@ -144,6 +144,9 @@ class MLXOps:
 
         return call
 
+    def decode_program(self, model):
+        return None  # single-token steps go through compile()'d pieces
+
     # -- ops ---------------------------------------------------------------------------------------------
 
     def asarray(self, tokens):

@@ -32,6 +32,10 @@ plug in by duck typing, whatever the mode:
   - prepared_nbytes(w) and the model's accounting read `nbytes` of the loader's tensor and of what
     prepare_numpy returned.
 
+In "fused" mode a single-token step of one sequence runs as one compiled call (numpy_step.DecodeProgram, through
+decode_program): every layer and the head on the same kernel, its own buffers, one or two threads by the same timed
+choice; other steps, caches and modes run the ops below one by one.
+
 A NumpyOps may be used from several threads at once: what one forward pass decides (its thread count) is kept per
 thread, and the process-wide BLAS thread count is set only while some forward pass runs and restored after the
 last one ends (numpy_threads.BlasThreads, through threadpoolctl).
@@ -172,6 +176,19 @@ class NumpyOps:
 
     def compile(self, fn):
         return fn
+
+    def decode_program(self, model):
+        """The whole single-token step in one compiled call (numpy_step.DecodeProgram), where the model's weights
+        are all "fused" and numba imports; else None."""
+        if self.weights_mode != "fused" or _qmatvec() is None:
+            return None
+        from .numpy_step import DecodeProgram
+
+        return DecodeProgram.build(model, self)
+
+    def step_threads(self) -> int:
+        """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""
+        return getattr(self._local, "step_workers", 1)
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):

@@ -1,0 +1,202 @@
+"""The numpy backend's compiled decode step (backends/numpy_step.py) gives the op-by-op fused path's logits, leaves
+the cache as that path does, and steps aside where it does not apply."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import TINY, random_weights
+from mlxllama.backends import numpy_ops
+from mlxllama.backends.numpy_threads import ThreadChoice
+from mlxllama.cache import CacheSettings
+from mlxllama.config import from_hf_dict
+from mlxllama.generate import generate_step
+from mlxllama.model import Model
+from mlxllama.quant import quantize_weights
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+
+TOKENS = np.random.default_rng(5).integers(0, 400, (1, 40))
+SPLIT = 30  # prompt rows; then one token at a time
+
+
+def tiny_model(bits=4, group=32, tie=False, qkv_bias=False, o_bias=False, qk_norm=False, window=None, kv=2,
+               threads=2, head_dim=16):
+    cfg = dict(TINY, tie_word_embeddings=tie, num_key_value_heads=kv, intermediate_size=192, head_dim=head_dim,
+               max_position_embeddings=1024)
+    args = from_hf_dict(dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu"))
+    args = dataclasses.replace(args, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, sliding_window=window)
+    w = {k.removesuffix(".weight"): v for k, v in random_weights(cfg, 1).items()}
+    rng = np.random.default_rng(2)
+    H, KV, D, Dh = args.num_attention_heads, args.num_key_value_heads, args.hidden_size, args.head_dim
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        if qkv_bias:
+            for n, rows in (("q", H * Dh), ("k", KV * Dh), ("v", KV * Dh)):
+                w[p + f"{n}_proj.bias"] = 0.3 * rng.standard_normal(rows).astype(np.float32)
+        if o_bias:
+            w[p + "o_proj.bias"] = 0.3 * rng.standard_normal(D).astype(np.float32)
+        if qk_norm:
+            w[p + "q_norm"] = (1 + 0.2 * rng.standard_normal(Dh)).astype(np.float32)
+            w[p + "k_norm"] = (1 + 0.2 * rng.standard_normal(Dh)).astype(np.float32)
+    w, args = quantize_weights(w, args, group_size=group, bits=bits, dtype=np.float16)
+    return Model(args, w, numpy_ops.NumpyOps("fused", threads=threads))
+
+
+def step_logits(model, settings=None, tokens=TOKENS, split=SPLIT):
+    """Prefill tokens[:, :split], then one token at a time: the decode rows' logits and the cache."""
+    cache = model.make_cache(1, settings=settings)
+    model(tokens[:, :split], cache)
+    rows = [model(tokens[:, i: i + 1], cache) for i in range(split, tokens.shape[1])]
+    return np.concatenate(rows, axis=1), cache
+
+
+def with_and_without(model, settings=None, tokens=TOKENS, split=SPLIT):
+    program = model._decode
+    got, got_cache = step_logits(model, settings, tokens, split)
+    model._decode = None
+    try:
+        want, want_cache = step_logits(model, settings, tokens, split)
+    finally:
+        model._decode = program
+    return got, want, got_cache, want_cache
+
+
+def force_threads(model, n: int) -> None:
+    model.ops._choice = ThreadChoice((n,))
+
+
+def assert_close(got, want, tol=2e-4):
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 64)])
+@pytest.mark.parametrize("tie", [False, True])
+def test_program_matches_op_by_op(bits, group, tie, threads):
+    model = tiny_model(bits, group, tie)
+    assert model._decode is not None
+    force_threads(model, threads)
+    got, want, got_cache, want_cache = with_and_without(model)
+    assert_close(got, want)
+    assert got_cache.offset == want_cache.offset == TOKENS.shape[1]
+    for layer in range(len(model.layers)):
+        for a, b in ((got_cache.keys[layer][0], want_cache.keys[layer][0]),
+                     (got_cache.values[layer][0], want_cache.values[layer][0])):
+            n = got_cache.offset
+            np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=0, atol=2e-4 * np.abs(b[:, :, :n]).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("switches", [dict(qkv_bias=True), dict(qkv_bias=True, o_bias=True),
+                                      dict(qk_norm=True), dict(window=8), dict(kv=4), dict(kv=1),
+                                      dict(head_dim=32, qk_norm=True)])
+def test_program_matches_op_by_op_per_family_switch(switches, threads):
+    model = tiny_model(**switches)
+    assert model._decode is not None
+    force_threads(model, threads)
+    got, want, _, _ = with_and_without(model)
+    assert_close(got, want)
+
+
+def test_program_on_the_generic_kernel_path(monkeypatch):
+    monkeypatch.setenv("MLXLLAMA_KERNEL_ISA", "generic")
+    model = tiny_model(4, 32, qkv_bias=True)
+    assert model.layers[0].qkv.isa == "generic"
+    for threads in (1, 2):
+        force_threads(model, threads)
+        got, want, _, _ = with_and_without(model)
+        assert_close(got, want)
+
+
+def test_program_keeps_greedy_tokens_and_grows_the_cache():
+    """A growing cache (chat, server) reallocates its buffers every 256 positions: the step that needs room goes
+    op by op, the program takes the next ones on the new buffers."""
+    model = tiny_model(4, 32)
+    ids = TOKENS[0, :12].tolist()
+    program = model._decode
+    got = list(generate_step(model, ids, 16))
+    model._decode = None
+    want = list(generate_step(model, ids, 16))
+    model._decode = program
+    assert got == want
+    tokens = np.random.default_rng(6).integers(0, 400, (1, 262))
+    force_threads(model, 2)
+    got, want, got_cache, _ = with_and_without(model, tokens=tokens, split=250)
+    assert got_cache.capacity == 512
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("settings", [CacheSettings(kv_bits=8, kv_group_size=32), CacheSettings(max_kv_size=20)])
+def test_other_caches_step_op_by_op(settings):
+    model = tiny_model(4, 32, head_dim=32)
+    got, want, got_cache, _ = with_and_without(model, settings)
+    np.testing.assert_array_equal(got, want)
+    assert got_cache.offset == TOKENS.shape[1]
+
+
+def test_no_program_where_it_does_not_apply(monkeypatch):
+    cfg = dict(TINY)
+    args = from_hf_dict(dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu"))
+    weights = {k.removesuffix(".weight"): v for k, v in random_weights(cfg, 0).items()}
+    qweights, qargs = quantize_weights(weights, args, group_size=32, bits=4, dtype=np.float16)
+    assert Model(qargs, dict(qweights), numpy_ops.NumpyOps("float32"))._decode is None
+    assert Model(qargs, dict(qweights), numpy_ops.NumpyOps("quantized"))._decode is None
+    assert Model(args, dict(weights), numpy_ops.NumpyOps("fused"))._decode is None  # float weights
+    monkeypatch.setenv("MLXLLAMA_DECODE_PROGRAM", "0")
+    assert Model(qargs, dict(qweights), numpy_ops.NumpyOps("fused"))._decode is None
+
+
+class LateHelpers:
+    """An executor whose helpers start `delay` seconds late (None: never)."""
+
+    def __init__(self, delay):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.delay, self.pool = delay, ThreadPoolExecutor(1)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        import time
+
+        if self.delay is None:
+            f = Future()
+            f.set_result(None)
+            return f
+        return self.pool.submit(lambda: (time.sleep(self.delay), fn(*args)))
+
+
+@pytest.mark.parametrize("delay", [None, 0.0, 0.02])
+def test_two_thread_step_with_a_late_or_absent_helper(delay):
+    """Thread 0 never waits for a helper that has claimed nothing: it does the whole step alone, and a helper
+    that starts afterwards finds every unit done and changes nothing."""
+    model = tiny_model(4, 32, qkv_bias=True)
+    force_threads(model, 2)
+    model._decode._pool = LateHelpers(delay)
+    got, want, _, _ = with_and_without(model)
+    assert_close(got, want)
+
+
+def test_concurrent_steps_on_one_model():
+    """Two threads stepping their own sequences on one model: one takes the program, the other (while it is busy)
+    steps op by op; both give their sequential logits."""
+    import threading
+
+    model = tiny_model(4, 32)
+    want = [step_logits(model, tokens=t)[0] for t in (TOKENS, TOKENS[:, ::-1].copy())]
+    got = [None, None]
+
+    def run(i, t):
+        got[i] = step_logits(model, tokens=t)[0]
+
+    threads = [threading.Thread(target=run, args=(i, t)) for i, t in enumerate((TOKENS, TOKENS[:, ::-1].copy()))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        assert_close(g, w)
