@@ -187,3 +187,19 @@ def test_thread_choice_settles_on_the_faster_option(fast):
         o = choice.pick()
         choice.record(o, cost[o])
     assert choice.best == 3 - fast
+
+
+def test_thread_choice_recovers_at_the_first_retry_after_one_disturbed_step():
+    choice = numpy_ops._ThreadChoice((1, 2))
+    for _ in range(40):
+        o = choice.pick()
+        choice.record(o, {1: 14.0, 2: 9.4}[o])
+    assert choice.best == 2
+    choice.record(2, 300.0)  # another process held the second core for one step
+    assert choice.best == 1
+    picks = []
+    for _ in range(17):  # the first retry comes within 16 steps and wins back
+        o = choice.pick()
+        picks.append(o)
+        choice.record(o, {1: 14.0, 2: 9.4}[o])
+    assert 2 in picks and choice.best == 2

@@ -103,7 +103,8 @@ class Workers:
 class ThreadChoice:
     """The faster of a few options, by timing: each option's step time is a moving average; after trying each
     twice, the best is used and the others are retried now and then, less often each time they lose again
-    (every 16 steps, then 32, ... up to 512: a retry that is 20x slower then costs 4%)."""
+    (every 16 steps, then 32, ... up to 512: a retry that is 20x slower then costs 4%). A retry's time replaces the
+    option's average, so one disturbed step does not keep an option out for hundreds of steps."""
 
     def __init__(self, options: tuple[int, ...]):
         self.options = options
@@ -126,12 +127,15 @@ class ThreadChoice:
     def record(self, option: int, seconds: float) -> None:
         self.tries[option] += 1
         prev = self.avg.get(option)
-        self.avg[option] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+        # a retried loser's average is stale (it may hold a step another process slowed): the retry replaces it
+        fresh = prev is None or option != self.best
+        self.avg[option] = seconds if fresh else 0.7 * prev + 0.3 * seconds
         if len(self.avg) < len(self.options):
             return
         best = min(self.avg, key=self.avg.get)
         if best != self.best:
             self.best, self.interval = best, 16
+            self.countdown = min(self.countdown, 16)
         elif option != self.best:
             self.interval = min(2 * self.interval, 512)
 
