@@ -93,17 +93,6 @@ def make_cache(ops, args, batch: int, max_len: int | None = None, settings: Cach
     return KVCache(*shape, length, grow=max_len is None, dtype=s.kv_dtype)
 
 
-def _float16(ops):
-    """The backend's float16 dtype."""
-    if ops.name == "mlx":
-        import mlx.core as mx
-
-        return mx.float16
-    import numpy as np
-
-    return np.float16
-
-
 class Stored(tuple):
     """The stored parts of K or V for some positions (float: one array; quantized: data, scales, biases), each
     [B, KV, n, ...]: indexing with a tuple slices every part alike, and nbytes adds them up (a prefix cache entry)."""
@@ -132,7 +121,7 @@ class KVCache:
         self.bits, self.group_size = bits, group_size
         CacheSettings(kv_bits=bits, kv_dtype=dtype).validate()
         self.dtype = dtype  # None: the backend's float dtype; "float16": stored as float16, read back widened
-        self._stored_dtype = _float16(ops) if dtype == "float16" else None
+        self._stored_dtype = ops.float16_dtype if dtype == "float16" else None
         # per layer, a tuple of buffers for the keys and one for the values (one array; quantized: data, scales,
         # biases)
         self.keys = [None] * num_layers

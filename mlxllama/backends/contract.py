@@ -43,6 +43,7 @@ class Backend(Protocol):
     lazy: bool  # arrays are computed when evaluated: queue the next step (async_eval) before reading a result
     keeps_quantized: bool  # quantized weights stay packed in memory (False: widened to floats at load)
     float_dtype: Any  # the dtype of activations, dense weights as held, and the KV cache
+    float16_dtype: Any  # the backend's float16 (a float16 KV cache stores it)
     float_bytes: int  # bytes per element of float_dtype
     kv_bytes: int  # bytes per K or V element in the cache
 

@@ -31,6 +31,7 @@ class MLXOps:
         # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where MLX emulates half precision.
         self.on_gpu = gpu_available()
         self.float_dtype = dtype or (mx.float16 if self.on_gpu else mx.float32)
+        self.float16_dtype = mx.float16
         self.float_bytes = self.kv_bytes = self.float_dtype.size
         self.group = group  # an mx.distributed group whose ranks each hold a tensor-parallel shard; None: alone
 

@@ -83,6 +83,7 @@ class NumpyOps:
     on_gpu = False
     lazy = False
     float_dtype = np.float32
+    float16_dtype = np.float16
     float_bytes = kv_bytes = 4
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
