@@ -219,13 +219,21 @@ def test_random_gguf_reads_alike_in_every_mode(tmp_path, monkeypatch):
         assert [next(out) for _ in range(8)] == ours
 
 
+@pytest.fixture(scope="module")
+def smollm2_dense(smollm2):
+    """SmolLM2 in float32 mode, loaded once for this module's comparisons."""
+    import mlxllama
+
+    return mlxllama.load(str(smollm2), backend="numpy", numpy_weights="float32")
+
+
 @pytest.mark.slow
 @needs_numba
-def test_smollm2_fused_greedy_tokens_equal_float32(smollm2):
+def test_smollm2_fused_greedy_tokens_equal_float32(smollm2, smollm2_dense):
     import mlxllama
 
     fused, tok = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="fused")
-    dense, _ = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="float32")
+    dense = smollm2_dense[0]
     assert fused.resident_nbytes < dense.resident_nbytes / 5
     from mlxllama.generate import prompt_tokens
     from test_smollm2_reference import CHAT, RAW
@@ -266,14 +274,14 @@ def test_share_runs_every_item_once_and_raises_errors():
 @pytest.mark.slow
 @needs_numba
 @pytest.mark.parametrize("act", [16, 8])
-def test_smollm2_logit_error(smollm2, act, monkeypatch):
+def test_smollm2_logit_error(smollm2, smollm2_dense, act, monkeypatch):
     """The accuracy qmatvec's doc states: decode logits against float32 mode's on a real model, as a fraction of
     the largest logit (measured 4e-4 with int16 inputs, 7e-2 with int8)."""
     import mlxllama
     from mlxllama.generate import prompt_tokens
 
     monkeypatch.setenv("MLXLLAMA_KERNEL_ACT", str(act))
-    dense, tok = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="float32")
+    dense, tok = smollm2_dense
     fused, _ = mlxllama.load(str(smollm2), backend="numpy", numpy_weights="fused")
     ids = prompt_tokens(tok, "The capital of France is")
     want = list(generate_step(dense, ids, 12))
