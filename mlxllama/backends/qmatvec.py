@@ -357,6 +357,23 @@ _TAGS = {"vnni": np.uint8, "avx2": np.uint16, "generic": np.uint32}
 _TAG_PATHS = {numba_type(np.dtype(t)): isa for isa, t in _TAGS.items()}
 
 
+def _by_bits_and_rows(isa: str, tiles: tuple, emit):
+    """The codegen of a tile intrinsic whose args[1] and args[2] are bits and R at run time: one loop in the IR
+    per (bits in BITS, R in tiles), emit(context, builder, arg types, args, isa, bits, R) writing each, over
+    the arguments after R."""
+    def codegen(context, builder, signature, args):
+        idx = args[1].type
+        for b in BITS:
+            for r in tiles:
+                case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
+                                    builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
+                with builder.if_then(case):
+                    emit(context, builder, signature.args[3:], args[3:], isa, b, r)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def _tile(typingctx, tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride,
           nblk, shift):
@@ -371,17 +388,7 @@ def _tile(typingctx, tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, 
                      types.intp, scales, biases, types.intp, types.float32, y, types.intp, types.intp,
                      types.intp, types.intp)
 
-    def codegen(context, builder, signature, args):
-        idx = args[1].type
-        for b in BITS:
-            for r in TILES:
-                case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
-                                    builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
-                with builder.if_then(case):
-                    _tile_ir(context, builder, signature.args[3:], args[3:], isa, b, r)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _by_bits_and_rows(isa, TILES, _tile_ir)
 
 
 @njit(cache=True, nogil=True)
@@ -410,6 +417,12 @@ def quantize_input(x2, bits, lim, xq, dxs):
 
 
 @njit(inline="always")
+def _group_shift(group_size: int) -> int:
+    """log2 of the 32-input blocks in a scale group (32, 64 or 128 inputs)."""
+    return 0 if group_size == 32 else (1 if group_size == 64 else 2)
+
+
+@njit(inline="always")
 def _tile_rows(r1: int, r: int) -> int:
     """The tile height for input rows r..r1: the largest of TILES that fits."""
     left = r1 - r
@@ -421,7 +434,7 @@ def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     """y[:, o0:o1] on tag's path: _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows
     passes over them."""
     rows, n = xq.shape
-    nblk, shift = n // _BLOCK, (0 if group_size == 32 else (1 if group_size == 64 else 2))
+    nblk, shift = n // _BLOCK, _group_shift(group_size)
     for c0 in range(o0, o1, _OUT_CHUNK):
         c1 = min(o1, c0 + _OUT_CHUNK)
         r = 0
@@ -607,17 +620,7 @@ def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, 
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, dxs, types.intp, types.intp, scales, biases,
                      types.intp, types.float32, y, types.intp, types.intp, types.intp, types.intp)
 
-    def codegen(context, builder, signature, args):
-        idx = args[1].type
-        for b in BITS:
-            for r in UTILES:
-                case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
-                                    builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
-                with builder.if_then(case):
-                    _utile_ir(context, builder, signature.args[3:], args[3:], isa, b, r)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _by_bits_and_rows(isa, UTILES, _utile_ir)
 
 
 @njit(cache=True, nogil=True)
@@ -665,7 +668,7 @@ def _utile_rows(r1: int, r: int) -> int:
 def _urows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
     """_rows for inputs from quantize_units, through _utile."""
     rows, nblk = xq.shape[1], dxs.shape[1]
-    shift = 0 if group_size == 32 else (1 if group_size == 64 else 2)
+    shift = _group_shift(group_size)
     for c0 in range(o0, o1, _OUT_CHUNK):
         c1 = min(o1, c0 + _OUT_CHUNK)
         r = 0
