@@ -104,6 +104,10 @@ class Model:
             logits = self._decode(tokens, cache)
             if logits is not None:
                 return logits
+        elif tokens.shape[0] == 1:
+            logits = self._program_rows([tokens[0]], [cache], [1 if last_only else tokens.shape[1]])
+            if logits is not None:
+                return logits[None]
         with self.ops.forward_scope(tokens.shape[0] * (1 if last_only else tokens.shape[1])):
             h = self.hidden(tokens, cache)
             return self.head(h[:, -1:, :] if last_only else h)
@@ -168,6 +172,10 @@ class Model:
         concatenated as a backend array [1, total] already (a distributed rank's, received)."""
         ops, a = self.ops, self.args
         rows = [1] * len(chunks) if rows is None else rows
+        if tokens is None:
+            logits = self._program_rows(chunks, caches, rows)
+            if logits is not None:
+                return logits if len(logits) else None
         H = a.num_attention_heads
         lens = [len(c) for c in chunks]
         ends = np.cumsum(lens)
@@ -191,6 +199,12 @@ class Model:
             if not last:
                 return None
             return self.head(last[0] if len(last) == 1 else ops.concatenate(last, axis=1))[0]
+
+    def _program_rows(self, chunks: list, caches: list, rows: list[int]):
+        """The backend's compiled multi-row step where it has one and takes this step (see forward_batch for the
+        arguments; [0, vocab] where every rows[i] is 0), else None."""
+        program = getattr(self._decode, "rows", None)
+        return None if program is None else program(chunks, caches, rows)
 
     def _attn_out_mlp_impl(self, h, o, layer: Layer):
         """The attention output projection and the MLP, each added to the residual stream h."""

@@ -60,7 +60,9 @@ class Backend(Protocol):
     def compile(self, fn: Callable) -> Callable: ...  # may compile fn(h, *args) for single-token steps
     # the whole single-token step of one sequence as one call, built once at load, or None (the op-by-op path):
     # program(tokens [1, 1], cache) -> logits [1, 1, vocab] with the cache written and advanced exactly as the
-    # op-by-op step leaves it, or None for a step it does not take (the cache untouched)
+    # op-by-op step leaves it, or None for a step it does not take (the cache untouched). It may also have
+    # rows(chunks, caches, rows): Model.forward_batch's step (several rows of several sequences) in one call, logits
+    # [sum(rows), vocab] ([0, vocab] where every rows[i] is 0), or None for a step it does not take
     def decode_program(self, model) -> Callable | None: ...
     def forward_scope(self, rows: int) -> ContextManager: ...  # around one forward pass of `rows` token rows
 

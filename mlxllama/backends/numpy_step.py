@@ -446,7 +446,7 @@ class DecodeProgram:
         L, D, H, KV, Dh, F = (a.num_hidden_layers, a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
                               a.head_dim, a.intermediate_size)
         self.threads = ops.threads
-        self.tag = lins[0]._tag
+        self.lins, self.tag = lins, lins[0]._tag
         self._held = [(w.bytes, w.scales, w.scales if w.biases is None else w.biases) for w in lins]
         self.W = np.array([[_address(a) for a in held] for held in self._held], np.int64)
         self.stag = np.empty(0, lins[0].scales.dtype)
@@ -466,6 +466,7 @@ class DecodeProgram:
         self._pool = None
         self._helpers: list = []
         self._lock = threading.Lock()  # the buffers serve one step at a time
+        self._multi = None  # the multi-row step (numpy_rows.RowsProgram), built at its first use
 
     @classmethod
     def build(cls, model, ops) -> "DecodeProgram | None":
@@ -542,23 +543,38 @@ class DecodeProgram:
             args = (pos, self.tag, self.W, self.stag, self.meta, self.bfac, self.K, self.V, self._cap, self.rope.cos,
                     self.rope.sin, self.norms, self.qkv_bias, self.o_bias, self.qk_norm, self.dims, self.eps,
                     self.scale, self._bufs)
-            self._run(min(ops.step_threads(), self.threads), args)
+            self._run(step, min(ops.step_threads(), self.threads), args)
         cache.advance(1)
         return self._bufs[17].copy().reshape(1, 1, -1)
 
-    def _run(self, nthr: int, args: tuple) -> None:
-        """Thread 0 here, the others handed the step; a helper that is still running (it started late and finds
+    def rows(self, chunks: list, caches: list, rows: list[int]):
+        """A multi-row step (numpy_rows): chunks[i] the new token ids of the sequence in caches[i]; logits [sum(rows),
+        vocab] of each chunk's last rows[i] positions ([0, vocab] where all are 0), or None: a step the program does
+        not take (nothing was changed)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._multi is None:
+                from .numpy_rows import RowsProgram
+
+                self._multi = RowsProgram(self)
+            return self._multi(chunks, caches, rows)
+        finally:
+            self._lock.release()
+
+    def _run(self, fn, nthr: int, args: tuple) -> None:
+        """Thread 0 here, the others handed the step fn (step or numpy_rows.rows_step); a helper that is still running (it started late and finds
         nothing left to do) is waited for at the next step, before the counters are reset."""
         helpers, self._helpers = self._helpers, []
         for f in helpers:
             f.result()
         self.sync[:] = 0
         if nthr == 1:
-            step(0, 1, self.sync, *args)
+            fn(0, 1, self.sync, *args)
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mlxllama-step")
-        self._helpers = [self._pool.submit(step, t, nthr, self.sync, *args) for t in range(1, nthr)]
-        step(0, nthr, self.sync, *args)
+        self._helpers = [self._pool.submit(fn, t, nthr, self.sync, *args) for t in range(1, nthr)]
+        fn(0, nthr, self.sync, *args)

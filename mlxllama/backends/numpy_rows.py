@@ -1,0 +1,319 @@
+"""Multi-row steps of the compiled program (numpy_step.DecodeProgram.rows): T rows in total (up to MAX_ROWS),
+belonging to S sequences, each with its own plain float KVCache, in one compiled call.
+
+A sequence's rows sit at positions offset, offset + 1, ... of its cache (causal within the chunk, the sliding window
+honoured). The phases are the single-token program's (per layer: qkv, the K/V heads, o, gate_up, down; then the
+head), claimed and counted through the same atomic counters:
+- a product's input, T rows, is rounded once per phase and thread as PackedLinear.quantize_input rounds it (the
+  first unit_rows(T) rows for the unit tiles, the rest for _tile's), so a row's numbers are the op-by-op path's;
+  chunks of output rows are the units, every input row passing over a chunk while its weights are in cache;
+- the attention phase's units are (sequence, K/V head) pairs: every row's key and value written at its position,
+  then each row's query heads attend to the positions it may see;
+- the head runs only over the rows whose logits are wanted (none: no head at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import numpy as np
+from numba import carray, njit
+
+from .numpy_step import (DOWN, GATE_UP, O, PHASES, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
+                         _attend, _chunking, _claim, _done, _head_in, _head_norm, _kv, _pointer, _rms_norm, _rope,
+                         _wait)
+from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 32  # more rows (prompt chunks) run op by op, on BLAS for long ones
+_START, _COUNT, _OFFSET, _CAP = range(4)
+NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows  # seqs' columns: first row, rows, cache offset, cache capacity
+# bufs: per thread (first axis) 0-4, shared 5-11, then the attention scratch (per thread)
+_XF, _XQU, _DXU, _XQT, _DXT, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(13)
+
+
+@njit(cache=True, nogil=True)
+def _norm_rows(h, rows, w, eps, out):
+    """out[k] = rms_norm(h[rows[k]]) * w: one row as numpy_ops.rms_norm forms a single row, several as it forms
+    several (float32 throughout)."""
+    if rows.shape[0] == 1:
+        _rms_norm(h[rows[0]], w, eps, out[0])
+        return
+    d = h.shape[1]
+    for k in range(rows.shape[0]):
+        x = h[rows[k]]
+        ss = np.float32(0)
+        for i in range(d):
+            ss += x[i] * x[i]
+        s = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[k, i] = (x[i] * s) * w[i]
+
+
+@njit(cache=True, nogil=True)
+def _round(x, bits, main, orders, tid, bufs):
+    """x [T, n] rounded as PackedLinear.quantize_input does: rows :main for the unit tiles (xq [n / unit, main,
+    unit], dxs [2, n / 32, main]), the rest for _tile's (xq [T - main, n], dxs [2, n / 32, T - main]), in this
+    thread's buffers."""
+    T, n = x.shape
+    U, nb = 256 // bits, n // 32
+    xqu = bufs[_XQU][tid][: (n // U) * main * U].reshape((n // U, main, U))
+    dxu = bufs[_DXU][tid][: 2 * nb * main].reshape((2, nb, main))
+    xqt = bufs[_XQT][tid][: (T - main) * n].reshape((T - main, n))
+    dxt = bufs[_DXT][tid][: 2 * nb * (T - main)].reshape((2, nb, T - main))
+    if main:
+        quantize_units(x[:main], bits, np.float32(32767), orders[0] if bits == 4 else orders[1, :32], xqu, dxu)
+    lim = np.float32(32767) if xqt.itemsize == 2 else np.float32(127)
+    quantize_input(x[main:], bits, lim, xqt, dxt)
+    return xqu, dxu, xqt, dxt
+
+
+@njit(cache=True, nogil=True)
+def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j, c, nthr):
+    """y[:T, rows] = linear i's rows of chunk c and every further chunk this thread claims, for the rounded T
+    input rows xin (_round's); with residual, also h[:T, rows] += y + bias."""
+    xqu, dxu, xqt, dxt = xin
+    main = xqu.shape[1]
+    n_out = y.shape[1]
+    chunk, n = _chunking(n_out, nthr)
+    while c < n:
+        o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
+        w = carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3]))
+        sc = carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4]))
+        bi = carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4]))
+        if main:
+            _urows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xqu, dxu, y, o0, o1)
+        if main < T:
+            _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xqt, dxt, y[main:], o0, o1)
+        if residual:
+            for r in range(T):
+                for o in range(o0, o1):
+                    h[r, o] = h[r, o] + (y[r, o] + bias[o])
+        _done(sync, j)
+        c = _claim(sync, j)
+
+
+@njit(cache=True, nogil=True)
+def _input(kind, src, rows, w, eps, x):
+    """A product's input rows into x: NORM of src's rows (times w), or GATE: silu(gate) * up of src [T, 2F]."""
+    if kind == NORM:
+        _norm_rows(src, rows, w, eps, x)
+        return
+    F = x.shape[1]
+    for r in range(x.shape[0]):
+        for f in range(F):
+            g = src[r, f]
+            x[r, f] = (g / (np.float32(1) + np.exp(-g))) * src[r, F + f]
+
+
+@njit(cache=True, nogil=True)
+def _phase(tid, nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
+           residual, bufs):
+    """Phase j: linear i over the input rows (_input's, or src itself where kind is AS_IS), formed and rounded by a
+    thread that claims a chunk (they hold still until the phase is done), then wait until every chunk is done."""
+    units = _chunking(y.shape[1], nthr)[1]
+    c = _claim(sync, j)
+    if c < units:
+        if kind == AS_IS:
+            x = src
+        else:
+            _input(kind, src, rows, nw, eps, x)
+        xin = _round(x, meta[i, 0], mains[i], orders, tid, bufs)
+        _products(tag, W, stag, meta, bfac, i, xin, x.shape[0], y, h, bias, residual, sync, j, c, nthr)
+    _wait(sync, j, units)
+
+
+@njit(cache=True, nogil=True)
+def _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, k, tmp):
+    """K/V head g of a sequence's rows start.. (count of them): each row's rotated key and value into the cache at
+    its position."""
+    H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
+    bias = dims[_QKV_BIAS] != 0
+    for r in range(count):
+        pos, row = offset + r, qkv[start + r: start + r + 1]
+        _head_in(row, qkv_bias[l], bias, H + g, Dh, k)
+        if dims[_QK_NORM]:
+            _head_norm(k, qk_norm[l, H + g], eps)
+        _rope(k, cos, sin, pos, tmp)
+        K[0, g, pos, :] = k
+        _head_in(row, qkv_bias[l], bias, H + KV + g, Dh, k)
+        V[0, g, pos, :] = k
+
+
+@njit(cache=True, nogil=True)
+def _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores,
+             attn):
+    """The query heads of K/V head g, row by row of the sequence: attention over the positions each row sees."""
+    H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
+    rep, bias = H // KV, dims[_QKV_BIAS] != 0
+    for r in range(count):
+        pos, row = offset + r, qkv[start + r: start + r + 1]
+        for e in range(rep):
+            q = hv[e]
+            _head_in(row, qkv_bias[l], bias, g * rep + e, Dh, q)
+            if dims[_QK_NORM]:
+                _head_norm(q, qk_norm[l, g * rep + e], eps)
+            _rope(q, cos, sin, pos, tmp)
+            for d in range(Dh):
+                q[d] *= scale
+        t0 = pos + 1 - window if 0 < window < pos + 1 else 0
+        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn[start + r: start + r + 1])
+
+
+@njit(cache=True, nogil=True)
+def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs):
+    """Phase j: units (sequence, K/V head), each writing its rows' keys and values and attending causally."""
+    qkv, attn = bufs[_QKV_OUT], bufs[_ATTN]
+    hv, tmp, scores = bufs[_ATT_SCRATCH][0][tid], bufs[_ATT_SCRATCH][1][tid], bufs[_ATT_SCRATCH][2][tid]
+    KV = dims[_KV]
+    units = seqs.shape[0] * KV
+    u = _claim(sync, j)
+    while u < units:
+        s, g = u // KV, u % KV
+        start, count, offset, cap = seqs[s, _START], seqs[s, _COUNT], seqs[s, _OFFSET], seqs[s, _CAP]
+        Ks, Vs = _kv(K[s, l], dims, cap), _kv(V[s, l], dims, cap)
+        _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, Ks, Vs, cos, sin, dims, eps, hv[0], tmp)
+        _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, Ks, Vs, cos, sin, dims, eps, scale, hv, tmp,
+                 scores, attn)
+        _done(sync, j)
+        u = _claim(sync, j)
+    _wait(sync, j, units)
+
+
+@njit(cache=True, nogil=True)
+def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+           qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
+    """Layer l's five phases over the T rows (every: 0..T - 1)."""
+    T = every.shape[0]
+    h, qkv, attn, y, gu, zeros = (bufs[_H_ROWS], bufs[_QKV_OUT], bufs[_ATTN], bufs[_Y], bufs[_GU], bufs[_ZEROS])
+    i, j, D, F = 4 * l, PHASES * l, h.shape[1], gu.shape[1] // 2
+    x, xf = bufs[_XF][tid][: T * D].reshape((T, D)), bufs[_XF][tid][: T * F].reshape((T, F))
+    _phase(tid, nthr, sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta,
+           bfac, qkv, h, zeros, False, bufs)
+    _heads(tid, sync, j + 1, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
+    _phase(tid, nthr, sync, j + 2, i + O, AS_IS, attn[:T], every, zeros, eps, x, mains, orders, tag, W, stag, meta,
+           bfac, y, h, o_bias[l], True, bufs)
+    _phase(tid, nthr, sync, j + 3, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W,
+           stag, meta, bfac, gu, h, zeros, False, bufs)
+    _phase(tid, nthr, sync, j + 4, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
+           bfac, y, h, zeros, True, bufs)
+
+
+@njit(cache=True, nogil=True)
+def rows_step(tid, nthr, sync, seqs, want, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+              qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
+    """A step of T rows for thread tid of nthr, from the rows' embeddings in bufs[_H_ROWS]: every layer, then the
+    final norm and the head (linear 4 * layers) of rows `want` into bufs[_LOGITS] (no head where want is empty).
+    seqs [S, 4]: each sequence's first row, rows, cache offset and capacity; K, V [S, layers]: the addresses of
+    its cache's buffers; mains [linears]: each linear's unit-tile rows (the head's: of the wanted rows)."""
+    T = seqs[-1, _START] + seqs[-1, _COUNT]
+    every = np.arange(T)
+    L = dims[0]
+    for l in range(L):
+        _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+               qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
+    if want.shape[0] == 0:
+        return
+    h, D = bufs[_H_ROWS], bufs[_H_ROWS].shape[1]
+    x = bufs[_XF][tid][: want.shape[0] * D].reshape((want.shape[0], D))
+    _phase(tid, nthr, sync, PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
+           bfac, bufs[_LOGITS], h, bufs[_ZEROS], False, bufs)
+
+
+class RowsProgram:
+    """The multi-row step of one DecodeProgram: its weights and counters, buffers of its own (sized by the most
+    rows and the longest cache seen, grown on demand), each cache's buffer addresses taken again when it grows."""
+
+    def __init__(self, program):
+        self.program = program
+        p, a = program, program.model.args
+        self.D, self.H, self.KV, self.Dh, self.F = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
+                                                    a.head_dim, a.intermediate_size)
+        self.vocab = p.lins[-1].shape[1]
+        self.xdtype = p.lins[0].input_buffers(1)[-2].dtype
+        self.orders = np.zeros((2, 64), np.int64)
+        self.orders[0], self.orders[1, :32] = unit_order(4), unit_order(8)
+        self._addresses = weakref.WeakKeyDictionary()  # cache -> (its first key buffer, K row, V row, buffers)
+        self._mains: dict[tuple[int, int], np.ndarray] = {}
+        self.rows = self.cap = 0
+        self.bufs = None
+
+    def _takes(self, cache, n: int) -> bool:
+        """A plain float KVCache of one sequence, already holding buffers with room for its n rows."""
+        from ..cache import KVCache
+
+        return (type(cache) is KVCache and cache.bits is None and cache.batch == 1 and cache.keys[0] is not None
+                and cache.offset + n <= cache.capacity)
+
+    def _kv_rows(self, cache):
+        """(K row, V row): the addresses of the cache's per-layer buffers, or None where one is not a C-order
+        float32 array."""
+        src = cache.keys[0][0]
+        held = self._addresses.get(cache)
+        if held is not None and held[0] is src:
+            return held[1], held[2]
+        ks, vs = [k[0] for k in cache.keys], [v[0] for v in cache.values]
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
+            return None
+        rows = (np.array([_address(a) for a in ks], np.int64), np.array([_address(a) for a in vs], np.int64))
+        self._addresses[cache] = (src,) + rows + ((ks, vs),)
+        return rows
+
+    def _grow(self, rows: int, cap: int) -> None:
+        """Buffers for at least `rows` rows and caches of `cap` positions."""
+        if self.bufs is not None and rows <= self.rows and cap <= self.cap:
+            return
+        self.rows, self.cap = max(rows, self.rows, 8), max(cap, self.cap)
+        n, T, f32 = self.program.threads, self.rows, np.float32
+        D, H, KV, Dh, F = self.D, self.H, self.KV, self.Dh, self.F
+        rep, width = H // KV, max(D, H * Dh, F)
+        scratch = (np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, rep * self.cap), f32))
+        self.bufs = (np.zeros((n, T * width), f32), np.zeros((n, T * width), np.int16),
+                     np.zeros((n, 2 * (width // 32) * T), f32), np.zeros((n, T * width), self.xdtype),
+                     np.zeros((n, 2 * (width // 32) * T), f32),
+                     np.zeros((T, D), f32), np.zeros((T, (H + 2 * KV) * Dh), f32), np.zeros((T, H * Dh), f32),
+                     np.zeros((T, D), f32), np.zeros((T, 2 * F), f32), np.zeros((T, self.vocab), f32),
+                     np.zeros(D, f32), scratch)
+
+    def _unit_rows(self, rows: int, wanted: int) -> np.ndarray:
+        """Each linear's unit-tile rows for `rows` rows (the head's for the `wanted` rows)."""
+        key = (rows, wanted)
+        if key not in self._mains:
+            lins = self.program.lins
+            self._mains[key] = np.array([w.unit_rows(rows) for w in lins[:-1]] + [lins[-1].unit_rows(wanted)],
+                                        np.int64)
+        return self._mains[key]
+
+    def __call__(self, chunks: list, caches: list, rows: list[int]):
+        """Logits [sum(rows), vocab] of each chunk's last rows[i] positions ([0, vocab] where every rows[i] is 0),
+        the caches written and advanced; or None: a step this program does not take (nothing changed)."""
+        lens = [len(c) for c in chunks]
+        T = sum(lens)
+        if not 0 < T <= MAX_ROWS or not all(self._takes(c, n) for c, n in zip(caches, lens)):
+            return None
+        kv = [self._kv_rows(c) for c in caches]
+        if any(r is None for r in kv):
+            return None
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        want = np.concatenate([np.arange(e - r, e) for e, r in zip(starts[1:], rows)] + [np.zeros(0, int)])
+        seqs = np.array([[s, n, c.offset, c.capacity] for s, n, c in zip(starts, lens, caches)], np.int64)
+        self._grow(T, max(c.capacity for c in caches))
+        self._step(chunks, seqs, want.astype(np.int64), kv)
+        for c, n in zip(caches, lens):
+            c.advance(n)
+        return self.bufs[_LOGITS][: len(want)].copy()
+
+    def _step(self, chunks: list, seqs: np.ndarray, want: np.ndarray, kv: list) -> None:
+        p, ops = self.program, self.program.ops
+        T = int(seqs[-1, 0] + seqs[-1, 1])
+        p.rope.get(int((seqs[:, 2] + seqs[:, 1]).max()) - 1, 1)  # the table grown to cover every position
+        tokens = np.concatenate([np.asarray(c, np.int64).reshape(-1) for c in chunks])[None, :]
+        with ops.forward_scope(T):
+            self.bufs[_H_ROWS][:T] = ops.embedding(p.model.embed, tokens).reshape(T, -1)
+            K, V = np.stack([r[0] for r in kv]), np.stack([r[1] for r in kv])
+            args = (seqs, want, self._unit_rows(T, len(want)), self.orders, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
+                    p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
+                    self.bufs)
+            p._run(rows_step, p.threads, args)
