@@ -200,3 +200,132 @@ def test_concurrent_steps_on_one_model():
         t.join()
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+# -- multi-row steps (numpy_rows): forward_batch and [1, L] calls in one compiled call --------------------------------
+
+PROMPTS = [np.random.default_rng(7).integers(0, 400, n) for n in (5, 17, 11)]
+MORE = np.random.default_rng(8).integers(0, 400, 64)
+
+
+def batch_steps(model, settings=None):
+    """Three sequences prefilled to different offsets, then forward_batch steps mixing decode tokens, speculative rows
+    and prompt pieces (rows 0), an all-prompt step and a lone sequence's: each step's logits and the caches."""
+    caches = [model.make_cache(1, settings=settings) for _ in PROMPTS]
+    for p, c in zip(PROMPTS, caches):
+        model(p[None, :], c)
+    steps = [((4, 1, 7), (4, 1, 0)), ((1, 9, 3), (1, 9, 1)), ((2, 2, 0), (0, 0, 0)), ((0, 0, 6), (0, 0, 6))]
+    out, fed = [], 0
+    for lens, rows in steps:
+        picked = [(MORE[fed: fed + n], c, r) for n, c, r in zip(lens, caches, rows) if n]
+        fed += sum(lens)
+        out.append(model.forward_batch([p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked]))
+    return out, caches
+
+
+def assert_same_caches(got, want):
+    for g, w in zip(got, want):
+        assert g.offset == w.offset
+        n = g.offset
+        for layer in range(len(g.keys)):
+            for a, b in ((g.keys[layer][0], w.keys[layer][0]), (g.values[layer][0], w.values[layer][0])):
+                np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=0, atol=2e-4 * np.abs(b[:, :, :n]).max())
+
+
+def batch_with_and_without(model, settings=None):
+    program = model._decode
+    got, got_caches = batch_steps(model, settings)
+    model._decode = None
+    try:
+        want, want_caches = batch_steps(model, settings)
+    finally:
+        model._decode = program
+    return got, want, got_caches, want_caches
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("switches", [dict(), dict(bits=8, tie=True), dict(window=8),
+                                      dict(qkv_bias=True, o_bias=True, qk_norm=True, kv=1), dict(kv=4, group=64)])
+def test_batch_steps_match_op_by_op(switches, threads):
+    model = tiny_model(threads=threads, **switches)
+    got, want, got_caches, want_caches = batch_with_and_without(model)
+    assert model._decode._multi is not None
+    assert got[2] is None and want[2] is None
+    for g, w in zip(got, want):
+        if w is not None:
+            assert g.shape == w.shape
+            assert_close(g, w)
+    assert_same_caches(got_caches, want_caches)
+
+
+def test_batch_step_is_one_program_call():
+    model = tiny_model()
+    caches = [model.make_cache(1) for _ in PROMPTS]
+    for p, c in zip(PROMPTS, caches):
+        model(p[None, :], c)
+    chunks = [MORE[:3], MORE[3:4], MORE[4:9]]
+    logits = model._decode.rows(chunks, caches, [3, 1, 0])
+    assert logits.shape == (4, 400)
+    assert [c.offset for c in caches] == [8, 18, 16]
+    assert model._decode.rows(chunks[:2], caches[:2], [0, 0]).shape == (0, 400)
+    assert model._decode.rows([MORE[:33]], caches[:1], [1]) is None  # a prompt chunk: op by op
+    assert caches[0].offset == 11
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_call_of_several_rows_matches_op_by_op(threads):
+    """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too; a chunk
+    that needs the cache to grow steps op by op."""
+    model = tiny_model(threads=threads, window=12)
+
+    def run():
+        cache = model.make_cache(1)
+        model(TOKENS[:, :20], cache)
+        out = [model(TOKENS[:, 20:29], cache), model(TOKENS[:, 29:33], cache, last_only=True)]
+        big = np.random.default_rng(9).integers(0, 400, (1, 260))
+        model(big[:, :250], cache)
+        out.append(model(big[:, 250:260], cache))
+        return out, cache
+
+    program = model._decode
+    got, got_cache = run()
+    model._decode = None
+    want, want_cache = run()
+    model._decode = program
+    assert [g.shape for g in got] == [(1, 9, 400), (1, 1, 400), (1, 10, 400)]
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    assert_same_caches([got_cache], [want_cache])
+
+
+@pytest.mark.parametrize("delay", [None, 0.02])
+def test_batch_step_with_a_late_or_absent_helper(delay):
+    model = tiny_model(qkv_bias=True)
+    model._decode._pool = LateHelpers(delay)
+    got, want, got_caches, want_caches = batch_with_and_without(model)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert_close(g, w)
+    assert_same_caches(got_caches, want_caches)
+
+
+@pytest.mark.parametrize("settings", [CacheSettings(kv_bits=8, kv_group_size=32), CacheSettings(max_kv_size=20)])
+def test_other_caches_batch_op_by_op(settings):
+    model = tiny_model(head_dim=32)
+    got, want, got_caches, _ = batch_with_and_without(model, settings)
+    for g, w in zip(got, want):
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
+    assert model._decode._multi is None or not model._decode._multi._addresses
+
+
+def test_batch_steps_with_the_program_off(monkeypatch):
+    want, want_caches = batch_steps(tiny_model())
+    monkeypatch.setenv("MLXLLAMA_DECODE_PROGRAM", "0")
+    model = tiny_model()
+    assert model._decode is None
+    got, got_caches = batch_steps(model)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert_close(g, w)
+    assert_same_caches(got_caches, want_caches)
