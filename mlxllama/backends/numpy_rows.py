@@ -28,8 +28,8 @@ from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 32  # more rows (prompt chunks) run op by op, on BLAS for long ones
-_START, _COUNT, _OFFSET, _CAP = range(4)
-NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows  # seqs' columns: first row, rows, cache offset, cache capacity
+_START, _COUNT, _OFFSET, _CAP = range(4)  # seqs' columns: first row, rows, cache offset, cache capacity
+NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows
 # bufs: per thread (first axis) 0-4, shared 5-11, then the attention scratch (per thread)
 _XF, _XQU, _DXU, _XQT, _DXT, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(13)
 

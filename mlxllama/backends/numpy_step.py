@@ -24,7 +24,9 @@ head a qmatvec.PackedLinear, all with one kernel path, input width and scales dt
 split). Anything else (float32 or "quantized" weight modes, GGUF K-quant blocks) steps op by op. What it takes per
 step (the call returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float
 KVCache with room for the token (not a quantized or rotating one), no other thread stepping the same model.
-MLXLLAMA_DECODE_PROGRAM=0 turns it off.
+MLXLLAMA_DECODE_PROGRAM=0 turns it off. Steps of several rows (up to numpy_rows.MAX_ROWS, of one or several
+sequences: Model.forward_batch, speculative verification) run the same phases in one call too (DecodeProgram.rows,
+numpy_rows.py).
 """
 
 from __future__ import annotations
@@ -563,8 +565,9 @@ class DecodeProgram:
             self._lock.release()
 
     def _run(self, fn, nthr: int, args: tuple) -> None:
-        """Thread 0 here, the others handed the step fn (step or numpy_rows.rows_step); a helper that is still running (it started late and finds
-        nothing left to do) is waited for at the next step, before the counters are reset."""
+        """Thread 0 here, the others handed the step fn (step, or numpy_rows.rows_step); a helper that is still running
+        (it started late and finds nothing left to do) is waited for at the next step, before the counters are
+        reset."""
         helpers, self._helpers = self._helpers, []
         for f in helpers:
             f.result()
