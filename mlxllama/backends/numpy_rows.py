@@ -263,10 +263,11 @@ class RowsProgram:
 
     def _grow(self, rows: int, cap: int) -> None:
         """Buffers for at least `rows` rows and caches of `cap` positions."""
-        if self.bufs is not None and rows <= self.rows and cap <= self.cap:
+        n = self.program.threads
+        if self.bufs is not None and rows <= self.rows and cap <= self.cap and n == self.bufs[_XF].shape[0]:
             return
         self.rows, self.cap = max(rows, self.rows, 8), max(cap, self.cap)
-        n, T, f32 = self.program.threads, self.rows, np.float32
+        T, f32 = self.rows, np.float32
         D, H, KV, Dh, F = self.D, self.H, self.KV, self.Dh, self.F
         rep, width = H // KV, max(D, H * Dh, F)
         scratch = (np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, rep * self.cap), f32))
