@@ -3,10 +3,12 @@ belonging to S sequences, each with its own plain float KVCache, in one compiled
 
 A sequence's rows sit at positions offset, offset + 1, ... of its cache (causal within the chunk, the sliding window
 honoured). The phases are the single-token program's (per layer: qkv, the K/V heads, o, gate_up, down; then the
-head), claimed and counted through the same atomic counters:
-- a product's input, T rows, is rounded once per phase and thread as PackedLinear.quantize_input rounds it (the
-  first unit_rows(T) rows for the unit tiles, the rest for _tile's), so a row's numbers are the op-by-op path's;
-  chunks of output rows are the units, every input row passing over a chunk while its weights are in cache;
+head), claimed and counted through atomic counters the same way, each product in two phases:
+- its input, a unit per row: the row formed (norm, SiLU gate) and rounded as PackedLinear.quantize_input rounds
+  it among T rows (the first unit_rows(T) rows for the unit tiles, the rest for _tile's), into shared buffers, so
+  a row's numbers are the op-by-op path's and no thread rounds every row;
+- the product, a unit per chunk of output rows, every input row passing over a chunk while its weights are in
+  cache;
 - the attention phase's units are (sequence, K/V head) pairs: every row's key and value written at its position,
   then each row's query heads attend to the positions it may see;
 - the head runs only over the rows whose logits are wanted (none: no head at all).
@@ -20,7 +22,7 @@ import weakref
 import numpy as np
 from numba import carray, njit
 
-from .numpy_step import (DOWN, GATE_UP, O, PHASES, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
+from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
                          _attend, _chunking, _claim, _done, _head_in, _head_norm, _kv, _pointer, _rms_norm, _rope,
                          _wait)
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
@@ -30,50 +32,56 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 32  # more rows (prompt chunks) run op by op, on BLAS for long ones
 _START, _COUNT, _OFFSET, _CAP = range(4)  # seqs' columns: first row, rows, cache offset, cache capacity
 NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows
-# bufs: per thread (first axis) 0-4, shared 5-11, then the attention scratch (per thread)
+ROW_PHASES = 9  # per layer: qkv's input and product, the K/V heads, then o's, gate_up's and down's input and product
+# bufs: the rounded inputs (shared, flat), the shared activations, then the attention scratch (per thread)
 _XF, _XQU, _DXU, _XQT, _DXT, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(13)
 
 
 @njit(cache=True, nogil=True)
-def _norm_rows(h, rows, w, eps, out):
-    """out[k] = rms_norm(h[rows[k]]) * w: one row as numpy_ops.rms_norm forms a single row, several as it forms
-    several (float32 throughout)."""
+def _norm_row(h, rows, k, w, eps, out):
+    """out[k] = rms_norm(h[rows[k]]) * w: as numpy_ops.rms_norm forms a single row where rows holds one, else as
+    it forms several (float32 throughout)."""
     if rows.shape[0] == 1:
         _rms_norm(h[rows[0]], w, eps, out[0])
         return
-    d = h.shape[1]
-    for k in range(rows.shape[0]):
-        x = h[rows[k]]
-        ss = np.float32(0)
-        for i in range(d):
-            ss += x[i] * x[i]
-        s = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
-        for i in range(d):
-            out[k, i] = (x[i] * s) * w[i]
+    d, x = h.shape[1], h[rows[k]]
+    ss = np.float32(0)
+    for i in range(d):
+        ss += x[i] * x[i]
+    s = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+    for i in range(d):
+        out[k, i] = (x[i] * s) * w[i]
 
 
 @njit(cache=True, nogil=True)
-def _round(x, bits, main, orders, tid, bufs):
-    """x [T, n] rounded as PackedLinear.quantize_input does: rows :main for the unit tiles (xq [n / unit, main,
-    unit], dxs [2, n / 32, main]), the rest for _tile's (xq [T - main, n], dxs [2, n / 32, T - main]), in this
-    thread's buffers."""
-    T, n = x.shape
+def _views(n, T, bits, main, bufs):
+    """The shared buffers for T rounded input rows of width n, as PackedLinear.input_buffers shapes them: rows
+    :main for the unit tiles (xq [n / unit, main, unit], dxs [2, n / 32, main]), the rest for _tile's (xq
+    [T - main, n], dxs [2, n / 32, T - main])."""
     U, nb = 256 // bits, n // 32
-    xqu = bufs[_XQU][tid][: (n // U) * main * U].reshape((n // U, main, U))
-    dxu = bufs[_DXU][tid][: 2 * nb * main].reshape((2, nb, main))
-    xqt = bufs[_XQT][tid][: (T - main) * n].reshape((T - main, n))
-    dxt = bufs[_DXT][tid][: 2 * nb * (T - main)].reshape((2, nb, T - main))
-    if main:
-        quantize_units(x[:main], bits, np.float32(32767), orders[0] if bits == 4 else orders[1, :32], xqu, dxu)
+    return (bufs[_XQU][: (n // U) * main * U].reshape((n // U, main, U)),
+            bufs[_DXU][: 2 * nb * main].reshape((2, nb, main)), bufs[_XQT][: (T - main) * n].reshape((T - main, n)),
+            bufs[_DXT][: 2 * nb * (T - main)].reshape((2, nb, T - main)))
+
+
+@njit(cache=True, nogil=True)
+def _round_row(x, k, bits, orders, xin):
+    """Row k of x [T, n] rounded into xin (_views') as PackedLinear.quantize_input rounds it among T rows."""
+    xqu, dxu, xqt, dxt = xin
+    main = xqu.shape[1]
+    if k < main:
+        order = orders[0] if bits == 4 else orders[1, :32]
+        quantize_units(x[k: k + 1], bits, np.float32(32767), order, xqu[:, k: k + 1], dxu[:, :, k: k + 1])
+        return
     lim = np.float32(32767) if xqt.itemsize == 2 else np.float32(127)
-    quantize_input(x[main:], bits, lim, xqt, dxt)
-    return xqu, dxu, xqt, dxt
+    r = k - main
+    quantize_input(x[k: k + 1], bits, lim, xqt[r: r + 1], dxt[:, :, r: r + 1])
 
 
 @njit(cache=True, nogil=True)
 def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j, c, nthr):
     """y[:T, rows] = linear i's rows of chunk c and every further chunk this thread claims, for the rounded T
-    input rows xin (_round's); with residual, also h[:T, rows] += y + bias."""
+    input rows xin (_views'); with residual, also h[:T, rows] += y + bias."""
     xqu, dxu, xqt, dxt = xin
     main = xqu.shape[1]
     n_out = y.shape[1]
@@ -96,33 +104,33 @@ def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j
 
 
 @njit(cache=True, nogil=True)
-def _input(kind, src, rows, w, eps, x):
-    """A product's input rows into x: NORM of src's rows (times w), or GATE: silu(gate) * up of src [T, 2F]."""
-    if kind == NORM:
-        _norm_rows(src, rows, w, eps, x)
-        return
-    F = x.shape[1]
-    for r in range(x.shape[0]):
-        for f in range(F):
-            g = src[r, f]
-            x[r, f] = (g / (np.float32(1) + np.exp(-g))) * src[r, F + f]
+def _form(sync, j, kind, src, rows, w, eps, x, bits, orders, xin):
+    """Phase j, a unit per row: row k of a product's input into x[k] (NORM of src[rows[k]] times w; GATE:
+    silu(gate) * up of src [T, 2F]; AS_IS: x is src), rounded into xin."""
+    T, F = rows.shape[0], x.shape[1]
+    k = _claim(sync, j)
+    while k < T:
+        if kind == NORM:
+            _norm_row(src, rows, k, w, eps, x)
+        elif kind == GATE:
+            for f in range(F):
+                g = src[k, f]
+                x[k, f] = (g / (np.float32(1) + np.exp(-g))) * src[k, F + f]
+        _round_row(x, k, bits, orders, xin)
+        _done(sync, j)
+        k = _claim(sync, j)
+    _wait(sync, j, T)
 
 
 @njit(cache=True, nogil=True)
-def _phase(tid, nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
-           residual, bufs):
-    """Phase j: linear i over the input rows (_input's, or src itself where kind is AS_IS), formed and rounded by a
-    thread that claims a chunk (they hold still until the phase is done), then wait until every chunk is done."""
-    units = _chunking(y.shape[1], nthr)[1]
-    c = _claim(sync, j)
-    if c < units:
-        if kind == AS_IS:
-            x = src
-        else:
-            _input(kind, src, rows, nw, eps, x)
-        xin = _round(x, meta[i, 0], mains[i], orders, tid, bufs)
-        _products(tag, W, stag, meta, bfac, i, xin, x.shape[0], y, h, bias, residual, sync, j, c, nthr)
-    _wait(sync, j, units)
+def _linear(nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
+            residual, bufs):
+    """Phases j (the input rows formed and rounded, _form) and j + 1 (linear i's chunks of output rows)."""
+    T = rows.shape[0]
+    xin = _views(x.shape[1], T, meta[i, 0], mains[i], bufs)
+    _form(sync, j, kind, src, rows, nw, eps, x, meta[i, 0], orders, xin)
+    _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1), nthr)
+    _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
 
 
 @njit(cache=True, nogil=True)
@@ -185,20 +193,21 @@ def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, 
 @njit(cache=True, nogil=True)
 def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
            qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
-    """Layer l's five phases over the T rows (every: 0..T - 1)."""
+    """Layer l's phases over the T rows (every: 0..T - 1): each product's input formed, then the product; the K/V
+    heads after qkv."""
     T = every.shape[0]
     h, qkv, attn, y, gu, zeros = (bufs[_H_ROWS], bufs[_QKV_OUT], bufs[_ATTN], bufs[_Y], bufs[_GU], bufs[_ZEROS])
-    i, j, D, F = 4 * l, PHASES * l, h.shape[1], gu.shape[1] // 2
-    x, xf = bufs[_XF][tid][: T * D].reshape((T, D)), bufs[_XF][tid][: T * F].reshape((T, F))
-    _phase(tid, nthr, sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta,
-           bfac, qkv, h, zeros, False, bufs)
-    _heads(tid, sync, j + 1, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
-    _phase(tid, nthr, sync, j + 2, i + O, AS_IS, attn[:T], every, zeros, eps, x, mains, orders, tag, W, stag, meta,
-           bfac, y, h, o_bias[l], True, bufs)
-    _phase(tid, nthr, sync, j + 3, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W,
-           stag, meta, bfac, gu, h, zeros, False, bufs)
-    _phase(tid, nthr, sync, j + 4, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
-           bfac, y, h, zeros, True, bufs)
+    i, j, D, F = 4 * l, ROW_PHASES * l, h.shape[1], gu.shape[1] // 2
+    x, xf = bufs[_XF][: T * D].reshape((T, D)), bufs[_XF][: T * F].reshape((T, F))
+    _linear(nthr, sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta, bfac,
+            qkv, h, zeros, False, bufs)
+    _heads(tid, sync, j + 2, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
+    _linear(nthr, sync, j + 3, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
+            meta, bfac, y, h, o_bias[l], True, bufs)
+    _linear(nthr, sync, j + 5, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
+            meta, bfac, gu, h, zeros, False, bufs)
+    _linear(nthr, sync, j + 7, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
+            bfac, y, h, zeros, True, bufs)
 
 
 @njit(cache=True, nogil=True)
@@ -207,7 +216,8 @@ def rows_step(tid, nthr, sync, seqs, want, mains, orders, tag, W, stag, meta, bf
     """A step of T rows for thread tid of nthr, from the rows' embeddings in bufs[_H_ROWS]: every layer, then the
     final norm and the head (linear 4 * layers) of rows `want` into bufs[_LOGITS] (no head where want is empty).
     seqs [S, 4]: each sequence's first row, rows, cache offset and capacity; K, V [S, layers]: the addresses of
-    its cache's buffers; mains [linears]: each linear's unit-tile rows (the head's: of the wanted rows)."""
+    its cache's buffers; mains [linears]: each linear's unit-tile rows (the head's: of the wanted rows). sync:
+    int64 zeros [2 * (ROW_PHASES * layers + 2) * PAD]."""
     T = seqs[-1, _START] + seqs[-1, _COUNT]
     every = np.arange(T)
     L = dims[0]
@@ -217,9 +227,9 @@ def rows_step(tid, nthr, sync, seqs, want, mains, orders, tag, W, stag, meta, bf
     if want.shape[0] == 0:
         return
     h, D = bufs[_H_ROWS], bufs[_H_ROWS].shape[1]
-    x = bufs[_XF][tid][: want.shape[0] * D].reshape((want.shape[0], D))
-    _phase(tid, nthr, sync, PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
-           bfac, bufs[_LOGITS], h, bufs[_ZEROS], False, bufs)
+    x = bufs[_XF][: want.shape[0] * D].reshape((want.shape[0], D))
+    _linear(nthr, sync, ROW_PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
+            bfac, bufs[_LOGITS], h, bufs[_ZEROS], False, bufs)
 
 
 class RowsProgram:
@@ -239,6 +249,7 @@ class RowsProgram:
         self._mains: dict[tuple[int, int], np.ndarray] = {}
         self.rows = self.cap = 0
         self.bufs = None
+        self.sync = np.zeros(2 * (ROW_PHASES * a.num_hidden_layers + 2) * PAD, np.int64)
 
     def _takes(self, cache, n: int) -> bool:
         """A plain float KVCache of one sequence, already holding buffers with room for its n rows."""
@@ -264,16 +275,15 @@ class RowsProgram:
     def _grow(self, rows: int, cap: int) -> None:
         """Buffers for at least `rows` rows and caches of `cap` positions."""
         n = self.program.threads
-        if self.bufs is not None and rows <= self.rows and cap <= self.cap and n == self.bufs[_XF].shape[0]:
+        if self.bufs is not None and rows <= self.rows and cap <= self.cap and n == self.bufs[_ATT_SCRATCH][0].shape[0]:
             return
         self.rows, self.cap = max(rows, self.rows, 8), max(cap, self.cap)
         T, f32 = self.rows, np.float32
         D, H, KV, Dh, F = self.D, self.H, self.KV, self.Dh, self.F
         rep, width = H // KV, max(D, H * Dh, F)
         scratch = (np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, rep * self.cap), f32))
-        self.bufs = (np.zeros((n, T * width), f32), np.zeros((n, T * width), np.int16),
-                     np.zeros((n, 2 * (width // 32) * T), f32), np.zeros((n, T * width), self.xdtype),
-                     np.zeros((n, 2 * (width // 32) * T), f32),
+        self.bufs = (np.zeros(T * width, f32), np.zeros(T * width, np.int16), np.zeros(2 * (width // 32) * T, f32),
+                     np.zeros(T * width, self.xdtype), np.zeros(2 * (width // 32) * T, f32),
                      np.zeros((T, D), f32), np.zeros((T, (H + 2 * KV) * Dh), f32), np.zeros((T, H * Dh), f32),
                      np.zeros((T, D), f32), np.zeros((T, 2 * F), f32), np.zeros((T, self.vocab), f32),
                      np.zeros(D, f32), scratch)
@@ -317,4 +327,4 @@ class RowsProgram:
             args = (seqs, want, self._unit_rows(T, len(want)), self.orders, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
-            p._run(rows_step, p.threads, args)
+            p._run(rows_step, p.threads, args, self.sync)

@@ -564,20 +564,21 @@ class DecodeProgram:
         finally:
             self._lock.release()
 
-    def _run(self, fn, nthr: int, args: tuple) -> None:
+    def _run(self, fn, nthr: int, args: tuple, sync: np.ndarray | None = None) -> None:
         """Thread 0 here, the others handed the step fn (step, or numpy_rows.rows_step); a helper that is still running
         (it started late and finds nothing left to do) is waited for at the next step, before the counters are
-        reset."""
+        reset. sync: fn's counters (default: step's)."""
         helpers, self._helpers = self._helpers, []
         for f in helpers:
             f.result()
-        self.sync[:] = 0
+        sync = self.sync if sync is None else sync
+        sync[:] = 0
         if nthr == 1:
-            fn(0, 1, self.sync, *args)
+            fn(0, 1, sync, *args)
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mlxllama-step")
-        self._helpers = [self._pool.submit(fn, t, nthr, self.sync, *args) for t in range(1, nthr)]
-        fn(0, nthr, self.sync, *args)
+        self._helpers = [self._pool.submit(fn, t, nthr, sync, *args) for t in range(1, nthr)]
+        fn(0, nthr, sync, *args)
