@@ -179,13 +179,18 @@ class NumpyOps:
         return fn
 
     def decode_program(self, model):
-        """The whole single-token step in one compiled call (numpy_step.DecodeProgram), where the model's weights
-        are all "fused" and numba imports; else None."""
+        """The whole single-token step in one compiled call (numpy_step.DecodeProgram), and steps of several rows
+        (its .rows, numpy_rows.RowsProgram), where the model's weights are all "fused" and numba imports; else
+        None."""
         if self.weights_mode != "fused" or _qmatvec() is None:
             return None
+        from .numpy_rows import RowsProgram
         from .numpy_step import DecodeProgram
 
-        return DecodeProgram.build(model, self)
+        program = DecodeProgram.build(model, self)
+        if program is not None:
+            program.rows = RowsProgram(program)  # steps of several rows, one or several sequences
+        return program
 
     def step_threads(self) -> int:
         """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""

@@ -1,5 +1,6 @@
-"""Multi-row steps of the compiled program (numpy_step.DecodeProgram.rows): T rows in total (up to MAX_ROWS),
-belonging to S sequences, each with its own plain float KVCache, in one compiled call.
+"""Multi-row steps of the compiled program (numpy_step.DecodeProgram.rows, attached by NumpyOps.decode_program):
+T rows in total (up to MAX_ROWS), belonging to S sequences, each with its own plain float KVCache, in one compiled
+call.
 
 A sequence's rows sit at positions offset, offset + 1, ... of its cache (causal within the chunk, the sliding window
 honoured). The phases are the single-token program's (per layer: qkv, the K/V heads, o, gate_up, down; then the
@@ -299,7 +300,17 @@ class RowsProgram:
 
     def __call__(self, chunks: list, caches: list, rows: list[int]):
         """Logits [sum(rows), vocab] of each chunk's last rows[i] positions ([0, vocab] where every rows[i] is 0),
-        the caches written and advanced; or None: a step this program does not take (nothing changed)."""
+        the caches written and advanced; or None: a step this program does not take (nothing changed), or another
+        thread is stepping the model."""
+        lock = self.program._lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            return self._call(chunks, caches, rows)
+        finally:
+            lock.release()
+
+    def _call(self, chunks: list, caches: list, rows: list[int]):
         lens = [len(c) for c in chunks]
         T = sum(lens)
         if not 0 < T <= MAX_ROWS or not all(self._takes(c, n) for c, n in zip(caches, lens)):

@@ -25,8 +25,8 @@ split). Anything else (float32 or "quantized" weight modes, GGUF K-quant blocks)
 step (the call returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float
 KVCache with room for the token (not a quantized or rotating one), no other thread stepping the same model.
 MLXLLAMA_DECODE_PROGRAM=0 turns it off. Steps of several rows (up to numpy_rows.MAX_ROWS, of one or several
-sequences: Model.forward_batch, speculative verification) run the same phases in one call too (DecodeProgram.rows,
-numpy_rows.py).
+sequences: Model.forward_batch, speculative verification) run the same phases in one call too (DecodeProgram.rows:
+numpy_rows.RowsProgram).
 """
 
 from __future__ import annotations
@@ -468,7 +468,7 @@ class DecodeProgram:
         self._pool = None
         self._helpers: list = []
         self._lock = threading.Lock()  # the buffers serve one step at a time
-        self._multi = None  # the multi-row step (numpy_rows.RowsProgram), built at its first use
+        self.rows = None  # steps of several rows (numpy_rows.RowsProgram), attached by NumpyOps.decode_program
 
     @classmethod
     def build(cls, model, ops) -> "DecodeProgram | None":
@@ -548,21 +548,6 @@ class DecodeProgram:
             self._run(step, min(ops.step_threads(), self.threads), args)
         cache.advance(1)
         return self._bufs[17].copy().reshape(1, 1, -1)
-
-    def rows(self, chunks: list, caches: list, rows: list[int]):
-        """A multi-row step (numpy_rows): chunks[i] the new token ids of the sequence in caches[i]; logits [sum(rows),
-        vocab] of each chunk's last rows[i] positions ([0, vocab] where all are 0), or None: a step the program does
-        not take (nothing was changed)."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            if self._multi is None:
-                from .numpy_rows import RowsProgram
-
-                self._multi = RowsProgram(self)
-            return self._multi(chunks, caches, rows)
-        finally:
-            self._lock.release()
 
     def _run(self, fn, nthr: int, args: tuple, sync: np.ndarray | None = None) -> None:
         """Thread 0 here, the others handed the step fn (step, or numpy_rows.rows_step); a helper that is still running
