@@ -248,6 +248,7 @@ def batch_with_and_without(model, settings=None):
                                       dict(qkv_bias=True, o_bias=True, qk_norm=True, kv=1), dict(kv=4, group=64)])
 def test_batch_steps_match_op_by_op(switches, threads):
     model = tiny_model(threads=threads, **switches)
+    force_threads(model, threads)
     got, want, got_caches, want_caches = batch_with_and_without(model)
     assert model._decode.rows.bufs is not None  # the program took steps
     assert got[2] is None and want[2] is None
@@ -277,6 +278,7 @@ def test_call_of_several_rows_matches_op_by_op(threads):
     """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too; a chunk
     that needs the cache to grow steps op by op."""
     model = tiny_model(threads=threads, window=12)
+    force_threads(model, threads)
 
     def run():
         cache = model.make_cache(1)
@@ -301,6 +303,7 @@ def test_call_of_several_rows_matches_op_by_op(threads):
 @pytest.mark.parametrize("delay", [None, 0.02])
 def test_batch_step_with_a_late_or_absent_helper(delay):
     model = tiny_model(qkv_bias=True)
+    force_threads(model, 2)
     model._decode._pool = LateHelpers(delay)
     got, want, got_caches, want_caches = batch_with_and_without(model)
     for g, w in zip(got, want):
@@ -329,3 +332,12 @@ def test_batch_steps_with_the_program_off(monkeypatch):
         if w is not None:
             assert_close(g, w)
     assert_same_caches(got_caches, want_caches)
+
+
+def test_batch_steps_choose_their_threads_by_timing():
+    model = tiny_model(threads=2)
+    for _ in range(3):
+        batch_steps(model)
+    choices = model._decode.rows._choices
+    assert choices and all(c.options == (1, 2) for c in choices.values())
+    assert any(c.tries[1] and c.tries[2] for c in choices.values())

@@ -192,6 +192,10 @@ class NumpyOps:
             program.rows = RowsProgram(program)  # steps of several rows, one or several sequences
         return program
 
+    def thread_options(self) -> tuple[int, ...]:
+        """The thread counts a step's timed choice picks from."""
+        return self._choice.options
+
     def step_threads(self) -> int:
         """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""
         return getattr(self._local, "step_workers", 1)

@@ -18,6 +18,7 @@ head), claimed and counted through atomic counters the same way, each product in
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import numpy as np
@@ -26,6 +27,7 @@ from numba import carray, njit
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
                          _attend, _chunking, _claim, _done, _head_in, _head_norm, _kv, _pointer, _rms_norm, _rope,
                          _wait)
+from .numpy_threads import ThreadChoice
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 
 logger = logging.getLogger(__name__)
@@ -248,6 +250,7 @@ class RowsProgram:
         self.orders[0], self.orders[1, :32] = unit_order(4), unit_order(8)
         self._addresses = weakref.WeakKeyDictionary()  # cache -> (its first key buffer, K row, V row, buffers)
         self._mains: dict[tuple[int, int], np.ndarray] = {}
+        self._choices: dict[tuple, ThreadChoice] = {}  # (rows' bit length, thread options) -> timed choice
         self.rows = self.cap = 0
         self.bufs = None
         self.sync = np.zeros(2 * (ROW_PHASES * a.num_hidden_layers + 2) * PAD, np.int64)
@@ -338,4 +341,17 @@ class RowsProgram:
             args = (seqs, want, self._unit_rows(T, len(want)), self.orders, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
-            p._run(rows_step, p.threads, args, self.sync)
+            choice = self._thread_choice(T)
+            threads = choice.pick()
+            t0 = time.perf_counter()
+            p._run(rows_step, min(threads, p.threads), args, self.sync)
+            choice.record(threads, (time.perf_counter() - t0) / T)
+
+    def _thread_choice(self, rows: int) -> ThreadChoice:
+        """One or more threads for steps of about `rows` rows, by timing them per row as single-row steps are
+        timed: on cores other processes hold, a thread that is descheduled between units stalls the others."""
+        options = self.program.ops.thread_options()
+        key = (rows.bit_length(), options)
+        if key not in self._choices:
+            self._choices[key] = ThreadChoice(options)
+        return self._choices[key]
