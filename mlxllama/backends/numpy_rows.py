@@ -282,6 +282,7 @@ class RowsProgram:
         if self.bufs is not None and rows <= self.rows and cap <= self.cap and n == self.bufs[_ATT_SCRATCH][0].shape[0]:
             return
         self.rows, self.cap = max(rows, self.rows, 8), max(cap, self.cap)
+        logger.debug("multi-row step buffers: %d rows, caches of %d positions, %d threads", self.rows, self.cap, n)
         T, f32 = self.rows, np.float32
         D, H, KV, Dh, F = self.D, self.H, self.KV, self.Dh, self.F
         rep, width = H // KV, max(D, H * Dh, F)
