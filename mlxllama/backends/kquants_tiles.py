@@ -1,0 +1,266 @@
+"""Vector products over GGUF blocks as the file stores them: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+(numba, LLVM IR written here; kquants.py calls them for products of up to a few rows).
+
+Every type is read 32 inputs at a time ("a 32-block": the whole block of the 32-element types, one of the eight
+32-input slices of a K-quant superblock). A 32-block decodes to 32 integer codes c (|c| <= 32, as <32 x i8>), a
+scale, and for the biased types (Q4_1, Q5_1, Q4_K, Q5_K) a bias: w = scale * c + bias, the very values
+gguf.quants.dequantize forms (Q4_0: c = q - 8, Q5_0: q - 16, Q6_K: q - 32, scale d * sc per 16 inputs, so two
+scales a 32-block; Q4_K/Q5_K: scale d * sc, bias -(dmin * m)). Then, for each input row (float32, not rounded),
+
+    y[o] += scale * (c . x_b) + bias * sum(x_b)
+
+with c . x_b as four 8-lane float multiply-adds: the codes are converted to float32, nothing else is rounded, so
+the result is x @ W.T up to float32 summation order (~1e-6 relative; tests/test_kquants.py checks 2e-5 on random
+blocks and SmolLM2 logits against the float32 weights). R input rows (a tile: 4, 2 or 1) share each decoded
+32-block.
+
+The IR is plain vector IR (no target intrinsics): numba compiles it for the CPU it runs on (AVX2/FMA here: 8-lane
+vfmadd231ps; AVX-512, NEON or SSE elsewhere), so there is no instruction-set choice to make or force.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .qmatvec import _FP, _call, _hsum, _load_scale, _splat, _vec  # noqa: F401
+
+# type -> its kind (kquants.TYPES) and bytes per block
+KINDS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q8_0": (2, 34), "Q5_0": (3, 22), "Q5_1": (4, 24),
+         "Q4_K": (8, 144), "Q5_K": (9, 176), "Q6_K": (10, 210)}
+_BIASED = (1, 4, 8, 9)
+TILES = (4, 2, 1)
+_OUT_CHUNK = 64  # weight rows kept in cache while every tile of input rows passes
+
+_I1, _I8, _I16, _I32, _I64, _F32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
+                                    ir.FloatType())
+
+
+def _ptr(builder, p, off):
+    """Byte pointer p + off (an int or an index value)."""
+    return builder.gep(p, [off if isinstance(off, ir.Value) else ir.Constant(_I64, off)])
+
+
+def _bytes(builder, p, n: int):
+    return builder.load(builder.bitcast(p, _vec(_I8, n).as_pointer()), align=1)
+
+
+def _half(builder, p):
+    return _load_scale(builder, builder.bitcast(p, _I16.as_pointer()), True)
+
+
+def _byte(builder, p, signed: bool = False):
+    v = builder.load(p)
+    return builder.sext(v, _I32) if signed else builder.zext(v, _I32)
+
+
+def _vsplat8(builder, v):
+    """An i8 value (or i32 truncated) splat over <32 x i8>."""
+    if v.type != _I8:
+        v = builder.trunc(v, _I8)
+    return _splat(builder, v, 32)
+
+
+def _c8(v: int):
+    return ir.Constant(_vec(_I8, 32), [v] * 32)
+
+
+def _nibbles(builder, p):
+    """16 bytes at p -> <32 x i8>: the low nibbles (inputs 0-15), then the high ones (16-31)."""
+    packed = _bytes(builder, p, 16)
+    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
+    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
+
+
+def _high_bits(builder, p):
+    """The 32 fifth bits at p (a little-endian uint32, bit i for input i) as <32 x i8> of 0 or 16."""
+    word = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+    bits = builder.zext(builder.bitcast(word, _vec(_I1, 32)), _vec(_I8, 32))
+    return builder.shl(bits, _c8(4))
+
+
+def _block32(builder, kind: int, bp):
+    """A 32-element block at bp: (codes <32 x i8>, [scale], bias or None)."""
+    d = _half(builder, bp)
+    if kind == 2:  # Q8_0: d, qs[32] (int8)
+        return _bytes(builder, _ptr(builder, bp, 2), 32), [d], None
+    q0 = {0: 2, 1: 4, 3: 6, 4: 8}[kind]
+    codes = _nibbles(builder, _ptr(builder, bp, q0))
+    if kind in (3, 4):  # Q5_0 / Q5_1: the qh word just before the nibbles
+        codes = builder.or_(codes, _high_bits(builder, _ptr(builder, bp, q0 - 4)))
+    if kind in (1, 4):  # Q4_1 / Q5_1: d, m, ...: w = d * q + m
+        return codes, [d], _half(builder, _ptr(builder, bp, 2))
+    return builder.sub(codes, _c8(8 if kind == 0 else 16)), [d], None
+
+
+def _k_scale_min(builder, q, s):
+    """Q4_K / Q5_K: the 6-bit scale and min of sub-block s (i64, 0..7) from the 12 bytes at q, as i32."""
+    s4 = builder.and_(s, ir.Constant(_I64, 3))
+    a, m, h = (_byte(builder, builder.gep(q, [builder.add(s4, ir.Constant(_I64, k))])) for k in (0, 4, 8))
+    c = lambda v: ir.Constant(_I32, v)  # noqa: E731
+    small = builder.icmp_unsigned("<", s, ir.Constant(_I64, 4))
+    sc = builder.select(small, builder.and_(a, c(63)),
+                        builder.or_(builder.and_(h, c(15)), builder.shl(builder.lshr(a, c(6)), c(4))))
+    mn = builder.select(small, builder.and_(m, c(63)),
+                        builder.or_(builder.lshr(h, c(4)), builder.shl(builder.lshr(m, c(6)), c(4))))
+    return sc, mn
+
+
+def _block_k(builder, kind: int, bp, s):
+    """32-block s (i64, 0..7) of the K-quant superblock at bp: (codes <32 x i8>, scales, bias or None)."""
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    if kind == 10:  # Q6_K: ql[128] qh[64] scales[16] (int8) d; 32-block s = 4 j + k
+        j, k = builder.lshr(s, i64(2)), builder.and_(s, i64(3))
+        ql = _ptr(builder, bp, builder.add(builder.mul(j, i64(64)), builder.mul(builder.and_(k, i64(1)), i64(32))))
+        lo = builder.and_(builder.lshr(_bytes(builder, ql, 32), _vsplat8(builder, builder.mul(
+            builder.lshr(k, i64(1)), i64(4)))), _c8(15))
+        qh = _ptr(builder, bp, builder.add(builder.mul(j, i64(32)), i64(128)))
+        hi = builder.and_(builder.lshr(_bytes(builder, qh, 32), _vsplat8(builder, builder.mul(k, i64(2)))), _c8(3))
+        codes = builder.sub(builder.or_(lo, builder.shl(hi, _c8(4))), _c8(32))
+        d = _half(builder, _ptr(builder, bp, 208))
+        sp = _ptr(builder, bp, builder.add(builder.mul(s, i64(2)), i64(192)))
+        scales = [builder.fmul(d, builder.sitofp(_byte(builder, _ptr(builder, sp, t), True), _F32)) for t in (0, 1)]
+        return codes, scales, None
+    # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]; 32-block s = 2 j + t
+    d, dmin = _half(builder, bp), _half(builder, _ptr(builder, bp, 2))
+    qs = _ptr(builder, bp, builder.add(builder.mul(builder.lshr(s, i64(1)), i64(32)), i64(16 if kind == 8 else 48)))
+    shift = builder.mul(builder.and_(s, i64(1)), i64(4))
+    codes = builder.and_(builder.lshr(_bytes(builder, qs, 32), _vsplat8(builder, shift)), _c8(15))
+    if kind == 9:
+        h = builder.and_(builder.lshr(_bytes(builder, _ptr(builder, bp, 16), 32), _vsplat8(builder, s)), _c8(1))
+        codes = builder.or_(codes, builder.shl(h, _c8(4)))
+    sc, mn = _k_scale_min(builder, _ptr(builder, bp, 4), s)
+    scale = builder.fmul(d, builder.uitofp(sc, _F32))
+    bias = builder.fsub(ir.Constant(_F32, -0.0), builder.fmul(dmin, builder.uitofp(mn, _F32)))
+    return codes, [scale], bias
+
+
+def _block(builder, kind: int, wrow, b):
+    """32-block b (i64) of a weight row at wrow: (four <8 x float> code quarters, scales, bias or None)."""
+    size = KINDS_BY_KIND[kind]
+    if kind < 8:
+        codes, scales, bias = _block32(builder, kind, _ptr(builder, wrow, builder.mul(b, ir.Constant(_I64, size))))
+    else:
+        bp = _ptr(builder, wrow, builder.mul(builder.lshr(b, ir.Constant(_I64, 3)), ir.Constant(_I64, size)))
+        codes, scales, bias = _block_k(builder, kind, bp, builder.and_(b, ir.Constant(_I64, 7)))
+    f = builder.sitofp(codes, _vec(_F32, 32))
+    quarters = [builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 8), list(range(8 * k, 8 * k + 8))))
+                for k in range(4)]
+    return quarters, scales, bias
+
+
+KINDS_BY_KIND = {kind: size for kind, size in KINDS.values()}
+
+
+def _row_dot(builder, quarters, scales, xp):
+    """<8 x float>: the 32-block's codes against the 32 float inputs at xp, times its scale(s)."""
+    v8 = _vec(_F32, 8)
+    xs = [builder.load(builder.bitcast(builder.gep(xp, [ir.Constant(_I64, 8 * k)]), v8.as_pointer()), align=4)
+          for k in range(4)]
+    m = [builder.fmul(c, x, flags=_FP) for c, x in zip(quarters, xs)]
+    lo = builder.fadd(m[0], m[1], flags=_FP)
+    hi = builder.fadd(m[2], m[3], flags=_FP)
+    if len(scales) == 2:  # Q6_K: a scale per 16 inputs
+        lo = builder.fmul(lo, _splat(builder, scales[0], 8), flags=_FP)
+        return builder.fadd(lo, builder.fmul(hi, _splat(builder, scales[1], 8), flags=_FP), flags=_FP)
+    return builder.fmul(builder.fadd(lo, hi, flags=_FP), _splat(builder, scales[0], 8), flags=_FP)
+
+
+def _tile_ir(context, builder, at, args, kind: int, R: int):
+    """IR for y[yoff + r * ystride], r < R (see _tile)."""
+    (w_, woff_, x_, r0_, rows_, xs_, y_, yoff_, ystr_, nblk_) = args
+    idx = woff_.type
+
+    def base(i, arg, off):
+        return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
+
+    wrow = base(0, w_, woff_)
+    n = builder.mul(nblk_, ir.Constant(idx, 32))
+    xrows = [base(2, x_, builder.mul(builder.add(r0_, ir.Constant(idx, r)), n)) for r in range(R)]
+    scol = base(5, xs_, r0_)  # the sums of 32-block b, rows r0..: scol[b * rows ..]
+    unroll = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
+    v8, vR = _vec(_F32, 8), _vec(_F32, R)
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R)] for _ in range(unroll)]
+    bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
+
+    def block(b, u):
+        quarters, scales, bias = _block(builder, kind, wrow, b)
+        if bias is not None:
+            sp = builder.gep(scol, [builder.mul(b, rows_)])
+            sv = builder.load(builder.bitcast(sp, vR.as_pointer()), align=4)
+            t = builder.fmul(sv, _splat(builder, bias, R), flags=_FP)
+            builder.store(builder.fadd(builder.load(bacc), t, flags=_FP), bacc)
+        for r in range(R):
+            xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
+            t = _row_dot(builder, quarters, scales, xp)
+            builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=_FP), acc[u][r])
+
+    step = ir.Constant(idx, unroll)
+    with cgutils.for_range(builder, builder.udiv(nblk_, step)) as loop:
+        b0 = builder.mul(loop.index, step)
+        for u in range(unroll):
+            block(builder.add(b0, ir.Constant(idx, u)), u)
+    if unroll > 1:
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nblk_, step), ir.Constant(idx, 0))):
+            block(builder.sub(nblk_, ir.Constant(idx, 1)), 0)
+    yrow = base(6, y_, yoff_)
+    bv = builder.load(bacc)
+    for r in range(R):
+        v = builder.load(acc[0][r])
+        for u in range(1, unroll):
+            v = builder.fadd(v, builder.load(acc[u][r]), flags=_FP)
+        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
+        builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
+
+
+@intrinsic
+def _tile(typingctx, kind, R, w, woff, x, r0, rows, xs, y, yoff, ystride, nblk):
+    """tile(kind, R, w, woff, x, r0, rows, xs, y, yoff, ystride, nblk) sets y[yoff + r * ystride] for r < R (R in
+    TILES): the weight row of type `kind` whose bytes start at woff in w, against input rows r0 + r of x [rows,
+    nblk * 32] (float32, C order), xs [nblk, rows] their sums per 32 inputs. kind and R are run-time values: each
+    (kind, R) is its own loop in the IR."""
+    sig = types.none(types.intp, types.intp, w, types.intp, x, types.intp, types.intp, xs, y, types.intp,
+                     types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        idx = args[0].type
+        for k in sorted(KINDS_BY_KIND):
+            for r in TILES:
+                case = builder.and_(builder.icmp_signed("==", args[0], ir.Constant(idx, k)),
+                                    builder.icmp_signed("==", args[1], ir.Constant(idx, r)))
+                with builder.if_then(case):
+                    _tile_ir(context, builder, signature.args[2:], args[2:], k, r)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _tile_rows(left: int) -> int:
+    return 4 if left >= 4 else (2 if left >= 2 else 1)
+
+
+@njit(cache=True, nogil=True)
+def rows_product(kind, w, x, xs, y, o0, o1):
+    """y[:, o] = x @ W[o] for o in o0..o1 (y [rows, out] float32, C order; W: w [out, row bytes] of type kind):
+    _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows passes over them."""
+    rows, n = x.shape
+    nblk, rb = n // 32, w.shape[1]
+    for c0 in range(o0, o1, _OUT_CHUNK):
+        c1 = min(o1, c0 + _OUT_CHUNK)
+        r = 0
+        while r < rows:
+            R = _tile_rows(rows - r)
+            for o in range(c0, c1):
+                _tile(kind, R, w, o * rb, x, r, rows, xs, y, r * y.shape[1] + o, y.shape[1], nblk)
+            r += R
+
+
+def block_sums(x2: np.ndarray) -> np.ndarray:
+    """x2 [rows, in] float32 -> [in / 32, rows]: the sums of each 32 inputs, what rows_product's xs is."""
+    rows = x2.shape[0]
+    return np.ascontiguousarray(x2.reshape(rows, -1, 32).sum(axis=-1, dtype=np.float32).T)
