@@ -22,6 +22,8 @@ import threading
 import numpy as np
 from numba import njit
 
+from . import kquants_tiles
+
 # type name -> (kind, elements per block, elements per sub-block, bytes per block)
 TYPES = {
     "Q4_0": (0, 32, 32, 18), "Q4_1": (1, 32, 32, 20), "Q8_0": (2, 32, 32, 34), "Q5_0": (3, 32, 32, 22),
@@ -212,119 +214,21 @@ def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
 
 # -- direct products of the commonest types, for a few input rows: codes read from the bytes, never stored ------
 
-@njit(nogil=True, cache=True, inline="always")
-def _k_scale_min(row, p, s):
-    """Q4_K / Q5_K: the 6-bit scale and min of sub-block s from the 12 bytes at p."""
-    if s < 4:
-        return row[p + s] & 63, row[p + 4 + s] & 63
-    return (row[p + 4 + s] & 15) | ((row[p + s - 4] >> 6) << 4), (row[p + 4 + s] >> 4) | ((row[p + s] >> 6) << 4)
-
-
 @njit(nogil=True, cache=True, fastmath=True)
-def _mv_q45_k(five, blocks, half, x, xsum, y, o0, o1):
-    """y[:, o] for Q4_K (five False) or Q5_K rows o0..o1; xsum per 32 inputs."""
-    rows, n = x.shape
-    bsize = 176 if five else 144
-    qs0 = 48 if five else 16
-    for o in range(o0, o1):
-        row = blocks[o]
-        for r in range(rows):
-            acc = np.float32(0)
-            for b in range(n // 256):
-                p = b * bsize
-                d = _h(row, p, half)
-                dmin = _h(row, p + 2, half)
-                for j in range(4):
-                    q = p + qs0 + j * 32
-                    xb = b * 256 + j * 64
-                    lo = np.float32(0)
-                    hi = np.float32(0)
-                    if five:
-                        for l in range(32):
-                            v = row[q + l]
-                            h = row[p + 16 + l] >> (2 * j)
-                            lo += np.float32((v & 15) | ((h & 1) << 4)) * x[r, xb + l]
-                            hi += np.float32((v >> 4) | ((h & 2) << 3)) * x[r, xb + 32 + l]
-                    else:
-                        for l in range(32):
-                            v = row[q + l]
-                            lo += np.float32(v & 15) * x[r, xb + l]
-                            hi += np.float32(v >> 4) * x[r, xb + 32 + l]
-                    s0, m0 = _k_scale_min(row, p + 4, 2 * j)
-                    s1, m1 = _k_scale_min(row, p + 4, 2 * j + 1)
-                    g = b * 8 + 2 * j
-                    acc += d * (np.float32(s0) * lo + np.float32(s1) * hi) \
-                        - dmin * (np.float32(m0) * xsum[r, g] + np.float32(m1) * xsum[r, g + 1])
-            y[r, o] = acc
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _mv_q6_k(blocks, half, x, xsum, y, o0, o1):
-    """y[:, o] for Q6_K rows o0..o1; xsum per 16 inputs."""
+def _mv_iq4_nl(blocks, half, iq4, x, y, o0, o1):
+    """y[:, o] for IQ4_NL rows o0..o1 (18-byte blocks: d, 16 bytes of table indices)."""
     rows, n = x.shape
     for o in range(o0, o1):
         row = blocks[o]
-        for r in range(rows):
-            acc = np.float32(0)
-            for b in range(n // 256):
-                p = b * 210
-                d = _h(row, p + 208, half)
-                for j in range(2):
-                    for k in range(4):
-                        ql = p + j * 64 + (k % 2) * 32
-                        qh = p + 128 + j * 32
-                        for t in range(2):
-                            dot = np.float32(0)
-                            xb = b * 256 + j * 128 + k * 32 + t * 16
-                            for l in range(t * 16, t * 16 + 16):
-                                v = ((row[ql + l] >> (4 * (k // 2))) & 15) | (((row[qh + l] >> (2 * k)) & 3) << 4)
-                                dot += np.float32(v) * x[r, xb + l - t * 16]
-                            s = j * 8 + k * 2 + t
-                            sc = np.float32(np.int8(row[p + 192 + s]))
-                            acc += d * sc * (dot - np.float32(32) * xsum[r, b * 16 + s])
-            y[r, o] = acc
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _mv_32(kind, bsize, blocks, signed, half, iq4, x, xsum, y, o0, o1):
-    """y[:, o] for rows o0..o1 of a 32-element block type (kinds 0-5 of TYPES); signed: blocks viewed as int8."""
-    rows, n = x.shape
-    q0 = 2 if kind == 0 or kind == 2 or kind == 5 else (4 if kind == 1 else (6 if kind == 3 else 8))
-    for o in range(o0, o1):
-        row = blocks[o]
-        srow = signed[o]
         for r in range(rows):
             acc = np.float32(0)
             for b in range(n // 32):
-                p = b * bsize
-                d = _h(row, p, half)
+                p = b * 18
                 dot = np.float32(0)
-                xb = b * 32
-                if kind == 2:
-                    for i in range(32):
-                        dot += np.float32(srow[p + 2 + i]) * x[r, xb + i]
-                    acc += d * dot
-                    continue
-                if kind == 5:
-                    for i in range(16):
-                        v = row[p + 2 + i]
-                        dot += iq4[v & 15] * x[r, xb + i] + iq4[v >> 4] * x[r, xb + 16 + i]
-                    acc += d * dot
-                    continue
-                hb = np.uint32(0)
-                if kind >= 3:
-                    h = p + q0 - 4
-                    hb = np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16) \
-                        | (np.uint32(row[h + 3]) << 24)
                 for i in range(16):
-                    v = row[p + q0 + i]
-                    lo = np.uint32(v & 15) | (((hb >> i) & 1) << 4)
-                    hi = np.uint32(v >> 4) | (((hb >> (i + 16)) & 1) << 4)
-                    dot += np.float32(lo) * x[r, xb + i] + np.float32(hi) * x[r, xb + 16 + i]
-                if kind == 1 or kind == 4:  # Q4_1, Q5_1: d * q + m
-                    acc += d * dot + _h(row, p + 2, half) * xsum[r, b]
-                else:  # Q4_0, Q5_0: d * (q - 8 or 16)
-                    acc += d * (dot - np.float32(8 if kind == 0 else 16) * xsum[r, b])
+                    v = row[p + 2 + i]
+                    dot += iq4[v & 15] * x[r, b * 32 + i] + iq4[v >> 4] * x[r, b * 32 + 16 + i]
+                acc += _h(row, p, half) * dot
             y[r, o] = acc
 
 
@@ -379,26 +283,23 @@ def llamacpp_activations(x: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndar
     return values, (q8_1_sums(q, d) if qtype in Q8_1_TYPES else None)
 
 
-_FEW_ROWS = 4  # at most this many input rows: the direct product of the type where it has one
+_FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the others take matmul_rows)
 
 
 def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
-    """y[:, o0:o1] by a type's own direct product; False where it has none (or x2 has too many rows)."""
-    if x2.shape[0] > _FEW_ROWS:
-        return False
-    if qtype in ("Q4_K", "Q5_K"):
-        _mv_q45_k(qtype == "Q5_K", blocks, _HALF, x2, xsum, y, o0, o1)
-    elif qtype == "Q6_K":
-        _mv_q6_k(blocks, _HALF, x2, xsum, y, o0, o1)
-    elif TYPES[qtype][1] == 32:
-        kind, _, _, bsize = TYPES[qtype]
-        _mv_32(kind, bsize, blocks, blocks.view(np.int8), _HALF, _IQ4, x2, xsum, y, o0, o1)
-    else:
-        return False
-    return True
+    """y[:, o0:o1] by the vector tiles (kquants_tiles) or IQ4_NL's direct product; False for the other types (and
+    IQ4_NL with more than _FEW_ROWS rows). xsum: x2's sums per TYPES' sub-block; the tiles' xs [in / 32, rows]."""
+    if qtype in TILED:
+        kquants_tiles.rows_product(TILED[qtype], blocks, x2, xsum, y, o0, o1)
+        return True
+    if qtype == "IQ4_NL" and x2.shape[0] <= _FEW_ROWS:
+        _mv_iq4_nl(blocks, _HALF, _IQ4, x2, y, o0, o1)
+        return True
+    return False
 
 
 ACTIVATIONS = ("float32", "llama.cpp")
+TILED = {qtype: kind for qtype, (kind, _) in kquants_tiles.KINDS.items()}  # types with vector tiles
 
 
 class KQuantLinear:
@@ -454,14 +355,16 @@ def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarra
     n_out = segments[-1][1]
     out = np.empty((rows, n_out), np.float32)
     if rows <= _DIRECT_ROWS:
-        sums = {} if q8_1_sums is None else {32: q8_1_sums}
+        sums = {} if q8_1_sums is None else {32: q8_1_sums, "tiles": np.ascontiguousarray(q8_1_sums.T)}
         for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(segments, qtypes):
-            if sub not in sums:
-                sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
-            y = out[:, o0:o1] if len(segments) == 1 else np.empty((rows, o1 - o0), np.float32)
+            key = "tiles" if qtype in TILED else sub
+            if key not in sums:
+                per = x2.reshape(rows, -1, 32 if key == "tiles" else sub).sum(axis=-1, dtype=np.float32)
+                sums[key] = np.ascontiguousarray(per.T if key == "tiles" else per)
+            y = out if len(segments) == 1 else np.empty((rows, o1 - o0), np.float32)
 
-            def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
-                if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
+            def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y, key=key):
+                if not _direct(qtype, blocks, x2, sums[key], y, a, b):
                     matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
 
             _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
