@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from . import kquants_tiles
+from .numpy_threads import spans
 
 # type name -> (kind, elements per block, elements per sub-block, bytes per block)
 TYPES = {
@@ -283,19 +284,7 @@ def llamacpp_activations(x: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndar
     return values, (q8_1_sums(q, d) if qtype in Q8_1_TYPES else None)
 
 
-_FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the others take matmul_rows)
-
-
-def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
-    """y[:, o0:o1] by the vector tiles (kquants_tiles) or IQ4_NL's direct product; False for the other types (and
-    IQ4_NL with more than _FEW_ROWS rows). xsum: x2's sums per TYPES' sub-block; the tiles' xs [in / 32, rows]."""
-    if qtype in TILED:
-        kquants_tiles.rows_product(TILED[qtype], blocks, x2, xsum, y, o0, o1)
-        return True
-    if qtype == "IQ4_NL" and x2.shape[0] <= _FEW_ROWS:
-        _mv_iq4_nl(blocks, _HALF, _IQ4, x2, y, o0, o1)
-        return True
-    return False
+_FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the other untiled types: matmul_rows)
 
 
 ACTIVATIONS = ("float32", "llama.cpp")
@@ -324,15 +313,18 @@ class KQuantLinear:
     def nbytes(self) -> int:
         return sum(int(seg[3].nbytes) for seg in self.segments)
 
-    def matmul(self, x2: np.ndarray) -> np.ndarray:
-        """x2 [rows, in] float32 -> [rows, out]."""
+    def matmul(self, x2: np.ndarray, workers=None, nworkers: int = 1) -> np.ndarray:
+        """x2 [rows, in] float32 -> [rows, out]. workers (a numpy_threads.Workers): spans of output rows shared by
+        this thread and nworkers - 1 of its threads; without, this module's own threads, one per core."""
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
         if self.activations == "float32":
-            return _product(x2, self.segments, self.qtypes)
+            return _product(x2, self.segments, self.qtypes, share=None if workers is None else
+                            _shared_by(workers, nworkers))
         out = np.empty((x2.shape[0], self.shape[1]), np.float32)
+        share = None if workers is None else _shared_by(workers, nworkers)
         for (o0, o1, fmt, blocks), qtype in zip(self.segments, self.qtypes):
             xs, sums = llamacpp_activations(x2, qtype)
-            out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums)
+            out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums, share)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
@@ -348,28 +340,24 @@ def _dequantize(segments, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarray | None = None) -> np.ndarray:
+def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarray | None = None,
+             share=None) -> np.ndarray:
     """x2 [rows, in] float32 times the segments' weights -> [rows, out]. q8_1_sums (one Q4_1/Q5_1 segment): the
-    per-32 input sums its bias term takes instead of x2's own (llama.cpp's float16 Q8_1 sums)."""
+    per-32 input sums its bias term takes instead of x2's own (llama.cpp's float16 Q8_1 sums). share(fn, n, work):
+    fn(a, b) over spans of [0, n) on some threads (default _spread)."""
     rows, n_in = x2.shape
     n_out = segments[-1][1]
     out = np.empty((rows, n_out), np.float32)
+    share = share or _spread
     if rows <= _DIRECT_ROWS:
-        sums = {} if q8_1_sums is None else {32: q8_1_sums, "tiles": np.ascontiguousarray(q8_1_sums.T)}
-        for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(segments, qtypes):
-            key = "tiles" if qtype in TILED else sub
-            if key not in sums:
-                per = x2.reshape(rows, -1, 32 if key == "tiles" else sub).sum(axis=-1, dtype=np.float32)
-                sums[key] = np.ascontiguousarray(per.T if key == "tiles" else per)
-            y = out if len(segments) == 1 else np.empty((rows, o1 - o0), np.float32)
+        sums = _input_sums(x2, segments, qtypes, q8_1_sums)
 
-            def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y, key=key):
-                if not _direct(qtype, blocks, x2, sums[key], y, a, b):
-                    matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+        def direct(a: int, b: int) -> None:
+            for (o0, o1, fmt, blocks), qtype in zip(segments, qtypes):
+                if max(a, o0) < min(b, o1):
+                    _segment_rows(qtype, fmt, blocks, x2, sums, out, o0, max(a, o0) - o0, min(b, o1) - o0)
 
-            _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
-            if len(segments) > 1:
-                out[:, o0:o1] = y
+        share(direct, n_out, n_out * n_in * rows)
         return out
     step = max(16, _DEQUANT_BLOCK // n_in)
 
@@ -379,11 +367,38 @@ def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarra
             e = min(s + step, b)
             np.matmul(x2, _dequantize(segments, s, e, buf[: e - s]).T, out=out[:, s:e])
 
-    _spread(span, n_out, n_out * n_in * 8)
+    share(span, n_out, n_out * n_in * 8)
     if q8_1_sums is not None:  # the bias term with the stored sums, not x2's: add m * (stored - exact) per block
         delta = q8_1_sums - x2.reshape(rows, -1, 32).sum(axis=-1, dtype=np.float32)
         out += delta @ _block_mins(segments[0][3], segments[0][2][3]).T
     return out
+
+
+def _input_sums(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums) -> dict:
+    """x2's sums per sub-block size the segments need ([rows, in / sub]), and "tiles": per 32 inputs, [in / 32,
+    rows] (kquants_tiles' layout); q8_1_sums stands for the sums per 32 where given."""
+    rows = x2.shape[0]
+    sums = {} if q8_1_sums is None else {32: q8_1_sums, "tiles": np.ascontiguousarray(q8_1_sums.T)}
+    for (_, _, (_, _, sub, _), _), qtype in zip(segments, qtypes):
+        key = "tiles" if qtype in TILED else sub
+        if key not in sums:
+            per = x2.reshape(rows, -1, 32 if key == "tiles" else sub).sum(axis=-1, dtype=np.float32)
+            sums[key] = np.ascontiguousarray(per.T if key == "tiles" else per)
+    return sums
+
+
+def _segment_rows(qtype: str, fmt: tuple, blocks, x2, sums: dict, out, o0: int, a: int, b: int) -> None:
+    """out[:, o0 + a: o0 + b] from rows a..b of one segment (its output columns start at o0)."""
+    if qtype in TILED:
+        kquants_tiles.rows_product(TILED[qtype], blocks, x2, sums["tiles"], out, o0, a, b)
+        return
+    kind, qk, sub, bsize = fmt
+    y = np.empty((x2.shape[0], b), np.float32)  # the kernels index y by the segment's row
+    if qtype == "IQ4_NL" and x2.shape[0] <= _FEW_ROWS:
+        _mv_iq4_nl(blocks, _HALF, _IQ4, x2, y, a, b)
+    else:
+        matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+    out[:, o0 + a: o0 + b] = y[:, a:b]
 
 
 def _block_mins(blocks: np.ndarray, bsize: int) -> np.ndarray:
@@ -420,6 +435,21 @@ def _threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+_SHARE_MIN = 1 << 18  # products of fewer multiply-adds (~40 us in the tiles) stay on the calling thread
+
+
+def _shared_by(workers, nworkers: int):
+    """A share function (see _product) over a numpy backend's Workers: spans of 64 rows or more claimed one at a
+    time by this thread and nworkers - 1 pool threads."""
+    def share(fn, n: int, work: int) -> None:
+        if nworkers == 1 or work < _SHARE_MIN or n < 128:
+            fn(0, n)
+            return
+        workers.share(lambda c: fn(c.start, c.stop), spans(n, 4 * nworkers), nworkers)
+
+    return share
 
 
 def _spread(fn, n: int, work: int) -> None:

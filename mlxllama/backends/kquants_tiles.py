@@ -245,9 +245,9 @@ def _tile_rows(left: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def rows_product(kind, w, x, xs, y, o0, o1):
-    """y[:, o] = x @ W[o] for o in o0..o1 (y [rows, out] float32, C order; W: w [out, row bytes] of type kind):
-    _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows passes over them."""
+def rows_product(kind, w, x, xs, y, ycol, o0, o1):
+    """y[:, ycol + o] = x @ W[o] for o in o0..o1 (y float32, C order; W: w [out, row bytes] of type kind; xs:
+    block_sums(x)): _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows passes them."""
     rows, n = x.shape
     nblk, rb = n // 32, w.shape[1]
     for c0 in range(o0, o1, _OUT_CHUNK):
@@ -256,7 +256,7 @@ def rows_product(kind, w, x, xs, y, o0, o1):
         while r < rows:
             R = _tile_rows(rows - r)
             for o in range(c0, c1):
-                _tile(kind, R, w, o * rb, x, r, rows, xs, y, r * y.shape[1] + o, y.shape[1], nblk)
+                _tile(kind, R, w, o * rb, x, r, rows, xs, y, r * y.shape[1] + ycol + o, y.shape[1], nblk)
             r += R
 
 
