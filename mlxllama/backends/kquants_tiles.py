@@ -139,14 +139,15 @@ def _block_k(builder, kind: int, bp, s):
     return codes, [scale], bias
 
 
-def _block(builder, kind: int, wrow, b):
-    """32-block b (i64) of a weight row at wrow: (four <8 x float> code quarters, scales, bias or None)."""
+def _block(builder, kind: int, wrow, b, s: int):
+    """A 32-block of a weight row at wrow: (four <8 x float> code quarters, scales, bias or None). 32-element
+    types: block b (i64); K-quants: 32-block s (a constant, 0..7) of superblock b."""
     size = KINDS_BY_KIND[kind]
+    bp = _ptr(builder, wrow, builder.mul(b, ir.Constant(_I64, size)))
     if kind < 8:
-        codes, scales, bias = _block32(builder, kind, _ptr(builder, wrow, builder.mul(b, ir.Constant(_I64, size))))
+        codes, scales, bias = _block32(builder, kind, bp)
     else:
-        bp = _ptr(builder, wrow, builder.mul(builder.lshr(b, ir.Constant(_I64, 3)), ir.Constant(_I64, size)))
-        codes, scales, bias = _block_k(builder, kind, bp, builder.and_(b, ir.Constant(_I64, 7)))
+        codes, scales, bias = _block_k(builder, kind, bp, ir.Constant(_I64, s))
     f = builder.sitofp(codes, _vec(_F32, 32))
     quarters = [builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 8), list(range(8 * k, 8 * k + 8))))
                 for k in range(4)]
@@ -182,13 +183,14 @@ def _tile_ir(context, builder, at, args, kind: int, R: int):
     n = builder.mul(nblk_, ir.Constant(idx, 32))
     xrows = [base(2, x_, builder.mul(builder.add(r0_, ir.Constant(idx, r)), n)) for r in range(R)]
     scol = base(5, xs_, r0_)  # the sums of 32-block b, rows r0..: scol[b * rows ..]
-    unroll = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
+    nacc = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
+    unroll = 8 if kind >= 8 else nacc  # 32-blocks a loop step: a K-quant superblock (its shifts constants)
     v8, vR = _vec(_F32, 8), _vec(_F32, R)
-    acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R)] for _ in range(unroll)]
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R)] for _ in range(nacc)]
     bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
 
-    def block(b, u):
-        quarters, scales, bias = _block(builder, kind, wrow, b)
+    def block(b, a, wb, s):
+        quarters, scales, bias = _block(builder, kind, wrow, wb, s)
         if bias is not None:
             sp = builder.gep(scol, [builder.mul(b, rows_)])
             sv = builder.load(builder.bitcast(sp, vR.as_pointer()), align=4)
@@ -197,22 +199,24 @@ def _tile_ir(context, builder, at, args, kind: int, R: int):
         for r in range(R):
             xp = builder.gep(xrows[r], [builder.shl(b, ir.Constant(idx, 5))])
             t = _row_dot(builder, quarters, scales, xp)
-            builder.store(builder.fadd(builder.load(acc[u][r]), t, flags=_FP), acc[u][r])
+            builder.store(builder.fadd(builder.load(acc[a][r]), t, flags=_FP), acc[a][r])
 
     step = ir.Constant(idx, unroll)
     with cgutils.for_range(builder, builder.udiv(nblk_, step)) as loop:
         b0 = builder.mul(loop.index, step)
         for u in range(unroll):
-            block(builder.add(b0, ir.Constant(idx, u)), u)
-    if unroll > 1:
+            b = builder.add(b0, ir.Constant(idx, u))
+            block(b, u % nacc, loop.index if kind >= 8 else b, u)
+    if unroll == 2:
         with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nblk_, step), ir.Constant(idx, 0))):
-            block(builder.sub(nblk_, ir.Constant(idx, 1)), 0)
+            last = builder.sub(nblk_, ir.Constant(idx, 1))
+            block(last, 0, last, 0)
     yrow = base(6, y_, yoff_)
     bv = builder.load(bacc)
     for r in range(R):
         v = builder.load(acc[0][r])
-        for u in range(1, unroll):
-            v = builder.fadd(v, builder.load(acc[u][r]), flags=_FP)
+        for a in range(1, nacc):
+            v = builder.fadd(v, builder.load(acc[a][r]), flags=_FP)
         out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
         builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
 
