@@ -437,7 +437,7 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-_SHARE_MIN = 1 << 18  # products of fewer multiply-adds (~40 us in the tiles) stay on the calling thread
+_SHARE_MIN = 1 << 20  # products of fewer multiply-adds (~150 us in the tiles) stay on the calling thread
 
 
 def _shared_by(workers, nworkers: int):
