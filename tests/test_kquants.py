@@ -316,6 +316,19 @@ def test_vector_tiles_every_row_count_and_fused_types(monkeypatch):
             o += p.shape[0]
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+def test_vector_tiles_rows_of_any_block_count(qtype):
+    """Rows of 19 blocks (SmolLM2's are 18): the blocks after the last whole loop step of 4 (one row) or 2."""
+    rows, cols = 24, 608
+    w = GGMLWeight(qtype, random_blocks(qtype, rows, cols, seed=7), (rows, cols))
+    ref = gguf.quants.dequantize(w.blocks, QT[qtype]).astype(np.float64)
+    x = np.random.default_rng(8).standard_normal((3, cols)).astype(np.float32)
+    lin = kquants.prepare_numpy([w])
+    for n in (1, 3):
+        want = x[:n].astype(np.float64) @ ref.T
+        np.testing.assert_allclose(lin.matmul(x[:n]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
 def test_vector_tiles_release_the_gil_and_match_the_old_kernels():
     """The tiles run without the GIL (numpy_ops shares a product's spans over threads), and for llama.cpp-rounded
     inputs give what the float loops (matmul_rows) give, Q8_1 sums included, to float32 summation order."""

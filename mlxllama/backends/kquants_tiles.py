@@ -185,7 +185,7 @@ def _tile_ir(context, builder, at, args, kind: int, R: int):
     xrows = [base(2, x_, builder.mul(builder.add(r0_, ir.Constant(idx, r)), n)) for r in range(R)]
     scol = base(5, xs_, r0_)  # the sums of 32-block b, rows r0..: scol[b * rows ..]
     nacc = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
-    unroll = 8 if kind >= 8 else nacc  # 32-blocks a loop step: a K-quant superblock (its shifts constants)
+    unroll = 8 if kind >= 8 else 2 * nacc  # 32-blocks a loop step: a K-quant superblock (its shifts constants)
     v8, vR = _vec(_F32, 8), _vec(_F32, R)
     acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R)] for _ in range(nacc)]
     bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
@@ -208,10 +208,11 @@ def _tile_ir(context, builder, at, args, kind: int, R: int):
         for u in range(unroll):
             b = builder.add(b0, ir.Constant(idx, u))
             block(b, u % nacc, loop.index if kind >= 8 else b, u)
-    if unroll == 2:
-        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nblk_, step), ir.Constant(idx, 0))):
-            last = builder.sub(nblk_, ir.Constant(idx, 1))
-            block(last, 0, last, 0)
+    if kind < 8:  # the blocks left over (K-quant rows are whole superblocks)
+        done = builder.sub(nblk_, builder.urem(nblk_, step))
+        with cgutils.for_range(builder, builder.urem(nblk_, step)) as loop:
+            b = builder.add(done, loop.index)
+            block(b, 0, b, 0)
     yrow = base(6, y_, yoff_)
     bv = builder.load(bacc)
     for r in range(R):
