@@ -7,9 +7,17 @@ d * sc, bias -(dmin * m); Q6_K: scale d * sc, code q - 32, no bias; IQ4: the cod
 
   a product with up to _DIRECT_ROWS input rows decodes each block once and, per input row and sub-block, adds
       scale * (c . x) + bias * sum(x)
-  in float32 (the weights are never formed: another rounding order than x @ W, ~1e-6 relative);
+  in float32 (the weights are never formed: another rounding order than x @ W, ~1e-6 relative): Q4_0, Q4_1, Q5_0,
+  Q5_1, Q8_0, Q4_K, Q5_K and Q6_K in kquants_tiles' vector IR, tiles of up to 4 rows sharing each decoded block;
+  IQ4_NL (up to _FEW_ROWS rows) in a plain loop; the rest (Q2_K, Q3_K, IQ4_XS) in matmul_rows, every row of the
+  product per decoded block;
   a longer one dequantizes a block of weight rows into a cache-sized buffer (bit for bit gguf's weights) and
   multiplies it with BLAS.
+
+Threads: a product's output rows (across its fused parts) go in spans of 64 or more, claimed by the calling thread
+and the numpy backend's worker threads (matmul's workers: numpy_ops passes its Workers and a step's timed thread
+count) from _SHARE_MIN multiply-adds on; without workers, this module's own pool (_spread). The kernels release
+the GIL.
 
 Resident memory is the file's tensor bytes; nothing is widened at load.
 """
