@@ -306,6 +306,8 @@ class KQuantLinear:
     activations: "float32" (default: the input as it is) or "llama.cpp" (each part's input rounded as llama.cpp's
     CPU product rounds it for that type: llamacpp_activations; numerics.py sets it)."""
 
+    takes_workers = True  # numpy_ops calls matmul(x2, workers, nworkers)
+
     def __init__(self, parts: list):
         self.segments = []
         o = 0
