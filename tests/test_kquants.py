@@ -300,15 +300,17 @@ def test_vector_tiles_every_row_count_and_fused_types(monkeypatch):
     parts = [GGMLWeight(q, random_blocks(q, 40 + 3 * i, cols, seed=10 + i), (40 + 3 * i, cols))
              for i, q in enumerate(qtypes)]  # spans of 64 rows cross the segments
     ref = np.concatenate([gguf.quants.dequantize(p.blocks, QT[p.qtype]) for p in parts]).astype(np.float64)
-    fused = kquants.prepare_numpy(parts)
     x = np.random.default_rng(4).standard_normal((17, cols)).astype(np.float32)
     monkeypatch.setattr(kquants, "_SHARE_MIN", 0)
     workers = Workers(2)
     for n in (1, 2, 5, 16, 17):
         want = x[:n].astype(np.float64) @ ref.T
         tol = dict(rtol=2e-5, atol=2e-5 * np.abs(want).max())
-        np.testing.assert_allclose(fused.matmul(x[:n]), want, **tol, err_msg=f"{n} rows")
-        np.testing.assert_allclose(fused.matmul(x[:n], workers, 2), want, **tol, err_msg=f"{n} rows, 2 threads")
+        for k in (len(parts), len(parts) - 1):  # with IQ4_NL (segment by segment), all tiled (one compiled call)
+            fused, w = kquants.prepare_numpy(parts[:k]), want[:, :sum(p.shape[0] for p in parts[:k])]
+            assert (fused._tiled is None) == (k == len(parts))
+            np.testing.assert_allclose(fused.matmul(x[:n]), w, **tol, err_msg=f"{n} rows")
+            np.testing.assert_allclose(fused.matmul(x[:n], workers, 2), w, **tol, err_msg=f"{n} rows, 2 threads")
         o = 0
         for p in parts:
             alone = kquants.prepare_numpy([p]).matmul(x[:n])

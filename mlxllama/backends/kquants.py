@@ -28,7 +28,8 @@ import os
 import threading
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.typed import List
 
 from . import kquants_tiles
 from .numpy_threads import spans
@@ -296,6 +297,7 @@ _FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the othe
 
 
 ACTIVATIONS = ("float32", "llama.cpp")
+_READONLY_BLOCKS = types.Array(types.uint8, 2, "C", readonly=True)
 TILED = {qtype: kind for qtype, (kind, _) in kquants_tiles.KINDS.items()}  # types with vector tiles
 
 
@@ -318,6 +320,13 @@ class KQuantLinear:
         self.shape = (parts[0].shape[1], o)
         self.qtypes = tuple(p.qtype for p in parts)
         self.activations = "float32"
+        self._tiled = None  # (kinds, starts, typed List of blocks) where every part has vector tiles
+        if all(q in TILED for q in self.qtypes):
+            blocks = List.empty_list(_READONLY_BLOCKS)  # the file's pages are read-only; others are taken as such
+            for seg in self.segments:
+                blocks.append(seg[3])
+            self._tiled = (np.array([TILED[q] for q in self.qtypes], np.int64),
+                           np.array([seg[0] for seg in self.segments] + [o], np.int64), blocks)
 
     @property
     def nbytes(self) -> int:
@@ -327,6 +336,8 @@ class KQuantLinear:
         """x2 [rows, in] float32 -> [rows, out]. workers (a numpy_threads.Workers): spans of output rows shared by
         this thread and nworkers - 1 of its threads; without, this module's own threads, one per core."""
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        if self.activations == "float32" and self._tiled is not None and x2.shape[0] <= _DIRECT_ROWS:
+            return self._tiles(x2, workers, nworkers)
         if self.activations == "float32":
             return _product(x2, self.segments, self.qtypes, share=None if workers is None else
                             _shared_by(workers, nworkers))
@@ -335,6 +346,20 @@ class KQuantLinear:
         for (o0, o1, fmt, blocks), qtype in zip(self.segments, self.qtypes):
             xs, sums = llamacpp_activations(x2, qtype)
             out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums, share)
+        return out
+
+    def _tiles(self, x2: np.ndarray, workers, nworkers: int) -> np.ndarray:
+        """Every part by the vector tiles: one compiled call per thread (this one is a decode step's path, so it
+        does the fewest Python steps)."""
+        kinds, starts, blocks = self._tiled
+        n_in, n_out = self.shape
+        out = np.empty((x2.shape[0], n_out), np.float32)
+        if workers is not None and (nworkers == 1 or x2.shape[0] * n_in * n_out < _SHARE_MIN):
+            kquants_tiles.segments_product(kinds, starts, blocks, x2, out, 0, n_out)
+            return out
+        share = _spread if workers is None else _shared_by(workers, nworkers)
+        share(lambda a, b: kquants_tiles.segments_product(kinds, starts, blocks, x2, out, a, b), n_out,
+              x2.shape[0] * n_in * n_out)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:

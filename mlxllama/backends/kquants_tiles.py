@@ -276,3 +276,29 @@ def block_sums(x2: np.ndarray) -> np.ndarray:
     """x2 [rows, in] float32 -> [in / 32, rows]: the sums of each 32 inputs, what rows_product's xs is."""
     rows = x2.shape[0]
     return np.ascontiguousarray(x2.reshape(rows, -1, 32).sum(axis=-1, dtype=np.float32).T)
+
+
+@njit(cache=True, nogil=True)
+def _sums(x):
+    """block_sums in numba."""
+    rows, n = x.shape
+    xs = np.zeros((n // 32, rows), np.float32)
+    for r in range(rows):
+        for b in range(n // 32):
+            t = np.float32(0)
+            for i in range(32):
+                t += x[r, b * 32 + i]
+            xs[b, r] = t
+    return xs
+
+
+@njit(cache=True, nogil=True)
+def segments_product(kinds, starts, blocks, x, y, o0, o1):
+    """y[:, o] for o in o0..o1 of a fused product: segment i (type kinds[i], its blocks blocks[i], a typed List)
+    gives y's columns starts[i]..starts[i + 1]. The input's block sums are formed here, in the same call."""
+    xs = _sums(x)
+    for i in range(len(kinds)):
+        s0 = starts[i]
+        a, b = max(o0, s0), min(o1, starts[i + 1])
+        if a < b:
+            rows_product(kinds[i], blocks[i], x, xs, y, s0, a - s0, b - s0)
