@@ -222,7 +222,7 @@ def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
             y[r, o] = acc[r]
 
 
-# -- direct products of the commonest types, for a few input rows: codes read from the bytes, never stored ------
+# -- IQ4_NL's direct product, for a few input rows (the commoner types: kquants_tiles) --------------------------
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _mv_iq4_nl(blocks, half, iq4, x, y, o0, o1):
@@ -338,11 +338,10 @@ class KQuantLinear:
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
         if self.activations == "float32" and self._tiled is not None and x2.shape[0] <= _DIRECT_ROWS:
             return self._tiles(x2, workers, nworkers)
-        if self.activations == "float32":
-            return _product(x2, self.segments, self.qtypes, share=None if workers is None else
-                            _shared_by(workers, nworkers))
-        out = np.empty((x2.shape[0], self.shape[1]), np.float32)
         share = None if workers is None else _shared_by(workers, nworkers)
+        if self.activations == "float32":
+            return _product(x2, self.segments, self.qtypes, share=share)
+        out = np.empty((x2.shape[0], self.shape[1]), np.float32)
         for (o0, o1, fmt, blocks), qtype in zip(self.segments, self.qtypes):
             xs, sums = llamacpp_activations(x2, qtype)
             out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums, share)
