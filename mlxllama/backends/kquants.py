@@ -410,9 +410,12 @@ def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarra
 
 def _input_sums(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums) -> dict:
     """x2's sums per sub-block size the segments need ([rows, in / sub]), and "tiles": per 32 inputs, [in / 32,
-    rows] (kquants_tiles' layout); q8_1_sums stands for the sums per 32 where given."""
+    rows] (kquants_tiles' layout); q8_1_sums stands for the sums per 32 where given. "nibbles": x2 permuted for
+    the nibble types' tiles (kquants_tiles.permute_nibbles), where there are any."""
     rows = x2.shape[0]
     sums = {} if q8_1_sums is None else {32: q8_1_sums, "tiles": np.ascontiguousarray(q8_1_sums.T)}
+    if any(q in TILED and kquants_tiles.NIBBLES[TILED[q]] for q in qtypes):
+        sums["nibbles"] = kquants_tiles.permute_nibbles(x2)  # not sums: the input as those tiles read it
     for (_, _, (_, _, sub, _), _), qtype in zip(segments, qtypes):
         key = "tiles" if qtype in TILED else sub
         if key not in sums:
@@ -424,7 +427,8 @@ def _input_sums(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums) -> dic
 def _segment_rows(qtype: str, fmt: tuple, blocks, x2, sums: dict, out, o0: int, a: int, b: int) -> None:
     """out[:, o0 + a: o0 + b] from rows a..b of one segment (its output columns start at o0)."""
     if qtype in TILED:
-        kquants_tiles.rows_product(TILED[qtype], blocks, x2, sums["tiles"], out, o0, a, b)
+        x = sums["nibbles"] if kquants_tiles.NIBBLES[TILED[qtype]] else x2
+        kquants_tiles.rows_product(TILED[qtype], blocks, x, sums["tiles"], out, o0, a, b)
         return
     kind, qk, sub, bsize = fmt
     y = np.empty((x2.shape[0], b), np.float32)  # the kernels index y by the segment's row

@@ -11,7 +11,8 @@ both exact in float32; Q8_0 and Q6_K: signed codes, q - 32 for Q6_K, whose scale
     y[o] += scale * (c . x_b) + bias * sum(x_b)
 
 with c . x_b as four 8-lane float multiplies over the codes converted to float32, the lanes summed at the end of
-the row. The result is x @ W.T up to float32 summation order: ~1e-6 relative per product (tests/test_kquants.py
+the row. The nibble types (Q4_0, Q4_1, Q5_0, Q5_1) widen their codes by in-lane unpacks, which leave the inputs
+of each 8-lane quarter in NIBBLE_ORDER: their input is permuted once per product to match (permute_nibbles). The result is x @ W.T up to float32 summation order: ~1e-6 relative per product (tests/test_kquants.py
 checks 2e-5 on random blocks of every type); on SmolLM2-135M Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K) the logits of
 one-token steps differ from those of its float32-dequantized weights by at most 6e-6 of the largest logit, 12
 tokens of a prompt together by 1.3e-5, every argmax equal. R input rows (a tile: 4, 2 or 1) share each decoded
@@ -73,19 +74,39 @@ def _c8(v: int):
     return ir.Constant(_vec(_I8, 32), [v] * 32)
 
 
-def _nibbles(builder, p):
-    """16 bytes at p -> <32 x i8>: the low nibbles (inputs 0-15), then the high ones (16-31)."""
-    packed = _bytes(builder, p, 16)
-    lo = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
-    hi = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
-    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
+# The nibble types' inputs, as their codes come out of in-lane unpacks (no lane-crossing shuffles): the four
+# 8-input quarters of each 32-block hold these inputs; x is permuted to match (permute_nibbles)
+NIBBLE_ORDER = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15,
+                         16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31])
 
 
-def _high_bits(builder, p):
-    """The 32 fifth bits at p (a little-endian uint32, bit i for input i) as <32 x i8> of 0 or 16."""
-    word = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
-    bits = builder.zext(builder.bitcast(word, _vec(_I1, 32)), _vec(_I8, 32))
-    return builder.shl(bits, _c8(4))
+def _nibble_words(builder, p, qh):
+    """16 bytes at p -> (low nibbles, high nibbles) as <16 x i16>, word i of each input i (+ 16), with the fifth
+    bits of the uint32 at qh (bit i for input i) where qh is given."""
+    v16 = _vec(_I16, 16)
+    words = builder.zext(_bytes(builder, p, 16), v16)
+    halves = [builder.and_(words, ir.Constant(v16, [15] * 16)), builder.lshr(words, ir.Constant(v16, [4] * 16))]
+    if qh is None:
+        return halves
+    one = ir.Constant(v16, [1 << i for i in range(16)])
+    for h in range(2):
+        bits = _splat(builder, builder.load(builder.bitcast(_ptr(builder, qh, 2 * h), _I16.as_pointer()), align=1), 16)
+        set_ = builder.icmp_unsigned("!=", builder.and_(bits, one), ir.Constant(v16, [0] * 16))
+        halves[h] = builder.or_(halves[h], builder.select(set_, ir.Constant(v16, [16] * 16), ir.Constant(v16, [0] * 16)))
+    return halves
+
+
+def _nibble_quarters(builder, p, qh):
+    """The nibble types' codes as four <8 x i32> quarters in NIBBLE_ORDER (vpunpcklwd / vpunpckhwd with zero)."""
+    zero = ir.Constant(_vec(_I16, 16), [0] * 16)
+    out = []
+    for half in _nibble_words(builder, p, qh):
+        for base in (0, 4):
+            mask = [k for j in range(4) for k in (base + j, 16 + base + j)]
+            mask += [k + 8 for k in mask]
+            out.append(builder.bitcast(builder.shuffle_vector(half, zero, ir.Constant(_vec(_I32, 16), mask)),
+                                       _vec(_I32, 8)))
+    return out
 
 
 def _block32(builder, kind: int, bp):
@@ -93,10 +114,8 @@ def _block32(builder, kind: int, bp):
     d = _half(builder, bp)
     if kind == 2:  # Q8_0: d, qs[32] (int8)
         return _bytes(builder, _ptr(builder, bp, 2), 32), [d], None
-    q0 = {0: 2, 1: 4, 3: 6, 4: 8}[kind]
-    codes = _nibbles(builder, _ptr(builder, bp, q0))
-    if kind in (3, 4):  # Q5_0 / Q5_1: the qh word just before the nibbles
-        codes = builder.or_(codes, _high_bits(builder, _ptr(builder, bp, q0 - 4)))
+    q0 = {0: 2, 1: 4, 3: 6, 4: 8}[kind]  # Q5_0 / Q5_1: the qh word just before the nibbles
+    codes = _nibble_quarters(builder, _ptr(builder, bp, q0), _ptr(builder, bp, q0 - 4) if kind in (3, 4) else None)
     if kind in (1, 4):  # Q4_1 / Q5_1: d, m, ...: w = d * q + m
         return codes, [d], _half(builder, _ptr(builder, bp, 2))
     # Q4_0 / Q5_0: w = d * (q - 8 or 16), taken as d * q - 8 or 16 * d (both exact in float32): unsigned codes
@@ -155,6 +174,8 @@ def _block(builder, kind: int, wrow, b, s: int):
         codes, scales, bias = _block32(builder, kind, bp)
     else:
         codes, scales, bias = _block_k(builder, kind, bp, ir.Constant(_I64, s))
+    if isinstance(codes, list):  # four <8 x i32> quarters already
+        return [builder.sitofp(c, _vec(_F32, 8)) for c in codes], scales, bias
     f = builder.sitofp(codes, _vec(_F32, 32)) if kind in (2, 10) else builder.uitofp(codes, _vec(_F32, 32))
     quarters = [builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 8), list(range(8 * k, 8 * k + 8))))
                 for k in range(4)]
@@ -259,7 +280,8 @@ def _tile_rows(left: int) -> int:
 @njit(cache=True, nogil=True)
 def rows_product(kind, w, x, xs, y, ycol, o0, o1):
     """y[:, ycol + o] = x @ W[o] for o in o0..o1 (y float32, C order; W: w [out, row bytes] of type kind; xs:
-    block_sums(x)): _OUT_CHUNK weight rows at a time stay in cache while each tile of input rows passes them."""
+    block_sums(x); x in NIBBLE_ORDER, permute_nibbles(x), for the kinds NIBBLES marks): _OUT_CHUNK weight rows
+    at a time stay in cache while each tile of input rows passes them."""
     rows, n = x.shape
     nblk, rb = n // 32, w.shape[1]
     for c0 in range(o0, o1, _OUT_CHUNK):
@@ -292,13 +314,29 @@ def _sums(x):
     return xs
 
 
+NIBBLES = np.array([k in (0, 1, 3, 4) for k in range(11)])  # kinds read through NIBBLE_ORDER
+
+
+@njit(cache=True, nogil=True)
+def permute_nibbles(x):
+    """x [rows, n] with each 32 inputs in NIBBLE_ORDER, what rows_product takes for Q4_0, Q4_1, Q5_0, Q5_1."""
+    rows, n = x.shape
+    out = np.empty_like(x)
+    for r in range(rows):
+        for b in range(0, n, 32):
+            for p in range(32):
+                out[r, b + p] = x[r, b + NIBBLE_ORDER[p]]
+    return out
+
+
 @njit(cache=True, nogil=True)
 def segments_product(kinds, starts, blocks, x, y, o0, o1):
     """y[:, o] for o in o0..o1 of a fused product: segment i (type kinds[i], its blocks blocks[i], a typed List)
     gives y's columns starts[i]..starts[i + 1]. The input's block sums are formed here, in the same call."""
     xs = _sums(x)
+    xp = permute_nibbles(x)
     for i in range(len(kinds)):
         s0 = starts[i]
         a, b = max(o0, s0), min(o1, starts[i + 1])
         if a < b:
-            rows_product(kinds[i], blocks[i], x, xs, y, s0, a - s0, b - s0)
+            rows_product(kinds[i], blocks[i], xp if NIBBLES[kinds[i]] else x, xs, y, s0, a - s0, b - s0)
