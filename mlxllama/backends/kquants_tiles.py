@@ -2,8 +2,8 @@
 (numba, LLVM IR written here; kquants.py calls them for products of up to 16 input rows).
 
 Every type is read 32 inputs at a time ("a 32-block": the whole block of the 32-element types, one of the eight
-32-input slices of a K-quant superblock). A 32-block decodes to 32 integer codes c (as <32 x i8>), a scale, and
-a bias where the type has one: w = scale * c + bias, exactly the float32 values gguf.quants.dequantize forms
+32-input slices of a K-quant superblock). A 32-block decodes to 32 integer codes c, a scale, and a bias where the
+type has one: w = scale * c + bias, exactly the float32 values gguf.quants.dequantize forms
 (Q4_1/Q5_1: d, m; Q4_K/Q5_K: d * sc, -(dmin * m); Q4_0/Q5_0: the codes q unsigned and the bias -8 d or -16 d,
 both exact in float32; Q8_0 and Q6_K: signed codes, q - 32 for Q6_K, whose scale d * sc covers 16 inputs, so a
 32-block has two). Then, for each input row x (float32, as given: nothing is rounded),
@@ -11,9 +11,13 @@ both exact in float32; Q8_0 and Q6_K: signed codes, q - 32 for Q6_K, whose scale
     y[o] += scale * (c . x_b) + bias * sum(x_b)
 
 with c . x_b as four 8-lane float multiplies over the codes converted to float32, the lanes summed at the end of
-the row. The nibble types (Q4_0, Q4_1, Q5_0, Q5_1) widen their codes by in-lane unpacks, which leave the inputs
-of each 8-lane quarter in NIBBLE_ORDER: their input is permuted once per product to match (permute_nibbles). The result is x @ W.T up to float32 summation order: ~1e-6 relative per product (tests/test_kquants.py
-checks 2e-5 on random blocks of every type); on SmolLM2-135M Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K) the logits of
+the row. The codes are widened to 32 bits by in-lane unpacks of words (vpmovzxbw, vpunpck[lh]wd with zero: no
+lane-crossing shuffles, of which Zen 2 runs one a cycle), which leave each 8-lane quarter holding the inputs
+NIBBLE_ORDER lists; the input is permuted once per product to match (permute_nibbles; Q8_0 alone converts its
+bytes in order).
+
+The result is x @ W.T up to float32 summation order: ~1e-6 relative per product (tests/test_kquants.py checks
+2e-5 on random blocks of every type); on SmolLM2-135M Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K) the logits of
 one-token steps differ from those of its float32-dequantized weights by at most 6e-6 of the largest logit, 12
 tokens of a prompt together by 1.3e-5, every argmax equal. R input rows (a tile: 4, 2 or 1) share each decoded
 32-block; a lone row's blocks go four a loop step into two accumulators, and a K-quant superblock's eight 32-blocks
@@ -97,10 +101,16 @@ def _nibble_words(builder, p, qh):
 
 
 def _nibble_quarters(builder, p, qh):
-    """The nibble types' codes as four <8 x i32> quarters in NIBBLE_ORDER (vpunpcklwd / vpunpckhwd with zero)."""
+    """The nibble types' codes as four <8 x i32> quarters in NIBBLE_ORDER."""
+    return _unpack(builder, _nibble_words(builder, p, qh))
+
+
+def _unpack(builder, halves):
+    """Two <16 x i16> halves of 32 codes (word i: input i, 16 + i) -> four <8 x i32> quarters in NIBBLE_ORDER, by
+    vpunpcklwd / vpunpckhwd with zero (in-lane: no lane-crossing shuffles)."""
     zero = ir.Constant(_vec(_I16, 16), [0] * 16)
     out = []
-    for half in _nibble_words(builder, p, qh):
+    for half in halves:
         for base in (0, 4):
             mask = [k for j in range(4) for k in (base + j, 16 + base + j)]
             mask += [k + 8 for k in mask]
@@ -136,17 +146,36 @@ def _k_scale_min(builder, q, s):
     return sc, mn
 
 
+def _words32(builder, p):
+    """32 bytes at p as two <16 x i16> halves (bytes 0-15, 16-31), each byte in its word."""
+    return [builder.zext(_bytes(builder, _ptr(builder, p, 16 * h), 16), _vec(_I16, 16)) for h in range(2)]
+
+
+def _field(builder, halves, shift, mask: int):
+    """(w >> shift) & mask of each word of the halves; shift an i64 value."""
+    v16 = _vec(_I16, 16)
+    sv = _splat(builder, builder.trunc(shift, _I16), 16)
+    return [builder.and_(builder.lshr(h, sv), ir.Constant(v16, [mask] * 16)) for h in halves]
+
+
+def _or_shifted(builder, lo, hi):
+    """lo | hi << 4, per word."""
+    four = ir.Constant(_vec(_I16, 16), [4] * 16)
+    return [builder.or_(a, builder.shl(b, four)) for a, b in zip(lo, hi)]
+
+
 def _block_k(builder, kind: int, bp, s):
-    """32-block s (i64, 0..7) of the K-quant superblock at bp: (codes <32 x i8>, scales, bias or None)."""
+    """32-block s (i64, 0..7) of the K-quant superblock at bp: (codes as four <8 x i32> quarters in NIBBLE_ORDER,
+    scales, bias or None)."""
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
     if kind == 10:  # Q6_K: ql[128] qh[64] scales[16] (int8) d; 32-block s = 4 j + k
         j, k = builder.lshr(s, i64(2)), builder.and_(s, i64(3))
         ql = _ptr(builder, bp, builder.add(builder.mul(j, i64(64)), builder.mul(builder.and_(k, i64(1)), i64(32))))
-        lo = builder.and_(builder.lshr(_bytes(builder, ql, 32), _vsplat8(builder, builder.mul(
-            builder.lshr(k, i64(1)), i64(4)))), _c8(15))
+        lo = _field(builder, _words32(builder, ql), builder.mul(builder.lshr(k, i64(1)), i64(4)), 15)
         qh = _ptr(builder, bp, builder.add(builder.mul(j, i64(32)), i64(128)))
-        hi = builder.and_(builder.lshr(_bytes(builder, qh, 32), _vsplat8(builder, builder.mul(k, i64(2)))), _c8(3))
-        codes = builder.sub(builder.or_(lo, builder.shl(hi, _c8(4))), _c8(32))
+        hi = _field(builder, _words32(builder, qh), builder.mul(k, i64(2)), 3)
+        minus = ir.Constant(_vec(_I32, 8), [32] * 8)
+        codes = [builder.sub(q, minus) for q in _unpack(builder, _or_shifted(builder, lo, hi))]
         d = _half(builder, _ptr(builder, bp, 208))
         sp = _ptr(builder, bp, builder.add(builder.mul(s, i64(2)), i64(192)))
         scales = [builder.fmul(d, builder.sitofp(_byte(builder, _ptr(builder, sp, t), True), _F32)) for t in (0, 1)]
@@ -154,15 +183,13 @@ def _block_k(builder, kind: int, bp, s):
     # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]; 32-block s = 2 j + t
     d, dmin = _half(builder, bp), _half(builder, _ptr(builder, bp, 2))
     qs = _ptr(builder, bp, builder.add(builder.mul(builder.lshr(s, i64(1)), i64(32)), i64(16 if kind == 8 else 48)))
-    shift = builder.mul(builder.and_(s, i64(1)), i64(4))
-    codes = builder.and_(builder.lshr(_bytes(builder, qs, 32), _vsplat8(builder, shift)), _c8(15))
+    words = _field(builder, _words32(builder, qs), builder.mul(builder.and_(s, i64(1)), i64(4)), 15)
     if kind == 9:
-        h = builder.and_(builder.lshr(_bytes(builder, _ptr(builder, bp, 16), 32), _vsplat8(builder, s)), _c8(1))
-        codes = builder.or_(codes, builder.shl(h, _c8(4)))
+        words = _or_shifted(builder, words, _field(builder, _words32(builder, _ptr(builder, bp, 16)), s, 1))
     sc, mn = _k_scale_min(builder, _ptr(builder, bp, 4), s)
     scale = builder.fmul(d, builder.uitofp(sc, _F32))
     bias = builder.fsub(ir.Constant(_F32, -0.0), builder.fmul(dmin, builder.uitofp(mn, _F32)))
-    return codes, [scale], bias
+    return _unpack(builder, words), [scale], bias
 
 
 def _block(builder, kind: int, wrow, b, s: int):
@@ -314,7 +341,7 @@ def _sums(x):
     return xs
 
 
-NIBBLES = np.array([k in (0, 1, 3, 4) for k in range(11)])  # kinds read through NIBBLE_ORDER
+NIBBLES = np.array([k != 2 for k in range(11)])  # kinds read through NIBBLE_ORDER (all but Q8_0)
 
 
 @njit(cache=True, nogil=True)
