@@ -28,8 +28,7 @@ import os
 import threading
 
 import numpy as np
-from numba import njit, types
-from numba.typed import List
+from numba import njit
 
 from . import kquants_tiles
 from .numpy_threads import spans
@@ -297,7 +296,6 @@ _FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the othe
 
 
 ACTIVATIONS = ("float32", "llama.cpp")
-_READONLY_BLOCKS = types.Array(types.uint8, 2, "C", readonly=True)
 TILED = {qtype: kind for qtype, (kind, _) in kquants_tiles.KINDS.items()}  # types with vector tiles
 
 
@@ -320,13 +318,11 @@ class KQuantLinear:
         self.shape = (parts[0].shape[1], o)
         self.qtypes = tuple(p.qtype for p in parts)
         self.activations = "float32"
-        self._tiled = None  # (kinds, starts, typed List of blocks) where every part has vector tiles
+        self._tiled = None  # (kinds, starts, a tuple of the blocks) where every part has vector tiles
         if all(q in TILED for q in self.qtypes):
-            blocks = List.empty_list(_READONLY_BLOCKS)  # the file's pages are read-only; others are taken as such
-            for seg in self.segments:
-                blocks.append(seg[3])
             self._tiled = (np.array([TILED[q] for q in self.qtypes], np.int64),
-                           np.array([seg[0] for seg in self.segments] + [o], np.int64), blocks)
+                           np.array([seg[0] for seg in self.segments] + [o], np.int64),
+                           tuple(_read_only(seg[3]) for seg in self.segments))
 
     @property
     def nbytes(self) -> int:
@@ -364,6 +360,14 @@ class KQuantLinear:
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
         """Output rows o0..o1 (across segments) as float32 [o1 - o0, in] in out (C order)."""
         return _dequantize(self.segments, o0, o1, out)
+
+
+def _read_only(blocks: np.ndarray) -> np.ndarray:
+    """A read-only view: the file's pages are read-only, and one type for all parts keeps segments_product's
+    tuple of blocks uniform (one compiled function per number of parts)."""
+    view = blocks.view()
+    view.flags.writeable = False
+    return view
 
 
 def _dequantize(segments, o0: int, o1: int, out: np.ndarray) -> np.ndarray:

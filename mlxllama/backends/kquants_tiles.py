@@ -347,8 +347,9 @@ def permute_nibbles(x):
 
 @njit(cache=True, nogil=True)
 def segments_product(kinds, starts, blocks, x, y, o0, o1):
-    """y[:, o] for o in o0..o1 of a fused product: segment i (type kinds[i], its blocks blocks[i], a typed List)
-    gives y's columns starts[i]..starts[i + 1]. The input's block sums are formed here, in the same call."""
+    """y[:, o] for o in o0..o1 of a fused product: segment i (type kinds[i], its blocks blocks[i], a tuple of
+    read-only arrays) gives y's columns starts[i]..starts[i + 1]. The input's block sums and its permuted copy are
+    formed here, in the same call."""
     xs = _sums(x)
     xp = permute_nibbles(x)
     for i in range(len(kinds)):
