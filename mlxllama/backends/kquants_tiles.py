@@ -66,8 +66,8 @@ def _byte(builder, p, signed: bool = False):
     return builder.sext(v, _I32) if signed else builder.zext(v, _I32)
 
 
-# The nibble types' inputs, as their codes come out of in-lane unpacks (no lane-crossing shuffles): the four
-# 8-input quarters of each 32-block hold these inputs; x is permuted to match (permute_nibbles)
+# The inputs of each 32-block's four 8-input quarters, as codes come out of in-lane unpacks of words (_unpack: all
+# types but Q8_0); x is permuted to match (permute_nibbles)
 NIBBLE_ORDER = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15,
                          16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31])
 
@@ -109,7 +109,8 @@ def _unpack(builder, halves):
 
 
 def _block32(builder, kind: int, bp):
-    """A 32-element block at bp: (codes <32 x i8>, [scale], bias or None)."""
+    """A 32-element block at bp: (codes: Q8_0's <32 x i8> in order, the others' four <8 x i32> quarters in
+    NIBBLE_ORDER; [scale]; bias or None)."""
     d = _half(builder, bp)
     if kind == 2:  # Q8_0: d, qs[32] (int8)
         return _bytes(builder, _ptr(builder, bp, 2), 32), [d], None
@@ -190,9 +191,9 @@ def _block(builder, kind: int, wrow, b, s: int):
         codes, scales, bias = _block32(builder, kind, bp)
     else:
         codes, scales, bias = _block_k(builder, kind, bp, ir.Constant(_I64, s))
-    if isinstance(codes, list):  # four <8 x i32> quarters already
+    if kind != 2:  # four <8 x i32> quarters already
         return [builder.sitofp(c, _vec(_F32, 8)) for c in codes], scales, bias
-    f = builder.sitofp(codes, _vec(_F32, 32)) if kind in (2, 10) else builder.uitofp(codes, _vec(_F32, 32))
+    f = builder.sitofp(codes, _vec(_F32, 32))  # Q8_0's bytes
     quarters = [builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 8), list(range(8 * k, 8 * k + 8))))
                 for k in range(4)]
     return quarters, scales, bias
@@ -330,7 +331,7 @@ def _sums(x):
     return xs
 
 
-NIBBLES = np.array([k != 2 for k in range(11)])  # kinds read through NIBBLE_ORDER (all but Q8_0)
+NIBBLES = np.array([k != 2 for k in range(11)])  # kinds whose input is in NIBBLE_ORDER (all but Q8_0)
 
 
 @njit(cache=True, nogil=True)
