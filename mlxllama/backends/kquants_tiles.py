@@ -180,12 +180,17 @@ def _block_k(builder, kind: int, bp, s):
     # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]; 32-block s = 2 j + t
     d, dmin = _half(builder, bp), _half(builder, _ptr(builder, bp, 2))
     qs = _ptr(builder, bp, builder.add(builder.mul(builder.lshr(s, i64(1)), i64(32)), i64(16 if kind == 8 else 48)))
-    words = _field(builder, _words32(builder, qs), builder.mul(builder.and_(s, i64(1)), i64(4)), 15)
-    if kind == 9:
-        words = _or_shifted(builder, words, _field(builder, _words32(builder, _ptr(builder, bp, 16)), s, 1))
     sc, mn = _k_scale_min(builder, _ptr(builder, bp, 4), s)
     scale = builder.fmul(d, builder.uitofp(sc, _F32))
     bias = builder.fsub(ir.Constant(_F32, -0.0), builder.fmul(dmin, builder.uitofp(mn, _F32)))
+    shift = builder.mul(builder.and_(s, i64(1)), i64(4))
+    if kind == 8:  # each 8 bytes widened to dwords: input order
+        v8 = _vec(_I32, 8)
+        sv = _splat(builder, builder.trunc(shift, _I32), 8)
+        return [builder.and_(builder.lshr(builder.zext(_bytes(builder, _ptr(builder, qs, 8 * q), 8), v8), sv),
+                             ir.Constant(v8, [15] * 8)) for q in range(4)], [scale], bias
+    words = _field(builder, _words32(builder, qs), shift, 15)
+    words = _or_shifted(builder, words, _field(builder, _words32(builder, _ptr(builder, bp, 16)), s, 1))
     return _unpack(builder, words), [scale], bias
 
 
@@ -338,7 +343,7 @@ def _sums(x):
     return xs
 
 
-NIBBLES = np.array([k >= 3 for k in range(11)])  # kinds whose input is in NIBBLE_ORDER (Q5_0, Q5_1, K-quants)
+NIBBLES = np.array([k in (3, 4, 9, 10) for k in range(11)])  # kinds whose input is in NIBBLE_ORDER (Q5_0, Q5_1, K-quants)
 
 
 @njit(cache=True, nogil=True)
