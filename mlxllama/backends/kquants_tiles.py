@@ -11,15 +11,16 @@ both exact in float32; Q8_0 and Q6_K: signed codes, q - 32 for Q6_K, whose scale
     y[o] += scale * (c . x_b) + bias * sum(x_b)
 
 with c . x_b as four 8-lane float multiplies over the codes converted to float32, the lanes summed at the end of
-the row. The codes are widened to 32 bits by in-lane unpacks of words (vpmovzxbw, vpunpck[lh]wd with zero: no
-lane-crossing shuffles, of which Zen 2 runs one a cycle), which leave each 8-lane quarter holding the inputs
-NIBBLE_ORDER lists; the input is permuted once per product to match (permute_nibbles; Q8_0 alone converts its
-bytes in order).
+the row. Widening the codes to 32-bit lanes is what costs most on Zen 2 (lane-crossing shuffles run one a cycle),
+so each type takes the form that measured fastest: Q4_0, Q4_1 and the K-quants widen each 8 bytes to dwords
+(input order); Q5_0 and Q5_1 widen 16 bytes to words, add the fifth bits there, and split the words into dwords
+by in-lane unpacks, which leave each 8-lane quarter holding the inputs NIBBLE_ORDER lists: their input is
+permuted once per product to match (permute_nibbles); Q8_0 converts its bytes in order.
 
 The result is x @ W.T up to float32 summation order: ~1e-6 relative per product (tests/test_kquants.py checks
 2e-5 on random blocks of every type); on SmolLM2-135M Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K) the logits of
 one-token steps differ from those of its float32-dequantized weights by at most 1.2e-5 of the largest logit, 12
-tokens of a prompt together by 1.4e-5, every argmax equal. R input rows (a tile: 4, 2 or 1) share each decoded
+tokens of a prompt together by 1.5e-5, every argmax equal. R input rows (a tile: 4, 2 or 1) share each decoded
 32-block; a lone row's blocks go four a loop step into two accumulators, and a K-quant superblock's eight 32-blocks
 are one loop step (their shifts and scale positions constants).
 
@@ -66,8 +67,8 @@ def _byte(builder, p, signed: bool = False):
     return builder.sext(v, _I32) if signed else builder.zext(v, _I32)
 
 
-# The inputs of each 32-block's four 8-input quarters, as codes come out of in-lane unpacks of words (_unpack:
-# Q5_0, Q5_1 and the K-quants); x is permuted to match (permute_nibbles)
+# The inputs of each 32-block's four 8-input quarters, as Q5_0's and Q5_1's codes come out of in-lane unpacks of
+# words (_unpack); x is permuted to match (permute_nibbles)
 NIBBLE_ORDER = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15,
                          16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31])
 
@@ -89,9 +90,9 @@ def _nibble_words(builder, p, qh):
 
 def _nibble_quarters(builder, p):
     """Q4_0 / Q4_1: the codes of the 16 bytes at p as four <8 x i32> quarters in input order: each byte widened to
-    a dword (three shuffles a block), its low nibble input j, its high one 16 + j. (The 5-bit types take the word
-    unpacks instead: their fifth bits cost fewer operations on 16 words than on 8 dwords, 7.5 against 6.6
-    Gweights/s; here the dwords measured 12.9 against 9.9.)"""
+    a dword, its low nibble input j, its high one 16 + j. (The 5-bit types take the word unpacks instead: their
+    fifth bits cost fewer operations on 16 words than on 8 dwords, 7.5 against 6.6 Gweights/s; here the dwords
+    measured 12.9 against 9.9.)"""
     v8 = _vec(_I32, 8)
     dwords = [builder.zext(_bytes(builder, _ptr(builder, p, 8 * h), 8), v8) for h in range(2)]
     return [builder.and_(d, ir.Constant(v8, [15] * 8)) for d in dwords] + \
@@ -143,36 +144,28 @@ def _k_scale_min(builder, q, s):
     return sc, mn
 
 
-def _words32(builder, p):
-    """32 bytes at p as two <16 x i16> halves (bytes 0-15, 16-31), each byte in its word."""
-    return [builder.zext(_bytes(builder, _ptr(builder, p, 16 * h), 16), _vec(_I16, 16)) for h in range(2)]
-
-
-def _field(builder, halves, shift, mask: int):
-    """(w >> shift) & mask of each word of the halves; shift an i64 value."""
-    v16 = _vec(_I16, 16)
-    sv = _splat(builder, builder.trunc(shift, _I16), 16)
-    return [builder.and_(builder.lshr(h, sv), ir.Constant(v16, [mask] * 16)) for h in halves]
-
-
-def _or_shifted(builder, lo, hi):
-    """lo | hi << 4, per word."""
-    four = ir.Constant(_vec(_I16, 16), [4] * 16)
-    return [builder.or_(a, builder.shl(b, four)) for a, b in zip(lo, hi)]
+def _dwords32(builder, p, shift, mask: int):
+    """(byte >> shift) & mask of the 32 bytes at p as four <8 x i32> quarters in input order (each 8 bytes widened
+    to dwords: Q4_K 11.1 Gweights/s one row, against 8.2 through words and unpacks); shift an i64 value."""
+    v8 = _vec(_I32, 8)
+    sv = _splat(builder, builder.trunc(shift, _I32), 8)
+    return [builder.and_(builder.lshr(builder.zext(_bytes(builder, _ptr(builder, p, 8 * q), 8), v8), sv),
+                         ir.Constant(v8, [mask] * 8)) for q in range(4)]
 
 
 def _block_k(builder, kind: int, bp, s):
-    """32-block s (i64, 0..7) of the K-quant superblock at bp: (codes as four <8 x i32> quarters in NIBBLE_ORDER,
+    """32-block s (i64, 0..7) of the K-quant superblock at bp: (codes as four <8 x i32> quarters in input order,
     scales, bias or None)."""
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    four = ir.Constant(_vec(_I32, 8), [4] * 8)
     if kind == 10:  # Q6_K: ql[128] qh[64] scales[16] (int8) d; 32-block s = 4 j + k
         j, k = builder.lshr(s, i64(2)), builder.and_(s, i64(3))
         ql = _ptr(builder, bp, builder.add(builder.mul(j, i64(64)), builder.mul(builder.and_(k, i64(1)), i64(32))))
-        lo = _field(builder, _words32(builder, ql), builder.mul(builder.lshr(k, i64(1)), i64(4)), 15)
+        lo = _dwords32(builder, ql, builder.mul(builder.lshr(k, i64(1)), i64(4)), 15)
         qh = _ptr(builder, bp, builder.add(builder.mul(j, i64(32)), i64(128)))
-        hi = _field(builder, _words32(builder, qh), builder.mul(k, i64(2)), 3)
+        hi = _dwords32(builder, qh, builder.mul(k, i64(2)), 3)
         minus = ir.Constant(_vec(_I32, 8), [32] * 8)
-        codes = [builder.sub(q, minus) for q in _unpack(builder, _or_shifted(builder, lo, hi))]
+        codes = [builder.sub(builder.or_(a, builder.shl(b, four)), minus) for a, b in zip(lo, hi)]
         d = _half(builder, _ptr(builder, bp, 208))
         sp = _ptr(builder, bp, builder.add(builder.mul(s, i64(2)), i64(192)))
         scales = [builder.fmul(d, builder.sitofp(_byte(builder, _ptr(builder, sp, t), True), _F32)) for t in (0, 1)]
@@ -183,15 +176,11 @@ def _block_k(builder, kind: int, bp, s):
     sc, mn = _k_scale_min(builder, _ptr(builder, bp, 4), s)
     scale = builder.fmul(d, builder.uitofp(sc, _F32))
     bias = builder.fsub(ir.Constant(_F32, -0.0), builder.fmul(dmin, builder.uitofp(mn, _F32)))
-    shift = builder.mul(builder.and_(s, i64(1)), i64(4))
-    if kind == 8:  # each 8 bytes widened to dwords: input order
-        v8 = _vec(_I32, 8)
-        sv = _splat(builder, builder.trunc(shift, _I32), 8)
-        return [builder.and_(builder.lshr(builder.zext(_bytes(builder, _ptr(builder, qs, 8 * q), 8), v8), sv),
-                             ir.Constant(v8, [15] * 8)) for q in range(4)], [scale], bias
-    words = _field(builder, _words32(builder, qs), shift, 15)
-    words = _or_shifted(builder, words, _field(builder, _words32(builder, _ptr(builder, bp, 16)), s, 1))
-    return _unpack(builder, words), [scale], bias
+    codes = _dwords32(builder, qs, builder.mul(builder.and_(s, i64(1)), i64(4)), 15)
+    if kind == 9:
+        fifth = _dwords32(builder, _ptr(builder, bp, 16), s, 1)
+        codes = [builder.or_(a, builder.shl(b, four)) for a, b in zip(codes, fifth)]
+    return codes, [scale], bias
 
 
 def _block(builder, kind: int, wrow, b, s: int):
@@ -343,7 +332,7 @@ def _sums(x):
     return xs
 
 
-NIBBLES = np.array([k in (3, 4, 9, 10) for k in range(11)])  # kinds whose input is in NIBBLE_ORDER (Q5_0, Q5_1, K-quants)
+NIBBLES = np.array([k in (3, 4) for k in range(11)])  # kinds whose input is in NIBBLE_ORDER: Q5_0, Q5_1
 
 
 @njit(cache=True, nogil=True)
@@ -364,7 +353,11 @@ def segments_product(kinds, starts, blocks, x, y, o0, o1):
     read-only arrays) gives y's columns starts[i]..starts[i + 1]. The input's block sums and its permuted copy are
     formed here, in the same call."""
     xs = _sums(x)
-    xp = permute_nibbles(x)
+    xp = x
+    for k in kinds:
+        if NIBBLES[k]:
+            xp = permute_nibbles(x)
+            break
     for i in range(len(kinds)):
         s0 = starts[i]
         a, b = max(o0, s0), min(o1, starts[i + 1])
