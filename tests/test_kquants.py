@@ -284,3 +284,69 @@ def test_smollm2_kquants_exact_and_close_to_llamacpp(smollm2_quants, ft):
     kl_max, same_min = (0.05, 0.8) if low_bits else (0.02, 0.85)
     mean_kl, agree = float(np.mean(kl)), float(np.mean(same))
     assert mean_kl < kl_max and agree >= same_min, (ft, mean_kl, agree)
+
+
+# ------------------------------------------------------------------------------------- the vector tiles (1-16 rows)
+
+def test_vector_tiles_every_row_count_and_fused_types(monkeypatch):
+    """kquants_tiles' products: each tiled type, alone and fused by output rows with the others and with an untiled
+    type (IQ4_NL), for 1, 2, 5, 16 (tiles) and 17 rows (BLAS), on this thread and shared over two of numpy_ops'
+    workers, agree with x @ W.T of gguf's weights (float32 inputs, nothing rounded but the sums)."""
+    from mlxllama.backends import kquants_tiles
+    from mlxllama.backends.numpy_threads import Workers
+
+    cols = 512
+    qtypes = list(kquants_tiles.KINDS) + ["IQ4_NL"]
+    parts = [GGMLWeight(q, random_blocks(q, 40 + 3 * i, cols, seed=10 + i), (40 + 3 * i, cols))
+             for i, q in enumerate(qtypes)]  # spans of 64 rows cross the segments
+    ref = np.concatenate([gguf.quants.dequantize(p.blocks, QT[p.qtype]) for p in parts]).astype(np.float64)
+    x = np.random.default_rng(4).standard_normal((17, cols)).astype(np.float32)
+    monkeypatch.setattr(kquants, "_SHARE_MIN", 0)
+    workers = Workers(2)
+    for n in (1, 2, 5, 16, 17):
+        want = x[:n].astype(np.float64) @ ref.T
+        tol = dict(rtol=2e-5, atol=2e-5 * np.abs(want).max())
+        for k in (len(parts), len(parts) - 1):  # with IQ4_NL (segment by segment), all tiled (one compiled call)
+            fused, w = kquants.prepare_numpy(parts[:k]), want[:, :sum(p.shape[0] for p in parts[:k])]
+            assert (fused._tiled is None) == (k == len(parts))
+            np.testing.assert_allclose(fused.matmul(x[:n]), w, **tol, err_msg=f"{n} rows")
+            np.testing.assert_allclose(fused.matmul(x[:n], workers, 2), w, **tol, err_msg=f"{n} rows, 2 threads")
+        o = 0
+        for p in parts:
+            alone = kquants.prepare_numpy([p]).matmul(x[:n])
+            np.testing.assert_allclose(alone, want[:, o:o + p.shape[0]], **tol, err_msg=f"{p.qtype} {n} rows")
+            o += p.shape[0]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+def test_vector_tiles_rows_of_any_block_count(qtype):
+    """Rows of 19 blocks (SmolLM2's are 18): the blocks after the last whole loop step of 4 (one row) or 2."""
+    rows, cols = 24, 608
+    w = GGMLWeight(qtype, random_blocks(qtype, rows, cols, seed=7), (rows, cols))
+    ref = gguf.quants.dequantize(w.blocks, QT[qtype]).astype(np.float64)
+    x = np.random.default_rng(8).standard_normal((3, cols)).astype(np.float32)
+    lin = kquants.prepare_numpy([w])
+    for n in (1, 3):
+        want = x[:n].astype(np.float64) @ ref.T
+        np.testing.assert_allclose(lin.matmul(x[:n]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_vector_tiles_release_the_gil_and_match_the_old_kernels():
+    """The tiles run without the GIL (numpy_ops shares a product's spans over threads), and for llama.cpp-rounded
+    inputs give what the float loops (matmul_rows) give, Q8_1 sums included, to float32 summation order."""
+    from mlxllama.backends import kquants_tiles
+
+    assert kquants_tiles.rows_product.targetoptions.get("nogil")
+    cols = 256
+    x = np.random.default_rng(5).standard_normal((3, cols)).astype(np.float32)
+    for qtype in kquants_tiles.KINDS:
+        w = GGMLWeight(qtype, random_blocks(qtype, 16, cols, seed=6), (16, cols))
+        lin = kquants.prepare_numpy([w])
+        lin.activations = "llama.cpp"
+        kind, qk, sub, bsize = kquants.TYPES[qtype]
+        xs, sums = kquants.llamacpp_activations(x, qtype)
+        per = xs.reshape(3, -1, sub).sum(axis=-1, dtype=np.float32) if sums is None or sub != 32 else sums
+        old = np.empty((3, 16), np.float32)
+        kquants.matmul_rows(kind, qk, sub, bsize, w.blocks, xs, np.ascontiguousarray(per), kquants._HALF,
+                            kquants._IQ4, old, 0, 16)
+        np.testing.assert_allclose(lin.matmul(x), old, rtol=2e-5, atol=2e-5 * np.abs(old).max(), err_msg=qtype)

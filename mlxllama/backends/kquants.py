@@ -7,9 +7,17 @@ d * sc, bias -(dmin * m); Q6_K: scale d * sc, code q - 32, no bias; IQ4: the cod
 
   a product with up to _DIRECT_ROWS input rows decodes each block once and, per input row and sub-block, adds
       scale * (c . x) + bias * sum(x)
-  in float32 (the weights are never formed: another rounding order than x @ W, ~1e-6 relative);
+  in float32 (the weights are never formed: another rounding order than x @ W, ~1e-6 relative): Q4_0, Q4_1, Q5_0,
+  Q5_1, Q8_0, Q4_K, Q5_K and Q6_K in kquants_tiles' vector IR, tiles of up to 4 rows sharing each decoded block;
+  IQ4_NL (up to _FEW_ROWS rows) in a plain loop; the rest (Q2_K, Q3_K, IQ4_XS) in matmul_rows, every row of the
+  product per decoded block;
   a longer one dequantizes a block of weight rows into a cache-sized buffer (bit for bit gguf's weights) and
   multiplies it with BLAS.
+
+Threads: a product's output rows (across its fused parts) go in spans of 64 or more, claimed by the calling thread
+and the numpy backend's worker threads (matmul's workers: numpy_ops passes its Workers and a step's timed thread
+count) from _SHARE_MIN multiply-adds on; without workers, this module's own pool (_spread). The kernels release
+the GIL.
 
 Resident memory is the file's tensor bytes; nothing is widened at load.
 """
@@ -21,6 +29,9 @@ import threading
 
 import numpy as np
 from numba import njit
+
+from . import kquants_tiles
+from .numpy_threads import spans
 
 # type name -> (kind, elements per block, elements per sub-block, bytes per block)
 TYPES = {
@@ -210,121 +221,23 @@ def matmul_rows(kind, qk, sub, bsize, blocks, x, xsum, half, iq4, y, o0, o1):
             y[r, o] = acc[r]
 
 
-# -- direct products of the commonest types, for a few input rows: codes read from the bytes, never stored ------
-
-@njit(nogil=True, cache=True, inline="always")
-def _k_scale_min(row, p, s):
-    """Q4_K / Q5_K: the 6-bit scale and min of sub-block s from the 12 bytes at p."""
-    if s < 4:
-        return row[p + s] & 63, row[p + 4 + s] & 63
-    return (row[p + 4 + s] & 15) | ((row[p + s - 4] >> 6) << 4), (row[p + 4 + s] >> 4) | ((row[p + s] >> 6) << 4)
-
+# -- IQ4_NL's direct product, for a few input rows (the commoner types: kquants_tiles) --------------------------
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _mv_q45_k(five, blocks, half, x, xsum, y, o0, o1):
-    """y[:, o] for Q4_K (five False) or Q5_K rows o0..o1; xsum per 32 inputs."""
-    rows, n = x.shape
-    bsize = 176 if five else 144
-    qs0 = 48 if five else 16
-    for o in range(o0, o1):
-        row = blocks[o]
-        for r in range(rows):
-            acc = np.float32(0)
-            for b in range(n // 256):
-                p = b * bsize
-                d = _h(row, p, half)
-                dmin = _h(row, p + 2, half)
-                for j in range(4):
-                    q = p + qs0 + j * 32
-                    xb = b * 256 + j * 64
-                    lo = np.float32(0)
-                    hi = np.float32(0)
-                    if five:
-                        for l in range(32):
-                            v = row[q + l]
-                            h = row[p + 16 + l] >> (2 * j)
-                            lo += np.float32((v & 15) | ((h & 1) << 4)) * x[r, xb + l]
-                            hi += np.float32((v >> 4) | ((h & 2) << 3)) * x[r, xb + 32 + l]
-                    else:
-                        for l in range(32):
-                            v = row[q + l]
-                            lo += np.float32(v & 15) * x[r, xb + l]
-                            hi += np.float32(v >> 4) * x[r, xb + 32 + l]
-                    s0, m0 = _k_scale_min(row, p + 4, 2 * j)
-                    s1, m1 = _k_scale_min(row, p + 4, 2 * j + 1)
-                    g = b * 8 + 2 * j
-                    acc += d * (np.float32(s0) * lo + np.float32(s1) * hi) \
-                        - dmin * (np.float32(m0) * xsum[r, g] + np.float32(m1) * xsum[r, g + 1])
-            y[r, o] = acc
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _mv_q6_k(blocks, half, x, xsum, y, o0, o1):
-    """y[:, o] for Q6_K rows o0..o1; xsum per 16 inputs."""
+def _mv_iq4_nl(blocks, half, iq4, x, y, o0, o1):
+    """y[:, o] for IQ4_NL rows o0..o1 (18-byte blocks: d, 16 bytes of table indices)."""
     rows, n = x.shape
     for o in range(o0, o1):
         row = blocks[o]
-        for r in range(rows):
-            acc = np.float32(0)
-            for b in range(n // 256):
-                p = b * 210
-                d = _h(row, p + 208, half)
-                for j in range(2):
-                    for k in range(4):
-                        ql = p + j * 64 + (k % 2) * 32
-                        qh = p + 128 + j * 32
-                        for t in range(2):
-                            dot = np.float32(0)
-                            xb = b * 256 + j * 128 + k * 32 + t * 16
-                            for l in range(t * 16, t * 16 + 16):
-                                v = ((row[ql + l] >> (4 * (k // 2))) & 15) | (((row[qh + l] >> (2 * k)) & 3) << 4)
-                                dot += np.float32(v) * x[r, xb + l - t * 16]
-                            s = j * 8 + k * 2 + t
-                            sc = np.float32(np.int8(row[p + 192 + s]))
-                            acc += d * sc * (dot - np.float32(32) * xsum[r, b * 16 + s])
-            y[r, o] = acc
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _mv_32(kind, bsize, blocks, signed, half, iq4, x, xsum, y, o0, o1):
-    """y[:, o] for rows o0..o1 of a 32-element block type (kinds 0-5 of TYPES); signed: blocks viewed as int8."""
-    rows, n = x.shape
-    q0 = 2 if kind == 0 or kind == 2 or kind == 5 else (4 if kind == 1 else (6 if kind == 3 else 8))
-    for o in range(o0, o1):
-        row = blocks[o]
-        srow = signed[o]
         for r in range(rows):
             acc = np.float32(0)
             for b in range(n // 32):
-                p = b * bsize
-                d = _h(row, p, half)
+                p = b * 18
                 dot = np.float32(0)
-                xb = b * 32
-                if kind == 2:
-                    for i in range(32):
-                        dot += np.float32(srow[p + 2 + i]) * x[r, xb + i]
-                    acc += d * dot
-                    continue
-                if kind == 5:
-                    for i in range(16):
-                        v = row[p + 2 + i]
-                        dot += iq4[v & 15] * x[r, xb + i] + iq4[v >> 4] * x[r, xb + 16 + i]
-                    acc += d * dot
-                    continue
-                hb = np.uint32(0)
-                if kind >= 3:
-                    h = p + q0 - 4
-                    hb = np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16) \
-                        | (np.uint32(row[h + 3]) << 24)
                 for i in range(16):
-                    v = row[p + q0 + i]
-                    lo = np.uint32(v & 15) | (((hb >> i) & 1) << 4)
-                    hi = np.uint32(v >> 4) | (((hb >> (i + 16)) & 1) << 4)
-                    dot += np.float32(lo) * x[r, xb + i] + np.float32(hi) * x[r, xb + 16 + i]
-                if kind == 1 or kind == 4:  # Q4_1, Q5_1: d * q + m
-                    acc += d * dot + _h(row, p + 2, half) * xsum[r, b]
-                else:  # Q4_0, Q5_0: d * (q - 8 or 16)
-                    acc += d * (dot - np.float32(8 if kind == 0 else 16) * xsum[r, b])
+                    v = row[p + 2 + i]
+                    dot += iq4[v & 15] * x[r, b * 32 + i] + iq4[v >> 4] * x[r, b * 32 + 16 + i]
+                acc += _h(row, p, half) * dot
             y[r, o] = acc
 
 
@@ -379,26 +292,11 @@ def llamacpp_activations(x: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndar
     return values, (q8_1_sums(q, d) if qtype in Q8_1_TYPES else None)
 
 
-_FEW_ROWS = 4  # at most this many input rows: the direct product of the type where it has one
-
-
-def _direct(qtype: str, blocks, x2, xsum, y, o0: int, o1: int) -> bool:
-    """y[:, o0:o1] by a type's own direct product; False where it has none (or x2 has too many rows)."""
-    if x2.shape[0] > _FEW_ROWS:
-        return False
-    if qtype in ("Q4_K", "Q5_K"):
-        _mv_q45_k(qtype == "Q5_K", blocks, _HALF, x2, xsum, y, o0, o1)
-    elif qtype == "Q6_K":
-        _mv_q6_k(blocks, _HALF, x2, xsum, y, o0, o1)
-    elif TYPES[qtype][1] == 32:
-        kind, _, _, bsize = TYPES[qtype]
-        _mv_32(kind, bsize, blocks, blocks.view(np.int8), _HALF, _IQ4, x2, xsum, y, o0, o1)
-    else:
-        return False
-    return True
+_FEW_ROWS = 4  # at most this many input rows: IQ4_NL's direct product (the other untiled types: matmul_rows)
 
 
 ACTIVATIONS = ("float32", "llama.cpp")
+TILED = {qtype: kind for qtype, (kind, _) in kquants_tiles.KINDS.items()}  # types with vector tiles
 
 
 class KQuantLinear:
@@ -407,6 +305,8 @@ class KQuantLinear:
 
     activations: "float32" (default: the input as it is) or "llama.cpp" (each part's input rounded as llama.cpp's
     CPU product rounds it for that type: llamacpp_activations; numerics.py sets it)."""
+
+    takes_workers = True  # numpy_ops calls matmul(x2, workers, nworkers)
 
     def __init__(self, parts: list):
         self.segments = []
@@ -418,25 +318,56 @@ class KQuantLinear:
         self.shape = (parts[0].shape[1], o)
         self.qtypes = tuple(p.qtype for p in parts)
         self.activations = "float32"
+        self._tiled = None  # (kinds, starts, a tuple of the blocks) where every part has vector tiles
+        if all(q in TILED for q in self.qtypes):
+            self._tiled = (np.array([TILED[q] for q in self.qtypes], np.int64),
+                           np.array([seg[0] for seg in self.segments] + [o], np.int64),
+                           tuple(_read_only(seg[3]) for seg in self.segments))
 
     @property
     def nbytes(self) -> int:
         return sum(int(seg[3].nbytes) for seg in self.segments)
 
-    def matmul(self, x2: np.ndarray) -> np.ndarray:
-        """x2 [rows, in] float32 -> [rows, out]."""
+    def matmul(self, x2: np.ndarray, workers=None, nworkers: int = 1) -> np.ndarray:
+        """x2 [rows, in] float32 -> [rows, out]. workers (a numpy_threads.Workers): spans of output rows shared by
+        this thread and nworkers - 1 of its threads; without, this module's own threads, one per core."""
         x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        if self.activations == "float32" and self._tiled is not None and x2.shape[0] <= _DIRECT_ROWS:
+            return self._tiles(x2, workers, nworkers)
+        share = None if workers is None else _shared_by(workers, nworkers)
         if self.activations == "float32":
-            return _product(x2, self.segments, self.qtypes)
+            return _product(x2, self.segments, self.qtypes, share=share)
         out = np.empty((x2.shape[0], self.shape[1]), np.float32)
         for (o0, o1, fmt, blocks), qtype in zip(self.segments, self.qtypes):
             xs, sums = llamacpp_activations(x2, qtype)
-            out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums)
+            out[:, o0:o1] = _product(xs, [(0, o1 - o0, fmt, blocks)], (qtype,), sums, share)
+        return out
+
+    def _tiles(self, x2: np.ndarray, workers, nworkers: int) -> np.ndarray:
+        """Every part by the vector tiles: one compiled call per thread (this one is a decode step's path, so it
+        does the fewest Python steps)."""
+        kinds, starts, blocks = self._tiled
+        n_in, n_out = self.shape
+        out = np.empty((x2.shape[0], n_out), np.float32)
+        if workers is not None and (nworkers == 1 or x2.shape[0] * n_in * n_out < _SHARE_MIN):
+            kquants_tiles.segments_product(kinds, starts, blocks, x2, out, 0, n_out)
+            return out
+        share = _spread if workers is None else _shared_by(workers, nworkers)
+        share(lambda a, b: kquants_tiles.segments_product(kinds, starts, blocks, x2, out, a, b), n_out,
+              x2.shape[0] * n_in * n_out)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
         """Output rows o0..o1 (across segments) as float32 [o1 - o0, in] in out (C order)."""
         return _dequantize(self.segments, o0, o1, out)
+
+
+def _read_only(blocks: np.ndarray) -> np.ndarray:
+    """A read-only view: the file's pages are read-only, and one type for all parts keeps segments_product's
+    tuple of blocks uniform (one compiled function per number of parts)."""
+    view = blocks.view()
+    view.flags.writeable = False
+    return view
 
 
 def _dequantize(segments, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
@@ -447,26 +378,24 @@ def _dequantize(segments, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarray | None = None) -> np.ndarray:
+def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarray | None = None,
+             share=None) -> np.ndarray:
     """x2 [rows, in] float32 times the segments' weights -> [rows, out]. q8_1_sums (one Q4_1/Q5_1 segment): the
-    per-32 input sums its bias term takes instead of x2's own (llama.cpp's float16 Q8_1 sums)."""
+    per-32 input sums its bias term takes instead of x2's own (llama.cpp's float16 Q8_1 sums). share(fn, n, work):
+    fn(a, b) over spans of [0, n) on some threads (default _spread)."""
     rows, n_in = x2.shape
     n_out = segments[-1][1]
     out = np.empty((rows, n_out), np.float32)
+    share = share or _spread
     if rows <= _DIRECT_ROWS:
-        sums = {} if q8_1_sums is None else {32: q8_1_sums}
-        for (o0, o1, (kind, qk, sub, bsize), blocks), qtype in zip(segments, qtypes):
-            if sub not in sums:
-                sums[sub] = np.ascontiguousarray(x2.reshape(rows, -1, sub).sum(axis=-1, dtype=np.float32))
-            y = out[:, o0:o1] if len(segments) == 1 else np.empty((rows, o1 - o0), np.float32)
+        sums = _input_sums(x2, segments, qtypes, q8_1_sums)
 
-            def part(a, b, kind=kind, qk=qk, sub=sub, bsize=bsize, blocks=blocks, qtype=qtype, y=y):
-                if not _direct(qtype, blocks, x2, sums[sub], y, a, b):
-                    matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+        def direct(a: int, b: int) -> None:
+            for (o0, o1, fmt, blocks), qtype in zip(segments, qtypes):
+                if max(a, o0) < min(b, o1):
+                    _segment_rows(qtype, fmt, blocks, x2, sums, out, o0, max(a, o0) - o0, min(b, o1) - o0)
 
-            _spread(part, o1 - o0, (o1 - o0) * n_in * rows)
-            if len(segments) > 1:
-                out[:, o0:o1] = y
+        share(direct, n_out, n_out * n_in * rows)
         return out
     step = max(16, _DEQUANT_BLOCK // n_in)
 
@@ -476,11 +405,42 @@ def _product(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums: np.ndarra
             e = min(s + step, b)
             np.matmul(x2, _dequantize(segments, s, e, buf[: e - s]).T, out=out[:, s:e])
 
-    _spread(span, n_out, n_out * n_in * 8)
+    share(span, n_out, n_out * n_in * 8)
     if q8_1_sums is not None:  # the bias term with the stored sums, not x2's: add m * (stored - exact) per block
         delta = q8_1_sums - x2.reshape(rows, -1, 32).sum(axis=-1, dtype=np.float32)
         out += delta @ _block_mins(segments[0][3], segments[0][2][3]).T
     return out
+
+
+def _input_sums(x2: np.ndarray, segments: list, qtypes: tuple, q8_1_sums) -> dict:
+    """x2's sums per sub-block size the segments need ([rows, in / sub]), and "tiles": per 32 inputs, [in / 32,
+    rows] (kquants_tiles' layout); q8_1_sums stands for the sums per 32 where given. "nibbles": x2 permuted for
+    the nibble types' tiles (kquants_tiles.permute_nibbles), where there are any."""
+    rows = x2.shape[0]
+    sums = {} if q8_1_sums is None else {32: q8_1_sums, "tiles": np.ascontiguousarray(q8_1_sums.T)}
+    if any(q in TILED and kquants_tiles.NIBBLES[TILED[q]] for q in qtypes):
+        sums["nibbles"] = kquants_tiles.permute_nibbles(x2)  # not sums: the input as those tiles read it
+    for (_, _, (_, _, sub, _), _), qtype in zip(segments, qtypes):
+        key = "tiles" if qtype in TILED else sub
+        if key not in sums:
+            per = x2.reshape(rows, -1, 32 if key == "tiles" else sub).sum(axis=-1, dtype=np.float32)
+            sums[key] = np.ascontiguousarray(per.T if key == "tiles" else per)
+    return sums
+
+
+def _segment_rows(qtype: str, fmt: tuple, blocks, x2, sums: dict, out, o0: int, a: int, b: int) -> None:
+    """out[:, o0 + a: o0 + b] from rows a..b of one segment (its output columns start at o0)."""
+    if qtype in TILED:
+        x = sums["nibbles"] if kquants_tiles.NIBBLES[TILED[qtype]] else x2
+        kquants_tiles.rows_product(TILED[qtype], blocks, x, sums["tiles"], out, o0, a, b)
+        return
+    kind, qk, sub, bsize = fmt
+    y = np.empty((x2.shape[0], b), np.float32)  # the kernels index y by the segment's row
+    if qtype == "IQ4_NL" and x2.shape[0] <= _FEW_ROWS:
+        _mv_iq4_nl(blocks, _HALF, _IQ4, x2, y, a, b)
+    else:
+        matmul_rows(kind, qk, sub, bsize, blocks, x2, sums[sub], _HALF, _IQ4, y, a, b)
+    out[:, o0 + a: o0 + b] = y[:, a:b]
 
 
 def _block_mins(blocks: np.ndarray, bsize: int) -> np.ndarray:
@@ -517,6 +477,21 @@ def _threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+_SHARE_MIN = 1 << 20  # products of fewer multiply-adds (~150 us in the tiles) stay on the calling thread
+
+
+def _shared_by(workers, nworkers: int):
+    """A share function (see _product) over a numpy backend's Workers: spans of 64 rows or more claimed one at a
+    time by this thread and nworkers - 1 pool threads."""
+    def share(fn, n: int, work: int) -> None:
+        if nworkers == 1 or work < _SHARE_MIN or n < 128:
+            fn(0, n)
+            return
+        workers.share(lambda c: fn(c.start, c.stop), spans(n, 4 * nworkers), nworkers)
+
+    return share
 
 
 def _spread(fn, n: int, work: int) -> None:

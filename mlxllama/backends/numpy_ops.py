@@ -26,7 +26,10 @@ plug in by duck typing, whatever the mode:
   - prepare_linear(parts): if type(parts[0]) has a `prepare_numpy(parts)` static or class method, its result is
     the prepared weight (held as is);
   - linear(x, w): if the prepared w has `matmul(x2) -> y2` (x2 float32 [rows, in], C order; y2 float32
-    [rows, out]), it computes the product (on the calling thread; it may use its own threads);
+    [rows, out]), it computes the product (on the calling thread; it may use its own threads); one whose class
+    sets `takes_workers = True` is called as matmul(x2, workers, nworkers) and may share the product with up to
+    nworkers - 1 of this backend's Workers (a step's timed thread count for one row, all of them for more), as
+    kquants.KQuantLinear does;
   - embedding(table, ids): a prepared table with `dequantize(o0, o1, out)` (rows o0..o1 of W as float32 into
     out [o1 - o0, in]) and `shape == (in, out)`, as qmatvec.PackedLinear has;
   - prepared_nbytes(w) and the model's accounting read `nbytes` of the loader's tensor and of what
@@ -259,6 +262,9 @@ class NumpyOps:
             y = quantized_matmul(self.workers, x2, w, step_workers)
         elif _qmatvec() is not None and isinstance(w, _qmatvec().PackedLinear):
             y = fused_matmul(self.workers, x2, w, step_workers)
+        elif getattr(w, "takes_workers", False):  # a weight type that computes its own product on our threads
+            nworkers = step_workers if x2.shape[0] == 1 else self.workers.threads
+            y = w.matmul(np.ascontiguousarray(x2, dtype=np.float32), self.workers, nworkers)
         else:  # a weight type that computes its own product (see the module doc)
             y = w.matmul(np.ascontiguousarray(x2, dtype=np.float32))
         return y.reshape(*lead, -1)
