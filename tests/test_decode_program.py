@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TINY, random_weights
 from mlxllama.backends import numpy_ops
+from mlxllama.backends.numpy_rows import MAX_ROWS
 from mlxllama.backends.numpy_threads import ThreadChoice
 from mlxllama.cache import CacheSettings
 from mlxllama.config import from_hf_dict
@@ -205,7 +206,7 @@ def test_concurrent_steps_on_one_model():
 # -- multi-row steps (numpy_rows): forward_batch and [1, L] calls in one compiled call --------------------------------
 
 PROMPTS = [np.random.default_rng(7).integers(0, 400, n) for n in (5, 17, 11)]
-MORE = np.random.default_rng(8).integers(0, 400, 64)
+MORE = np.random.default_rng(8).integers(0, 400, MAX_ROWS + 8)
 
 
 def batch_steps(model, settings=None):
@@ -269,7 +270,7 @@ def test_batch_step_is_one_program_call():
     assert logits.shape == (4, 400)
     assert [c.offset for c in caches] == [8, 18, 16]
     assert model._decode.rows(chunks[:2], caches[:2], [0, 0]).shape == (0, 400)
-    assert model._decode.rows([MORE[:33]], caches[:1], [1]) is None  # a prompt chunk: op by op
+    assert model._decode.rows([MORE[:MAX_ROWS + 1]], caches[:1], [1]) is None  # a longer prompt chunk: op by op
     assert caches[0].offset == 11
 
 
