@@ -108,7 +108,7 @@ class Model:
             logits = self._program_rows([tokens[0]], [cache], [1 if last_only else tokens.shape[1]])
             if logits is not None:
                 return logits[None]
-        with self.ops.forward_scope(tokens.shape[0] * (1 if last_only else tokens.shape[1])):
+        with self.ops.forward_scope(tokens.shape[0] * tokens.shape[1]):  # the rows the blocks run, head or not
             h = self.hidden(tokens, cache)
             return self.head(h[:, -1:, :] if last_only else h)
 

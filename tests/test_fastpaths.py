@@ -203,3 +203,16 @@ def test_thread_choice_recovers_at_the_first_retry_after_one_disturbed_step():
         picks.append(o)
         choice.record(o, {1: 14.0, 2: 9.4}[o])
     assert 2 in picks and choice.best == 2
+
+
+def test_a_prompt_scored_for_its_last_row_is_not_timed_as_a_single_row_step():
+    """model(prompt, last_only=True) runs every prompt row through the blocks: it must not pick, nor teach, the
+    single-row steps' thread count (a 512-token prefill timed as one decode step kept decode off its faster count
+    and ran the prefill on it)."""
+    args, weights = tiny()
+    model = Model(args, weights, get_ops("numpy"))
+    cache = model.make_cache(1)
+    model(np.arange(3, 19)[None, :], cache, last_only=True)
+    assert sum(model.ops._choice.tries.values()) == 0
+    model(np.array([[5]]), cache)
+    assert sum(model.ops._choice.tries.values()) == 1
