@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import NamedTuple
 
 import llvmlite.ir as ir
 import numpy as np
@@ -878,18 +879,35 @@ def kernel_isa() -> str:
     return _CHECKED[first]
 
 
+class _Part(NamedTuple):
+    """A quantized weight as PackedLinear reads one (weights.QuantizedWeight's fields it uses)."""
+    weight: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    group_size: int
+    bits: int
+    shape: tuple
+
+
+def _random_part(rng, bits: int, rows: int = 8, n: int = 128, group: int = 32) -> _Part:
+    words = rng.integers(0, 1 << 32, (rows, n * bits // 32), dtype=np.uint32)
+    scales = (rng.random((rows, n // group)) * 0.02 + 0.01).astype(np.float16)
+    biases = (-(1 << (bits - 1)) * scales.astype(np.float32) + rng.standard_normal(scales.shape) * 0.01)
+    return _Part(words, scales, biases.astype(np.float16), group, bits, (rows, n))
+
+
 def _self_check(isa: str) -> bool:
     """Whether the path computes a small product (both weight widths, 1 to 7 rows, the input width in use,
-    float16 scales: the signatures a model compiles anyway) within a loose bound of numpy's float64 one: a path
-    that compiles to wrong code is far outside it."""
-    from ..quant import dequantize, quantize
-
+    float16 scales: the signatures a model compiles anyway) within a loose bound of the same weights dequantized
+    (a plain loop) and multiplied by numpy: a path that compiles to wrong code is far outside it."""
     rng = np.random.default_rng(0)
     try:
         for bits in BITS:
-            qw = quantize(rng.standard_normal((8, 128)).astype(np.float16), 32, bits)
-            want = (x := rng.standard_normal((7, 128)).astype(np.float32)) @ dequantize(qw, np.float32).T
-            got = PackedLinear([qw], isa).matmul(x)
+            part = _random_part(rng, bits)
+            w = PackedLinear([part], isa)
+            weights = w.dequantize(0, part.shape[0], np.empty(part.shape, np.float32))
+            want = (x := rng.standard_normal((7, part.shape[1])).astype(np.float32)) @ weights.T
+            got = w.matmul(x)
             if not np.allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max()):
                 logger.warning("the %s kernel path computes wrong products here; not used", isa)
                 return False
