@@ -29,7 +29,8 @@ from test_gguf import hf_weights, llamacpp_unpermute, write_gguf
 kquants = pytest.importorskip("mlxllama.backends.kquants", reason="numba (the fast-cpu extra) is not importable")
 
 TINY_FTYPES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
-SMOLLM2_FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K")
+# the files issue 24 names; Q3_K and Q2_K blocks are checked on the tiny files (the suite keeps under 15 minutes)
+SMOLLM2_FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")
 # where each field of float16 sits in a block (random bytes there could be NaN or huge)
 HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0],
                "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
@@ -280,8 +281,7 @@ def test_smollm2_kquants_exact_and_close_to_llamacpp(smollm2_quants, ft):
     kl, same = kl_of(theirs[None], ours[None])
     # llama.cpp rounds activations to 8 bits for its quantized products (per 256 inputs for K-quants): the fewer
     # the weight bits, the more that moves its distributions; wrong weights would put the KL near 1
-    low_bits = ft in ("Q3_K_M", "Q2_K")
-    kl_max, same_min = (0.05, 0.8) if low_bits else (0.02, 0.85)
+    kl_max, same_min = 0.02, 0.85
     mean_kl, agree = float(np.mean(kl)), float(np.mean(same))
     assert mean_kl < kl_max and agree >= same_min, (ft, mean_kl, agree)
 
