@@ -38,7 +38,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .qmatvec import _FP, _hsum, _load_scale, _splat, _vec
+from .qmatvec import _FP, _load_scale, _splat, _store_row_sums, _vec
 
 # type -> its kind (kquants.TYPES) and bytes per block
 KINDS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q8_0": (2, 34), "Q5_0": (3, 22), "Q5_1": (4, 24),
@@ -258,14 +258,7 @@ def _tile_ir(context, builder, at, args, kind: int, R: int):
         with cgutils.for_range(builder, builder.urem(nblk_, step)) as loop:
             b = builder.add(done, loop.index)
             block(b, 0, b, 0)
-    yrow = base(6, y_, yoff_)
-    bv = builder.load(bacc)
-    for r in range(R):
-        v = builder.load(acc[0][r])
-        for a in range(1, nacc):
-            v = builder.fadd(v, builder.load(acc[a][r]), flags=_FP)
-        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
-        builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
+    _store_row_sums(builder, acc, bacc, base(6, y_, yoff_), ystr_)
 
 
 @intrinsic

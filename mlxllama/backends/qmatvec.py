@@ -242,6 +242,18 @@ def _hsum(builder, v, n: int):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
+def _store_row_sums(builder, acc, bacc, yrow, ystride):
+    """IR: yrow[r * ystride] = the horizontal sum of row r's accumulators acc[a][r] (<8 x float> each) plus lane r
+    of the bias accumulator bacc (<R x float>), for every row r."""
+    bv = builder.load(bacc)
+    for r in range(len(acc[0])):
+        v = builder.load(acc[0][r])
+        for a in range(1, len(acc)):
+            v = builder.fadd(v, builder.load(acc[a][r]), flags=_FP)
+        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
+        builder.store(out, builder.gep(yrow, [builder.mul(ystride, ir.Constant(ystride.type, r))]))
+
+
 # -- the tile: R input rows against one weight row -----------------------------------------------------------------
 
 def _codes16(builder, wrow, b, idx, bits: int):
@@ -341,14 +353,7 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     if unroll > 1:
         with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nblk_, step), ir.Constant(idx, 0))):
             block(builder.sub(nblk_, ir.Constant(idx, 1)), 0)
-    yrow = base(12, y_, yoff_)
-    bv = builder.load(bacc)
-    for r in range(R):
-        v = builder.load(acc[0][r])
-        for u in range(1, unroll):
-            v = builder.fadd(v, builder.load(acc[u][r]), flags=_FP)
-        out = builder.fadd(_hsum(builder, v, 8), builder.extract_element(bv, ir.Constant(_I32, r)), flags=_FP)
-        builder.store(out, builder.gep(yrow, [builder.mul(ystr_, ir.Constant(idx, r))]))
+    _store_row_sums(builder, acc, bacc, base(12, y_, yoff_), ystr_)
 
 
 # The path is told to the compiled functions by the dtype of an empty "tag" array, so that each path is its own
