@@ -25,8 +25,7 @@ import numpy as np
 from numba import carray, njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
-                         _attend, _chunking, _claim, _done, _head_in, _head_norm, _kv, _pointer, _rms_norm, _rope,
-                         _wait)
+                         _chunking, _claim, _done, _keys, _kv, _pointer, _queries, _rms_norm, _wait)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 
@@ -137,43 +136,6 @@ def _linear(nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W
     _form(sync, j, kind, src, rows, nw, eps, x, meta[i, 0], orders, xin)
     _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1), nthr)
     _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
-
-
-@njit(cache=True, nogil=True)
-def _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, k, tmp):
-    """K/V head g of a sequence's rows start.. (count of them): each row's rotated key and value into the cache at
-    its position."""
-    H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
-    bias = dims[_QKV_BIAS] != 0
-    for r in range(count):
-        pos, row = offset + r, qkv[start + r: start + r + 1]
-        _head_in(row, qkv_bias[l], bias, H + g, Dh, k)
-        if dims[_QK_NORM]:
-            _head_norm(k, qk_norm[l, H + g], eps)
-        _rope(k, cos, sin, pos, tmp)
-        K[0, g, pos, :] = k
-        _head_in(row, qkv_bias[l], bias, H + KV + g, Dh, k)
-        V[0, g, pos, :] = k
-
-
-@njit(cache=True, nogil=True)
-def _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores,
-             attn):
-    """The query heads of K/V head g, row by row of the sequence: attention over the positions each row sees."""
-    H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
-    rep, bias = H // KV, dims[_QKV_BIAS] != 0
-    for r in range(count):
-        pos, row = offset + r, qkv[start + r: start + r + 1]
-        for e in range(rep):
-            q = hv[e]
-            _head_in(row, qkv_bias[l], bias, g * rep + e, Dh, q)
-            if dims[_QK_NORM]:
-                _head_norm(q, qk_norm[l, g * rep + e], eps)
-            _rope(q, cos, sin, pos, tmp)
-            for d in range(Dh):
-                q[d] *= scale
-        t0 = pos + 1 - window if 0 < window < pos + 1 else 0
-        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn[start + r: start + r + 1])
 
 
 @njit(cache=True, nogil=True)

@@ -304,29 +304,48 @@ _L, _D, _H, _KV, _DH, _F, _WINDOW, _QKV_BIAS, _O_BIAS, _QK_NORM = range(10)
 
 
 @njit(cache=True, nogil=True)
+def _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, k, tmp):
+    """K/V head g of a sequence's rows start.. (count of them): each row's rotated key and value into the cache at
+    its position."""
+    H, KV, Dh = dims[_H], dims[_KV], dims[_DH]
+    bias = dims[_QKV_BIAS] != 0
+    for r in range(count):
+        pos, row = offset + r, qkv[start + r: start + r + 1]
+        _head_in(row, qkv_bias[l], bias, H + g, Dh, k)
+        if dims[_QK_NORM]:
+            _head_norm(k, qk_norm[l, H + g], eps)
+        _rope(k, cos, sin, pos, tmp)
+        K[0, g, pos, :] = k
+        _head_in(row, qkv_bias[l], bias, H + KV + g, Dh, k)
+        V[0, g, pos, :] = k
+
+
+@njit(cache=True, nogil=True)
+def _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores,
+             attn):
+    """The query heads of K/V head g, row by row of the sequence: attention over the positions each row sees."""
+    H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
+    rep, bias = H // KV, dims[_QKV_BIAS] != 0
+    for r in range(count):
+        pos, row = offset + r, qkv[start + r: start + r + 1]
+        for e in range(rep):
+            q = hv[e]
+            _head_in(row, qkv_bias[l], bias, g * rep + e, Dh, q)
+            if dims[_QK_NORM]:
+                _head_norm(q, qk_norm[l, g * rep + e], eps)
+            _rope(q, cos, sin, pos, tmp)
+            for d in range(Dh):
+                q[d] *= scale
+        t0 = pos + 1 - window if 0 < window < pos + 1 else 0
+        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn[start + r: start + r + 1])
+
+
+@njit(cache=True, nogil=True)
 def _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn):
     """K/V head g: the token's rotated key and its value into the cache at pos, then its query heads' attention
     into attn over the positions the window lets them see. hv [rep, Dh]."""
-    H, KV, Dh, window = dims[_H], dims[_KV], dims[_DH], dims[_WINDOW]
-    rep, bias = H // KV, dims[_QKV_BIAS] != 0
-    k = hv[0]
-    _head_in(qkv, qkv_bias[l], bias, H + g, Dh, k)
-    if dims[_QK_NORM]:
-        _head_norm(k, qk_norm[l, H + g], eps)
-    _rope(k, cos, sin, pos, tmp)
-    K[0, g, pos, :] = k
-    _head_in(qkv, qkv_bias[l], bias, H + KV + g, Dh, k)
-    V[0, g, pos, :] = k
-    for r in range(rep):
-        q = hv[r]
-        _head_in(qkv, qkv_bias[l], bias, g * rep + r, Dh, q)
-        if dims[_QK_NORM]:
-            _head_norm(q, qk_norm[l, g * rep + r], eps)
-        _rope(q, cos, sin, pos, tmp)
-        for d in range(Dh):
-            q[d] *= scale
-    t0 = pos + 1 - window if 0 < window < pos + 1 else 0
-    _attend(hv, K, V, g, t0, pos + 1, scores, tmp, attn)
+    _keys(l, g, 0, 1, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, hv[0], tmp)
+    _queries(l, g, 0, 1, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn)
 
 
 @njit(cache=True, nogil=True)
