@@ -137,7 +137,9 @@ class Model:
                 q, k, v = self._attn_in(h, layer, offset)
                 k, v = cache.update(i, k, v)
                 o = ops.attention(q, k, v, a.head_dim ** -0.5, causal=True, window=a.sliding_window)
+                del q, k, v  # a long prompt's activations are not held through the MLP
                 h = self._attn_out_mlp(h, o, layer)
+                del o
         cache.advance(L)
         return h
 
@@ -214,8 +216,11 @@ class Model:
         # o and down are row-parallel on a tensor-parallel rank: each holds part of the sum (all_sum adds them)
         attn = ops.all_sum(ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o))
         h = h + (attn if layer.o_bias is None else attn + layer.o_bias)
+        del attn
         gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)
-        return h + ops.all_sum(ops.linear(ops.swiglu(gu[..., :F], gu[..., F:]), layer.down))
+        act = ops.swiglu(gu[..., :F], gu[..., F:])
+        del gu  # a long prompt's [L, 2F] is not held through the down product
+        return h + ops.all_sum(ops.linear(act, layer.down))
 
 
 def prefill(model, tokens, cache, step: int = 512, progress=None):

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import ModelArgs
 from .errors import UsageError
-from .weights import LAYER_LINEARS, QUANT_BITS, QUANT_GROUP_SIZES, GGMLWeight, QuantizedWeight
+from .weights import LAYER_LINEARS, QUANT_BITS, QUANT_GROUP_SIZES, GGMLWeight, QuantizedWeight, SymmetricWeight
 
 BITS = (1,) + QUANT_BITS  # 1 bit quantizes too (MLX's rule differs there); model files use QUANT_BITS
 GROUP_SIZES = QUANT_GROUP_SIZES
@@ -283,25 +283,28 @@ def ggml_affine(w: GGMLWeight) -> QuantizedWeight | None:
         return None
     n = w.blocks.shape[0]
     blocks = np.asarray(w.blocks).reshape(n, -1, _GGML_BLOCK_BYTES[w.qtype])
+    factor = None  # symmetric types: biases = factor * scales
     if w.qtype in ("Q4_K", "Q5_K"):
         q, scales, biases = _k_affine(blocks, w.qtype)
     else:
         d = _half(blocks, 0)
         d32 = d.astype(np.float32)
         if w.qtype == "Q8_0":  # int8 q -> q + 128; w = d*q = d*(q+128) - 128*d
-            q = blocks[..., 2:] ^ np.uint8(0x80)
-            scales, biases = _scales_biases(d, -128 * d32)
+            q, factor = blocks[..., 2:] ^ np.uint8(0x80), -128
         elif w.qtype == "Q4_0":
-            q = _low_high(blocks[..., 2:])
-            scales, biases = _scales_biases(d, -8 * d32)
+            q, factor = _low_high(blocks[..., 2:]), -8
         elif w.qtype == "Q4_1":
             q, scales, biases = _low_high(blocks[..., 4:]), d, _half(blocks, 2)
         elif w.qtype == "Q5_0":
-            q = _low_high(blocks[..., 6:]) | _high_bits(blocks[..., 2:6])
-            scales, biases = _scales_biases(d, -16 * d32)
+            q, factor = _low_high(blocks[..., 6:]) | _high_bits(blocks[..., 2:6]), -16
         else:  # Q5_1
             q, scales, biases = _low_high(blocks[..., 8:]) | _high_bits(blocks[..., 4:8]), d, _half(blocks, 2)
-    return QuantizedWeight(pack(np.ascontiguousarray(q).reshape(n, -1), bits), scales, biases, 32, bits)
+        if factor is not None:
+            scales, biases = _scales_biases(d, factor * d32)
+    words = pack(np.ascontiguousarray(q).reshape(n, -1), bits)
+    if factor is not None and scales.dtype == np.float16:
+        return SymmetricWeight(words, scales, factor, 32, bits)
+    return QuantizedWeight(words, scales, biases, 32, bits)
 
 
 def _k_affine(blocks: np.ndarray, qtype: str):

@@ -58,6 +58,25 @@ class QuantizedWeight:
         return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
 
 
+class SymmetricWeight(QuantizedWeight):
+    """A QuantizedWeight whose biases are bias_factor * scales in the scales' dtype (GGUF's Q4_0, Q5_0, Q8_0): they
+    are formed when read, one tensor at a time, not held, so a loaded model does not carry them all at once (the
+    numpy kernel forms them itself; MLX lays them out per tensor). nbytes counts them as held, as the layout
+    states them."""
+
+    def __init__(self, weight: np.ndarray, scales: np.ndarray, bias_factor: float, group_size: int, bits: int):
+        self.weight, self.scales, self.group_size, self.bits = weight, scales, group_size, bits
+        self.bias_factor = float(bias_factor)
+
+    @property
+    def biases(self) -> np.ndarray:
+        return (self.scales.astype(np.float32) * np.float32(self.bias_factor)).astype(self.scales.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + 2 * self.scales.nbytes
+
+
 @dataclass
 class GGMLWeight:
     """A GGUF quantized matrix as stored: blocks [rows, row_bytes] uint8 (a memmap view until laid out), each row

@@ -91,6 +91,22 @@ def test_numpy_blocked_attention(L, T):
         np.testing.assert_allclose(got, naive_attention(q, k, v, 0.25), rtol=1e-4, atol=1e-5)
 
 
+def test_numpy_attention_scores_stay_in_the_scratch(monkeypatch):
+    """Long contexts take fewer queries per block (numpy_kernels.query_block) so that the scores fit the threads'
+    scratch, which does not grow past QUANT_BLOCK floats; the result is unchanged."""
+    from mlxllama.backends import numpy_kernels
+
+    monkeypatch.setattr(numpy_kernels, "QUANT_BLOCK", 6 * 40 * 300)  # 40 queries a block at 300 keys, 6 heads
+    assert numpy_kernels.query_block(6, 300) == 40 and numpy_kernels.query_block(6, 10 ** 6) == 16
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 6, 300, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 3, 300, 16)).astype(np.float32) for _ in range(2))
+    ops = numpy_ops.NumpyOps(threads=2)
+    np.testing.assert_allclose(ops.attention(q, k, v, 0.25, causal=True), naive_attention(q, k, v, 0.25),
+                               rtol=1e-4, atol=1e-5)
+    assert max(b.size for b in ops.workers._scratch.values()) <= numpy_kernels.QUANT_BLOCK
+
+
 def test_numpy_forward_restores_blas_threads():
     if not numpy_ops._blas.available:
         pytest.skip("numpy's BLAS is not an OpenBLAS whose threads can be set")

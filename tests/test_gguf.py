@@ -16,7 +16,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from mlxllama.errors import ConfigError, ModelFileError
 from mlxllama.loaders.gguf import GGUF_TO_INTERNAL, load_gguf, read_gguf_metadata
-from mlxllama.weights import GGMLWeight, QuantizedWeight, expected_shapes
+from mlxllama.weights import GGMLWeight, QuantizedWeight, SymmetricWeight, expected_shapes
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 96, 256, 2, 4, 2, 512  # 256: K-quant rows need multiples of 256
 HEAD_DIM = HIDDEN // HEADS
@@ -186,6 +186,12 @@ def test_native_quants_are_exact(tmp_path, qtype, bits):
         assert got.weight.dtype == np.uint32 and got.scales.dtype == got.biases.dtype == np.float16
         assert got.shape == r.shape
         np.testing.assert_array_equal(deq32(got), r, err_msg=name)
+        # symmetric types hold no biases: they are formed on reading, as the repacking formed them
+        assert isinstance(got, SymmetricWeight) == (qtype != QT.Q4_1), name
+        if qtype != QT.Q4_1:
+            factor = np.float32(-8 if bits == 4 else -128)
+            np.testing.assert_array_equal(got.biases, (factor * got.scales.astype(np.float32)).astype(np.float16))
+            assert got.nbytes == got.weight.nbytes + 2 * got.scales.nbytes
 
 
 def test_native_quants_match_mlx_dequantize(tmp_path):

@@ -10,7 +10,7 @@ from .numpy_threads import Workers, column_blocks, spans
 
 PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
-QUANT_BLOCK = 1 << 21  # weights dequantized at a time for BLAS (8 MB of float32: stays in cache)
+QUANT_BLOCK = 1 << 20  # weights dequantized at a time for BLAS (4 MB of float32; 8 MB was no faster on pp512)
 # "fused" mode: products of at most this many rows run the integer tiles, longer ones dequantized blocks and BLAS.
 # Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2, AVX2), with the unit
 # tiles: at 32 rows the tiles make 28.9-30.4 G multiply-adds/s against BLAS's 26.7-27.0, at 64 rows 27.0-29.5
@@ -109,6 +109,13 @@ def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.n
 
 
 QUERY_BLOCK = 128
+
+
+def query_block(heads: int, keys: int) -> int:
+    """Queries a causal attention block takes at a time: QUERY_BLOCK, fewer where their scores [heads, block, keys]
+    would pass QUANT_BLOCK floats (the scores live in the thread's scratch, which dequantized weights also use:
+    long contexts do not widen it), never under 16."""
+    return max(16, min(QUERY_BLOCK, QUANT_BLOCK // max(1, heads * keys)))
 _BIAS: dict[int, np.ndarray] = {}
 
 

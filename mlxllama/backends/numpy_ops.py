@@ -58,7 +58,7 @@ import numpy as np
 from ..errors import UsageError
 from ..weights import QuantizedWeight
 from .contract import QuantizedKV
-from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, dense_matmul, fused_matmul,  # noqa: F401
+from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, query_block, dense_matmul, fused_matmul,  # noqa: F401
                             quantized_matmul, softmax_product)
 from .numpy_layouts import (QLinear, RopeTable, dense_linear, dequantize_columns, dequantize_kv,  # noqa: F401
                             quantized_linear)
@@ -316,19 +316,22 @@ class NumpyOps:
             return softmax_product(np.matmul(qg, kt), vg).reshape(B, H, L, D)
         out = np.empty((B, KV, rep, L, D), np.float32)
         past = T - L
+        qblock = query_block(B * H, T)
 
         def block(s: int):
-            e = min(s + QUERY_BLOCK, L)
+            e = min(s + qblock, L)
             n, end = e - s, past + e
             start = 0 if window is None else max(0, past + s - window + 1)  # keys before it are out of every window
-            scores = np.matmul(qg[:, :, :, s:e], kt[..., start:end])  # [B, KV, rep, n, end - start]
+            shape = (B, KV, rep, n, end - start)
+            scores = self.workers.scratch(math.prod(shape))[: math.prod(shape)].reshape(shape)
+            np.matmul(qg[:, :, :, s:e], kt[..., start:end], out=scores)
             scores[..., end - start - n:] += causal_bias(n)
             if window is not None:
                 too_old = np.arange(start, end)[None, :] <= np.arange(past + s, past + e)[:, None] - window
                 scores += np.where(too_old, np.float32(-np.inf), np.float32(0))
             out[:, :, :, s:e] = softmax_product(scores, vg[:, :, :, start:end])
 
-        self.workers.run(block, list(range(0, L, QUERY_BLOCK))[::-1])  # longest blocks first
+        self.workers.run(block, list(range(0, L, qblock))[::-1])  # longest blocks first
         return out.reshape(B, H, L, D)
 
     def quantize_kv(self, x: np.ndarray, group_size: int, bits: int) -> QuantizedKV:

@@ -378,7 +378,7 @@ def load_gguf(path, shard=None) -> tuple[ModelArgs, dict[str, np.ndarray | Quant
             weights[internal] = _convert(data, info, row_index, cols, keep_blocks)
         except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:
             raise ModelFileError(f"{path}: cannot convert tensor {info.name} ({info.qtype.name}): {e}") from None
-        if weights[internal].__class__ is QuantizedWeight:
+        if isinstance(weights[internal], QuantizedWeight):
             _release_pages(data, info.offset, info.nbytes)  # repacked: its file pages need not stay resident
     if shard is None:
         check_weights(weights, args, source)
