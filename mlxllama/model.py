@@ -129,19 +129,21 @@ class Model:
 
     def blocks(self, h, cache: KVCache):
         """Run the transformer blocks over hidden states h [B, L, D], filling the cache."""
-        ops, a = self.ops, self.args
         B, L, _ = h.shape
         offset = cache.offset
-        with ops.forward_scope(B * L):
+        with self.ops.forward_scope(B * L):
             for i, layer in enumerate(self.layers):
-                q, k, v = self._attn_in(h, layer, offset)
-                k, v = cache.update(i, k, v)
-                o = ops.attention(q, k, v, a.head_dim ** -0.5, causal=True, window=a.sliding_window)
-                del q, k, v  # a long prompt's activations are not held through the MLP
-                h = self._attn_out_mlp(h, o, layer)
-                del o
+                h = self._attn_out_mlp(h, self._attend(h, i, cache, offset), layer)
         cache.advance(L)
         return h
+
+    def _attend(self, h, i: int, cache: KVCache, offset):
+        """Layer i's attention output [B, H, L, D] for h, its keys and values stored (q, k and v are not held
+        past it: a long prompt's activations are dropped as soon as they are used)."""
+        a = self.args
+        q, k, v = self._attn_in(h, self.layers[i], offset)
+        k, v = cache.update(i, k, v)
+        return self.ops.attention(q, k, v, a.head_dim ** -0.5, causal=True, window=a.sliding_window)
 
     def _attn_in_impl(self, h, layer: Layer, offset):
         """h [B, L, hidden] -> q [B, H, L, D], k and v [B, KV, L, D], q and k rotated for positions offset..."""
@@ -215,6 +217,7 @@ class Model:
         F = a.intermediate_size
         # o and down are row-parallel on a tensor-parallel rank: each holds part of the sum (all_sum adds them)
         attn = ops.all_sum(ops.linear(o.transpose(0, 2, 1, 3).reshape(B, L, -1), layer.o))
+        del o
         h = h + (attn if layer.o_bias is None else attn + layer.o_bias)
         del attn
         gu = ops.linear(ops.rms_norm(h, layer.mlp_norm, a.rms_norm_eps), layer.gate_up)

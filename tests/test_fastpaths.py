@@ -107,6 +107,16 @@ def test_numpy_attention_scores_stay_in_the_scratch(monkeypatch):
     assert max(b.size for b in ops.workers._scratch.values()) <= numpy_kernels.QUANT_BLOCK
 
 
+def test_numpy_maps_large_arrays_unless_the_user_chose(monkeypatch):
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    assert numpy_ops.map_large_arrays.__wrapped__() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert numpy_ops.map_large_arrays.__wrapped__() is False
+
+
 def test_numpy_forward_restores_blas_threads():
     if not numpy_ops._blas.available:
         pytest.skip("numpy's BLAS is not an OpenBLAS whose threads can be set")
