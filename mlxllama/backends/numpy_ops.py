@@ -82,7 +82,7 @@ def _custom(w) -> bool:
 
 
 MMAP_THRESHOLD = 4 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @functools.cache
@@ -97,7 +97,12 @@ def map_large_arrays() -> bool:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        libc = ctypes.CDLL(None)
+        # a fixed threshold also stops glibc raising the heap's trim threshold with it (to twice it): set that too,
+        # or every smaller array freed at the heap's top is given back and faulted in again (a 16-stream decode
+        # step's logits)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                     2 * MMAP_THRESHOLD))
     except (OSError, AttributeError):
         return False
 
