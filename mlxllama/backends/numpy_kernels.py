@@ -116,6 +116,8 @@ def query_block(heads: int, keys: int) -> int:
     would pass QUANT_BLOCK floats (the scores live in the thread's scratch, which dequantized weights also use:
     long contexts do not widen it), never under 16."""
     return max(16, min(QUERY_BLOCK, QUANT_BLOCK // max(1, heads * keys)))
+
+
 _BIAS: dict[int, np.ndarray] = {}
 
 

@@ -60,8 +60,8 @@ import numpy as np
 from ..errors import UsageError
 from ..weights import QuantizedWeight
 from .contract import QuantizedKV
-from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, query_block, dense_matmul, fused_matmul,  # noqa: F401
-                            quantized_matmul, softmax_product)
+from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, dense_matmul, fused_matmul,  # noqa: F401
+                            quantized_matmul, query_block, softmax_product)
 from .numpy_layouts import (QLinear, RopeTable, dense_linear, dequantize_columns, dequantize_kv,  # noqa: F401
                             quantized_linear)
 from .numpy_threads import Blas, BlasThreads, ThreadChoice, Workers, cpu_count
