@@ -22,10 +22,10 @@ import time
 import weakref
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _U8, _WINDOW, _address,
-                         _chunking, _claim, _done, _keys, _kv, _pointer, _queries, _rms_norm, _wait)
+from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _address, _chunking,
+                         _claim, _done, _keys, _kv, _queries, _rms_norm, _wait, _weight)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 
@@ -91,11 +91,9 @@ def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j
     main = xqu.shape[1]
     n_out = y.shape[1]
     chunk, n = _chunking(n_out, nthr)
+    w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        w = carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3]))
-        sc = carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4]))
-        bi = carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4]))
         if main:
             _urows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xqu, dxu, y, o0, o1)
         if main < T:

@@ -164,17 +164,24 @@ def _chunking(n_out, nthr):
     return chunk, (n_out + chunk - 1) // chunk
 
 
+@njit(inline="always")
+def _weight(W, stag, meta, i):
+    """Linear i's codes, scales and biases as arrays over the addresses W holds (meta: bits, group, rows, code
+    bytes a row, scales a row)."""
+    return (carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3])),
+            carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4])),
+            carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4])))
+
+
 @njit(cache=True, nogil=True)
 def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c, nthr):
     """y[0, rows] = linear i's rows of chunk c and every further chunk this thread claims; with residual, also
     h[rows] += y[rows] + bias[rows] (the rows are this thread's alone)."""
     n_out = y.shape[1]
     chunk, n = _chunking(n_out, nthr)
+    w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        w = carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3]))
-        sc = carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4]))
-        bi = carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4]))
         _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1)
         if residual:
             for o in range(o0, o1):
