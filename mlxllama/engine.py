@@ -115,6 +115,16 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
     first_token_time: float | None = None  # seconds from submit to the first token
+    exception: Exception | None = field(default=None, repr=False, compare=False)  # what `error` describes
+
+
+def raise_for(ev: Event) -> None:
+    """Raise a failed request's error: the library's own exception as it was raised (a DistributedError stays one),
+    anything else as an MlxLlamaError naming its type."""
+    if ev.error:
+        if isinstance(ev.exception, MlxLlamaError):
+            raise ev.exception
+        raise MlxLlamaError(ev.error)
 
 
 class Handle:
@@ -367,7 +377,7 @@ class Engine:
                 logger.error("engine step failed: %s", _error_text(e))
                 logger.debug("engine step failed", exc_info=True)
                 for s in list(self._running):
-                    self._finish(s, "error", error=_error_text(e))
+                    self._finish(s, "error", error=_error_text(e), exception=e)
         self._cancel_all("cancelled")
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -625,7 +635,7 @@ class Engine:
         logger.debug("the step's traceback", exc_info=True)
         for s in seqs:
             if not s.done:
-                self._finish(s, "error", error=_error_text(e))
+                self._finish(s, "error", error=_error_text(e), exception=e)
 
     def _send(self, s: _Seq, ev: Event) -> None:
         try:
@@ -684,7 +694,8 @@ class Engine:
         for s in gone:
             self._finish(s, "cancelled")
 
-    def _finish(self, s: _Seq, reason: str, ev: Event | None = None, error: str | None = None) -> None:
+    def _finish(self, s: _Seq, reason: str, ev: Event | None = None, error: str | None = None,
+                exception: Exception | None = None) -> None:
         s.done = True
         if s in self._running:
             self._running.remove(s)
@@ -695,7 +706,7 @@ class Engine:
         s.cache = s.pending = None  # the sequence's KV goes now
         if ev is None:
             ev = Event("", None, reason, len(s.prompt), len(s.generated), s.cached, error=error,
-                       first_token_time=s.first_token_time)
+                       first_token_time=s.first_token_time, exception=exception)
         self._send(s, ev)
 
     def _store_prefix(self, s: _Seq) -> None:
@@ -729,8 +740,7 @@ def responses(engine: Engine, ids: list[int], params: RequestParams) -> Iterator
     try:
         for ev in handle:
             done = ev.finish_reason is not None
-            if ev.error:
-                raise MlxLlamaError(ev.error)
+            raise_for(ev)
             now = time.perf_counter()
             first = first or now
             yield response(engine, ev, len(ids), first - start, now - first)

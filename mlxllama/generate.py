@@ -12,7 +12,7 @@ import numpy as np
 from . import speculative as spec
 from .cache import CacheSettings
 from .engine import GenerationResponse, prompt_tokens  # noqa: F401  (re-exported)
-from .engine import Engine, RequestParams, responses
+from .engine import Engine, RequestParams, raise_for, responses
 from .errors import MlxLlamaError, UsageError
 from .finish import StopStrings  # noqa: F401  (re-exported)
 from .logits import LogitsProcessor, log_softmax, top_logprobs  # noqa: F401  (re-exported)
@@ -122,8 +122,7 @@ def generate_step(model, ids: list[int], max_tokens: int, sampler: Sampler | Non
     params = RequestParams(max_tokens=max_tokens, sampling=sampler if sampler is not None else SamplingParams(),
                            ignore_eos=True, prefill_progress=prefill_progress)
     for ev in engine.submit(list(ids), params):
-        if ev.error:
-            raise MlxLlamaError(ev.error)
+        raise_for(ev)
         if ev.token is not None:
             yield ev.token
 

@@ -126,6 +126,22 @@ def test_a_failing_request_does_not_stop_the_engine(tiny):
     assert good[-1].finish_reason in ("stop", "length") and engine.stats.requests["error"] == 1
 
 
+def test_a_library_error_keeps_its_type_through_the_engine(tiny, monkeypatch):
+    """generate_step re-raises the library's own exception from a failed step (a lost rank stays a
+    DistributedError, its message unprefixed), so callers can catch it by type."""
+    from mlxllama.distributed import DistributedError
+    from mlxllama.generate import generate_step
+
+    m, tok = tiny
+
+    def lost(*args, **kwargs):
+        raise DistributedError("rank 0: lost another rank while testing")
+
+    monkeypatch.setattr(m, "make_cache", lost)
+    with pytest.raises(DistributedError, match="^rank 0: lost another rank while testing$"):
+        list(generate_step(m, tok.encode(PROMPTS[0]), 4))
+
+
 def test_bad_requests_are_usage_errors(tiny):
     m, tok = tiny
     engine = Engine(m, tok)
