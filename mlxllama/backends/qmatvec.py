@@ -14,7 +14,8 @@ R input rows (a tile: 4, 2 or 1) share each decoded weight block, so a batch of 
 weight once per tile instead of once per row. A lone row (batch-1 decode) takes its blocks by eights (_octets):
 the eight blocks' integer sums are gathered into one vector by pairwise adds, then scaled by the eight scale * dx
 in one multiply-add and their bias terms in another, so the float work of a block is an eighth of the per-block
-form.s (4096 x 4096 4-bit, int16 inputs, one Zen 2 core: 13.0 -> 18.1 G weights/s; 23 with _opaque_four).
+form's (4096 x 4096 4-bit, int16 inputs, one Zen 2 core: 13.0 -> 18.1 G weights/s, then 23 with the nibble
+split kept on 16-bit words: _opaque_four).
 
 The block product is LLVM IR written per instruction set (_DOTS), chosen at run time from the CPU's features
 (llvmlite's host features), never at install:
