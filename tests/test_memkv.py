@@ -216,7 +216,7 @@ def test_generate_refuses_before_allocating(monkeypatch):
 def test_prepared_nbytes_predicts_the_layout(smollm2):
     from mlxllama import api
 
-    for backend, mode in (("numpy", "quantized"), ("mlx", None)):
+    for backend, mode in (("numpy", "quantized"), ("numpy", "fused"), ("mlx", None)):
         ops = get_ops(backend, numpy_weights=mode)
         args, weights, _ = api.load_weights(str(smollm2))
         predicted = memory.weights_resident(weights, ops)

@@ -208,10 +208,12 @@ def test_smollm2_greedy_lookup_is_plain_greedy(smollm2, backend):
     passage = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
                "foolishness, it was the epoch of belief, it was the epoch of incredulity.")
     ids = prompt_tokens(tok, "Quote this passage exactly:\n\n" + passage, chat=True)
-    n = 48 if model.ops.name == "numpy" else 24  # MLX on a CPU is slow: fewer tokens say the same
+    n = 48 if model.ops.name == "numpy" else 12  # MLX on a CPU is slow: fewer tokens say the same
     plain, fast, stats = _both(model, ids, n, spec.SpeculativeConfig("lookup", 8))
     assert fast == plain
     assert stats.accepted > 0
+    if model.ops.name != "numpy":
+        return  # a draft model on MLX: test_greedy_draft_model_is_plain_greedy
     plain, fast, stats = _both(model, ids, n // 4, spec.SpeculativeConfig("draft", 4, draft_model=model,
                                                                           adaptive=False))
     assert fast == plain

@@ -160,13 +160,15 @@ class NumpyOps:
 
     def prepared_nbytes(self, w) -> int:
         """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "fused" mode
-        (and "auto" where numba imports) 4/8-bit tensors as stored; in "quantized" mode codes (4-bit two per byte,
-        others one per byte) with float32 scales and biases; a weight type that prepares itself, its nbytes."""
+        (and "auto" where numba imports) 4/8-bit tensors as stored, less the biases the kernel forms from the
+        scales (qmatvec.drops_biases); in "quantized" mode codes (4-bit two per byte, others one per byte) with
+        float32 scales and biases; a weight type that prepares itself, its nbytes."""
         if _custom(w):
             return int(w.numpy_nbytes() if hasattr(w, "numpy_nbytes") else w.nbytes)
         fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)
         if isinstance(w, QuantizedWeight) and fused and w.bits in _qmatvec().BITS:
-            return int(w.nbytes)
+            biases = 0 if _qmatvec().drops_biases([w]) else w.scales.nbytes
+            return int(w.weight.nbytes + w.scales.nbytes + biases)
         if isinstance(w, QuantizedWeight) and (self.weights_mode == "quantized" or fused):
             rows, cols = w.shape
             code = 0.5 if w.bits == 4 and cols % 2 == 0 else 1

@@ -839,6 +839,14 @@ def dequantize_rows(w, scales, biases, bfac, bits, group_size, o0, o1, out):
             _deq8(w, o * w.shape[1], out, (o - o0) * n, scales, biases, o * ngroups, bfac, n // _BLOCK, shift)
 
 
+def drops_biases(parts: list) -> bool:
+    """Whether PackedLinear forms these projections' biases from their scales instead of keeping them: every bias
+    is -2**(bits - 1) times its scale (GGUF's Q4_0 and Q8_0)."""
+    factor = np.float32(-(1 << (parts[0].bits - 1)))
+    return all(np.array_equal(np.asarray(p.biases, np.float32), factor * np.asarray(p.scales, np.float32))
+               for p in parts)
+
+
 class PackedLinear:
     """Same-input quantized projections fused by output rows, kept as stored: bytes [out, in * bits / 8] (a view
     of the uint32 words), scales and biases [out, in / group] (float32, or float16 held as uint16 bits). Where
@@ -861,12 +869,10 @@ class PackedLinear:
         self.shape = (p0.shape[1], self.words.shape[0])
         dtype = np.result_type(*[p.scales.dtype for p in parts])
         self.scales = _rows_of([p.scales for p in parts], dtype)
-        biases = _rows_of([p.biases for p in parts], dtype)
-        factor = np.float32(-(1 << (self.bits - 1)))
-        if np.array_equal(biases.astype(np.float32), factor * self.scales.astype(np.float32)):
-            self.biases, self.bias_factor = None, factor
+        if drops_biases(parts):
+            self.biases, self.bias_factor = None, np.float32(-(1 << (self.bits - 1)))
         else:
-            self.biases, self.bias_factor = biases, np.float32(0)
+            self.biases, self.bias_factor = _rows_of([p.biases for p in parts], dtype), np.float32(0)
         if dtype == np.float16:
             self.scales = self.scales.view(np.uint16)
             self.biases = None if self.biases is None else self.biases.view(np.uint16)
