@@ -20,7 +20,7 @@ def test_short_soak_holds(sp_dir, tmp_path):
     folder = with_template(make_hf_folder(tmp_path / "tiny", tokenizer_dir=sp_dir, max_position_embeddings=2048))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_soak.py"), "--model", str(folder),
-                        "--backend", "numpy", "--seconds", "8", "--threads", "6", "--warmup", "2",
+                        "--backend", "numpy", "--seconds", "5", "--threads", "6", "--warmup", "2",
                         "--prefix-cache-mib", "16"], capture_output=True, text=True, timeout=600, env=env)
     out = r.stdout + r.stderr
     for check in ("no 5xx", "no failed good request", "every hostile request a 4xx with OpenAI's error body",

@@ -55,10 +55,16 @@ BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util
                                                                   reason="mlx not installed"))]
 
 
+@pytest.fixture(scope="module")
+def numpy_default():
+    return mlxllama.load("default", backend="numpy")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_tokens_match_transformers(reference, backend):
+def test_greedy_tokens_match_transformers(reference, backend, request):
     ref_tok, cases = reference
-    model, tok = mlxllama.load("default", backend=backend)
+    model, tok = request.getfixturevalue("numpy_default") if backend == "numpy" else mlxllama.load("default",
+                                                                                                  backend=backend)
     eos = set(tok.eos_ids)
     if backend == "mlx":
         cases = cases[::2]  # MLX on a CPU is slow: two raw prompts and a chat one there
@@ -79,9 +85,9 @@ def test_our_prompt_tokens_match_transformers(reference):
         assert prompt_tokens(tok, messages) == ids
 
 
-def test_api_generate_text_matches_transformers_decode(reference):
+def test_api_generate_text_matches_transformers_decode(reference, numpy_default):
     ref_tok, cases = reference
-    model, tok = mlxllama.load("default", backend="numpy")
+    model, tok = numpy_default
     ids, want = cases[0]
     text = mlxllama.generate(model, tok, RAW[0], max_tokens=N_TOKENS)
     assert text == ref_tok.decode(_truncate_at_eos(want, set(tok.eos_ids)), skip_special_tokens=True)
