@@ -118,13 +118,13 @@ class Event:
     exception: Exception | None = field(default=None, repr=False, compare=False)  # what `error` describes
 
 
-def raise_for(ev: Event) -> None:
+def raise_for(ev: Event, where: str = "") -> None:
     """Raise a failed request's error: the library's own exception as it was raised (a DistributedError stays one),
-    anything else as an MlxLlamaError naming its type."""
+    anything else as an MlxLlamaError naming its type, after `where`."""
     if ev.error:
         if isinstance(ev.exception, MlxLlamaError):
             raise ev.exception
-        raise MlxLlamaError(ev.error)
+        raise MlxLlamaError(where + ev.error)
 
 
 class Handle:

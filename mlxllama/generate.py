@@ -13,7 +13,7 @@ from . import speculative as spec
 from .cache import CacheSettings
 from .engine import GenerationResponse, prompt_tokens  # noqa: F401  (re-exported)
 from .engine import Engine, RequestParams, raise_for, responses
-from .errors import MlxLlamaError, UsageError
+from .errors import UsageError
 from .finish import StopStrings  # noqa: F401  (re-exported)
 from .logits import LogitsProcessor, log_softmax, top_logprobs  # noqa: F401  (re-exported)
 from .memory import check_model, kv_bytes, wired_limit
@@ -169,8 +169,7 @@ def batch_generate(model, tokenizer, prompts: list, max_tokens: int = 256, *, sa
         more = engine.step()
         for j, h in enumerate(handles):
             for ev in h.poll():
-                if ev.error:
-                    raise MlxLlamaError(f"prompt {j}: {ev.error}")
+                raise_for(ev, f"prompt {j}: ")
                 texts[j].append(ev.text)
                 gen[j] = ev.completion_tokens
                 finish[j] = ev.finish_reason or finish[j]

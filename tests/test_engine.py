@@ -127,8 +127,8 @@ def test_a_failing_request_does_not_stop_the_engine(tiny):
 
 
 def test_a_library_error_keeps_its_type_through_the_engine(tiny, monkeypatch):
-    """generate_step re-raises the library's own exception from a failed step (a lost rank stays a
-    DistributedError, its message unprefixed), so callers can catch it by type."""
+    """generate_step and batch_generate re-raise the library's own exception from a failed step (a lost rank stays
+    a DistributedError, its message unprefixed), so callers can catch it by type."""
     from mlxllama.distributed import DistributedError
     from mlxllama.generate import generate_step
 
@@ -140,6 +140,8 @@ def test_a_library_error_keeps_its_type_through_the_engine(tiny, monkeypatch):
     monkeypatch.setattr(m, "make_cache", lost)
     with pytest.raises(DistributedError, match="^rank 0: lost another rank while testing$"):
         list(generate_step(m, tok.encode(PROMPTS[0]), 4))
+    with pytest.raises(DistributedError, match="^rank 0: lost another rank while testing$"):
+        batch_generate(m, tok, PROMPTS[:2], max_tokens=4)
 
 
 def test_bad_requests_are_usage_errors(tiny):
