@@ -208,15 +208,25 @@ def _half_to_float(builder, h):
 _NATIVE_HALF = bool(_host_features().get("f16c")) or os.uname().machine.lower() in ("arm64", "aarch64")
 
 
-def _load_scale(builder, ptr, half: bool):
-    """A scale or bias as float32 (float16 held as its uint16 bits: one instruction with x86's F16C or on arm64,
-    elsewhere integer operations rather than a runtime helper call)."""
-    v = builder.load(ptr)
+def _load_scale(builder, ptr, half: bool, n: int = 0):
+    """A scale or bias as float32, or n consecutive ones as <n x float> (float16 held as its uint16 bits: one
+    instruction with x86's F16C or on arm64, elsewhere integer operations rather than a runtime helper call)."""
+    if not n:
+        v = builder.load(ptr)
+    else:
+        v = builder.load(builder.bitcast(ptr, _vec(_I16 if half else _F32, n).as_pointer()), align=2 if half else 4)
     if not half:
         return v
     if _NATIVE_HALF:
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
-    return _half_to_float(builder, v)
+        return builder.fpext(builder.bitcast(v, _vec(ir.HalfType(), n) if n else ir.HalfType()),
+                             _vec(_F32, n) if n else _F32)
+    if not n:
+        return _half_to_float(builder, v)
+    out = ir.Constant(_vec(_F32, n), None)
+    for k in range(n):
+        out = builder.insert_element(out, _half_to_float(builder, builder.extract_element(v, ir.Constant(_I32, k))),
+                                     ir.Constant(_I32, k))
+    return out
 
 
 def _splat(builder, v, n: int):
@@ -402,20 +412,10 @@ def _scales8(builder, row, g0, shift, half: bool):
     """The scales (or biases) of 8 blocks from group g0 on as <8 x float>: 8, 4 or 2 groups read (shift 0, 1 or 2,
     the run-time group size) and each repeated over its blocks. Nothing past the 8 blocks' groups is read."""
     out = cgutils.alloca_once(builder, _vec(_F32, 8))
-    elt = _I16 if half else _F32
     p = builder.gep(row, [g0])
     for s in range(3):
-        n = 8 >> s
         with builder.if_then(builder.icmp_signed("==", shift, ir.Constant(shift.type, s))):
-            v = builder.load(builder.bitcast(p, _vec(elt, n).as_pointer()), align=2 if half else 4)
-            if half and _NATIVE_HALF:
-                v = builder.fpext(builder.bitcast(v, _vec(ir.HalfType(), n)), _vec(_F32, n))
-            elif half:
-                w = ir.Constant(_vec(_F32, n), None)
-                for k in range(n):
-                    e = _half_to_float(builder, builder.extract_element(v, ir.Constant(_I32, k)))
-                    w = builder.insert_element(w, e, ir.Constant(_I32, k))
-                v = w
+            v = _load_scale(builder, p, half, 8 >> s)
             builder.store(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), [k >> s for k in range(8)])), out)
     return builder.load(out)
 
