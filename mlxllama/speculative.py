@@ -29,6 +29,7 @@ the recent acceptance rate: the k that maximizes expected tokens per second, 0 (
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -224,18 +225,18 @@ class AdaptiveK:
     """Chooses k, the tokens to draft, as the k maximizing E(k) / T(k): E(k) = 1 + a + ... + a^k tokens expected
     per target forward at acceptance rate a, T(k) = time of a forward over k + 1 rows + k draft tokens' time.
     Drafting is chosen only when it promises `margin` times a plain step's rate.
-    Costs are moving averages of measured times per row count (unmeasured counts interpolated, at first a guess
-    of 10% more per row); the acceptance rate is a decaying count of kept and rejected drafts, kept per bucket
-    (lookup: the length of the n-gram matched, whose drafts are right far more often when longer). A drafter that
-    costs nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again;
+    Costs are moving averages of measured times per row count, kept per model across requests (forward_costs;
+    unmeasured counts interpolated, at first a guess of 10% more per row); the acceptance rate is a decaying count
+    of kept and rejected drafts, kept per bucket (lookup: the length of the n-gram matched, whose drafts are right
+    far more often when longer). A drafter that costs nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again;
     a costly one is retried now and then, less often each time it still does not pay."""
 
     margin = 1.1  # drafting must promise this much over a plain step: a wrong guess costs more than it saves
 
-    def __init__(self, k_max: int, adaptive: bool = True, free: bool = True):
+    def __init__(self, k_max: int, adaptive: bool = True, free: bool = True, cost: dict | None = None):
         self.k_max, self.adaptive, self.free = k_max, adaptive, free
         self.counts: dict[int, list[float]] = {}  # bucket -> [kept, missed]
-        self.cost: dict[int, float] = {}  # rows -> seconds per forward
+        self.cost: dict[int, float] = {} if cost is None else cost  # rows -> seconds per forward
         self.draft_cost = 0.0  # seconds per drafted token
         self.probe_interval, self.countdown = 8, 8
 
@@ -352,6 +353,19 @@ def make_drafter(config: SpeculativeConfig, model, max_len: int):
     return DraftModel(config.draft_model, max_len, model.args.vocab_size)
 
 
+_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def forward_costs(model) -> dict[int, float]:
+    """The model's measured seconds per forward pass by row count, shared by every request's AdaptiveK: a new
+    request starts from what earlier ones measured instead of a guess (a fresh table where the model cannot be
+    weakly referenced)."""
+    try:
+        return _COSTS.setdefault(model, {})
+    except TypeError:
+        return {}
+
+
 class Speculator:
     """One sequence's drafting state, for the engine's step: plan(room) drafts for the next forward pass (none: a
     plain step); after the pass, done(plan, new, seconds) records what was kept. The verification rows run in the
@@ -361,7 +375,8 @@ class Speculator:
         self.model, self.config = model, config
         self.stats = stats if stats is not None else SpeculativeStats()
         self.drafter = make_drafter(config, model, max_len)
-        self.policy = AdaptiveK(config.num_draft, config.adaptive, free=self.drafter.free)
+        self.policy = AdaptiveK(config.num_draft, config.adaptive, free=self.drafter.free,
+                                cost=forward_costs(model))
 
     def plan(self, pipe, room: int) -> tuple:
         """(drafts, q, bucket, watch) for the next forward pass over pipe.history; no drafts: a plain step.

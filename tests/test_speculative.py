@@ -205,6 +205,20 @@ def test_adaptive_k_backs_off_when_drafts_miss_and_returns_when_they_match():
     assert policy.choose() == 8
 
 
+def test_forward_costs_carry_over_to_the_next_request(tiny_hf):
+    """A request's measured pass times stay with the model: the next request's AdaptiveK starts from them (the
+    verifier's cost per row feeds k from the first step), another model's starts empty."""
+    model, tok = mlxllama.load(str(tiny_hf), backend="numpy")
+    ids = _prompt(tok)
+    list(generate_step(model, ids, 24, sampler=Sampler(SamplingParams()), speculate=spec.SpeculativeConfig("lookup", 6)))
+    measured = dict(spec.forward_costs(model))
+    assert 1 in measured and all(t > 0 for t in measured.values())
+    later = spec.Speculator(model, spec.SpeculativeConfig("lookup", 6), max_len=128)
+    assert later.policy.cost is spec.forward_costs(model) and later.policy.forward_cost(1) == measured[1]
+    other, _ = mlxllama.load(str(tiny_hf), backend="numpy")
+    assert spec.Speculator(other, spec.SpeculativeConfig("lookup", 6), max_len=128).policy.cost == {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_smollm2_greedy_lookup_is_plain_greedy(smollm2, backend):
