@@ -228,8 +228,9 @@ class AdaptiveK:
     Costs are moving averages of measured times per row count, kept per model across requests (forward_costs;
     unmeasured counts interpolated, at first a guess of 10% more per row); the acceptance rate is a decaying count
     of kept and rejected drafts, kept per bucket (lookup: the length of the n-gram matched, whose drafts are right
-    far more often when longer). A drafter that costs nothing (lookup) is scored on plain steps too, so speculation resumes when drafts start matching again;
-    a costly one is retried now and then, less often each time it still does not pay."""
+    far more often when longer). A drafter that costs nothing (lookup) is scored on plain steps too, so speculation
+    resumes when drafts start matching again; a costly one is retried now and then, less often each time it still
+    does not pay."""
 
     margin = 1.1  # drafting must promise this much over a plain step: a wrong guess costs more than it saves
 

@@ -210,7 +210,8 @@ def test_forward_costs_carry_over_to_the_next_request(tiny_hf):
     verifier's cost per row feeds k from the first step), another model's starts empty."""
     model, tok = mlxllama.load(str(tiny_hf), backend="numpy")
     ids = _prompt(tok)
-    list(generate_step(model, ids, 24, sampler=Sampler(SamplingParams()), speculate=spec.SpeculativeConfig("lookup", 6)))
+    config = spec.SpeculativeConfig("lookup", 6)
+    list(generate_step(model, ids, 24, sampler=Sampler(SamplingParams()), speculate=config))
     measured = dict(spec.forward_costs(model))
     assert 1 in measured and all(t > 0 for t in measured.values())
     later = spec.Speculator(model, spec.SpeculativeConfig("lookup", 6), max_len=128)

@@ -704,7 +704,8 @@ def _pairs_ir(context, builder, at, args, isa: str, R: int):
             for k in range(2):
                 g = builder.ashr(builder.add(b0, c(k)), shift_)
                 sk = _load_scale(builder, builder.gep(srow, [g]), half)
-                bk = builder.select(symmetric, builder.fmul(sk, bfac_), _load_scale(builder, builder.gep(brow, [g]), half))
+                bk = builder.select(symmetric, builder.fmul(sk, bfac_),
+                                    _load_scale(builder, builder.gep(brow, [g]), half))
                 scale = builder.insert_element(scale, sk, ir.Constant(_I32, k))
                 bias = builder.insert_element(bias, bk, ir.Constant(_I32, k))
         for k in range(2 * units):
@@ -752,7 +753,8 @@ def _unit_dot(builder, isa: str, codes, xu, r: int):
     second)."""
     d = None
     for j, cj in enumerate(codes):
-        xp = builder.bitcast(builder.gep(xu, [ir.Constant(ir.IntType(64), 64 * r + 16 * j)]), _vec(_I16, 16).as_pointer())
+        xp = builder.bitcast(builder.gep(xu, [ir.Constant(ir.IntType(64), 64 * r + 16 * j)]),
+                             _vec(_I16, 16).as_pointer())
         p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
         d = p if d is None else builder.add(d, p)
     return d
