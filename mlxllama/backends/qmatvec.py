@@ -37,18 +37,17 @@ its root mean square), and greedy tokens leave the reference after a few tokens 
 is why int16 is the default: on AVX2 it costs the same multiply instructions per block (benchmarks/README.md).
 
 Unit tiles (int16 inputs): the multiples of 2 rows (4-bit weights) or 8 rows (8-bit) of a product run _utile
-instead, up to 16 rows at a time. A unit is the 32 bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as
-16 words: each code position comes out by a shift and a mask (no byte shuffles); the inputs are laid out to match
-(unit_order), a unit of every row side by side; one input scale covers CHUNK = 128 inputs. With 4-bit weights a
-chunk (two units, four blocks) goes at a time (_pairs_ir): each pair of rows' integer sums over it are gathered by
-pairwise adds into one vector of the pair's eight (row, block) totals, scaled by scale * dx in one multiply-add,
-and the row sums are formed once per weight row instead of once per chunk (SmolLM2's shapes, one thread: 8 rows
-cost 5.45 -> 4.1 one-row products, 2 rows 2.0 -> 1.5). The rounding
-step is then the chunk's largest |x| / 65534 rather than the block's: on SmolLM2, logits of an 18-row prefill
-differ from float32 mode's by 4.3e-4 of the largest logit (2.3e-4 with per-block scales; 256-input chunks gave
-5e-4 and moved test_smollm2_logit_error past its 1e-3), every argmax kept; tests/test_qmatvec.py checks the bound
-with the chunk's maximum. On an AVX2 Zen 2 core (benchmarks/README.md) 8 and 16 rows run ~1.2-1.3x the
-multiply-adds per second of _tile's 4-row tiles, whose decode of 4-bit codes shuffles bytes.
+instead, up to 8 rows at a time (16-row tiles spilled registers and ran no faster than two of 8). A unit is the 32
+bytes of codes of 64 inputs (4 bits) or 32 (8 bits), read as 16 words: each code position comes out by a shift and
+a mask (no byte shuffles); the inputs are laid out to match (unit_order), a unit of every row side by side. One
+input scale covers CHUNK = 128 inputs: the rounding step is the chunk's largest |x| / 65534 rather than the
+block's. On SmolLM2, logits of an 18-row prefill differ from float32 mode's by 4.3e-4 of the largest logit (2.3e-4
+with per-block scales; 256-input chunks gave 5e-4 and moved test_smollm2_logit_error past its 1e-3), every argmax
+kept; tests/test_qmatvec.py checks the bound with the chunk's maximum. With 4-bit weights a chunk (two units, four
+blocks) goes at a time (_pairs_ir): each pair of rows' integer sums over it are gathered by pairwise adds into one
+vector of the pair's eight (row, block) totals, scaled by scale * dx in one multiply-add, and the row sums are
+formed once per weight row instead of once per chunk (SmolLM2's shapes, one thread: 8 rows cost 5.45 -> 4.1
+one-row products, 2 rows 2.0 -> 1.5; benchmarks/README.md).
 
 Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
 the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_ops picks by row count.
@@ -453,14 +452,14 @@ _TAGS = {"vnni": np.uint8, "avx2": np.uint16, "generic": np.uint32}
 _TAG_PATHS = {numba_type(np.dtype(t)): isa for isa, t in _TAGS.items()}
 
 
-def _by_bits_and_rows(isa: str, tiles: tuple, emit):
+def _by_bits_and_rows(isa: str, tiles, emit):
     """The codegen of a tile intrinsic whose args[1] and args[2] are bits and R at run time: one loop in the IR
-    per (bits in BITS, R in tiles), emit(context, builder, arg types, args, isa, bits, R) writing each, over
-    the arguments after R."""
+    per (bits in BITS, R in tiles(bits)), emit(context, builder, arg types, args, isa, bits, R) writing each,
+    over the arguments after R."""
     def codegen(context, builder, signature, args):
         idx = args[1].type
         for b in BITS:
-            for r in tiles:
+            for r in tiles(b):
                 case = builder.and_(builder.icmp_signed("==", args[1], ir.Constant(idx, b)),
                                     builder.icmp_signed("==", args[2], ir.Constant(idx, r)))
                 with builder.if_then(case):
@@ -484,7 +483,7 @@ def _tile(typingctx, tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, 
                      types.intp, scales, biases, types.intp, types.float32, y, types.intp, types.intp,
                      types.intp, types.intp)
 
-    return sig, _by_bits_and_rows(isa, TILES, _tile_ir)
+    return sig, _by_bits_and_rows(isa, lambda bits: TILES, _tile_ir)
 
 
 @njit(cache=True, nogil=True)
@@ -551,9 +550,15 @@ def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y
 
 # -- unit tiles: up to 8 input rows, codes unpacked by shifts, one input scale per chunk ---------------------------
 
-UTILES = (16, 8, 4, 2, 1)
+UTILES = (8, 4, 2, 1)
 UNIT_ROWS = {4: 2, 8: 8}  # bits -> the unit tiles take the multiples of this many rows (measured: faster there)
 CHUNK = 128  # inputs sharing one input scale in quantize_units
+
+
+def _utile_heights(bits: int) -> tuple:
+    """The tile heights _urows uses for `bits`-bit weights (their unit rows are multiples of UNIT_ROWS[bits]): only
+    these are compiled."""
+    return tuple(r for r in UTILES if r % UNIT_ROWS[bits] == 0)
 
 
 def _unit(bits: int) -> int:
@@ -594,9 +599,9 @@ def _unit_codes(builder, wp, bits: int):
 
 
 def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
-    """IR for y[yoff + r * ystride], r < R (see _utile): 4-bit weights and pairs of rows by chunks (_pairs_ir),
-    otherwise a unit at a time."""
-    if bits == 4 and R % 2 == 0:
+    """IR for y[yoff + r * ystride], r < R (see _utile; R even): 4-bit weights by chunks (_pairs_ir), 8-bit ones a
+    unit at a time, two rows' sums sharing a vector (pairwise adds within halves)."""
+    if bits == 4:
         return _pairs_ir(context, builder, at, args, isa, R)
     (w_, woff_, xq_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
 
@@ -614,8 +619,7 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     dcol = base(3, dxs_, r0_)  # dx of block b, rows r0..: dcol[b * rows ..]; s: nblk * rows further
     scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
     vR, v8 = _vec(_F32, R), _vec(_F32, 8)
-    paired = R >= 2  # two rows' sums share a vector (pairwise adds within halves): half the accumulators
-    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2 if paired else 1)]
+    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2)]
     acc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
     bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
     symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
@@ -652,15 +656,14 @@ def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
                     p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
                     d = p if d is None else builder.add(d, p)
                 dots.append(d)
-            if paired:
-                dots = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, R, 2)]
+            dots = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, R, 2)]
             for d, p in zip(dots, part):
                 t = builder.fmul(builder.sitofp(d, v8), svec, flags=_FP)
                 builder.store(builder.fadd(builder.load(p), t, flags=_FP), p)
         dv = builder.load(builder.bitcast(builder.gep(dcol, [builder.mul(builder.mul(u0, c(per_unit)), rows_)]),
                                           vR.as_pointer()), align=4)
         vecs = [builder.load(p) for p in part]
-        sums = _pair_sums(builder, vecs) if paired else _row_sums(builder, vecs)
+        sums = _pair_sums(builder, vecs)
         builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, dv, flags=_FP), flags=_FP), acc)
     yrow = base(10, y_, yoff_)
     out = builder.fadd(builder.load(acc), builder.load(bacc), flags=_FP)
@@ -780,25 +783,6 @@ def _pair_sums(builder, vecs):
     return out
 
 
-def _row_sums(builder, vecs):
-    """R <8 x float> (R in UTILES) -> <R x float> of their lane sums: pairs of vectors merged into one of their
-    pairwise sums, then the last vector's lane groups halved."""
-    def merge(u, v):
-        even = ir.Constant(_vec(_I32, 8), [0, 2, 4, 6, 8, 10, 12, 14])
-        odd = ir.Constant(_vec(_I32, 8), [1, 3, 5, 7, 9, 11, 13, 15])
-        return builder.fadd(builder.shuffle_vector(u, v, even), builder.shuffle_vector(u, v, odd), flags=_FP)
-
-    rows = len(vecs)
-    while len(vecs) > 1:
-        vecs = [merge(vecs[i], vecs[i + 1]) for i in range(0, len(vecs), 2)]
-    v, n = vecs[0], 8
-    while n > rows:
-        lanes = [ir.Constant(_vec(_I32, n // 2), list(range(k, n, 2))) for k in (0, 1)]
-        v = builder.fadd(builder.shuffle_vector(v, v, lanes[0]), builder.shuffle_vector(v, v, lanes[1]), flags=_FP)
-        n //= 2
-    return v
-
-
 @intrinsic
 def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride, nblk,
            shift):
@@ -810,7 +794,7 @@ def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, 
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, dxs, types.intp, types.intp, scales, biases,
                      types.intp, types.float32, y, types.intp, types.intp, types.intp, types.intp)
 
-    return sig, _by_bits_and_rows(isa, UTILES, _utile_ir)
+    return sig, _by_bits_and_rows(isa, _utile_heights, _utile_ir)
 
 
 @njit(cache=True, nogil=True)
@@ -851,7 +835,7 @@ def _uproduct(tag, x2, lim, order, w, scales, biases, bfac, bits, group_size, xq
 @njit(inline="always")
 def _utile_rows(r1: int, r: int) -> int:
     left = r1 - r
-    return 16 if left >= 16 else (8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1)))
+    return 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
 
 
 @njit(cache=True, nogil=True)
