@@ -67,7 +67,7 @@ def test_greedy_tokens_match_transformers(reference, backend, request):
                                                                                                   backend=backend)
     eos = set(tok.eos_ids)
     if backend == "mlx":
-        cases = cases[::2]  # MLX on a CPU is slow: two raw prompts and a chat one there
+        cases = cases[::3]  # MLX on a CPU is slow: a raw prompt and a chat one there
     for ids, want in cases:
         got = _ours(model, tok, ids)
         assert got == _truncate_at_eos(want, eos), ref_tok.decode(ids)
