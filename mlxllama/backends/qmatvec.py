@@ -43,9 +43,9 @@ a mask (no byte shuffles); the inputs are laid out to match (unit_order), a unit
 input scale covers CHUNK = 128 inputs: the rounding step is the chunk's largest |x| / 65534 rather than the
 block's. On SmolLM2, logits of an 18-row prefill differ from float32 mode's by 4.3e-4 of the largest logit (2.3e-4
 with per-block scales; 256-input chunks gave 5e-4 and moved test_smollm2_logit_error past its 1e-3), every argmax
-kept; tests/test_qmatvec.py checks the bound with the chunk's maximum. With 4-bit weights a chunk (two units, four
-blocks) goes at a time (_pairs_ir): each pair of rows' integer sums over it are gathered by pairwise adds into one
-vector of the pair's eight (row, block) totals, scaled by scale * dx in one multiply-add, and the row sums are
+kept; tests/test_qmatvec.py checks the bound with the chunk's maximum. A chunk (four blocks) goes at a time
+(_pairs_ir): each pair of rows' integer sums over it are gathered by pairwise adds into vectors of (row, block)
+sums (4 bits: one of the pair's eight totals), scaled by scale * dx in one multiply-add each, and the row sums are
 formed once per weight row instead of once per chunk (SmolLM2's shapes, one thread: 8 rows cost 5.45 -> 4.1
 one-row products, 2 rows 2.0 -> 1.5; benchmarks/README.md).
 
@@ -598,146 +598,52 @@ def _unit_codes(builder, wp, bits: int):
     return out
 
 
-def _utile_ir(context, builder, at, args, isa: str, bits: int, R: int):
-    """IR for y[yoff + r * ystride], r < R (see _utile; R even): 4-bit weights by chunks (_pairs_ir), 8-bit ones a
-    unit at a time, two rows' sums sharing a vector (pairwise adds within halves)."""
-    if bits == 4:
-        return _pairs_ir(context, builder, at, args, isa, R)
+class _Pairs(NamedTuple):
+    """What a chunk of _pairs_ir needs: the weight row's codes, scales and biases, the input tile, its dx and s
+    columns, the accumulators (one <8 x float> per row pair, the bias terms' <R x float>)."""
+    wrow: object
+    srow: object
+    brow: object
+    half: bool
+    symmetric: object
+    bfac: object
+    shift: object
+    xtile: object
+    xstep: object
+    dcol: object
+    scol: object
+    rows: object
+    acc: list
+    bacc: object
+
+
+def _pairs_ir(context, builder, at, args, isa: str, bits: int, R: int):
+    """IR of _utile for an even R, a chunk (128 inputs: four blocks, one input scale) at a time. Each pair of rows'
+    integer sums over the chunk become vectors of (row, block) sums by pairwise adds (4 bits: one of the pair's
+    eight totals; 8 bits: two of halves), scaled by scale * dx in one multiply-add each; the row sums are formed once
+    per weight row, not per chunk."""
     (w_, woff_, xq_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
 
     def base(i, arg, off):
         return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
 
     U = _unit(bits)
-    per_unit = U // _BLOCK  # blocks per unit: 2 (4 bits) or 1
-    half = at[6].dtype == types.uint16
-    wrow, srow, brow = base(0, w_, woff_), base(6, sc_, soff_), base(7, bi_, soff_)
-    idx = woff_.type
-    c = lambda v: ir.Constant(idx, v)  # noqa: E731
-    xtile = base(2, xq_, builder.mul(r0_, c(U)))  # unit u, row r0 + r: + (u * rows + r) * U
-    xstep = builder.mul(rows_, c(U))
-    dcol = base(3, dxs_, r0_)  # dx of block b, rows r0..: dcol[b * rows ..]; s: nblk * rows further
-    scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
-    vR, v8 = _vec(_F32, R), _vec(_F32, 8)
-    part = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2)]
-    acc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
-    bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
-    symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
-    nunits = builder.udiv(nblk_, c(per_unit))
-    upc = CHUNK // U  # units per chunk
-    with cgutils.for_range(builder, builder.udiv(builder.add(nunits, c(upc - 1)), c(upc))) as outer:
-        u0 = builder.mul(outer.index, c(upc))
-        u1 = builder.select(builder.icmp_signed("<", builder.add(u0, c(upc)), nunits), builder.add(u0, c(upc)), nunits)
-        for p in part:
-            builder.store(ir.Constant(v8, None), p)
-        with cgutils.for_range(builder, builder.sub(u1, u0)) as inner:
-            u = builder.add(u0, inner.index)
-            scales = []
-            for k in range(per_unit):
-                b = builder.add(builder.mul(u, c(per_unit)), c(k))
-                g = builder.ashr(b, shift_)
-                scale = _load_scale(builder, builder.gep(srow, [g]), half)
-                bias = builder.select(symmetric, builder.fmul(scale, bfac_),
-                                      _load_scale(builder, builder.gep(brow, [g]), half))
-                sv = builder.load(builder.bitcast(builder.gep(scol, [builder.mul(b, rows_)]), vR.as_pointer()), align=4)
-                builder.store(builder.fadd(builder.load(bacc), builder.fmul(sv, _splat(builder, bias, R), flags=_FP),
-                                           flags=_FP), bacc)
-                scales.append(scale)
-            svec = ir.Constant(v8, None)
-            for lane in range(8):
-                svec = builder.insert_element(svec, scales[lane * per_unit // 8], ir.Constant(_I32, lane))
-            codes = _unit_codes(builder, builder.gep(wrow, [builder.mul(u, c(32))]), bits)
-            xu = builder.gep(xtile, [builder.mul(u, xstep)])
-            dots = []
-            for r in range(R):
-                d = None
-                for j, cj in enumerate(codes):
-                    xp = builder.bitcast(builder.gep(xu, [c(U * r + 16 * j)]), _vec(_I16, 16).as_pointer())
-                    p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
-                    d = p if d is None else builder.add(d, p)
-                dots.append(d)
-            dots = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, R, 2)]
-            for d, p in zip(dots, part):
-                t = builder.fmul(builder.sitofp(d, v8), svec, flags=_FP)
-                builder.store(builder.fadd(builder.load(p), t, flags=_FP), p)
-        dv = builder.load(builder.bitcast(builder.gep(dcol, [builder.mul(builder.mul(u0, c(per_unit)), rows_)]),
-                                          vR.as_pointer()), align=4)
-        vecs = [builder.load(p) for p in part]
-        sums = _pair_sums(builder, vecs)
-        builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, dv, flags=_FP), flags=_FP), acc)
-    yrow = base(10, y_, yoff_)
-    out = builder.fadd(builder.load(acc), builder.load(bacc), flags=_FP)
-    for r in range(R):
-        builder.store(builder.extract_element(out, ir.Constant(_I32, r)),
-                      builder.gep(yrow, [builder.mul(ystr_, c(r))]))
-
-
-def _pairs_ir(context, builder, at, args, isa: str, R: int):
-    """IR of _utile for 4-bit weights and an even R, a chunk (two units: four blocks, one input scale) at a time.
-    Each pair of rows' integer sums over the chunk become one vector of its eight (row, block) totals by pairwise
-    adds, scaled by scale * dx in one multiply-add; the row sums are formed once per weight row, not per chunk."""
-    (w_, woff_, xq_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
-
-    def base(i, arg, off):
-        return builder.gep(context.make_array(at[i])(context, builder, arg).data, [off])
-
-    half = at[6].dtype == types.uint16
-    wrow, srow, brow = base(0, w_, woff_), base(6, sc_, soff_), base(7, bi_, soff_)
-    idx = woff_.type
-    c = lambda v: ir.Constant(idx, v)  # noqa: E731
-    xtile = base(2, xq_, builder.mul(r0_, c(64)))  # unit u, row r0 + r: + (u * rows + r) * 64
-    xstep = builder.mul(rows_, c(64))
+    c = lambda v: ir.Constant(woff_.type, v)  # noqa: E731
     dcol = base(3, dxs_, r0_)
-    scol = builder.gep(dcol, [builder.mul(nblk_, rows_)])
-    v8, vR = _vec(_F32, 8), _vec(_F32, R)
-    acc = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(R // 2)]
-    bacc = cgutils.alloca_once_value(builder, ir.Constant(vR, None))
-    symmetric = builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0))
-    nunits = builder.udiv(nblk_, c(2))
-
-    def chunk(u0, units: int):
-        b0 = builder.mul(u0, c(2))
-        g0 = builder.ashr(b0, shift_)
-        if units == 2:
-            scale = _scales8(builder, srow, g0, shift_, half, 4)
-            bias = builder.select(symmetric, builder.fmul(scale, _splat(builder, bfac_, 4)),
-                                  _scales8(builder, brow, g0, shift_, half, 4))
-        else:  # the row's last unit: blocks b0 and b0 + 1 only (nothing past the row is read)
-            scale, bias = ir.Constant(_vec(_F32, 4), None), ir.Constant(_vec(_F32, 4), None)
-            for k in range(2):
-                g = builder.ashr(builder.add(b0, c(k)), shift_)
-                sk = _load_scale(builder, builder.gep(srow, [g]), half)
-                bk = builder.select(symmetric, builder.fmul(sk, bfac_),
-                                    _load_scale(builder, builder.gep(brow, [g]), half))
-                scale = builder.insert_element(scale, sk, ir.Constant(_I32, k))
-                bias = builder.insert_element(bias, bk, ir.Constant(_I32, k))
-        for k in range(2 * units):
-            sv = builder.load(builder.bitcast(builder.gep(scol, [builder.mul(builder.add(b0, c(k)), rows_)]),
-                                              vR.as_pointer()), align=4)
-            bk = builder.shuffle_vector(bias, bias, ir.Constant(_vec(_I32, R), [k] * R))
-            builder.store(builder.fadd(builder.load(bacc), builder.fmul(sv, bk, flags=_FP), flags=_FP), bacc)
-        svec = builder.shuffle_vector(scale, scale, ir.Constant(_vec(_I32, 8), [0, 0, 2, 2, 1, 1, 3, 3]))
-        sums = []
-        for k in range(units):
-            u = builder.add(u0, c(k))
-            codes = _unit_codes(builder, builder.gep(wrow, [builder.mul(u, c(32))]), 4)
-            xu = builder.gep(xtile, [builder.mul(u, xstep)])
-            sums.append([_hadd(builder, _unit_dot(builder, isa, codes, xu, 2 * p),
-                               _unit_dot(builder, isa, codes, xu, 2 * p + 1)) for p in range(R // 2)])
-        for p, a in enumerate(acc):
-            h = _hadd(builder, sums[0][p], sums[1][p] if units == 2 else ir.Constant(_vec(_I32, 8), None))
-            dx = builder.load(builder.bitcast(builder.gep(dcol, [builder.add(builder.mul(b0, rows_), c(2 * p))]),
-                                              _vec(_F32, 2).as_pointer()), align=4)
-            dxv = builder.shuffle_vector(dx, dx, ir.Constant(_vec(_I32, 8), [0, 1] * 4))
-            t = builder.fmul(builder.sitofp(h, v8), builder.fmul(svec, dxv, flags=_FP), flags=_FP)
-            builder.store(builder.fadd(builder.load(a), t, flags=_FP), a)
-
-    with cgutils.for_range(builder, builder.udiv(nunits, c(2))) as loop:
-        chunk(builder.mul(loop.index, c(2)), 2)
-    with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nunits, c(2)), c(0))):
-        chunk(builder.sub(nunits, c(1)), 1)
-    out = builder.load(bacc)
-    for p, a in enumerate(acc):
+    t = _Pairs(base(0, w_, woff_), base(6, sc_, soff_), base(7, bi_, soff_), at[6].dtype == types.uint16,
+               builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)), bfac_, shift_,
+               base(2, xq_, builder.mul(r0_, c(U))), builder.mul(rows_, c(U)), dcol,
+               builder.gep(dcol, [builder.mul(nblk_, rows_)]), rows_,
+               [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R // 2)],
+               cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, R), None)))
+    with cgutils.for_range(builder, builder.udiv(nblk_, c(4))) as loop:
+        _pair_chunk(builder, t, isa, bits, R, builder.mul(loop.index, c(4)), 4)
+    left = builder.urem(nblk_, c(4))
+    for present in ((2,) if bits == 4 else (1, 2, 3)):  # a row's last blocks (4 bits: its odd unit)
+        with builder.if_then(builder.icmp_unsigned("==", left, c(present))):
+            _pair_chunk(builder, t, isa, bits, R, builder.sub(nblk_, c(present)), present)
+    out = builder.load(t.bacc)
+    for p, a in enumerate(t.acc):
         v = builder.load(a)  # lanes: rows 2p, 2p + 1, 2p, 2p + 1 in each half
         q = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3])),
                          builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7])), flags=_FP)
@@ -751,12 +657,65 @@ def _pairs_ir(context, builder, at, args, isa: str, R: int):
         builder.store(builder.extract_element(out, ir.Constant(_I32, r)), builder.gep(yrow, [builder.mul(ystr_, c(r))]))
 
 
-def _unit_dot(builder, isa: str, codes, xu, r: int):
-    """<8 x i32>: a unit's codes against row r's 64 inputs at xu + 64 r (lanes 0-3 its first block, 4-7 its
+def _chunk_scales(builder, t: _Pairs, b0, present: int):
+    """<4 x float> scales and biases of blocks b0..b0 + 3, lanes past `present` zero (and not read)."""
+    if present == 4:
+        g0 = builder.ashr(b0, t.shift)
+        scale = _scales8(builder, t.srow, g0, t.shift, t.half, 4)
+        return scale, builder.select(t.symmetric, builder.fmul(scale, _splat(builder, t.bfac, 4)),
+                                     _scales8(builder, t.brow, g0, t.shift, t.half, 4))
+    scale, bias = ir.Constant(_vec(_F32, 4), None), ir.Constant(_vec(_F32, 4), None)
+    for k in range(present):
+        g = builder.ashr(builder.add(b0, ir.Constant(b0.type, k)), t.shift)
+        sk = _load_scale(builder, builder.gep(t.srow, [g]), t.half)
+        bk = builder.select(t.symmetric, builder.fmul(sk, t.bfac),
+                            _load_scale(builder, builder.gep(t.brow, [g]), t.half))
+        scale = builder.insert_element(scale, sk, ir.Constant(_I32, k))
+        bias = builder.insert_element(bias, bk, ir.Constant(_I32, k))
+    return scale, bias
+
+
+def _pair_chunk(builder, t: _Pairs, isa: str, bits: int, R: int, b0, present: int):
+    """IR: the blocks b0..b0 + present - 1 of one chunk into t's accumulators (see _pairs_ir)."""
+    c = lambda v: ir.Constant(b0.type, v)  # noqa: E731
+    vR, zero = _vec(_F32, R), ir.Constant(_vec(_I32, 8), None)
+    scale, bias = _chunk_scales(builder, t, b0, present)
+    for k in range(present):
+        sv = builder.load(builder.bitcast(builder.gep(t.scol, [builder.mul(builder.add(b0, c(k)), t.rows)]),
+                                          vR.as_pointer()), align=4)
+        bk = builder.shuffle_vector(bias, bias, ir.Constant(_vec(_I32, R), [k] * R))
+        builder.store(builder.fadd(builder.load(t.bacc), builder.fmul(sv, bk, flags=_FP), flags=_FP), t.bacc)
+    per = 2 if bits == 4 else 1  # blocks a unit
+    U = _unit(bits)
+    pairs = []  # per unit: each row pair's sums, pairwise added
+    for k in range(present // per):
+        u = builder.add(builder.udiv(b0, c(per)), c(k))
+        codes = _unit_codes(builder, builder.gep(t.wrow, [builder.mul(u, c(32))]), bits)
+        xu = builder.gep(t.xtile, [builder.mul(u, t.xstep)])
+        pairs.append([_hadd(builder, _unit_dot(builder, isa, codes, xu, U, 2 * p),
+                            _unit_dot(builder, isa, codes, xu, U, 2 * p + 1)) for p in range(R // 2)])
+    pairs += [[zero] * (R // 2)] * (4 // per - len(pairs))
+    # lanes of each vector: 4 bits [b0, b0, b2, b2 | b1, b1, b3, b3]; 8 bits [b0, b0, b1, b1 | b0, ...], then b2, b3
+    lanes = [[0, 0, 2, 2, 1, 1, 3, 3]] if bits == 4 else [[0, 0, 1, 1, 0, 0, 1, 1], [2, 2, 3, 3, 2, 2, 3, 3]]
+    svecs = [builder.shuffle_vector(scale, scale, ir.Constant(_vec(_I32, 8), m)) for m in lanes]
+    for p, a in enumerate(t.acc):
+        dx = builder.load(builder.bitcast(builder.gep(t.dcol, [builder.add(builder.mul(b0, t.rows), c(2 * p))]),
+                                          _vec(_F32, 2).as_pointer()), align=4)
+        dxv = builder.shuffle_vector(dx, dx, ir.Constant(_vec(_I32, 8), [0, 1] * 4))
+        for g, svec in enumerate(svecs):
+            if g * 2 * per >= present:
+                break
+            h = _hadd(builder, pairs[2 * g][p], pairs[2 * g + 1][p])
+            prod = builder.fmul(builder.sitofp(h, _vec(_F32, 8)), builder.fmul(svec, dxv, flags=_FP), flags=_FP)
+            builder.store(builder.fadd(builder.load(a), prod, flags=_FP), a)
+
+
+def _unit_dot(builder, isa: str, codes, xu, U: int, r: int):
+    """<8 x i32>: a unit's codes against row r's U inputs at xu + U r (4 bits: lanes 0-3 its first block, 4-7 its
     second)."""
     d = None
     for j, cj in enumerate(codes):
-        xp = builder.bitcast(builder.gep(xu, [ir.Constant(ir.IntType(64), 64 * r + 16 * j)]),
+        xp = builder.bitcast(builder.gep(xu, [ir.Constant(ir.IntType(64), U * r + 16 * j)]),
                              _vec(_I16, 16).as_pointer())
         p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
         d = p if d is None else builder.add(d, p)
@@ -770,31 +729,18 @@ def _hadd(builder, u, v):
     return builder.add(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
 
 
-def _pair_sums(builder, vecs):
-    """<8 x float> vectors of two rows each ([r, r, r', r' | r, r, r', r']) -> <2 * len x float> row sums."""
-    out = ir.Constant(_vec(_F32, 2 * len(vecs)), None)
-    for k, v in enumerate(vecs):
-        q = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3])),
-                         builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7])), flags=_FP)
-        for h in range(2):
-            lane = builder.fadd(builder.extract_element(q, ir.Constant(_I32, 2 * h)),
-                                builder.extract_element(q, ir.Constant(_I32, 2 * h + 1)), flags=_FP)
-            out = builder.insert_element(out, lane, ir.Constant(_I32, 2 * k + h))
-    return out
-
-
 @intrinsic
 def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, soff, bfac, y, yoff, ystride, nblk,
            shift):
     """_tile's result (R in UTILES) for int16 inputs from quantize_units: xq [in / unit, rows, unit], a unit of
     every row side by side (unit: the 64 or 32 inputs of 32 bytes of codes, in unit_order), dx one per CHUNK
-    inputs. Codes come out of the weight's words by masks and shifts; each row's products are scaled by the
-    weight's scales per unit and by dx once per chunk."""
+    inputs. Codes come out of the weight's words by masks and shifts; pairs of rows go a chunk at a time
+    (_pairs_ir)."""
     isa = _TAG_PATHS[tag.dtype]
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, dxs, types.intp, types.intp, scales, biases,
                      types.intp, types.float32, y, types.intp, types.intp, types.intp, types.intp)
 
-    return sig, _by_bits_and_rows(isa, _utile_heights, _utile_ir)
+    return sig, _by_bits_and_rows(isa, _utile_heights, _pairs_ir)
 
 
 @njit(cache=True, nogil=True)
