@@ -31,11 +31,14 @@ class DoesNotFit(UsageError):
     """The model, its KV cache and activations need more memory than the device can use."""
 
 
-def return_freed_memory() -> None:
-    """glibc keeps the pages of freed heap blocks (a loader's arrays, for one); malloc_trim returns them."""
+def return_freed_memory(collect: bool = True) -> None:
+    """glibc keeps the pages of freed heap blocks (a loader's arrays, for one); malloc_trim returns them. collect:
+    a garbage collection first, for arrays held only by reference cycles (tens of ms with a tokenizer's objects
+    alive: once per load, not per layer)."""
     if not sys.platform.startswith("linux"):
         return
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -68,7 +68,7 @@ class Model:
                 qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
             ))
             if release:
-                return_freed_memory()  # the loader's copy of this layer, now laid out again, leaves at once
+                return_freed_memory(collect=False)  # the loader's copy of this layer, laid out again, leaves at once
         if "model.norm" in weights:
             self.norm = ops.prepare_norm(take("model.norm"))
         self.rope = ops.rope_table(rope_inv_freq(args))
