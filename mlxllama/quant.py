@@ -62,8 +62,12 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     values, nbytes = _pack_geometry(bits)
     work = np.uint8 if nbytes == 1 else np.uint64  # whole values per byte: stay in uint8
     runs = q.reshape(*q.shape[:-1], n // values, values).astype(work)
-    stream = np.bitwise_or.reduce(runs << (np.arange(values, dtype=work) * work(bits)), axis=-1)
-    if nbytes > 1:
+    if nbytes == 1:  # a value or a few a byte: OR the shifted columns (a reduce over so short an axis is slow)
+        stream = runs[..., 0].copy()
+        for k in range(1, values):
+            stream |= runs[..., k] << work(k * bits)
+    else:
+        stream = np.bitwise_or.reduce(runs << (np.arange(values, dtype=work) * work(bits)), axis=-1)
         stream = (stream[..., None] >> (np.arange(nbytes, dtype=work) * work(8))).astype(np.uint8)
     stream = np.ascontiguousarray(stream.reshape(*q.shape[:-1], n * bits // 8))
     return stream.view("<u4").astype(np.uint32, copy=False)
