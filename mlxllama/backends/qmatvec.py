@@ -345,10 +345,7 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     four = _opaque_four(builder, nblk_)
 
     def block(b, u):
-        g = builder.ashr(b, shift_)
-        scale = _load_scale(builder, builder.gep(srow, [g]), half)
-        bias = builder.select(symmetric, builder.fmul(scale, bfac_),
-                              _load_scale(builder, builder.gep(brow, [g]), half))
+        scale, bias = _scale_bias(builder, srow, brow, builder.ashr(b, shift_), shift_, half, symmetric, bfac_)
         if signed8:
             bias = builder.fadd(bias, builder.fmul(scale, ir.Constant(_F32, 128.0)))
         off = builder.mul(b, rows_)
@@ -410,7 +407,19 @@ def _block_sums(builder, dots):
     return builder.add(lo, hi)
 
 
-def _scales8(builder, row, g0, shift, half: bool, n: int = 8):
+def _scale_bias(builder, srow, brow, g, shift, half: bool, symmetric, bfac, n: int = 0):
+    """The scale and bias of group g's block as float32 (n = 0), or of n blocks from group g on as <n x float>
+    (_block_values); with symmetric, the bias is bfac * scale (brow, then the scales again, is read all the same)."""
+    if not n:
+        scale = _load_scale(builder, builder.gep(srow, [g]), half)
+        return scale, builder.select(symmetric, builder.fmul(scale, bfac),
+                                     _load_scale(builder, builder.gep(brow, [g]), half))
+    scale = _block_values(builder, srow, g, shift, half, n)
+    return scale, builder.select(symmetric, builder.fmul(scale, _splat(builder, bfac, n)),
+                                 _block_values(builder, brow, g, shift, half, n))
+
+
+def _block_values(builder, row, g0, shift, half: bool, n: int):
     """The scales (or biases) of n (8 or 4) blocks from group g0 on as <n x float>: n, n / 2 or n / 4 groups read
     (shift 0, 1 or 2, the run-time group size) and each repeated over its blocks. Nothing past the n blocks' groups
     is read."""
@@ -432,10 +441,7 @@ def _octets(builder, blocks, srow, brow, half, symmetric, bfac, dcol, scol, end,
     with cgutils.for_range(builder, builder.udiv(end, ir.Constant(idx, 8))) as loop:
         b0 = builder.mul(loop.index, ir.Constant(idx, 8))
         sums = _block_sums(builder, [blocks(builder.add(b0, ir.Constant(idx, k))) for k in range(8)])
-        g0 = builder.ashr(b0, shift)
-        scale = _scales8(builder, srow, g0, shift, half)
-        bias = builder.select(symmetric, builder.fmul(scale, _splat(builder, bfac, 8)),
-                              _scales8(builder, brow, g0, shift, half))
+        scale, bias = _scale_bias(builder, srow, brow, builder.ashr(b0, shift), shift, half, symmetric, bfac, 8)
         if signed8:
             bias = builder.fadd(bias, builder.fmul(scale, ir.Constant(v8, [128.0] * 8)))
         dx = builder.load(builder.bitcast(builder.gep(dcol, [b0]), v8.as_pointer()), align=4)
@@ -660,16 +666,12 @@ def _pairs_ir(context, builder, at, args, isa: str, bits: int, R: int):
 def _chunk_scales(builder, t: _Pairs, b0, present: int):
     """<4 x float> scales and biases of blocks b0..b0 + 3, lanes past `present` zero (and not read)."""
     if present == 4:
-        g0 = builder.ashr(b0, t.shift)
-        scale = _scales8(builder, t.srow, g0, t.shift, t.half, 4)
-        return scale, builder.select(t.symmetric, builder.fmul(scale, _splat(builder, t.bfac, 4)),
-                                     _scales8(builder, t.brow, g0, t.shift, t.half, 4))
+        return _scale_bias(builder, t.srow, t.brow, builder.ashr(b0, t.shift), t.shift, t.half, t.symmetric, t.bfac,
+                           4)
     scale, bias = ir.Constant(_vec(_F32, 4), None), ir.Constant(_vec(_F32, 4), None)
     for k in range(present):
         g = builder.ashr(builder.add(b0, ir.Constant(b0.type, k)), t.shift)
-        sk = _load_scale(builder, builder.gep(t.srow, [g]), t.half)
-        bk = builder.select(t.symmetric, builder.fmul(sk, t.bfac),
-                            _load_scale(builder, builder.gep(t.brow, [g]), t.half))
+        sk, bk = _scale_bias(builder, t.srow, t.brow, g, t.shift, t.half, t.symmetric, t.bfac)
         scale = builder.insert_element(scale, sk, ir.Constant(_I32, k))
         bias = builder.insert_element(bias, bk, ir.Constant(_I32, k))
     return scale, bias

@@ -76,6 +76,9 @@ class _Bad(Exception):
     """A structural problem in the header; _read_header turns it into ModelFileError."""
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
@@ -103,32 +106,29 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar(VT.UINT64, what)
 
-    def string(self, what: str) -> str:
-        n = self.u64(f"{what} length")
-        start = self.take(n, what)
+    def _string_at(self, pos: int, what: str) -> tuple[str, int]:
+        """The string whose u64 length is at pos, and the offset after it (the checks and messages of take())."""
+        if pos + 8 > self.size:
+            raise _Bad(f"truncated header: {what} length at offset {pos} needs 8 bytes, file has {self.size}")
+        start = pos + 8
+        end = start + _U64.unpack_from(self.buf, pos)[0]
+        if end > self.size:
+            raise _Bad(f"truncated header: {what} at offset {start} needs {end - start} bytes, file has {self.size}")
         try:
-            return bytes(self.buf[start:start + n]).decode("utf-8")
+            return str(self.buf[start:end], "utf-8"), end
         except UnicodeDecodeError:
             raise _Bad(f"{what} at offset {start} is not valid UTF-8") from None
 
+    def string(self, what: str) -> str:
+        text, self.pos = self._string_at(self.pos, what)
+        return text
+
     def strings(self, n: int, what: str) -> list[str]:
-        """n strings in a row (a vocabulary: tens of thousands), checked as string() checks each, in one loop."""
-        buf, size, pos, out = self.buf, self.size, self.pos, []
-        length = struct.Struct("<Q").unpack_from
+        """n strings in a row (a vocabulary: tens of thousands), one call each."""
+        out = []
         for k in range(n):
-            if pos + 8 > size:
-                raise _Bad(f"truncated header: {what}[{k}] length at offset {pos} needs 8 bytes, file has {size}")
-            start = pos + 8
-            end = start + length(buf, pos)[0]
-            if end > size:
-                raise _Bad(f"truncated header: {what}[{k}] at offset {start} needs {end - start} bytes, file has "
-                           f"{size}")
-            try:
-                out.append(str(buf[start:end], "utf-8"))
-            except UnicodeDecodeError:
-                raise _Bad(f"{what}[{k}] at offset {start} is not valid UTF-8") from None
-            pos = end
-        self.pos = pos
+            text, self.pos = self._string_at(self.pos, f"{what}[{k}]")
+            out.append(text)
         return out
 
     def value(self, raw_type: int, what: str, depth: int = 0):
