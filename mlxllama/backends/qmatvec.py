@@ -745,32 +745,54 @@ def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, 
     return sig, _by_bits_and_rows(isa, _utile_heights, _pairs_ir)
 
 
+_ROUNDER = np.float32(1.5 * 2 ** 23)
+
+
+@njit(inline="always")
+def _rint(v):
+    """np.rint(v) for float32 |v| < 2**22 (ties to even, the default rounding), in adds a loop vectorizes: np.rint
+    is a call per element."""
+    return (v + _ROUNDER) - _ROUNDER
+
+
+@njit(inline="always")
+def _abs_max(x, i0: int, i1: int):
+    """max |x[i0:i1]| by four independent maxima (one running maximum waits on each compare)."""
+    m0 = m1 = m2 = m3 = np.float32(0)
+    i = i0
+    while i + 4 <= i1:
+        m0, m1 = max(m0, abs(x[i])), max(m1, abs(x[i + 1]))
+        m2, m3 = max(m2, abs(x[i + 2])), max(m3, abs(x[i + 3]))
+        i += 4
+    for t in range(i, i1):
+        m0 = max(m0, abs(x[t]))
+    return max(max(m0, m1), max(m2, m3))
+
+
 @njit(cache=True, nogil=True)
 def quantize_units(x2, bits, lim, order, xq, dxs):
     """x2 [rows, in] -> xq [in / unit, rows, unit] int16 (order: unit_order(bits)) with one scale per CHUNK inputs
     (|xq| <= lim: the step is the chunk's largest |x| / lim), and dxs [2, in / 32, rows]: each block's chunk dx
-    and its s = dx * sum(xq) over the block."""
+    and its s = dx * sum(xq) over the block (summed in int32: exact, as a float32 running sum of them was)."""
     rows, n = x2.shape
     U = order.shape[0]
     for r in range(rows):
+        x = x2[r]
         for c0 in range(0, n, CHUNK):
             c1 = min(n, c0 + CHUNK)
-            m = np.float32(0)
-            for i in range(c0, c1):
-                m = max(m, abs(x2[r, i]))
+            m = _abs_max(x, c0, c1)
             d = m / lim
             inv = lim / m if m > 0 else np.float32(0)
             for b in range(c0 // _BLOCK, c1 // _BLOCK):
+                s = np.int32(0)
+                for i in range(b * _BLOCK, b * _BLOCK + _BLOCK):
+                    s += np.int32(_rint(x[i] * inv))
                 dxs[0, b, r] = d
-                dxs[1, b, r] = 0
+                dxs[1, b, r] = np.float32(s) * d
             for u0 in range(c0, c1, U):
+                dst = xq[u0 // U, r]
                 for p in range(U):
-                    i = u0 + order[p]
-                    v = np.int32(np.rint(x2[r, i] * inv))
-                    xq[u0 // U, r, p] = v
-                    dxs[1, i // _BLOCK, r] += np.float32(v)
-            for b in range(c0 // _BLOCK, c1 // _BLOCK):
-                dxs[1, b, r] *= d
+                    dst[p] = np.int16(_rint(x[u0 + order[p]] * inv))
 
 
 @njit(cache=True, nogil=True)
