@@ -492,6 +492,30 @@ def _tile(typingctx, tag, bits, R, w, woff, xq, xoff, n, dxs, r0, rows, scales, 
     return sig, _by_bits_and_rows(isa, lambda bits: TILES, _tile_ir)
 
 
+_ROUNDER = np.float32(1.5 * 2 ** 23)
+
+
+@njit(inline="always")
+def _rint(v):
+    """np.rint(v) for float32 |v| < 2**22 (ties to even, the default rounding), in adds a loop vectorizes: np.rint
+    is a call per element."""
+    return (v + _ROUNDER) - _ROUNDER
+
+
+@njit(inline="always")
+def _abs_max(x, i0: int, i1: int):
+    """max |x[i0:i1]| by four independent maxima (one running maximum waits on each compare)."""
+    m0 = m1 = m2 = m3 = np.float32(0)
+    i = i0
+    while i + 4 <= i1:
+        m0, m1 = max(m0, abs(x[i])), max(m1, abs(x[i + 1]))
+        m2, m3 = max(m2, abs(x[i + 2])), max(m3, abs(x[i + 3]))
+        i += 4
+    for t in range(i, i1):
+        m0 = max(m0, abs(x[t]))
+    return max(max(m0, m1), max(m2, m3))
+
+
 @njit(cache=True, nogil=True)
 def quantize_input(x2, bits, lim, xq, dxs):
     """x2 [rows, in] float32 -> xq [rows, in] int8 or int16, |xq| <= lim (permuted per block of 32 for 4 bits: 16
@@ -502,15 +526,13 @@ def quantize_input(x2, bits, lim, xq, dxs):
     for r in range(rows):
         for b in range(n // _BLOCK):
             s0 = b * _BLOCK
-            m = np.float32(0)
-            for i in range(_BLOCK):
-                m = max(m, abs(x2[r, s0 + i]))
+            m = _abs_max(x2[r], s0, s0 + _BLOCK)
             d = m / lim
             inv = lim / m if m > 0 else np.float32(0)
             t = 0
             for i in range(_BLOCK):
                 j = s0 + (i // 2 + 16 * (i % 2) if bits == 4 else i)
-                v = np.int32(np.rint(x2[r, s0 + i] * inv))
+                v = np.int32(_rint(x2[r, s0 + i] * inv))
                 xq[r, j] = v
                 t += v
             dxs[0, b, r] = d
@@ -743,30 +765,6 @@ def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, 
                      types.intp, types.float32, y, types.intp, types.intp, types.intp, types.intp)
 
     return sig, _by_bits_and_rows(isa, _utile_heights, _pairs_ir)
-
-
-_ROUNDER = np.float32(1.5 * 2 ** 23)
-
-
-@njit(inline="always")
-def _rint(v):
-    """np.rint(v) for float32 |v| < 2**22 (ties to even, the default rounding), in adds a loop vectorizes: np.rint
-    is a call per element."""
-    return (v + _ROUNDER) - _ROUNDER
-
-
-@njit(inline="always")
-def _abs_max(x, i0: int, i1: int):
-    """max |x[i0:i1]| by four independent maxima (one running maximum waits on each compare)."""
-    m0 = m1 = m2 = m3 = np.float32(0)
-    i = i0
-    while i + 4 <= i1:
-        m0, m1 = max(m0, abs(x[i])), max(m1, abs(x[i + 1]))
-        m2, m3 = max(m2, abs(x[i + 2])), max(m3, abs(x[i + 3]))
-        i += 4
-    for t in range(i, i1):
-        m0 = max(m0, abs(x[t]))
-    return max(max(m0, m1), max(m2, m3))
 
 
 @njit(cache=True, nogil=True)
