@@ -523,18 +523,25 @@ def quantize_input(x2, bits, lim, xq, dxs):
     xq * dx ~ x and s = dx * sum(xq) (the bias then multiplies the same rounded x as the codes do: the error is
     sum w * (x - dx xq), not scale * q * (...))."""
     rows, n = x2.shape
+    half = _BLOCK // 2
     for r in range(rows):
+        x, out = x2[r], xq[r]
         for b in range(n // _BLOCK):
             s0 = b * _BLOCK
-            m = _abs_max(x2[r], s0, s0 + _BLOCK)
+            m = _abs_max(x, s0, s0 + _BLOCK)
             d = m / lim
             inv = lim / m if m > 0 else np.float32(0)
-            t = 0
-            for i in range(_BLOCK):
-                j = s0 + (i // 2 + 16 * (i % 2) if bits == 4 else i)
-                v = np.int32(_rint(x2[r, s0 + i] * inv))
-                xq[r, j] = v
-                t += v
+            t = np.int32(0)
+            if bits == 4:
+                for i in range(half):
+                    v0, v1 = np.int32(_rint(x[s0 + 2 * i] * inv)), np.int32(_rint(x[s0 + 2 * i + 1] * inv))
+                    out[s0 + i], out[s0 + half + i] = v0, v1
+                    t += v0 + v1
+            else:
+                for i in range(_BLOCK):
+                    v = np.int32(_rint(x[s0 + i] * inv))
+                    out[s0 + i] = v
+                    t += v
             dxs[0, b, r] = d
             dxs[1, b, r] = d * np.float32(t)
 
