@@ -254,8 +254,9 @@ def _exp(x):
     """exp(x) for float32 x <= 0 to ~2e-7 relative, in operations a loop vectorizes: x = n ln2 + y (two-part ln2),
     e**y by its Taylor polynomial (|y| <= ln2 / 2), 2**n from the exponent bits."""
     x = max(x, np.float32(-87.0))
-    k = np.int32(x * np.float32(1.4426950408889634) - np.float32(0.5))  # the nearest integer (x <= 0; np.rint is a
-    n = np.float32(k)  # call per element, which keeps the loop from vectorizing)
+    # the nearest integer by truncation (x <= 0): np.rint compiles to a call per element, which no loop vectorizes
+    k = np.int32(x * np.float32(1.4426950408889634) - np.float32(0.5))
+    n = np.float32(k)
     y = (x - n * np.float32(0.693145751953125)) - n * np.float32(1.428606765330187e-06)
     p = np.float32(1 / 720) * y + np.float32(1 / 120)
     p = p * y + np.float32(1 / 24)
@@ -285,7 +286,7 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
     Vg, cap = V[0, g], scores.shape[0] // rep
     _scores(q, K[0, g], t0, t1, scores, cap)
     for r in range(rep):
-        row = scores[r * cap + t0: r * cap + t1]  # indices from 0: no negative-index check to keep it scalar
+        row = scores[r * cap + t0: r * cap + t1]  # indexed from 0: from t0, numba checks each index's sign
         m = np.float32(-3.0e38)
         for t in range(row.shape[0]):
             m = max(m, row[t])
