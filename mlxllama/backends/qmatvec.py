@@ -778,7 +778,9 @@ def _utile(typingctx, tag, bits, R, w, woff, xq, dxs, r0, rows, scales, biases, 
 def quantize_units(x2, bits, lim, order, xq, dxs):
     """x2 [rows, in] -> xq [in / unit, rows, unit] int16 (order: unit_order(bits)) with one scale per CHUNK inputs
     (|xq| <= lim: the step is the chunk's largest |x| / lim), and dxs [2, in / 32, rows]: each block's chunk dx
-    and its s = dx * sum(xq) over the block (summed in int32: exact, as a float32 running sum of them was)."""
+    and its s = dx * sum(xq) over the block (summed in int32: exact, as a float32 running sum of them was). Each
+    value is rounded twice, once for the sums in input order and once into the unit layout: a sum kept while
+    scattering in unit order waited on each store, while the two loops vectorize or run without waits."""
     rows, n = x2.shape
     U = order.shape[0]
     for r in range(rows):
