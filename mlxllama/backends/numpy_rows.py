@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _address, _chunking,
-                         _claim, _done, _keys, _kv, _queries, _rms_norm, _wait, _weight)
+                         _claim, _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 
@@ -116,9 +116,7 @@ def _form(sync, j, kind, src, rows, w, eps, x, bits, orders, xin):
         if kind == NORM:
             _norm_row(src, rows, k, w, eps, x)
         elif kind == GATE:
-            for f in range(F):
-                g = src[k, f]
-                x[k, f] = (g / (np.float32(1) + np.exp(-g))) * src[k, F + f]
+            _silu_gate(src[k, :F], src[k, F:], x[k])
         _round_row(x, k, bits, orders, xin)
         _done(sync, j)
         k = _claim(sync, j)

@@ -266,6 +266,17 @@ def _exp(x):
     return p * _f32_from_bits((k + np.int32(127)) << np.int32(23))
 
 
+@njit(cache=True, nogil=True, fastmath=_ATTN_FM, error_model="numpy")
+def _silu_gate(g, u, out):
+    """out = silu(g) * u elementwise, with sigmoid from exp(-|g|) (within _exp's range for any g); numpy's error
+    model, since Python's checks each division for zero and keeps the loop scalar (1536 values: 7.2 -> 2.0 us)."""
+    for f in range(g.shape[0]):
+        v = g[f]
+        e = _exp(-abs(v))
+        d = np.float32(1) / (np.float32(1) + e)
+        out[f] = v * (d if v >= 0 else e * d) * u[f]
+
+
 @njit(cache=True, nogil=True, fastmath=_ATTN_FM)
 def _scores(q, Kg, t0, t1, scores, cap):
     """scores[r * cap + t] = q[r] . Kg[t], each key row read once for the group."""
@@ -400,9 +411,7 @@ def _mlp_block(tid, nthr, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, 
     _wait(sync, j, _chunking(gu.shape[1], nthr)[1])
     c = _claim(sync, j + 1)
     if c < _chunking(y.shape[1], nthr)[1]:
-        for f in range(F):
-            g = gu[0, f]
-            xF[0, f] = (g / (np.float32(1) + np.exp(-g))) * gu[0, F + f]
+        _silu_gate(gu[0, :F], gu[0, F:], xF[0])
         _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
         _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c, nthr)
     _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
