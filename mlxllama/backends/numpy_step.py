@@ -46,6 +46,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .numpy_attend import pv, qk
 from .qmatvec import PackedLinear, _rows, quantize_input
 
 logger = logging.getLogger(__name__)
@@ -292,10 +293,17 @@ def _scores(q, Kg, t0, t1, scores, cap):
 @njit(cache=True, nogil=True, fastmath=_ATTN_FM)
 def _attend(q, K, V, g, t0, t1, scores, norm, attn):
     """The query heads of K/V head g, q [rep, Dh] (rotated and scaled; overwritten): attn[0, head g * rep + r] =
-    softmax(q[r] . K[g, t0:t1]) @ V[g, t0:t1]. scores [rep * cap]: row r's at r * cap; norm [rep]: scratch."""
+    softmax(q[r] . K[g, t0:t1]) @ V[g, t0:t1]. scores [rep * cap]: row r's at r * cap; norm [rep]: scratch.
+    Head sizes that are multiples of 32 take numpy_attend's products."""
     rep, Dh = q.shape
-    Vg, cap = V[0, g], scores.shape[0] // rep
-    _scores(q, K[0, g], t0, t1, scores, cap)
+    Vg, cap, T = V[0, g], scores.shape[0] // rep, t1 - t0
+    fast = Dh % 32 == 0
+    kv0 = (g * K.shape[2] + t0) * Dh
+    if fast:
+        for r in range(rep):
+            qk(q, r * Dh, K, kv0, T, Dh, scores, r * cap + t0)
+    else:
+        _scores(q, K[0, g], t0, t1, scores, cap)
     for r in range(rep):
         row = scores[r * cap + t0: r * cap + t1]  # indexed from 0: from t0, numba checks each index's sign
         m = np.float32(-3.0e38)
@@ -307,13 +315,16 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
             row[t] = p
             den += p
         norm[r] = np.float32(1) / den
-        for d in range(Dh):
-            q[r, d] = 0
-    for t in range(t0, t1):  # q accumulates: a separate output array would keep this loop from vectorizing
+    if fast:
         for r in range(rep):
-            p = scores[r * cap + t]
-            for d in range(Dh):
-                q[r, d] += p * Vg[t, d]
+            pv(scores, r * cap + t0, V, kv0, T, Dh, q, r * Dh)
+    else:
+        q[:] = 0
+        for t in range(t0, t1):  # q accumulates: a separate output array would keep this loop from vectorizing
+            for r in range(rep):
+                p = scores[r * cap + t]
+                for d in range(Dh):
+                    q[r, d] += p * Vg[t, d]
     base = g * rep * Dh
     for r in range(rep):
         for d in range(Dh):

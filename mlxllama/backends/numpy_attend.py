@@ -1,0 +1,140 @@
+"""The two products of a query head's attention over the cache, as LLVM IR with the accumulators in registers (numba).
+
+    qk(q, qoff, K, koff, T, Dh, out, ooff):  out[ooff + t] = q[qoff:qoff + Dh] . K[koff + t * Dh:][:Dh], t < T
+    pv(p, poff, V, voff, T, Dh, out, ooff):  out[ooff + d] = sum_t p[poff + t] * V[koff + t * Dh + d], d < Dh
+
+Arrays are float32 and C-contiguous, read flat from the offsets. Both take head sizes that are multiples of 32;
+the caller keeps plain loops for others. Written loops left numba's accumulators in memory (a
+load and a store per element and key) and summed each key's dot product across lanes on its own:
+
+  qk   eight keys at a time, one <8 x float> accumulator each over the head (eight independent chains hide the
+       multiply-add latency), their eight totals gathered by pairwise adds into one vector, stored at once;
+  pv   64 (else 32) output values at a time held in 8 (4) vector accumulators over every key.
+
+Plain vector IR (llvm.fmuladd) that any CPU's LLVM backend compiles: fused multiply-adds where the CPU has them.
+The sums run in another order than the loops', so results differ in the last bits (tests/test_decode_program.py).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_V8 = ir.VectorType(_F32, 8)
+
+
+def _fma(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fmuladd.v8f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _load8(builder, base, i):
+    return builder.load(builder.bitcast(builder.gep(base, [i]), _V8.as_pointer()), align=4)
+
+
+def _splat8(builder, x):
+    e = builder.insert_element(ir.Constant(_V8, None), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(e, e, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+
+
+def _hadd(builder, u, v):
+    """Pairwise sums within each 128-bit half, as vhaddps: [u0+u1, u2+u3, v0+v1, v2+v3 | u4+u5, ...]."""
+    lo = ir.Constant(ir.VectorType(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
+    hi = ir.Constant(ir.VectorType(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
+    return builder.fadd(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
+
+
+def _totals(builder, accs):
+    """Eight <8 x float> -> one whose lane k is accs[k]'s total."""
+    h = [_hadd(builder, accs[k], accs[k + 1]) for k in range(0, 8, 2)]
+    q0, q1 = _hadd(builder, h[0], h[1]), _hadd(builder, h[2], h[3])
+    lo = builder.shuffle_vector(q0, q1, ir.Constant(ir.VectorType(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
+    hi = builder.shuffle_vector(q0, q1, ir.Constant(ir.VectorType(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
+    return builder.fadd(lo, hi)
+
+
+def _data(context, builder, ty, arr, off):
+    return builder.gep(context.make_array(ty)(context, builder, arr).data, [off])
+
+
+def _dot_keys(builder, q, k, n: int, Dh, idx):
+    """n <8 x float> accumulators: keys k, k + Dh, ... (n of them) against q, over the head in steps of 8."""
+    zero = ir.Constant(_V8, None)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n)]
+    with cgutils.for_range(builder, builder.udiv(Dh, ir.Constant(idx, 8))) as loop:
+        d = builder.mul(loop.index, ir.Constant(idx, 8))
+        qv = _load8(builder, q, d)
+        for j in range(n):
+            kv = _load8(builder, k, builder.add(d, builder.mul(Dh, ir.Constant(idx, j))))
+            builder.store(_fma(builder, qv, kv, builder.load(accs[j])), accs[j])
+    return [builder.load(a) for a in accs]
+
+
+def _qk_ir(context, builder, sig, args):
+    q_, qoff, k_, koff, T, Dh, o_, ooff = args
+    at = sig.args
+    q, k, out = _data(context, builder, at[0], q_, qoff), _data(context, builder, at[2], k_, koff), \
+        _data(context, builder, at[6], o_, ooff)
+    idx = T.type
+    eight = ir.Constant(idx, 8)
+    with cgutils.for_range(builder, builder.udiv(T, eight)) as loop:
+        t = builder.mul(loop.index, eight)
+        accs = _dot_keys(builder, q, builder.gep(k, [builder.mul(t, Dh)]), 8, Dh, idx)
+        builder.store(_totals(builder, accs), builder.bitcast(builder.gep(out, [t]), _V8.as_pointer()), align=4)
+    with cgutils.for_range_slice(builder, builder.mul(builder.udiv(T, eight), eight), T, ir.Constant(idx, 1)) as (t, _):
+        (acc,) = _dot_keys(builder, q, builder.gep(k, [builder.mul(t, Dh)]), 1, Dh, idx)
+        builder.store(builder.extract_element(_totals(builder, [acc] + [ir.Constant(_V8, None)] * 7),
+                                              ir.Constant(_I32, 0)), builder.gep(out, [t]))
+    return context.get_dummy_value()
+
+
+def _pv_span(builder, p, v, out, d0, n: int, T, Dh, idx):
+    """out[d0:d0 + 8n] = sum_t p[t] * v[t * Dh + d0:][:8n], in n vector accumulators."""
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, None)) for _ in range(n)]
+    with cgutils.for_range(builder, T) as loop:
+        t = loop.index
+        pt = _splat8(builder, builder.load(builder.gep(p, [t])))
+        row = builder.add(builder.mul(t, Dh), d0)
+        for j in range(n):
+            vv = _load8(builder, v, builder.add(row, ir.Constant(idx, 8 * j)))
+            builder.store(_fma(builder, pt, vv, builder.load(accs[j])), accs[j])
+    for j in range(n):
+        dst = builder.gep(out, [builder.add(d0, ir.Constant(idx, 8 * j))])
+        builder.store(builder.load(accs[j]), builder.bitcast(dst, _V8.as_pointer()), align=4)
+
+
+def _pv_ir(context, builder, sig, args):
+    p_, poff, v_, voff, T, Dh, o_, ooff = args
+    at = sig.args
+    p, v, out = _data(context, builder, at[0], p_, poff), _data(context, builder, at[2], v_, voff), \
+        _data(context, builder, at[6], o_, ooff)
+    idx = T.type
+    wide = builder.icmp_unsigned("==", builder.urem(Dh, ir.Constant(idx, 64)), ir.Constant(idx, 0))
+    with builder.if_else(wide) as (then, otherwise):
+        with then:
+            with cgutils.for_range(builder, builder.udiv(Dh, ir.Constant(idx, 64))) as loop:
+                _pv_span(builder, p, v, out, builder.mul(loop.index, ir.Constant(idx, 64)), 8, T, Dh, idx)
+        with otherwise:
+            with cgutils.for_range(builder, builder.udiv(Dh, ir.Constant(idx, 32))) as loop:
+                _pv_span(builder, p, v, out, builder.mul(loop.index, ir.Constant(idx, 32)), 4, T, Dh, idx)
+    return context.get_dummy_value()
+
+
+def _signature(a, b, out):
+    for x in (a, b, out):
+        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
+            raise TypeError("qk/pv take C-contiguous float32 arrays")
+    return types.none(a, types.intp, b, types.intp, types.intp, types.intp, out, types.intp)
+
+
+@intrinsic
+def qk(typingctx, q, qoff, K, koff, T, Dh, out, ooff):
+    return _signature(q, K, out), _qk_ir
+
+
+@intrinsic
+def pv(typingctx, p, poff, V, voff, T, Dh, out, ooff):
+    return _signature(p, V, out), _pv_ir
