@@ -10,8 +10,9 @@ head), claimed and counted through atomic counters the same way, each product in
   a row's numbers are the op-by-op path's and no thread rounds every row;
 - the product, a unit per chunk of output rows, every input row passing over a chunk while its weights are in
   cache;
-- the attention phase's units are (sequence, K/V head) pairs: every row's key and value written at its position,
-  then each row's query heads attend to the positions it may see;
+- attention takes two phases: the keys (units: (sequence, K/V head) pairs), every row's key and value written at
+  its position; then the queries (units: a K/V head's query heads over QUERY_ROWS rows of a sequence), each row
+  attending to the positions it may see, so one sequence's verification rows are shared by every thread;
 - the head runs only over the rows whose logits are wanted (none: no head at all).
 """
 
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 64
 _START, _COUNT, _OFFSET, _CAP = range(4)  # seqs' columns: first row, rows, cache offset, cache capacity
 NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows
-ROW_PHASES = 9  # per layer: qkv's input and product, the K/V heads, then o's, gate_up's and down's input and product
+ROW_PHASES = 10  # per layer: qkv's input and product, the keys, the queries, then o's, gate_up's and down's input and
+# product
+QUERY_ROWS = 2  # rows of a sequence per query unit: one sequence's verification rows spread over the threads
 # bufs: the rounded inputs (shared, flat), the shared activations, then the attention scratch (per thread)
 _XF, _XQU, _DXU, _XQT, _DXT, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(13)
 
@@ -136,29 +139,43 @@ def _linear(nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W
 
 @njit(cache=True, nogil=True)
 def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs):
-    """Phase j: units (sequence, K/V head), each writing its rows' keys and values and attending causally."""
+    """Phase j: units (sequence, K/V head), each writing its rows' keys and values; phase j + 1: units (sequence,
+    block of QUERY_ROWS rows, K/V head), each attending its rows' query heads causally."""
     qkv, attn = bufs[_QKV_OUT], bufs[_ATTN]
     hv, tmp, scores = bufs[_ATT_SCRATCH][0][tid], bufs[_ATT_SCRATCH][1][tid], bufs[_ATT_SCRATCH][2][tid]
-    KV = dims[_KV]
-    units = seqs.shape[0] * KV
+    KV, S = dims[_KV], seqs.shape[0]
     u = _claim(sync, j)
-    while u < units:
+    while u < S * KV:
         s, g = u // KV, u % KV
         start, count, offset, cap = seqs[s, _START], seqs[s, _COUNT], seqs[s, _OFFSET], seqs[s, _CAP]
-        Ks, Vs = _kv(K[s, l], dims, cap), _kv(V[s, l], dims, cap)
-        _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, Ks, Vs, cos, sin, dims, eps, hv[0], tmp)
-        _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, Ks, Vs, cos, sin, dims, eps, scale, hv, tmp,
-                 scores, attn)
+        _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, _kv(K[s, l], dims, cap), _kv(V[s, l], dims, cap),
+              cos, sin, dims, eps, hv[0], tmp)
         _done(sync, j)
         u = _claim(sync, j)
-    _wait(sync, j, units)
+    _wait(sync, j, S * KV)
+    units = 0
+    for s in range(S):
+        units += (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV
+    u = _claim(sync, j + 1)
+    while u < units:
+        s, rest = 0, u
+        while rest >= (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV:
+            rest -= (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV
+            s += 1
+        r0, g = rest // KV * QUERY_ROWS, rest % KV
+        start, count, offset, cap = seqs[s, _START], seqs[s, _COUNT], seqs[s, _OFFSET], seqs[s, _CAP]
+        _queries(l, g, start + r0, min(QUERY_ROWS, count - r0), offset + r0, qkv, qkv_bias, qk_norm,
+                 _kv(K[s, l], dims, cap), _kv(V[s, l], dims, cap), cos, sin, dims, eps, scale, hv, tmp, scores, attn)
+        _done(sync, j + 1)
+        u = _claim(sync, j + 1)
+    _wait(sync, j + 1, units)
 
 
 @njit(cache=True, nogil=True)
 def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
            qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
-    """Layer l's phases over the T rows (every: 0..T - 1): each product's input formed, then the product; the K/V
-    heads after qkv."""
+    """Layer l's phases over the T rows (every: 0..T - 1): each product's input formed, then the product; the keys
+    and the queries (_heads) after qkv."""
     T = every.shape[0]
     h, qkv, attn, y, gu, zeros = (bufs[_H_ROWS], bufs[_QKV_OUT], bufs[_ATTN], bufs[_Y], bufs[_GU], bufs[_ZEROS])
     i, j, D, F = 4 * l, ROW_PHASES * l, h.shape[1], gu.shape[1] // 2
@@ -166,11 +183,11 @@ def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, b
     _linear(nthr, sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta, bfac,
             qkv, h, zeros, False, bufs)
     _heads(tid, sync, j + 2, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
-    _linear(nthr, sync, j + 3, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
+    _linear(nthr, sync, j + 4, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
             meta, bfac, y, h, o_bias[l], True, bufs)
-    _linear(nthr, sync, j + 5, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
+    _linear(nthr, sync, j + 6, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
             meta, bfac, gu, h, zeros, False, bufs)
-    _linear(nthr, sync, j + 7, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
+    _linear(nthr, sync, j + 8, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
             bfac, y, h, zeros, True, bufs)
 
 
