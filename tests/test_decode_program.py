@@ -95,7 +95,8 @@ def test_program_matches_op_by_op(bits, group, tie, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("switches", [dict(qkv_bias=True), dict(qkv_bias=True, o_bias=True),
                                       dict(qk_norm=True), dict(window=8), dict(kv=4), dict(kv=1),
-                                      dict(head_dim=32, qk_norm=True)])
+                                      dict(head_dim=32, qk_norm=True), dict(head_dim=64),
+                                      dict(head_dim=96, window=8)])
 def test_program_matches_op_by_op_per_family_switch(switches, threads):
     model = tiny_model(**switches)
     assert model._decode is not None
@@ -246,7 +247,8 @@ def batch_with_and_without(model, settings=None):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("switches", [dict(), dict(bits=8, tie=True), dict(window=8),
-                                      dict(qkv_bias=True, o_bias=True, qk_norm=True, kv=1), dict(kv=4, group=64)])
+                                      dict(qkv_bias=True, o_bias=True, qk_norm=True, kv=1), dict(kv=4, group=64),
+                                      dict(head_dim=64), dict(head_dim=32, window=8)])
 def test_batch_steps_match_op_by_op(switches, threads):
     model = tiny_model(threads=threads, **switches)
     force_threads(model, threads)

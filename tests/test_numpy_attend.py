@@ -1,0 +1,69 @@
+"""Attention's products in LLVM IR (backends/numpy_attend.py) and the compiled step's attention (numpy_step._attend)
+against float64 numpy, on head sizes the IR takes (multiples of 32) and on those left to plain loops."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from numba import njit
+
+    from mlxllama.backends import numpy_attend
+
+    @njit
+    def qk(q, qoff, K, koff, T, Dh, out, ooff):
+        numpy_attend.qk(q, qoff, K, koff, T, Dh, out, ooff)
+
+    @njit
+    def pv(p, poff, V, voff, T, Dh, out, ooff):
+        numpy_attend.pv(p, poff, V, voff, T, Dh, out, ooff)
+
+    return qk, pv
+
+
+@pytest.mark.parametrize("Dh", [32, 64, 96, 128])
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 40])
+def test_products_match_numpy(kernels, Dh, T):
+    qk, pv = kernels
+    rng = np.random.default_rng(Dh * 100 + T)
+    q = rng.standard_normal((2, Dh)).astype(np.float32)
+    K = rng.standard_normal((3 + T, Dh)).astype(np.float32)
+    out = np.full(T + 5, 7.0, np.float32)
+    qk(q, Dh, K, 3 * Dh, T, Dh, out, 2)
+    want = K[3:3 + T].astype(np.float64) @ q[1].astype(np.float64)
+    np.testing.assert_allclose(out[2:2 + T], want, rtol=0, atol=1e-5 * np.sqrt(Dh) * np.abs(want).max())
+    assert (out[:2] == 7).all() and (out[2 + T:] == 7).all()  # nothing outside the keys' scores written
+
+    p = rng.random(T + 1).astype(np.float32)
+    o = np.full((2, Dh), 7.0, np.float32)
+    pv(p, 1, K, 3 * Dh, T, Dh, o, Dh)
+    want = p[1:].astype(np.float64) @ K[3:3 + T].astype(np.float64)
+    np.testing.assert_allclose(o[1], want, rtol=0, atol=1e-5 * T * np.abs(want).max())
+    assert (o[0] == 7).all()
+
+
+@pytest.mark.parametrize("Dh,rep,T,t0", [(64, 3, 200, 0), (64, 3, 13, 5), (128, 4, 77, 3), (96, 2, 41, 0),
+                                         (80, 2, 33, 1), (16, 2, 9, 0)])
+def test_attend_matches_softmax_attention(Dh, rep, T, t0):
+    from mlxllama.backends.numpy_step import _attend
+
+    rng = np.random.default_rng(Dh + T)
+    KV, cap = 2, 256
+    K = rng.standard_normal((1, KV, cap, Dh)).astype(np.float32)
+    V = rng.standard_normal((1, KV, cap, Dh)).astype(np.float32)
+    for g in range(KV):
+        q = (rng.standard_normal((rep, Dh)) * 0.2).astype(np.float32)
+        s = q.astype(np.float64) @ K[0, g, t0:t0 + T].T.astype(np.float64)
+        p = np.exp(s - s.max(1, keepdims=True))
+        want = (p / p.sum(1, keepdims=True)) @ V[0, g, t0:t0 + T].astype(np.float64)
+        attn = np.zeros((1, KV * rep * Dh), np.float32)
+        _attend(q, K, V, g, t0, t0 + T, np.zeros(rep * cap, np.float32), np.zeros(rep, np.float32), attn)
+        got = attn[0, g * rep * Dh:(g + 1) * rep * Dh].reshape(rep, Dh)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
