@@ -137,6 +137,12 @@ def _linear(nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W
     _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
 
 
+@njit(inline="always")
+def _query_units(seqs, s, KV):
+    """Sequence s's query units: its rows by QUERY_ROWS, for each K/V head."""
+    return (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV
+
+
 @njit(cache=True, nogil=True)
 def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs):
     """Phase j: units (sequence, K/V head), each writing its rows' keys and values; phase j + 1: units (sequence,
@@ -155,12 +161,12 @@ def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, 
     _wait(sync, j, S * KV)
     units = 0
     for s in range(S):
-        units += (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV
+        units += _query_units(seqs, s, KV)
     u = _claim(sync, j + 1)
     while u < units:
         s, rest = 0, u
-        while rest >= (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV:
-            rest -= (seqs[s, _COUNT] + QUERY_ROWS - 1) // QUERY_ROWS * KV
+        while rest >= _query_units(seqs, s, KV):
+            rest -= _query_units(seqs, s, KV)
             s += 1
         r0, g = rest // KV * QUERY_ROWS, rest % KV
         start, count, offset, cap = seqs[s, _START], seqs[s, _COUNT], seqs[s, _OFFSET], seqs[s, _CAP]
