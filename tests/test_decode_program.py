@@ -344,3 +344,60 @@ def test_batch_steps_choose_their_threads_by_timing():
     choices = model._decode.rows._choices
     assert choices and all(c.options == (1, 2) for c in choices.values())
     assert any(c.tries[1] and c.tries[2] for c in choices.values())
+
+
+# -- float16 caches (CacheSettings(kv_dtype="float16")): read and written by the program as their bits ----------------
+
+HALF = CacheSettings(kv_dtype="float16")
+
+
+def assert_close_caches(got_cache, want_cache, tol):
+    n = got_cache.offset
+    for layer in range(len(got_cache.keys)):
+        for a, b in ((got_cache.keys[layer][0], want_cache.keys[layer][0]),
+                     (got_cache.values[layer][0], want_cache.values[layer][0])):
+            assert a.dtype == b.dtype == np.float16
+            a, b = a[:, :, :n].astype(np.float32), b[:, :, :n].astype(np.float32)
+            np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("head_dim", [16, 32, 64])  # 16: the plain loops; 32, 64: numpy_attend's IR
+def test_program_steps_a_float16_cache(head_dim, threads):
+    model = tiny_model(head_dim=head_dim)
+    force_threads(model, threads)
+    got, want, got_cache, want_cache = with_and_without(model, HALF)
+    assert model._decode._kv_src is got_cache.keys[0][0]  # the program took the steps
+    assert_close(got, want)
+    assert_close_caches(got_cache, want_cache, 1e-3)  # a float16 step apart at most
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_batch_steps_with_float16_caches(head_dim):
+    model = tiny_model(head_dim=head_dim)
+    got, want, got_caches, want_caches = batch_with_and_without(model, HALF)
+    assert model._decode.rows._addresses  # the program took the steps
+    for g, w in zip(got, want):
+        if w is not None:
+            assert_close(g, w)
+    for g, w in zip(got_caches, want_caches):
+        assert_close_caches(g, w, 1e-3)
+
+
+def test_float32_and_float16_caches_in_one_batch_step_op_by_op():
+    model = tiny_model(head_dim=32)
+
+    def run():
+        caches = [model.make_cache(1, settings=s) for s in (None, HALF)]
+        for p, c in zip(PROMPTS, caches):
+            model(p[None, :], c)
+        return model.forward_batch([MORE[:3], MORE[3:4]], caches, [3, 1])
+
+    got = run()
+    assert not model._decode.rows._addresses
+    program, model._decode = model._decode, None
+    try:
+        want = run()
+    finally:
+        model._decode = program
+    np.testing.assert_array_equal(got, want)

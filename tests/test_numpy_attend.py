@@ -67,3 +67,20 @@ def test_attend_matches_softmax_attention(Dh, rep, T, t0):
         _attend(q, K, V, g, t0, t0 + T, np.zeros(rep * cap, np.float32), np.zeros(rep, np.float32), attn)
         got = attn[0, g * rep * Dh:(g + 1) * rep * Dh].reshape(rep, Dh)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("Dh,T", [(32, 9), (64, 40), (128, 7)])
+def test_products_read_float16_bits(kernels, Dh, T):
+    qk, pv = kernels
+    rng = np.random.default_rng(Dh + T)
+    q = rng.standard_normal((1, Dh)).astype(np.float32)
+    K16 = rng.standard_normal((T, Dh)).astype(np.float16)
+    out = np.zeros(T, np.float32)
+    qk(q, 0, K16.view(np.uint16), 0, T, Dh, out, 0)
+    want = K16.astype(np.float64) @ q[0].astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.sqrt(Dh) * np.abs(want).max())
+    p = rng.random(T).astype(np.float32)
+    o = np.zeros((1, Dh), np.float32)
+    pv(p, 0, K16.view(np.uint16), 0, T, Dh, o, 0)
+    want = p.astype(np.float64) @ K16.astype(np.float64)
+    np.testing.assert_allclose(o[0], want, rtol=0, atol=1e-5 * T * np.abs(want).max())

@@ -13,17 +13,26 @@ load and a store per element and key) and summed each key's dot product across l
 
 Plain vector IR (llvm.fmuladd) that any CPU's LLVM backend compiles: fused multiply-adds where the CPU has them.
 The sums run in another order than the loops', so results differ in the last bits (tests/test_decode_program.py).
+
+A float16 cache (CacheSettings(kv_dtype="float16")) is read as its uint16 bits: K and V arrays of dtype uint16 are
+widened 8 at a time in the IR (one vcvtph2ps with F16C); kv_view, put_row and wide give the compiled step's other
+loops the same cache either way (numba picks each by type at compile time). The program takes such caches only
+where half-precision conversion is native (HALF_NATIVE: x86 with F16C, arm64), else steps op by op.
 """
 
 from __future__ import annotations
 
 import llvmlite.ir as ir
-from numba import types
+import numpy as np
+from numba import carray, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-_F32, _I32 = ir.FloatType(), ir.IntType(32)
+from .qmatvec import _NATIVE_HALF as HALF_NATIVE
+
+_F32, _I32, _I16, _HALF = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.HalfType()
 _V8 = ir.VectorType(_F32, 8)
+_KV_F32, _KV_HALF = np.empty(0, np.float32), np.empty(0, np.uint16)  # a cache's element type, told by an empty array
 
 
 def _fma(builder, a, b, c):
@@ -32,6 +41,10 @@ def _fma(builder, a, b, c):
 
 
 def _load8(builder, base, i):
+    """8 consecutive values as <8 x float>: float32, or float16 bits (i16) widened."""
+    if base.type.pointee == _I16:
+        v = builder.load(builder.bitcast(builder.gep(base, [i]), ir.VectorType(_I16, 8).as_pointer()), align=2)
+        return builder.fpext(builder.bitcast(v, ir.VectorType(_HALF, 8)), _V8)
     return builder.load(builder.bitcast(builder.gep(base, [i]), _V8.as_pointer()), align=4)
 
 
@@ -124,9 +137,9 @@ def _pv_ir(context, builder, sig, args):
 
 
 def _signature(a, b, out):
-    for x in (a, b, out):
-        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
-            raise TypeError("qk/pv take C-contiguous float32 arrays")
+    for x, kinds in ((a, (types.float32,)), (b, (types.float32, types.uint16)), (out, (types.float32,))):
+        if not (isinstance(x, types.Array) and x.dtype in kinds and x.layout == "C"):
+            raise TypeError("qk/pv take C-contiguous float32 arrays (the keys or values: float32 or float16 bits)")
     return types.none(a, types.intp, b, types.intp, types.intp, types.intp, out, types.intp)
 
 
@@ -138,3 +151,73 @@ def qk(typingctx, q, qoff, K, koff, T, Dh, out, ooff):
 @intrinsic
 def pv(typingctx, p, poff, V, voff, T, Dh, out, ooff):
     return _signature(p, V, out), _pv_ir
+
+
+@intrinsic
+def _half_bits(typingctx, x):
+    """float32 -> the float16 nearest (ties to even, as numpy's astype), as its uint16 bits."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _HALF), _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _half_value(typingctx, h):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _HALF), _F32)
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The address (int64 or uint64) as a pointer to like's dtype (like: an empty array), for numba.carray."""
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen
+
+
+def kv_view(address, dims_kv, dims_dh, cap):
+    """A cache layer's [1, KV, cap, Dh] buffer at `address`: float32, or float16 bits (uint16) where the address
+    is a uint64 (the program marks a float16 cache's addresses so)."""
+
+
+@overload(kv_view)
+def _kv_view(address, dims_kv, dims_dh, cap):
+    like = _KV_HALF if address == types.uint64 else _KV_F32
+
+    def impl(address, dims_kv, dims_dh, cap):
+        return carray(_pointer(address, like), (1, dims_kv, cap, dims_dh))
+
+    return impl
+
+
+def put_row(dst, src):
+    """dst[:] = src (float32), rounded to float16 bits where dst holds them."""
+
+
+@overload(put_row)
+def _put_row(dst, src):
+    if dst.dtype == types.uint16:
+        def impl(dst, src):
+            for d in range(src.shape[0]):
+                dst[d] = _half_bits(src[d])
+    else:
+        def impl(dst, src):
+            dst[:] = src
+    return impl
+
+
+def wide(x):
+    """A cache element as float32."""
+
+
+@overload(wide)
+def _wide(x):
+    if x == types.uint16:
+        return lambda x: _half_value(x)
+    return lambda x: x

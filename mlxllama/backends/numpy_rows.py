@@ -25,8 +25,8 @@ import weakref
 import numpy as np
 from numba import njit
 
-from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _address, _chunking,
-                         _claim, _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight)
+from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking, _claim,
+                         _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight, kv_addresses)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
 
@@ -247,16 +247,15 @@ class RowsProgram:
                 and cache.offset + n <= cache.capacity)
 
     def _kv_rows(self, cache):
-        """(K row, V row): the addresses of the cache's per-layer buffers, or None where one is not a C-order
-        float32 array."""
+        """(K row, V row): the addresses of the cache's per-layer buffers (numpy_step.kv_addresses), or None."""
         src = cache.keys[0][0]
         held = self._addresses.get(cache)
         if held is not None and held[0] is src:
             return held[1], held[2]
         ks, vs = [k[0] for k in cache.keys], [v[0] for v in cache.values]
-        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
+        rows = kv_addresses(ks, vs)
+        if rows is None:
             return None
-        rows = (np.array([_address(a) for a in ks], np.int64), np.array([_address(a) for a in vs], np.int64))
         self._addresses[cache] = (src,) + rows + ((ks, vs),)
         return rows
 
@@ -304,7 +303,7 @@ class RowsProgram:
         if not 0 < T <= MAX_ROWS or not all(self._takes(c, n) for c, n in zip(caches, lens)):
             return None
         kv = [self._kv_rows(c) for c in caches]
-        if any(r is None for r in kv):
+        if any(r is None for r in kv) or len({r[0].dtype for r in kv}) > 1:  # float32 and float16 caches apart
             return None
         starts = np.concatenate([[0], np.cumsum(lens)])
         want = np.concatenate([np.arange(e - r, e) for e, r in zip(starts[1:], rows)] + [np.zeros(0, int)])

@@ -23,7 +23,8 @@ What it takes (decided once at load, DecodeProgram.build returns None otherwise)
 head a qmatvec.PackedLinear, all with one kernel path, input width and scales dtype; one process (no vocabulary
 split). Anything else (float32 or "quantized" weight modes, GGUF K-quant blocks) steps op by op. What it takes per
 step (the call returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float
-KVCache with room for the token (not a quantized or rotating one), no other thread stepping the same model.
+KVCache with room for the token (float32, or float16 where its conversion is native: numpy_attend; not a quantized
+or rotating one), no other thread stepping the same model.
 MLXLLAMA_DECODE_PROGRAM=0 turns it off. Steps of several rows (up to numpy_rows.MAX_ROWS, of one or several
 sequences: Model.forward_batch, speculative verification) run the same phases in one call too (DecodeProgram.rows:
 numpy_rows.RowsProgram).
@@ -46,7 +47,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numpy_attend import pv, qk
+from .numpy_attend import HALF_NATIVE, kv_view, put_row, pv, qk, wide
 from .qmatvec import PackedLinear, _rows, quantize_input
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ _U8 = np.empty(0, np.uint8)
 
 @njit(cache=True, nogil=True)
 def _kv(address, dims, cap):
-    return carray(_pointer(address, np.empty(0, np.float32)), (1, dims[_KV], cap, dims[_DH]))
+    """A cache layer's buffer (numpy_attend.kv_view: float32, or float16 bits behind a uint64 address)."""
+    return kv_view(address, dims[_KV], dims[_DH], cap)
 
 
 @intrinsic
@@ -286,7 +288,7 @@ def _scores(q, Kg, t0, t1, scores, cap):
         for r in range(rep):
             s = np.float32(0)
             for d in range(Dh):
-                s += q[r, d] * Kg[t, d]
+                s += q[r, d] * wide(Kg[t, d])
             scores[r * cap + t] = s
 
 
@@ -324,7 +326,7 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
             for r in range(rep):
                 p = scores[r * cap + t]
                 for d in range(Dh):
-                    q[r, d] += p * Vg[t, d]
+                    q[r, d] += p * wide(Vg[t, d])
     base = g * rep * Dh
     for r in range(rep):
         for d in range(Dh):
@@ -347,9 +349,9 @@ def _keys(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin, di
         if dims[_QK_NORM]:
             _head_norm(k, qk_norm[l, H + g], eps)
         _rope(k, cos, sin, pos, tmp)
-        K[0, g, pos, :] = k
+        put_row(K[0, g, pos], k)
         _head_in(row, qkv_bias[l], bias, H + KV + g, Dh, k)
-        V[0, g, pos, :] = k
+        put_row(V[0, g, pos], k)
 
 
 @njit(cache=True, nogil=True)
@@ -434,7 +436,7 @@ def step(tid, nthr, sync, pos, tag, W, stag, meta, bfac, K, V, cap, cos, sin, no
     """One decode step for thread tid of nthr from the token's embedding in bufs[12] (the residual stream): every
     layer, the final norm and the head (linear 4 * layers) into bufs[17] [1, vocab]. W [linears, 3]: the addresses
     of each linear's bytes, scales and biases (scales' dtype: stag's; shapes in meta); K, V [layers]: the addresses
-    of the cache's [1, KV, cap, Dh] float32 buffers. sync: int64 zeros
+    of the cache's [1, KV, cap, Dh] buffers (kv_addresses). sync: int64 zeros
     [2 * (PHASES * layers + 1) * PAD]: per phase, the units claimed and the units done. A thread waits only for
     units another has claimed and not finished: one that starts late (or is descheduled between units) finds the
     work done by the others and catches up without computing anything."""
@@ -484,6 +486,22 @@ def _address(a: np.ndarray) -> int:
     if not a.flags.c_contiguous:
         raise ValueError("the decode program reads C-order arrays only")
     return a.ctypes.data
+
+
+def kv_addresses(ks: list, vs: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """The addresses of a cache's per-layer K and V buffers: int64 for float32 ones, uint64 for float16 ones (read
+    as their bits, where half-precision conversion is native); None for anything else (not C-order, mixed, or
+    another dtype)."""
+    arrays = ks + vs
+    if not all(a.flags.c_contiguous for a in arrays):
+        return None
+    if all(a.dtype == np.float32 for a in arrays):
+        kind = np.int64
+    elif HALF_NATIVE and all(a.dtype == np.float16 for a in arrays):
+        kind = np.uint64
+    else:
+        return None
+    return np.array([_address(a) for a in ks], kind), np.array([_address(a) for a in vs], kind)
 
 
 class DecodeProgram:
@@ -556,16 +574,16 @@ class DecodeProgram:
                 and cache.offset < cache.capacity)
 
     def _kv_lists(self, cache) -> bool:
-        """The cache's K and V buffers as typed lists (again only when they were reallocated); False where one
-        is not a C-order float32 array."""
+        """The cache's K and V buffers' addresses (again only when they were reallocated); False where
+        kv_addresses takes none."""
         src = cache.keys[0][0]
         if src is self._kv_src:
             return True
         ks, vs = [k[0] for k in cache.keys], [v[0] for v in cache.values]
-        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in ks + vs):
+        addresses = kv_addresses(ks, vs)
+        if addresses is None:
             return False
-        self.K = np.array([_address(a) for a in ks], np.int64)
-        self.V = np.array([_address(a) for a in vs], np.int64)
+        self.K, self.V = addresses
         self._kv_held, self._kv_src, self._cap = (ks, vs), src, ks[0].shape[2]
         rep = self.dims[_H] // self.dims[_KV]
         if self._bufs[11].shape[1] < cache.capacity * rep:
