@@ -3,9 +3,9 @@
     qk(q, qoff, K, koff, T, Dh, out, ooff):  out[ooff + t] = q[qoff:qoff + Dh] . K[koff + t * Dh:][:Dh], t < T
     pv(p, poff, V, voff, T, Dh, out, ooff):  out[ooff + d] = sum_t p[poff + t] * V[koff + t * Dh + d], d < Dh
 
-Arrays are float32 and C-contiguous, read flat from the offsets. Both take head sizes that are multiples of 32;
-the caller keeps plain loops for others. Written loops left numba's accumulators in memory (a
-load and a store per element and key) and summed each key's dot product across lanes on its own:
+Arrays are C-contiguous and read flat from the offsets: float32, the keys or values also float16 bits (below). Both
+take head sizes that are multiples of 32; the caller keeps plain loops for others. Written loops left numba's
+accumulators in memory (a load and a store per element and key) and summed each key's dot product on its own:
 
   qk   eight keys at a time, one <8 x float> accumulator each over the head (eight independent chains hide the
        multiply-add latency), their eight totals gathered by pairwise adds into one vector, stored at once;
@@ -171,7 +171,7 @@ def _half_value(typingctx, h):
 
 
 @intrinsic
-def _pointer(typingctx, address, like):
+def pointer(typingctx, address, like):
     """The address (int64 or uint64) as a pointer to like's dtype (like: an empty array), for numba.carray."""
     ptr = types.CPointer(like.dtype)
 
@@ -191,7 +191,7 @@ def _kv_view(address, dims_kv, dims_dh, cap):
     like = _KV_HALF if address == types.uint64 else _KV_F32
 
     def impl(address, dims_kv, dims_dh, cap):
-        return carray(_pointer(address, like), (1, dims_kv, cap, dims_dh))
+        return carray(pointer(address, like), (1, dims_kv, cap, dims_dh))
 
     return impl
 

@@ -47,7 +47,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numpy_attend import HALF_NATIVE, kv_view, put_row, pv, qk, wide
+from .numpy_attend import HALF_NATIVE, kv_view, pointer, put_row, pv, qk, wide
 from .qmatvec import PackedLinear, _rows, quantize_input
 
 logger = logging.getLogger(__name__)
@@ -95,18 +95,6 @@ def _atomic_load(typingctx, arr, idx):
     def codegen(context, builder, signature, args):
         a = context.make_array(signature.args[0])(context, builder, args[0])
         return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def _pointer(typingctx, address, like):
-    """The address (int64) as a pointer to like's dtype (like: an empty array), for numba.carray."""
-    ptr = types.CPointer(like.dtype)
-    sig = ptr(types.int64, like)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
 
     return sig, codegen
 
@@ -171,9 +159,9 @@ def _chunking(n_out, nthr):
 def _weight(W, stag, meta, i):
     """Linear i's codes, scales and biases as arrays over the addresses W holds (meta: bits, group, rows, code
     bytes a row, scales a row)."""
-    return (carray(_pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3])),
-            carray(_pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4])),
-            carray(_pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4])))
+    return (carray(pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3])),
+            carray(pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4])),
+            carray(pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4])))
 
 
 @njit(cache=True, nogil=True)
