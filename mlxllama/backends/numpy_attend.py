@@ -1,7 +1,7 @@
 """The two products of a query head's attention over the cache, as LLVM IR with the accumulators in registers (numba).
 
     qk(q, qoff, K, koff, T, Dh, out, ooff):  out[ooff + t] = q[qoff:qoff + Dh] . K[koff + t * Dh:][:Dh], t < T
-    pv(p, poff, V, voff, T, Dh, out, ooff):  out[ooff + d] = sum_t p[poff + t] * V[koff + t * Dh + d], d < Dh
+    pv(p, poff, V, voff, T, Dh, out, ooff):  out[ooff + d] = sum_t p[poff + t] * V[voff + t * Dh + d], d < Dh
 
 Arrays are C-contiguous and read flat from the offsets: float32, the keys or values also float16 bits (below). Both
 take head sizes that are multiples of 32; the caller keeps plain loops for others. Written loops left numba's
