@@ -29,8 +29,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .qmatvec import _NATIVE_HALF as HALF_NATIVE
+from .qmatvec import _block_sums, _hsum, _splat
 
-_F32, _I32, _I16, _HALF = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.HalfType()
+_F32, _I16, _HALF = ir.FloatType(), ir.IntType(16), ir.HalfType()
 _V8 = ir.VectorType(_F32, 8)
 _KV_F32, _KV_HALF = np.empty(0, np.float32), np.empty(0, np.uint16)  # a cache's element type, told by an empty array
 
@@ -48,29 +49,14 @@ def _load8(builder, base, i):
     return builder.load(builder.bitcast(builder.gep(base, [i]), _V8.as_pointer()), align=4)
 
 
-def _splat8(builder, x):
-    e = builder.insert_element(ir.Constant(_V8, None), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(e, e, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+def _operands(context, builder, sig, args):
+    """qk's or pv's arguments as (a, b, out) pointers at their offsets, T, Dh."""
+    a_, aoff, b_, boff, T, Dh, o_, ooff = args
 
+    def data(i, arr, off):
+        return builder.gep(context.make_array(sig.args[i])(context, builder, arr).data, [off])
 
-def _hadd(builder, u, v):
-    """Pairwise sums within each 128-bit half, as vhaddps: [u0+u1, u2+u3, v0+v1, v2+v3 | u4+u5, ...]."""
-    lo = ir.Constant(ir.VectorType(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
-    hi = ir.Constant(ir.VectorType(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
-    return builder.fadd(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
-
-
-def _totals(builder, accs):
-    """Eight <8 x float> -> one whose lane k is accs[k]'s total."""
-    h = [_hadd(builder, accs[k], accs[k + 1]) for k in range(0, 8, 2)]
-    q0, q1 = _hadd(builder, h[0], h[1]), _hadd(builder, h[2], h[3])
-    lo = builder.shuffle_vector(q0, q1, ir.Constant(ir.VectorType(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
-    hi = builder.shuffle_vector(q0, q1, ir.Constant(ir.VectorType(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
-    return builder.fadd(lo, hi)
-
-
-def _data(context, builder, ty, arr, off):
-    return builder.gep(context.make_array(ty)(context, builder, arr).data, [off])
+    return data(0, a_, aoff), data(2, b_, boff), data(6, o_, ooff), T, Dh
 
 
 def _dot_keys(builder, q, k, n: int, Dh, idx):
@@ -87,20 +73,17 @@ def _dot_keys(builder, q, k, n: int, Dh, idx):
 
 
 def _qk_ir(context, builder, sig, args):
-    q_, qoff, k_, koff, T, Dh, o_, ooff = args
-    at = sig.args
-    q, k, out = _data(context, builder, at[0], q_, qoff), _data(context, builder, at[2], k_, koff), \
-        _data(context, builder, at[6], o_, ooff)
+    q, k, out, T, Dh = _operands(context, builder, sig, args)
     idx = T.type
     eight = ir.Constant(idx, 8)
     with cgutils.for_range(builder, builder.udiv(T, eight)) as loop:
         t = builder.mul(loop.index, eight)
         accs = _dot_keys(builder, q, builder.gep(k, [builder.mul(t, Dh)]), 8, Dh, idx)
-        builder.store(_totals(builder, accs), builder.bitcast(builder.gep(out, [t]), _V8.as_pointer()), align=4)
-    with cgutils.for_range_slice(builder, builder.mul(builder.udiv(T, eight), eight), T, ir.Constant(idx, 1)) as (t, _):
+        builder.store(_block_sums(builder, accs), builder.bitcast(builder.gep(out, [t]), _V8.as_pointer()), align=4)
+    last = builder.mul(builder.udiv(T, eight), eight)
+    with cgutils.for_range_slice(builder, last, T, ir.Constant(idx, 1)) as (t, _):
         (acc,) = _dot_keys(builder, q, builder.gep(k, [builder.mul(t, Dh)]), 1, Dh, idx)
-        builder.store(builder.extract_element(_totals(builder, [acc] + [ir.Constant(_V8, None)] * 7),
-                                              ir.Constant(_I32, 0)), builder.gep(out, [t]))
+        builder.store(_hsum(builder, acc, 8), builder.gep(out, [t]))
     return context.get_dummy_value()
 
 
@@ -109,7 +92,7 @@ def _pv_span(builder, p, v, out, d0, n: int, T, Dh, idx):
     accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, None)) for _ in range(n)]
     with cgutils.for_range(builder, T) as loop:
         t = loop.index
-        pt = _splat8(builder, builder.load(builder.gep(p, [t])))
+        pt = _splat(builder, builder.load(builder.gep(p, [t])), 8)
         row = builder.add(builder.mul(t, Dh), d0)
         for j in range(n):
             vv = _load8(builder, v, builder.add(row, ir.Constant(idx, 8 * j)))
@@ -120,10 +103,7 @@ def _pv_span(builder, p, v, out, d0, n: int, T, Dh, idx):
 
 
 def _pv_ir(context, builder, sig, args):
-    p_, poff, v_, voff, T, Dh, o_, ooff = args
-    at = sig.args
-    p, v, out = _data(context, builder, at[0], p_, poff), _data(context, builder, at[2], v_, voff), \
-        _data(context, builder, at[6], o_, ooff)
+    p, v, out, T, Dh = _operands(context, builder, sig, args)
     idx = T.type
     wide = builder.icmp_unsigned("==", builder.urem(Dh, ir.Constant(idx, 64)), ir.Constant(idx, 0))
     with builder.if_else(wide) as (then, otherwise):

@@ -398,13 +398,13 @@ def _block_dot(builder, isa: str, act: int, bits: int, signed8: bool, dot, wrow,
 
 
 def _block_sums(builder, dots):
-    """Eight <8 x i32> partial sums -> one <8 x i32> whose lane k is dots[k]'s total (pairwise adds, as vphaddd,
-    then the two 128-bit halves)."""
+    """Eight <8 x i32> (or <8 x float>) partial sums -> one vector whose lane k is dots[k]'s total (pairwise adds,
+    as vphaddd or vhaddps, then the two 128-bit halves)."""
     h = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, 8, 2)]
     q0, q1 = _hadd(builder, h[0], h[1]), _hadd(builder, h[2], h[3])
     lo = builder.shuffle_vector(q0, q1, ir.Constant(_vec(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
     hi = builder.shuffle_vector(q0, q1, ir.Constant(_vec(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
-    return builder.add(lo, hi)
+    return _add(builder, lo, hi)
 
 
 def _scale_bias(builder, srow, brow, g, shift, half: bool, symmetric, bfac, n: int = 0):
@@ -753,11 +753,17 @@ def _unit_dot(builder, isa: str, codes, xu, U: int, r: int):
     return d
 
 
+def _add(builder, a, b):
+    """a + b for integer or float vectors."""
+    return (builder.fadd if isinstance(a.type.element, ir.FloatType) else builder.add)(a, b)
+
+
 def _hadd(builder, u, v):
-    """Pairwise sums of two <8 x i32> within each 128-bit half, as vphaddd: [u0+u1, u2+u3, v0+v1, v2+v3 | ...]."""
+    """Pairwise sums of two <8 x i32> (or <8 x float>) within each 128-bit half, as vphaddd (vhaddps): [u0+u1,
+    u2+u3, v0+v1, v2+v3 | ...]."""
     lo = ir.Constant(_vec(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
     hi = ir.Constant(_vec(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
-    return builder.add(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
+    return _add(builder, builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
 
 
 @intrinsic
