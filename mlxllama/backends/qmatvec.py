@@ -607,18 +607,21 @@ def unit_order(bits: int) -> np.ndarray:
     return np.array([per * k + j for j in range(per) for k in range(16)])
 
 
-def _pmadd(builder, isa: str, c, x):
-    """<16 x i16> . <16 x i16> -> <8 x i32>: adjacent pairs of products summed (vpmaddwd)."""
+def _pmadd(builder, isa: str, c, x, acc=None):
+    """acc + <16 x i16> . <16 x i16> -> <8 x i32>: adjacent pairs of products summed (vpmaddwd; vnni: vpdpwssd
+    into acc)."""
     v8 = _vec(_I32, 8)
-    if isa == "avx2":
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x])
     if isa == "vnni":
         return _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
-                     [ir.Constant(v8, None), builder.bitcast(c, v8), builder.bitcast(x, v8)])
-    m = builder.mul(builder.sext(c, _vec(_I32, 16)), builder.sext(x, _vec(_I32, 16)))
-    even = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(1, 16, 2))))
-    return builder.add(even, odd)
+                     [acc or ir.Constant(v8, None), builder.bitcast(c, v8), builder.bitcast(x, v8)])
+    if isa == "avx2":
+        p = _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x])
+    else:
+        m = builder.mul(builder.sext(c, _vec(_I32, 16)), builder.sext(x, _vec(_I32, 16)))
+        even = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(0, 16, 2))))
+        odd = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(1, 16, 2))))
+        p = builder.add(even, odd)
+    return p if acc is None else builder.add(acc, p)
 
 
 def _unit_codes(builder, wp, bits: int):
@@ -748,8 +751,7 @@ def _unit_dot(builder, isa: str, codes, xu, U: int, r: int):
     for j, cj in enumerate(codes):
         xp = builder.bitcast(builder.gep(xu, [ir.Constant(ir.IntType(64), U * r + 16 * j)]),
                              _vec(_I16, 16).as_pointer())
-        p = _pmadd(builder, isa, cj, builder.load(xp, align=2))
-        d = p if d is None else builder.add(d, p)
+        d = _pmadd(builder, isa, cj, builder.load(xp, align=2), d)
     return d
 
 
