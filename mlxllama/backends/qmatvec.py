@@ -305,12 +305,10 @@ def _dot16_halves(builder, isa: str, halves, xp):
     if isa == "avx2":
         parts = [_call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x]) for c, x in zip(halves, xs)]
         return builder.add(parts[0], parts[1])
-    if isa == "vnni":
-        acc = ir.Constant(v8, None)
-        for c, x in zip(halves, xs):
-            acc = _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
-                        [acc, builder.bitcast(c, v8), builder.bitcast(x, v8)])
-        return acc
+    if isa == "vnni":  # vpmaddwd, then vpdpwssd into its sums: no zeroed accumulator
+        acc = _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [halves[0], xs[0]])
+        return _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
+                     [acc, builder.bitcast(halves[1], v8), builder.bitcast(xs[1], v8)])
     v32 = _vec(_I32, 16)
     out = None
     for c, x in zip(halves, xs):
@@ -374,8 +372,13 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
         start = builder.select(builder.icmp_signed("==", rows_, ir.Constant(idx, 1)),
                                builder.and_(nblk_, ir.Constant(idx, -8)), start)
         blocks = lambda b: _block_dot(builder, isa, act, bits, signed8, dot, wrow, xrows[0], idx, b, four)  # noqa: E731
-        _octets(builder, blocks, srow, brow, half, symmetric, bfac_, dcol, scol, start, shift_,
-                acc[0][0], acc[1][0], signed8)
+        for sh in range(3):  # the loop once per group size and bias kind: no branch on either inside it
+            for sym in (True, False):
+                same = builder.and_(builder.icmp_signed("==", shift_, ir.Constant(shift_.type, sh)),
+                                    builder.icmp_unsigned("==", symmetric, ir.Constant(_I1, int(sym))))
+                with builder.if_then(same):
+                    _octets(builder, blocks, srow, brow, half, ir.Constant(_I1, int(sym)), bfac_, dcol, scol, start,
+                            ir.Constant(shift_.type, sh), acc[0][0], acc[1][0], signed8)
     step = ir.Constant(idx, unroll)
     left = builder.sub(nblk_, start)
     with cgutils.for_range(builder, builder.udiv(left, step)) as loop:
