@@ -87,13 +87,13 @@ def _round_row(x, k, bits, orders, xin):
 
 
 @njit(cache=True, nogil=True)
-def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j, c, nthr):
+def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j, c):
     """y[:T, rows] = linear i's rows of chunk c and every further chunk this thread claims, for the rounded T
     input rows xin (_views'); with residual, also h[:T, rows] += y + bias."""
     xqu, dxu, xqt, dxt = xin
     main = xqu.shape[1]
     n_out = y.shape[1]
-    chunk, n = _chunking(n_out, nthr)
+    chunk, n = _chunking(n_out)
     w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
@@ -127,14 +127,14 @@ def _form(sync, j, kind, src, rows, w, eps, x, bits, orders, xin):
 
 
 @njit(cache=True, nogil=True)
-def _linear(nthr, sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
+def _linear(sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
             residual, bufs):
     """Phases j (the input rows formed and rounded, _form) and j + 1 (linear i's chunks of output rows)."""
     T = rows.shape[0]
     xin = _views(x.shape[1], T, meta[i, 0], mains[i], bufs)
     _form(sync, j, kind, src, rows, nw, eps, x, meta[i, 0], orders, xin)
-    _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1), nthr)
-    _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
+    _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1))
+    _wait(sync, j + 1, _chunking(y.shape[1])[1])
 
 
 @njit(inline="always")
@@ -178,7 +178,7 @@ def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, 
 
 
 @njit(cache=True, nogil=True)
-def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+def _layer(tid, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
            qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
     """Layer l's phases over the T rows (every: 0..T - 1): each product's input formed, then the product; the keys
     and the queries (_heads) after qkv."""
@@ -186,14 +186,14 @@ def _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, b
     h, qkv, attn, y, gu, zeros = (bufs[_H_ROWS], bufs[_QKV_OUT], bufs[_ATTN], bufs[_Y], bufs[_GU], bufs[_ZEROS])
     i, j, D, F = 4 * l, ROW_PHASES * l, h.shape[1], gu.shape[1] // 2
     x, xf = bufs[_XF][: T * D].reshape((T, D)), bufs[_XF][: T * F].reshape((T, F))
-    _linear(nthr, sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta, bfac,
+    _linear(sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta, bfac,
             qkv, h, zeros, False, bufs)
     _heads(tid, sync, j + 2, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
-    _linear(nthr, sync, j + 4, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
+    _linear(sync, j + 4, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
             meta, bfac, y, h, o_bias[l], True, bufs)
-    _linear(nthr, sync, j + 6, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
+    _linear(sync, j + 6, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
             meta, bfac, gu, h, zeros, False, bufs)
-    _linear(nthr, sync, j + 8, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
+    _linear(sync, j + 8, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
             bfac, y, h, zeros, True, bufs)
 
 
@@ -209,13 +209,13 @@ def rows_step(tid, nthr, sync, seqs, want, mains, orders, tag, W, stag, meta, bf
     every = np.arange(T)
     L = dims[0]
     for l in range(L):
-        _layer(tid, nthr, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+        _layer(tid, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
                qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
     if want.shape[0] == 0:
         return
     h, D = bufs[_H_ROWS], bufs[_H_ROWS].shape[1]
     x = bufs[_XF][: want.shape[0] * D].reshape((want.shape[0], D))
-    _linear(nthr, sync, ROW_PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
+    _linear(sync, ROW_PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
             bfac, bufs[_LOGITS], h, bufs[_ZEROS], False, bufs)
 
 

@@ -149,7 +149,7 @@ def _wait(sync, j, units):
 
 
 @njit(cache=True, nogil=True)
-def _chunking(n_out, nthr):
+def _chunking(n_out):
     """Rows per claim and the number of chunks: about sqrt(16 n_out) rows, a multiple of CHUNK. A claim is two
     atomic adds on lines every thread writes: with two threads on Zen 4, SmolLM2's claims of 32 rows (18K weights)
     made its decode step 25% slower than these (one thread: no difference). The last claim of a phase leaves the
@@ -168,11 +168,11 @@ def _weight(W, stag, meta, i):
 
 
 @njit(cache=True, nogil=True)
-def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c, nthr):
+def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j, c):
     """y[0, rows] = linear i's rows of chunk c and every further chunk this thread claims; with residual, also
     h[rows] += y[rows] + bias[rows] (the rows are this thread's alone)."""
     n_out = y.shape[1]
-    chunk, n = _chunking(n_out, nthr)
+    chunk, n = _chunking(n_out)
     w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
@@ -374,7 +374,7 @@ def _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, 
 
 
 @njit(cache=True, nogil=True)
-def _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
+def _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin, norms, qkv_bias, o_bias,
                      qk_norm, dims, eps, scale, bufs):
     """Phases 5l (qkv), 5l + 1 (K/V heads: cache write and attention), 5l + 2 (o, added to h)."""
     xD, xqD, dxsD, xO, xqO, dxsO = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[3][tid], bufs[4][tid], bufs[5][tid]
@@ -382,11 +382,11 @@ def _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, K, V, co
                                         bufs[15])
     i, j = 4 * l, PHASES * l
     c = _claim(sync, j)
-    if c < _chunking(qkv.shape[1], nthr)[1]:  # h holds still until this phase is done: round it now
+    if c < _chunking(qkv.shape[1])[1]:  # h holds still until this phase is done: round it now
         _rms_norm(h, norms[2 * l], eps, xD[0])
         _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
-        _chunks(tag, W, stag, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c, nthr)
-    _wait(sync, j, _chunking(qkv.shape[1], nthr)[1])
+        _chunks(tag, W, stag, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c)
+    _wait(sync, j, _chunking(qkv.shape[1])[1])
     g = _claim(sync, j + 1)
     while g < dims[_KV]:
         _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn)
@@ -394,31 +394,31 @@ def _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, K, V, co
         g = _claim(sync, j + 1)
     _wait(sync, j + 1, dims[_KV])
     c = _claim(sync, j + 2)
-    if c < _chunking(y.shape[1], nthr)[1]:
+    if c < _chunking(y.shape[1])[1]:
         xO[0, :] = attn[0]
         _quantize(xO, meta[i + O, 0], xqO, dxsO)
-        _chunks(tag, W, stag, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c, nthr)
-    _wait(sync, j + 2, _chunking(y.shape[1], nthr)[1])
+        _chunks(tag, W, stag, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c)
+    _wait(sync, j + 2, _chunking(y.shape[1])[1])
 
 
 @njit(cache=True, nogil=True)
-def _mlp_block(tid, nthr, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, bufs):
+def _mlp_block(tid, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, bufs):
     """Phases 5l + 3 (gate_up) and 5l + 4 (down(silu(gate) * up), added to h)."""
     xD, xqD, dxsD, xF, xqF, dxsF = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[6][tid], bufs[7][tid], bufs[8][tid]
     h, y, gu = bufs[12], bufs[15], bufs[16]
     i, j, F = 4 * l, PHASES * l + 3, xF.shape[1]
     c = _claim(sync, j)
-    if c < _chunking(gu.shape[1], nthr)[1]:
+    if c < _chunking(gu.shape[1])[1]:
         _rms_norm(h, norms[2 * l + 1], eps, xD[0])
         _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
-        _chunks(tag, W, stag, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c, nthr)
-    _wait(sync, j, _chunking(gu.shape[1], nthr)[1])
+        _chunks(tag, W, stag, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c)
+    _wait(sync, j, _chunking(gu.shape[1])[1])
     c = _claim(sync, j + 1)
-    if c < _chunking(y.shape[1], nthr)[1]:
+    if c < _chunking(y.shape[1])[1]:
         _silu_gate(gu[0, :F], gu[0, F:], xF[0])
         _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
-        _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c, nthr)
-    _wait(sync, j + 1, _chunking(y.shape[1], nthr)[1])
+        _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c)
+    _wait(sync, j + 1, _chunking(y.shape[1])[1])
 
 
 @njit(cache=True, nogil=True)
@@ -433,18 +433,18 @@ def step(tid, nthr, sync, pos, tag, W, stag, meta, bfac, K, V, cap, cos, sin, no
     work done by the others and catches up without computing anything."""
     L = dims[_L]
     for l in range(L):
-        _attention_block(tid, nthr, sync, l, pos, tag, W, stag, meta, bfac, _kv(K[l], dims, cap), _kv(V[l], dims, cap), cos, sin,
+        _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, _kv(K[l], dims, cap), _kv(V[l], dims, cap), cos, sin,
                          norms,
                          qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
-        _mlp_block(tid, nthr, sync, l, tag, W, stag, meta, bfac, norms, bufs[18], eps, bufs)
+        _mlp_block(tid, sync, l, tag, W, stag, meta, bfac, norms, bufs[18], eps, bufs)
     xD, xqD, dxsD, h, logits = bufs[0][tid], bufs[1][tid], bufs[2][tid], bufs[12], bufs[17]
     j = PHASES * L
     c = _claim(sync, j)
-    if c < _chunking(logits.shape[1], nthr)[1]:
+    if c < _chunking(logits.shape[1])[1]:
         _rms_norm(h, norms[2 * L], eps, xD[0])
         _quantize(xD, meta[4 * L, 0], xqD, dxsD)
-        _chunks(tag, W, stag, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c, nthr)
-    _wait(sync, j, _chunking(logits.shape[1], nthr)[1])
+        _chunks(tag, W, stag, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c)
+    _wait(sync, j, _chunking(logits.shape[1])[1])
 
 
 def enabled() -> bool:
