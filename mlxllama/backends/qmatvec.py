@@ -299,16 +299,11 @@ def _codes16(builder, wrow, b, idx, bits: int, four):
 
 def _dot16_halves(builder, isa: str, halves, xp):
     """<8 x i32> partial sums of two <16 x i16> code halves against the 32 int16 inputs at xp."""
-    v16, v8 = _vec(_I16, 16), _vec(_I32, 8)
+    v16 = _vec(_I16, 16)
     xs = [builder.load(builder.bitcast(builder.gep(xp, [ir.Constant(ir.IntType(64), 16 * h)]), v16.as_pointer()),
                        align=2) for h in range(2)]
-    if isa == "avx2":
-        parts = [_call(builder, "llvm.x86.avx2.pmadd.wd", v8, [c, x]) for c, x in zip(halves, xs)]
-        return builder.add(parts[0], parts[1])
-    if isa == "vnni":  # vpmaddwd, then vpdpwssd into its sums: no zeroed accumulator
-        acc = _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [halves[0], xs[0]])
-        return _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
-                     [acc, builder.bitcast(halves[1], v8), builder.bitcast(xs[1], v8)])
+    if isa in ("avx2", "vnni"):  # vpmaddwd, then a second one added (vnni: vpdpwssd into the first's sums)
+        return _pmadd(builder, isa, halves[1], xs[1], _pmadd(builder, "avx2", halves[0], xs[0]))
     v32 = _vec(_I32, 16)
     out = None
     for c, x in zip(halves, xs):
