@@ -71,6 +71,9 @@ def serve(
                                            "tensor or pipeline; rank 0 serves and batches over them (no prefix "
                                            "cache then). E.g. mlx.launch --hosts ip0,ip1 -- mlxllama serve -m M "
                                            "--parallel tensor"),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run a few throwaway tokens before taking "
+                                "requests, so that the first request does not wait for kernels to compile "
+                                "(as llama-server's warm-up)."),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
 
@@ -112,4 +115,4 @@ def serve(
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
                     max_kv_size=max_kv_size, kv_dtype=kv_dtype, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
                     any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log,
-                    parallel=parallel))
+                    parallel=parallel, warmup=warmup))

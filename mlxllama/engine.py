@@ -355,6 +355,29 @@ class Engine:
         """Running sequences whose prompt is not all through the model yet."""
         return sum(s.prefilling for s in self._running)
 
+    def warm_up(self, tokens: int = 3) -> float:
+        """Before start(), as llama-server's warm-up run: one sequence, then two side by side, `tokens` tokens each,
+        on a throwaway engine over this one's model, cache kind, context and speculation, so that what a first
+        request would compile is compiled now (on the numpy backend numba compiles the one-row and the multi-row
+        steps at their first use: 10-20 s each on a new machine, holding the GIL). Nothing reaches this engine's
+        prefix cache, stats or counters. Returns the seconds it took; a failed run is logged, not raised (the same
+        error then answers the requests that meet it)."""
+        start = time.perf_counter()
+        sibling = Engine(self.model, None, max_batch=2, max_queue=2, ctx=self.ctx, make_cache=self.make_cache,
+                         speculate=self.speculate)
+        params = RequestParams(max_tokens=tokens, ignore_eos=True)
+        ids = list(range(1, min(4, self.ctx)))
+        for batch in (1, 2):
+            handles = [sibling.submit(ids, params) for _ in range(batch)]
+            for _ in range(8 * (tokens + 2)):  # a prefill step and a step per token are enough
+                if not sibling.step():
+                    break
+            for ev in (ev for h in handles for ev in h.poll()):
+                if ev.error:
+                    logger.warning("the warm-up run failed: %s", ev.error)
+                    return time.perf_counter() - start
+        return time.perf_counter() - start
+
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="mlxllama-engine", daemon=True)
         self._thread.start()

@@ -315,3 +315,30 @@ def test_logit_bias_and_a_constraint_factory_reach_every_surface(tiny):
     assert forced == [42] * 4
     out = batch_generate(m, tok, PROMPTS[:2], max_tokens=5, constraint=lambda: EvenTokens(m.args.vocab_size, 3))
     assert out.finish_reasons == ["stop", "stop"] and out.generation_tokens == [3, 3]
+
+
+def test_warm_up_runs_one_then_two_sequences_and_leaves_no_trace(tiny, monkeypatch):
+    """Engine.warm_up (serve's, before the first request) decodes one sequence, then two side by side, on a
+    throwaway engine: this engine's stats, counters and prefix cache stay empty, and a request after it is
+    answered as without it."""
+    m, tok = tiny
+    engine = Engine(m, tok, max_batch=4, prefix_cache=PrefixCache(1 << 20))
+    passes = []
+    forward = Engine._forward
+
+    def spy(self, batch, chunks, out_rows):
+        passes.append((self is engine, len(chunks)))
+        return forward(self, batch, chunks, out_rows)
+
+    monkeypatch.setattr(Engine, "_forward", spy)
+    assert engine.warm_up(tokens=3) > 0
+    assert passes and not any(mine for mine, _ in passes)
+    sizes = [n for _, n in passes]
+    assert set(sizes) == {1, 2} and sizes == sorted(sizes)  # the lone sequence's passes, then the pair's
+    assert engine.stats.steps == 0 and engine.stats.prompt_tokens == 0 and engine.stats.completion_tokens == 0
+    assert sum(engine.stats.requests.values()) == 0 and len(engine.prefix_cache) == 0
+    monkeypatch.setattr(Engine, "_forward", forward)
+    h = engine.submit(tok.encode(PROMPTS[0]), RequestParams(max_tokens=8))
+    while engine.step():
+        pass
+    assert "".join(ev.text for ev in h.poll()) == mlxllama.generate(m, tok, PROMPTS[0], max_tokens=8)

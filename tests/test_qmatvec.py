@@ -183,6 +183,25 @@ def test_without_numba_a_notice_and_plain_numpy(monkeypatch, capsys):
     assert capsys.readouterr().err == ""  # once per process
 
 
+
+@needs_numba
+def test_a_first_compile_says_so_once_and_a_cached_run_does_not(tmp_path):
+    """A process whose numba cache holds none of this package's code prints numpy_ops.COMPILE_NOTICE once, as the
+    first of its functions starts compiling; the next process, finding them cached, prints nothing."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mlxllama.backends import numpy_ops; numpy_ops._qmatvec()\n"
+            "from mlxllama.backends.numpy_step import _chunking\n"
+            "assert _chunking(4096)[1] >= 1")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert runs[0].stderr.count(numpy_ops.COMPILE_NOTICE) == 1, runs[0].stderr
+    assert numpy_ops.COMPILE_NOTICE not in runs[1].stderr, runs[1].stderr
+
 def test_weights_mode_by_environment(monkeypatch):
     monkeypatch.setenv("MLXLLAMA_NUMPY_WEIGHTS", "fused")
     want = "fused" if numpy_ops._qmatvec() is not None else "quantized"

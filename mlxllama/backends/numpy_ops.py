@@ -433,7 +433,29 @@ def _qmatvec():
             _QMATVEC_ERROR = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
             _QMATVEC = qmatvec
+            _listen_for_compiles()
     return _QMATVEC
+
+
+COMPILE_NOTICE = ("compiling the CPU kernels for this machine (once: numba caches them), so this first run takes "
+                  "longer")
+
+
+def _listen_for_compiles() -> None:
+    """numba's "numba:compile" event starts only where its cache holds no code for this CPU: at the first of this
+    package's functions to compile, one notice (a first run would otherwise sit silent for 20 s or more)."""
+    from numba.core import event
+
+    class Notice(event.Listener):
+        def on_start(self, ev) -> None:
+            fn = getattr(ev.data.get("dispatcher"), "py_func", None)
+            if getattr(fn, "__module__", "").startswith("mlxllama."):
+                _notice(COMPILE_NOTICE)
+
+        def on_end(self, ev) -> None:
+            pass
+
+    event.register("numba:compile", Notice())
 
 
 def _notice(line: str) -> None:

@@ -78,6 +78,7 @@ class ServeConfig:
     sampling: dict | None = None
     access_log: bool = True
     parallel: str | None = None  # "tensor" or "pipeline": rank 0 serves, the model spread over mlx.launch's ranks
+    warmup: bool = True  # Engine.warm_up before the first request (single-process serving)
     engine_options: dict[str, Any] = field(default_factory=dict)  # more Engine keyword arguments
 
     @property
@@ -571,7 +572,10 @@ def run(config: ServeConfig) -> None:
     try:
         if config.parallel is None:
             model, tokenizer = api.load(path, backend=config.backend, numpy_weights=config.numpy_weights)
-        engine = make_engine(model, tokenizer, config).start()
+        engine = make_engine(model, tokenizer, config)
+        if config.warmup and config.parallel is None:
+            logger.info("warm-up run: %.2f s", engine.warm_up())
+        engine.start()
     except BaseException:
         sock.close()
         _close(model if config.parallel is not None else None)
