@@ -363,6 +363,8 @@ class Engine:
         prefix cache, stats or counters. Returns the seconds it took; a failed run is logged, not raised (the same
         error then answers the requests that meet it)."""
         start = time.perf_counter()
+        if self.ctx < 2:  # no prompt fits with a token after it
+            return 0.0
         sibling = Engine(self.model, None, max_batch=2, max_queue=2, ctx=self.ctx, make_cache=self.make_cache,
                          speculate=self.speculate)
         params = RequestParams(max_tokens=tokens, ignore_eos=True)
