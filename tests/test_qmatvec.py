@@ -183,7 +183,6 @@ def test_without_numba_a_notice_and_plain_numpy(monkeypatch, capsys):
     assert capsys.readouterr().err == ""  # once per process
 
 
-
 @needs_numba
 def test_a_first_compile_says_so_once_and_a_cached_run_does_not(tmp_path):
     """A process whose numba cache holds none of this package's code prints numpy_ops.COMPILE_NOTICE once, as the
@@ -201,6 +200,7 @@ def test_a_first_compile_says_so_once_and_a_cached_run_does_not(tmp_path):
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
     assert runs[0].stderr.count(numpy_ops.COMPILE_NOTICE) == 1, runs[0].stderr
     assert numpy_ops.COMPILE_NOTICE not in runs[1].stderr, runs[1].stderr
+
 
 def test_weights_mode_by_environment(monkeypatch):
     monkeypatch.setenv("MLXLLAMA_NUMPY_WEIGHTS", "fused")

@@ -158,37 +158,8 @@ def _dot_vnni(builder, codes, x, bits):
                  [zero, builder.bitcast(codes, v8), builder.bitcast(x, v8)])
 
 
-def _dot16_generic(builder, codes, x, bits):
-    """<32 x i8> unsigned codes . <32 x i16> signed x -> <8 x i32> partial sums."""
-    v32 = _vec(_I32, 32)
-    m = builder.mul(builder.zext(codes, v32), builder.sext(x, v32))
-    return _quarters(builder, m, 8)
-
-
-def _halves16(builder, codes, x):
-    """Codes widened to int16 and both operands cut in two <16 x i16> halves."""
-    c = builder.zext(codes, _vec(_I16, 32))
-    lo, hi = ir.Constant(_vec(_I32, 16), list(range(16))), ir.Constant(_vec(_I32, 16), list(range(16, 32)))
-    return [(builder.shuffle_vector(c, c, m), builder.shuffle_vector(x, x, m)) for m in (lo, hi)]
-
-
-def _dot16_avx2(builder, codes, x, bits):
-    """Two vpmaddwd (int16 pairs into int32; 8-bit codes fit int16 unchanged)."""
-    parts = [_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [c, v]) for c, v in _halves16(builder, codes, x)]
-    return builder.add(parts[0], parts[1])
-
-
-def _dot16_vnni(builder, codes, x, bits):
-    v8 = _vec(_I32, 8)
-    acc = ir.Constant(v8, None)
-    for c, v in _halves16(builder, codes, x):
-        acc = _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8, [acc, builder.bitcast(c, v8), builder.bitcast(v, v8)])
-    return acc
-
-
-# (path, activation bits) -> the block product
-_DOTS = {("generic", 8): _dot_generic, ("avx2", 8): _dot_avx2, ("vnni", 8): _dot_vnni,
-         ("generic", 16): _dot16_generic, ("avx2", 16): _dot16_avx2, ("vnni", 16): _dot16_vnni}
+# (path, activation bits) -> the block product of int8 inputs (int16 inputs: _dot16_halves, through _pmadd)
+_DOTS = {("generic", 8): _dot_generic, ("avx2", 8): _dot_avx2, ("vnni", 8): _dot_vnni}
 _SIGNED8 = {("avx2", 8)}  # paths that take 8-bit codes as q - 128 (the bias absorbs 128 * scale)
 
 
@@ -319,7 +290,7 @@ def _tile_ir(context, builder, at, args, isa: str, bits: int, R: int):
     """IR for y[yoff + r * ystride], r < R (see _tile)."""
     (w_, woff_, xq_, xoff_, n_, dxs_, r0_, rows_, sc_, bi_, soff_, bfac_, y_, yoff_, ystr_, nblk_, shift_) = args
     act = 16 if at[2].dtype == types.int16 else 8  # activation bits: xq's dtype
-    dot, signed8 = _DOTS[isa, act], bits == 8 and (isa, act) in _SIGNED8
+    dot, signed8 = _DOTS.get((isa, act)), bits == 8 and (isa, act) in _SIGNED8
     unroll = 2 if R == 1 else 1  # independent accumulators: a lone row's blocks do not wait on each other
 
     def base(i, arg, off):
