@@ -317,12 +317,16 @@ def test_logit_bias_and_a_constraint_factory_reach_every_surface(tiny):
     assert out.finish_reasons == ["stop", "stop"] and out.generation_tokens == [3, 3]
 
 
-def test_warm_up_runs_one_then_two_sequences_and_leaves_no_trace(tiny, monkeypatch):
+@pytest.mark.parametrize("speculate", [None, "lookup"])
+def test_warm_up_runs_one_then_two_sequences_and_leaves_no_trace(tiny, monkeypatch, speculate):
     """Engine.warm_up (serve's, before the first request) decodes one sequence, then two side by side, on a
-    throwaway engine: this engine's stats, counters and prefix cache stay empty, and a request after it is
-    answered as without it."""
+    throwaway engine: this engine's stats, speculative counters and prefix cache stay empty, and a request after
+    it is answered as without it."""
+    from mlxllama.speculative import SpeculativeConfig
+
     m, tok = tiny
-    engine = Engine(m, tok, max_batch=4, prefix_cache=PrefixCache(1 << 20))
+    engine = Engine(m, tok, max_batch=4, prefix_cache=PrefixCache(1 << 20),
+                    speculate=SpeculativeConfig(speculate, 4) if speculate else None)
     passes = []
     forward = Engine._forward
 
@@ -337,6 +341,7 @@ def test_warm_up_runs_one_then_two_sequences_and_leaves_no_trace(tiny, monkeypat
     assert set(sizes) == {1, 2} and sizes == sorted(sizes)  # the lone sequence's passes, then the pair's
     assert engine.stats.steps == 0 and engine.stats.prompt_tokens == 0 and engine.stats.completion_tokens == 0
     assert sum(engine.stats.requests.values()) == 0 and len(engine.prefix_cache) == 0
+    assert engine.spec_stats.forwards == 0 and engine.spec_stats.drafted == 0
     monkeypatch.setattr(Engine, "_forward", forward)
     h = engine.submit(tok.encode(PROMPTS[0]), RequestParams(max_tokens=8))
     while engine.step():
