@@ -4,9 +4,9 @@ float16 scales), one thread, per number of input rows.
     python benchmarks/kernels.py                   # the path this CPU uses, int16 and int8 inputs, and BLAS
     python benchmarks/kernels.py --isa generic,avx2 --rows 1,8,32 --reps 5
 
-The cells time PackedLinear as the numpy backend calls it, so a row count runs the tiles it would there: with 4-bit
-weights and int16 inputs, the unit tiles from 2 rows (qmatvec._utile), _tile's tiles for one row and for int8
-inputs.
+The cells time PackedLinear as the numpy backend calls it, so a row count runs the tiles it would there (octets of
+weight rows against tiles of 8, 4, 2 or 1 input rows). "int8" rounds the inputs to llama.cpp's q8 steps (127) and
+runs the same int16 instructions.
 
 For each row count it prints G weights/s (weights read per second: the matrix's size over the time), G multiply-
 adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time), for each kernel path and input

@@ -62,9 +62,9 @@ def isas() -> list[str]:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_kernel_matches_dequantize_matmul(bits, group, isa, act):
-    """Every path, every tile height (8, 4, 2, 1 rows and their mixes, past one 32-row chunk), within the bound of
-    int8 inputs; and every path gives the generic path's numbers up to float32 summation order."""
-    from mlxllama.backends import qmatvec
+    """Every path, every tile height (8, 4, 2, 1 rows and their mixes), any number of output rows (octets padded),
+    within the bound of the input rounding; every path gives the generic path's numbers up to float32 summation
+    order, and spans of output rows split at an octet give the whole product's."""
     from mlxllama.backends.qmatvec import PackedLinear
 
     rng = np.random.default_rng(bits * 1000 + group)
@@ -80,14 +80,17 @@ def test_kernel_matches_dequantize_matmul(bits, group, isa, act):
             y = np.full((n, rows_out), np.nan, np.float32)
             packed.rows(packed.quantize_input(x), y, 0, rows_out)
             want, bound = reference(x, qw, act)
-            main = packed.unit_rows(n)  # rows the unit tiles take: rounded per CHUNK inputs
-            if main:
-                bound[:main] = reference(x[:main], qw, act, qmatvec.CHUNK)[1]
             assert (np.abs(y - want) <= bound).all(), (case, n, np.abs(y - want).max(), bound.min())
             # the paths differ only in float32 summation order, over terms up to 2**bits * scale * |x|
             generic = PackedLinear([qw], "generic", act).matmul(x)
             terms = np.abs(x) @ np.repeat(np.abs(qw.scales.astype(np.float32)) * 2 ** bits, group, axis=1).T
             assert (np.abs(y - generic) <= 1e-5 * terms).all()
+            split = min(rows_out, 8 * int(rng.integers(0, 10)))  # two spans of output rows, split at an octet
+            halves = np.full_like(y, np.nan)
+            xin = packed.quantize_input(x)
+            packed.rows(xin, halves, 0, split)
+            packed.rows(xin, halves, split, rows_out)
+            np.testing.assert_array_equal(halves, y)
 
 
 def test_kernel_path_by_environment(monkeypatch):
@@ -114,7 +117,7 @@ def test_kernel_fuses_parts_and_dequantizes_exactly():
     parts = [random_qw(rng, 48, 128, 32, 4), random_qw(rng, 16, 128, 32, 4, tiny=True), random_qw(rng, 8, 128, 32, 4)]
     packed = PackedLinear(parts)
     assert packed.shape == (128, 72)
-    assert packed.nbytes == sum(p.nbytes for p in parts)
+    assert packed.nbytes == sum(p.nbytes for p in parts)  # 72 rows: whole octets, nothing padded
     assert (parts[1].scales.astype(np.float32) < 6.2e-5).any()  # float16 subnormals
     out = packed.dequantize(0, 72, np.empty((72, 128), np.float32))
     want = np.concatenate([dequantize(as_float32(p), np.float32) for p in parts])

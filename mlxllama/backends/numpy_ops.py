@@ -6,11 +6,11 @@ The embedding table is stored the same way, [hidden, vocab]: the tied output hea
 embedding is one of its columns.
 
 Weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
-  "fused"      4-bit and 8-bit weights stay as stored (MLX's packed words, scales and biases: the file's
-               bytes), read by the int8 kernel of qmatvec.py (numba, the `fast-cpu` extra) for products of up
-               to numpy_kernels.FUSED_ROWS rows, in tiles of rows sharing each decoded weight block; longer ones
-               dequantize a block of rows at a time for BLAS. The fastest decode; inputs are rounded to int8 per
-               block of 32, as llama.cpp's q8 blocks (see qmatvec for the error).
+  "fused"      4-bit and 8-bit weights stay as stored (MLX's codes, scales and biases: the file's bytes, with
+               each eight output rows laid side by side), read by the integer kernel of qmatvec.py (numba, the
+               `fast-cpu` extra) for products of up to numpy_kernels.FUSED_ROWS rows, in tiles of rows sharing
+               each decoded code vector; longer ones dequantize a block of rows at a time for BLAS. The fastest
+               decode; inputs are rounded to int16 per block of 32 (see qmatvec for the error).
   "float32"    quantized weights are dequantized once at load: 4 bytes per weight; the fastest prefill.
   "quantized"  plain numpy: codes kept (4-bit: two per byte) with float32 scales and biases, widened into a
                cache-sized scratch buffer a block at a time, per use: about a fifth of float32's memory,
@@ -160,15 +160,16 @@ class NumpyOps:
 
     def prepared_nbytes(self, w) -> int:
         """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "fused" mode
-        (and "auto" where numba imports) 4/8-bit tensors as stored, less the biases the kernel forms from the
-        scales (qmatvec.drops_biases); in "quantized" mode codes (4-bit two per byte, others one per byte) with
+        (and "auto" where numba imports) 4/8-bit tensors as stored (rows padded to whole octets), less the
+        biases the kernel forms from the scales (qmatvec.drops_biases); in "quantized" mode codes (4-bit two per byte, others one per byte) with
         float32 scales and biases; a weight type that prepares itself, its nbytes."""
         if _custom(w):
             return int(w.numpy_nbytes() if hasattr(w, "numpy_nbytes") else w.nbytes)
         fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)
         if isinstance(w, QuantizedWeight) and fused and w.bits in _qmatvec().BITS:
-            biases = 0 if _qmatvec().drops_biases([w]) else w.scales.nbytes
-            return int(w.weight.nbytes + w.scales.nbytes + biases)
+            q = _qmatvec()
+            per_row = (w.weight.nbytes + w.scales.nbytes * (1 if q.drops_biases([w]) else 2)) / w.weight.shape[0]
+            return int(per_row * q.padded_rows(w.weight.shape[0]))
         if isinstance(w, QuantizedWeight) and (self.weights_mode == "quantized" or fused):
             rows, cols = w.shape
             code = 0.5 if w.bits == 4 and cols % 2 == 0 else 1

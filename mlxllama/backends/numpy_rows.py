@@ -6,8 +6,7 @@ A sequence's rows sit at positions offset, offset + 1, ... of its cache (causal 
 honoured). The phases are the single-token program's (per layer: qkv, the K/V heads, o, gate_up, down; then the
 head), claimed and counted through atomic counters the same way, each product in two phases:
 - its input, a unit per row: the row formed (norm, SiLU gate) and rounded as PackedLinear.quantize_input rounds
-  it among T rows (the first unit_rows(T) rows for the unit tiles, the rest for _tile's), into shared buffers, so
-  a row's numbers are the op-by-op path's and no thread rounds every row;
+  it, into shared buffers, so a row's numbers are the op-by-op path's and no thread rounds every row;
 - the product, a unit per chunk of output rows, every input row passing over a chunk while its weights are in
   cache;
 - attention takes two phases: the keys (units: (sequence, K/V head) pairs), every row's key and value written at
@@ -26,9 +25,9 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking, _claim,
-                         _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight, kv_addresses)
+                         _LIM, _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight, kv_addresses)
 from .numpy_threads import ThreadChoice
-from .qmatvec import _rows, _urows, quantize_input, quantize_units, unit_order
+from .qmatvec import _rows, quantize_input
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ ROW_PHASES = 10  # per layer: qkv's input and product, the keys, the queries, th
 # product
 QUERY_ROWS = 2  # rows of a sequence per query unit: one sequence's verification rows spread over the threads
 # bufs: the rounded inputs (shared, flat), the shared activations, then the attention scratch (per thread)
-_XF, _XQU, _DXU, _XQT, _DXT, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(13)
+_XF, _XQ, _DX, _H_ROWS, _QKV_OUT, _ATTN, _Y, _GU, _LOGITS, _ZEROS, _ATT_SCRATCH = range(11)
 
 
 @njit(cache=True, nogil=True)
@@ -62,45 +61,22 @@ def _norm_row(h, rows, k, w, eps, out):
 
 
 @njit(cache=True, nogil=True)
-def _views(n, T, bits, main, bufs):
-    """The shared buffers for T rounded input rows of width n, as PackedLinear.input_buffers shapes them: rows
-    :main for the unit tiles (xq [n / unit, main, unit], dxs [2, n / 32, main]), the rest for _tile's (xq
-    [T - main, n], dxs [2, n / 32, T - main])."""
-    U, nb = 256 // bits, n // 32
-    return (bufs[_XQU][: (n // U) * main * U].reshape((n // U, main, U)),
-            bufs[_DXU][: 2 * nb * main].reshape((2, nb, main)), bufs[_XQT][: (T - main) * n].reshape((T - main, n)),
-            bufs[_DXT][: 2 * nb * (T - main)].reshape((2, nb, T - main)))
-
-
-@njit(cache=True, nogil=True)
-def _round_row(x, k, bits, orders, xin):
-    """Row k of x [T, n] rounded into xin (_views') as PackedLinear.quantize_input rounds it among T rows."""
-    xqu, dxu, xqt, dxt = xin
-    main = xqu.shape[1]
-    if k < main:
-        order = orders[0] if bits == 4 else orders[1, :32]
-        quantize_units(x[k: k + 1], bits, np.float32(32767), order, xqu[:, k: k + 1], dxu[:, :, k: k + 1])
-        return
-    lim = np.float32(32767) if xqt.itemsize == 2 else np.float32(127)
-    r = k - main
-    quantize_input(x[k: k + 1], bits, lim, xqt[r: r + 1], dxt[:, :, r: r + 1])
+def _views(n, T, bufs):
+    """The shared buffers for T rounded input rows of width n, as PackedLinear.input_buffers shapes them: xq
+    [T, n], dxs [2, n / 32, T]."""
+    return bufs[_XQ][: T * n].reshape((T, n)), bufs[_DX][: 2 * (n // 32) * T].reshape((2, n // 32, T))
 
 
 @njit(cache=True, nogil=True)
 def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j, c):
     """y[:T, rows] = linear i's rows of chunk c and every further chunk this thread claims, for the rounded T
     input rows xin (_views'); with residual, also h[:T, rows] += y + bias."""
-    xqu, dxu, xqt, dxt = xin
-    main = xqu.shape[1]
     n_out = y.shape[1]
     chunk, n = _chunking(n_out)
     w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        if main:
-            _urows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xqu, dxu, y, o0, o1)
-        if main < T:
-            _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xqt, dxt, y[main:], o0, o1)
+        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xin[0], xin[1], y, o0, o1)
         if residual:
             for r in range(T):
                 for o in range(o0, o1):
@@ -110,7 +86,7 @@ def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j
 
 
 @njit(cache=True, nogil=True)
-def _form(sync, j, kind, src, rows, w, eps, x, bits, orders, xin):
+def _form(sync, j, kind, src, rows, w, eps, x, lim, xin):
     """Phase j, a unit per row: row k of a product's input into x[k] (NORM of src[rows[k]] times w; GATE:
     silu(gate) * up of src [T, 2F]; AS_IS: x is src), rounded into xin."""
     T, F = rows.shape[0], x.shape[1]
@@ -120,19 +96,18 @@ def _form(sync, j, kind, src, rows, w, eps, x, bits, orders, xin):
             _norm_row(src, rows, k, w, eps, x)
         elif kind == GATE:
             _silu_gate(src[k, :F], src[k, F:], x[k])
-        _round_row(x, k, bits, orders, xin)
+        quantize_input(x[k: k + 1], np.float32(lim), xin[0][k: k + 1], xin[1][:, :, k: k + 1])
         _done(sync, j)
         k = _claim(sync, j)
     _wait(sync, j, T)
 
 
 @njit(cache=True, nogil=True)
-def _linear(sync, j, i, kind, src, rows, nw, eps, x, mains, orders, tag, W, stag, meta, bfac, y, h, bias,
-            residual, bufs):
+def _linear(sync, j, i, kind, src, rows, nw, eps, x, tag, W, stag, meta, bfac, y, h, bias, residual, bufs):
     """Phases j (the input rows formed and rounded, _form) and j + 1 (linear i's chunks of output rows)."""
     T = rows.shape[0]
-    xin = _views(x.shape[1], T, meta[i, 0], mains[i], bufs)
-    _form(sync, j, kind, src, rows, nw, eps, x, meta[i, 0], orders, xin)
+    xin = _views(x.shape[1], T, bufs)
+    _form(sync, j, kind, src, rows, nw, eps, x, meta[i, _LIM], xin)
     _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1))
     _wait(sync, j + 1, _chunking(y.shape[1])[1])
 
@@ -178,7 +153,7 @@ def _heads(tid, sync, j, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, 
 
 
 @njit(cache=True, nogil=True)
-def _layer(tid, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+def _layer(tid, sync, l, seqs, every, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
            qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
     """Layer l's phases over the T rows (every: 0..T - 1): each product's input formed, then the product; the keys
     and the queries (_heads) after qkv."""
@@ -186,36 +161,35 @@ def _layer(tid, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K
     h, qkv, attn, y, gu, zeros = (bufs[_H_ROWS], bufs[_QKV_OUT], bufs[_ATTN], bufs[_Y], bufs[_GU], bufs[_ZEROS])
     i, j, D, F = 4 * l, ROW_PHASES * l, h.shape[1], gu.shape[1] // 2
     x, xf = bufs[_XF][: T * D].reshape((T, D)), bufs[_XF][: T * F].reshape((T, F))
-    _linear(sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, mains, orders, tag, W, stag, meta, bfac,
+    _linear(sync, j, i + QKV, NORM, h, every, norms[2 * l], eps, x, tag, W, stag, meta, bfac,
             qkv, h, zeros, False, bufs)
     _heads(tid, sync, j + 2, l, seqs, K, V, cos, sin, qkv_bias, qk_norm, dims, eps, scale, bufs)
-    _linear(sync, j + 4, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], mains, orders, tag, W, stag,
+    _linear(sync, j + 4, i + O, AS_IS, attn[:T], every, zeros, eps, attn[:T], tag, W, stag,
             meta, bfac, y, h, o_bias[l], True, bufs)
-    _linear(sync, j + 6, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, mains, orders, tag, W, stag,
+    _linear(sync, j + 6, i + GATE_UP, NORM, h, every, norms[2 * l + 1], eps, x, tag, W, stag,
             meta, bfac, gu, h, zeros, False, bufs)
-    _linear(sync, j + 8, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, mains, orders, tag, W, stag, meta,
+    _linear(sync, j + 8, i + DOWN, GATE, gu[:T], every, zeros, eps, xf, tag, W, stag, meta,
             bfac, y, h, zeros, True, bufs)
 
 
 @njit(cache=True, nogil=True)
-def rows_step(tid, nthr, sync, seqs, want, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+def rows_step(tid, nthr, sync, seqs, want, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
               qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs):
     """A step of T rows for thread tid of nthr, from the rows' embeddings in bufs[_H_ROWS]: every layer, then the
     final norm and the head (linear 4 * layers) of rows `want` into bufs[_LOGITS] (no head where want is empty).
     seqs [S, 4]: each sequence's first row, rows, cache offset and capacity; K, V [S, layers]: the addresses of
-    its cache's buffers; mains [linears]: each linear's unit-tile rows (the head's: of the wanted rows). sync:
-    int64 zeros [2 * (ROW_PHASES * layers + 2) * PAD]."""
+    its cache's buffers. sync: int64 zeros [2 * (ROW_PHASES * layers + 2) * PAD]."""
     T = seqs[-1, _START] + seqs[-1, _COUNT]
     every = np.arange(T)
     L = dims[0]
     for l in range(L):
-        _layer(tid, sync, l, seqs, every, mains, orders, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
+        _layer(tid, sync, l, seqs, every, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
                qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)
     if want.shape[0] == 0:
         return
     h, D = bufs[_H_ROWS], bufs[_H_ROWS].shape[1]
     x = bufs[_XF][: want.shape[0] * D].reshape((want.shape[0], D))
-    _linear(sync, ROW_PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, mains, orders, tag, W, stag, meta,
+    _linear(sync, ROW_PHASES * L, 4 * L, NORM, h, want, norms[2 * L], eps, x, tag, W, stag, meta,
             bfac, bufs[_LOGITS], h, bufs[_ZEROS], False, bufs)
 
 
@@ -229,11 +203,7 @@ class RowsProgram:
         self.D, self.H, self.KV, self.Dh, self.F = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
                                                     a.head_dim, a.intermediate_size)
         self.vocab = p.lins[-1].shape[1]
-        self.xdtype = p.lins[0].input_buffers(1)[-2].dtype
-        self.orders = np.zeros((2, 64), np.int64)
-        self.orders[0], self.orders[1, :32] = unit_order(4), unit_order(8)
         self._addresses = weakref.WeakKeyDictionary()  # cache -> (its first key buffer, K row, V row, buffers)
-        self._mains: dict[tuple[int, int], np.ndarray] = {}
         self._choices: dict[tuple, ThreadChoice] = {}  # (rows' bit length, thread options) -> timed choice
         self.rows = self.cap = 0
         self.bufs = None
@@ -271,19 +241,9 @@ class RowsProgram:
         rep, width = H // KV, max(D, H * Dh, F)
         scratch = (np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, rep * self.cap), f32))
         self.bufs = (np.zeros(T * width, f32), np.zeros(T * width, np.int16), np.zeros(2 * (width // 32) * T, f32),
-                     np.zeros(T * width, self.xdtype), np.zeros(2 * (width // 32) * T, f32),
                      np.zeros((T, D), f32), np.zeros((T, (H + 2 * KV) * Dh), f32), np.zeros((T, H * Dh), f32),
                      np.zeros((T, D), f32), np.zeros((T, 2 * F), f32), np.zeros((T, self.vocab), f32),
                      np.zeros(D, f32), scratch)
-
-    def _unit_rows(self, rows: int, wanted: int) -> np.ndarray:
-        """Each linear's unit-tile rows for `rows` rows (the head's for the `wanted` rows)."""
-        key = (rows, wanted)
-        if key not in self._mains:
-            lins = self.program.lins
-            self._mains[key] = np.array([w.unit_rows(rows) for w in lins[:-1]] + [lins[-1].unit_rows(wanted)],
-                                        np.int64)
-        return self._mains[key]
 
     def __call__(self, chunks: list, caches: list, rows: list[int]):
         """Logits [sum(rows), vocab] of each chunk's last rows[i] positions ([0, vocab] where every rows[i] is 0),
@@ -322,7 +282,7 @@ class RowsProgram:
         with ops.forward_scope(T):
             self.bufs[_H_ROWS][:T] = ops.embedding(p.model.embed, tokens).reshape(T, -1)
             K, V = np.stack([r[0] for r in kv]), np.stack([r[1] for r in kv])
-            args = (seqs, want, self._unit_rows(T, len(want)), self.orders, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
+            args = (seqs, want, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
             choice = self._thread_choice(T)

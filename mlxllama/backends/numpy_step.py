@@ -20,7 +20,7 @@ caller's thread is thread 0; the others are handed the step once per token (a la
 step, before the counters are reset).
 
 What it takes (decided once at load, DecodeProgram.build returns None otherwise): every projection and the output
-head a qmatvec.PackedLinear, all with one kernel path, input width and scales dtype; one process (no vocabulary
+head a qmatvec.PackedLinear, all with one kernel path, input rounding and scales dtype; one process (no vocabulary
 split). Anything else (float32 or "quantized" weight modes, GGUF K-quant blocks) steps op by op. What it takes per
 step (the call returns None otherwise, and the caller runs the op-by-op path): batch 1, one token, a plain float
 KVCache with room for the token (float32, or float16 where its conversion is native: numpy_attend; not a quantized
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SPIN = 4000  # checks (each with a pause) before a waiting thread starts yielding its core
 CHUNK = 32  # output rows claimed at a time are a multiple of this
+_LIM = 5  # meta's column of the inputs' rounding limit (bits, group, rows, code bytes a row, scales a row, limit)
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
 PHASES = 5  # per layer: qkv, K/V heads (cache write and attention), o, gate_up, down
 PAD = 8  # int64s per counter: each on its own 64-byte cache line (a spinning thread does not slow the claims)
@@ -161,7 +162,7 @@ def _chunking(n_out):
 @njit(inline="always")
 def _weight(W, stag, meta, i):
     """Linear i's codes, scales and biases as arrays over the addresses W holds (meta: bits, group, rows, code
-    bytes a row, scales a row)."""
+    bytes a row, scales a row, the input limit)."""
     return (carray(pointer(W[i, 0], _U8), (meta[i, 2], meta[i, 3])),
             carray(pointer(W[i, 1], stag), (meta[i, 2], meta[i, 4])),
             carray(pointer(W[i, 2], stag), (meta[i, 2], meta[i, 4])))
@@ -185,10 +186,9 @@ def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j,
 
 
 @njit(cache=True, nogil=True)
-def _quantize(x, bits, xq, dxs):
-    """x [1, n] rounded for a product of `bits`-bit weights (int16 or int8 xq: the limit by its dtype)."""
-    lim = np.float32(32767) if xq.itemsize == 2 else np.float32(127)
-    quantize_input(x, bits, lim, xq, dxs)
+def _quantize(x, lim, xq, dxs):
+    """x [1, n] rounded for a product whose inputs are rounded to |xq| <= lim (meta's last column)."""
+    quantize_input(x, np.float32(lim), xq, dxs)
 
 
 @njit(cache=True, nogil=True)
@@ -384,7 +384,7 @@ def _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin
     c = _claim(sync, j)
     if c < _chunking(qkv.shape[1])[1]:  # h holds still until this phase is done: round it now
         _rms_norm(h, norms[2 * l], eps, xD[0])
-        _quantize(xD, meta[i + QKV, 0], xqD, dxsD)
+        _quantize(xD, meta[i + QKV, _LIM], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c)
     _wait(sync, j, _chunking(qkv.shape[1])[1])
     g = _claim(sync, j + 1)
@@ -396,7 +396,7 @@ def _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin
     c = _claim(sync, j + 2)
     if c < _chunking(y.shape[1])[1]:
         xO[0, :] = attn[0]
-        _quantize(xO, meta[i + O, 0], xqO, dxsO)
+        _quantize(xO, meta[i + O, _LIM], xqO, dxsO)
         _chunks(tag, W, stag, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c)
     _wait(sync, j + 2, _chunking(y.shape[1])[1])
 
@@ -410,13 +410,13 @@ def _mlp_block(tid, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, bufs):
     c = _claim(sync, j)
     if c < _chunking(gu.shape[1])[1]:
         _rms_norm(h, norms[2 * l + 1], eps, xD[0])
-        _quantize(xD, meta[i + GATE_UP, 0], xqD, dxsD)
+        _quantize(xD, meta[i + GATE_UP, _LIM], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c)
     _wait(sync, j, _chunking(gu.shape[1])[1])
     c = _claim(sync, j + 1)
     if c < _chunking(y.shape[1])[1]:
         _silu_gate(gu[0, :F], gu[0, F:], xF[0])
-        _quantize(xF, meta[i + DOWN, 0], xqF, dxsF)
+        _quantize(xF, meta[i + DOWN, _LIM], xqF, dxsF)
         _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c)
     _wait(sync, j + 1, _chunking(y.shape[1])[1])
 
@@ -442,7 +442,7 @@ def step(tid, nthr, sync, pos, tag, W, stag, meta, bfac, K, V, cap, cos, sin, no
     c = _claim(sync, j)
     if c < _chunking(logits.shape[1])[1]:
         _rms_norm(h, norms[2 * L], eps, xD[0])
-        _quantize(xD, meta[4 * L, 0], xqD, dxsD)
+        _quantize(xD, meta[4 * L, _LIM], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c)
     _wait(sync, j, _chunking(logits.shape[1])[1])
 
@@ -454,11 +454,11 @@ def enabled() -> bool:
 
 def _linears(model) -> list | None:
     """The products in program order (4 per layer, then the head), or None where one is not a PackedLinear or
-    they differ in kernel path, input width or scales dtype."""
+    they differ in kernel path, input rounding or scales dtype."""
     lins = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.lm_head]
     if not all(isinstance(w, PackedLinear) for w in lins):
         return None
-    if len({(w._tag.dtype, w._xdtype, w.scales.dtype) for w in lins}) != 1:
+    if len({(w._tag.dtype, w.lim, w.scales.dtype) for w in lins}) != 1:
         return None
     return lins
 
@@ -510,8 +510,8 @@ class DecodeProgram:
         self._held = [(w.bytes, w.scales, w.scales if w.biases is None else w.biases) for w in lins]
         self.W = np.array([[_address(a) for a in held] for held in self._held], np.int64)
         self.stag = np.empty(0, lins[0].scales.dtype)
-        self.meta = np.array([[w.bits, w.group_size, w.bytes.shape[0], w.bytes.shape[1], w.scales.shape[1]]
-                              for w in lins], np.int64)
+        self.meta = np.array([[w.bits, w.group_size, w.bytes.shape[0], w.bytes.shape[1], w.scales.shape[1],
+                               int(w.lim)] for w in lins], np.int64)
         self.bfac = np.array([w.bias_factor for w in lins], np.float32)
         layers = model.layers
         self.norms = _stacked([n for y in layers for n in (y.attn_norm, y.mlp_norm)] + [model.norm], (D,))
