@@ -10,9 +10,9 @@ runs the same int16 instructions.
 
 For each row count it prints G weights/s (weights read per second: the matrix's size over the time), G multiply-
 adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time), for each kernel path and input
-width, and for "blas": a block of weight rows dequantized to float32 at a time and multiplied by numpy's sgemm
-(one thread), the numpy backend's other way for many rows. The row count where blas passes the tiles is the
-crossover numpy_kernels.FUSED_ROWS is set from. Each cell is the best of --reps runs, the cells interleaved (A B A
+width, and for "blas": numpy's float32 sgemm on the weights dequantized once beforehand (not timed), the ceiling of
+any dequantize-and-BLAS way, which the numpy backend took for long prefills before the octet tiles passed it at every
+row count (numpy_kernels.fused_matmul). Each cell is the best of --reps runs, the cells interleaved (A B A
 B) so that a shared machine's load hits each alike; compare cells of one run only. Times are the calling thread's
 CPU time (everything runs on it), so that on a shared machine the slices other processes take are not counted
 (--wall for the wall clock). The machine's lscpu model and
@@ -65,12 +65,10 @@ def timer(name: str, packed, rows: int):
     x = rng.standard_normal((rows, N)).astype(np.float32)
     y = np.empty((rows, N), np.float32)
     if name == "blas":
-        step = 512
-        buf = np.empty((step, N), np.float32)
+        weights = packed.dequantize(0, N, np.empty((N, N), np.float32))
 
         def run():
-            for o in range(0, N, step):
-                np.matmul(x, packed.dequantize(o, o + step, buf).T, out=y[:, o:o + step])
+            np.matmul(x, weights.T, out=y)
     else:
         bufs = packed.input_buffers(rows)
 
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--act", default="16,8", help="input widths, bits (16, 8)")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="row counts")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-blas", dest="blas", action="store_false", help="skip the dequantize + BLAS cells")
+    ap.add_argument("--no-blas", dest="blas", action="store_false", help="skip the sgemm cells")
     ap.add_argument("--wall", action="store_true", help="time by the wall clock instead of this thread's CPU time")
     args = ap.parse_args(argv)
     clock = time.perf_counter if args.wall else time.thread_time

@@ -11,11 +11,6 @@ from .numpy_threads import Workers, column_blocks, spans
 PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
 QUANT_BLOCK = 1 << 20  # weights dequantized at a time for BLAS (4 MB of float32; 8 MB was no faster on pp512)
-# "fused" mode: products of at most this many rows run the integer tiles, longer ones dequantized blocks and BLAS.
-# Measured crossover (benchmarks/kernels.py, 4096 x 4096 4-bit, one thread, AMD EPYC Zen 2, AVX2), with the unit
-# tiles: at 32 rows the tiles make 28.9-30.4 G multiply-adds/s against BLAS's 26.7-27.0, at 64 rows 27.0-29.5
-# against 32.4-35.2.
-FUSED_ROWS = 32
 FUSED_SPLIT = 1 << 21  # "fused" mode: products of at least this many multiply-adds (~100 us) are shared
 
 
@@ -79,32 +74,20 @@ def quantized_matmul(workers: Workers, x2: np.ndarray, w: QLinear, step_workers:
 
 
 def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.ndarray:
-    """x2 @ w for a qmatvec.PackedLinear: up to FUSED_ROWS rows, the integer tiles over spans of output columns (the
-    input rounded once, every span reading it); above, a block of weight rows at a time dequantized into a
-    scratch buffer and multiplied by BLAS."""
+    """x2 @ w for a qmatvec.PackedLinear: the integer tiles for any number of rows, over spans of output columns
+    (the input rounded once, every span reading it). Long prefills take them too: on one Zen 4 core (4096 x 4096
+    4-bit) they make 79-85 G multiply-adds/s from 4 rows to 128, where numpy's float32 sgemm alone makes
+    24-50 (32 to 512 rows), before any dequantizing (benchmarks/README.md)."""
     n_in, n_out = w.shape
     rows = x2.shape[0]
-    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    # a step's thread count is timed; products too small to share stay on this thread (handoffs cost)
+    nworkers = step_workers if rows == 1 else workers.threads
+    if nworkers == 1 or rows * n_in * n_out < FUSED_SPLIT:
+        return w.matmul(x2)  # one compiled call
     out = np.empty((rows, n_out), np.float32)
-    if rows <= FUSED_ROWS:
-        # a step's thread count is timed; products too small to share stay on this thread (handoffs cost)
-        nworkers = step_workers if rows == 1 else workers.threads
-        if nworkers == 1 or rows * n_in * n_out < FUSED_SPLIT:
-            return w.matmul(x2)  # one compiled call
-        xin = w.quantize_input(x2)
-        parts = spans(n_out, (8 if rows == 1 else 4) * nworkers)
-        workers.share(lambda c: w.rows(xin, out, c.start, c.stop), parts, nworkers)
-        return out
-    step = max(64, QUANT_BLOCK // n_in // 64 * 64)  # weight rows dequantized at a time
-
-    def span(c: slice):
-        scratch = workers.scratch(step * n_in)
-        for o in range(c.start, c.stop, step):
-            e = min(o + step, c.stop)
-            block = w.dequantize(o, e, scratch[: (e - o) * n_in].reshape(e - o, n_in))
-            np.matmul(x2, block.T, out=out[:, o:e])
-
-    workers.run(span, spans(n_out, 4 * workers.threads))
+    xin = w.quantize_input(np.ascontiguousarray(x2, dtype=np.float32))
+    parts = spans(n_out, (8 if rows == 1 else 4) * nworkers)
+    workers.share(lambda c: w.rows(xin, out, c.start, c.stop), parts, nworkers)
     return out
 
 

@@ -8,9 +8,9 @@ embedding is one of its columns.
 Weight modes (NumpyOps(weights=...), or MLXLLAMA_NUMPY_WEIGHTS):
   "fused"      4-bit and 8-bit weights stay as stored (MLX's codes, scales and biases: the file's bytes, with
                each eight output rows laid side by side), read by the integer kernel of qmatvec.py (numba, the
-               `fast-cpu` extra) for products of up to numpy_kernels.FUSED_ROWS rows, in tiles of rows sharing
-               each decoded code vector; longer ones dequantize a block of rows at a time for BLAS. The fastest
-               decode; inputs are rounded to int16 per block of 32 (see qmatvec for the error).
+               `fast-cpu` extra) for products of any number of rows, in tiles of rows sharing each decoded
+               code vector: the fastest decode and prefill; inputs are rounded to int16 per block of 32 (see
+               qmatvec for the error).
   "float32"    quantized weights are dequantized once at load: 4 bytes per weight; the fastest prefill.
   "quantized"  plain numpy: codes kept (4-bit: two per byte) with float32 scales and biases, widened into a
                cache-sized scratch buffer a block at a time, per use: about a fifth of float32's memory,

@@ -32,8 +32,7 @@ from .qmatvec import _rows, quantize_input
 logger = logging.getLogger(__name__)
 
 # A batch's decode rows with a joining prompt's chunk (8 + 32) stay in one call; longer steps (prompt chunks) run op
-# by op, on BLAS. At 33-64 rows the tiles are ~15% behind BLAS (numpy_kernels.FUSED_ROWS) but the step has no
-# per-operation overhead: serve_load's 8 streams 2.01x one against 1.82x with 32 here (same run).
+# by op, on the same tiles: serve_load's 8 streams 2.01x one against 1.82x with 32 here (same run).
 MAX_ROWS = 64
 _START, _COUNT, _OFFSET, _CAP = range(4)  # seqs' columns: first row, rows, cache offset, cache capacity
 NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows

@@ -38,8 +38,8 @@ transformers reference; with 127 steps by up to 7e-2 (activation outliers: a blo
 mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That is why
 int16 is the default; both cost the same instructions here.
 
-Many rows (long prefill) may use float32 products instead: a block of output rows is dequantized (dequantize_rows,
-the exact float32 weights) into a cache-sized buffer and multiplied by BLAS; numpy_kernels picks by row count.
+Long prefills take the same tiles: on this kernel they beat dequantized blocks and BLAS at every row count measured
+(numpy_kernels.fused_matmul). dequantize_rows gives the exact float32 weights (embedding rows, tests).
 """
 
 from __future__ import annotations
@@ -509,7 +509,7 @@ class PackedLinear:
         self.act = act or activation_bits()
         self._tag = np.empty(0, _TAGS[self.isa])
         self.lim = np.float32(127 if self.act == 8 else 32767)
-        self._buffers: dict[tuple[int, int], tuple] = {}  # (thread, rows) -> matmul's input buffers
+        self._buffers: dict[int, tuple] = {}  # thread -> matmul's input buffers (flat, grown to the most rows)
         out = sum(p.weight.shape[0] for p in parts)
         self.shape = (p0.shape[1], out)
         self.words = np.zeros((padded_rows(out), p0.weight.shape[1] * 2), np.uint16)
@@ -567,14 +567,15 @@ class PackedLinear:
 
     def matmul(self, x2: np.ndarray) -> np.ndarray:
         """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in buffers
-        kept per thread and row count."""
-        rows = x2.shape[0]
-        key = (threading.get_ident(), rows)
-        bufs = self._buffers.get(key)
-        if bufs is None:
-            bufs = self._buffers[key] = self.input_buffers(rows)
+        kept per thread (grown to the most rows it has seen)."""
+        rows, n = x2.shape[0], self.shape[0]
+        key = threading.get_ident()
+        flat = self._buffers.get(key)
+        if flat is None or flat[0].size < rows * n:
+            flat = self._buffers[key] = tuple(b.reshape(-1) for b in self.input_buffers(rows))
+        xq, dxs = flat[0][: rows * n].reshape(rows, n), flat[1][: 2 * (n // _BLOCK) * rows].reshape(2, -1, rows)
         out = np.empty((rows, self.shape[1]), np.float32)
-        _product(self._tag, np.ascontiguousarray(x2, dtype=np.float32), self.lim, *self._args(), *bufs, out)
+        _product(self._tag, np.ascontiguousarray(x2, dtype=np.float32), self.lim, *self._args(), xq, dxs, out)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
