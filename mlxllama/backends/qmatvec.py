@@ -64,7 +64,7 @@ TILES = (8, 4, 2, 1)  # input rows sharing each decoded code vector
 OCTET = 8  # output rows laid side by side
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
 _OUT_TILES = 8  # octets (~300 KB at 4096 inputs, 4 bits) kept in cache while every tile of input rows passes
-_CHAINS = 8  # independent int32 sums a block keeps over a tile's rows (one row: 8 chains of its pair products)
+_CHAINS = 4  # independent int32 sums a block keeps over a tile's rows (one row: 4 chains of its pair products)
 
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -267,11 +267,18 @@ def _dp(builder, isa: str, acc, codes, x):
         return _call(builder, "llvm.x86.avx512.vpdpwssd.256", v8,
                      [acc, builder.bitcast(codes, v8), builder.bitcast(x, v8)])
     if isa == "avx2":
-        return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [codes, x]))
+        return _kept(builder, builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [codes, x])))
     m = builder.mul(builder.sext(codes, _vec(_I32, 16)), builder.sext(x, _vec(_I32, 16)))
     even = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(0, 16, 2))))
     odd = builder.shuffle_vector(m, m, ir.Constant(v8, list(range(1, 16, 2))))
     return builder.add(acc, builder.add(even, odd))
+
+
+def _kept(builder, v):
+    """v through an empty inline asm: the same register, opaque to LLVM. Without it LLVM regroups a block's integer
+    adds, forms every product first and, with 16 vector registers (AVX2 without AVX-512), spills them to the stack
+    and adds them up afterwards."""
+    return builder.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0"), [v])
 
 
 class _Octet(NamedTuple):
