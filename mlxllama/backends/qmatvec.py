@@ -18,13 +18,13 @@ k's sum: no horizontal sums. A block's eight sums are scaled (the octet's scales
 its bias terms added in another, and each input row's eight results are stored together. R input rows (a tile: 8,
 4, 2 or 1) share every decoded code vector, so a batch reads and decodes the weights once per tile of rows, and a
 lone row (batch-1 decode) runs the same loop with its sums split over independent accumulators.
-(SmolLM2's 1536 x 576, one Zen 4 core, 8 rows: 63 -> 89 G multiply-adds/s against the row-major layout's pairwise
-sums; 4096 x 4096: 41 -> 78; one row 23-33 -> 36; benchmarks/README.md.)
+(One Zen 4 core, weights in cache, against the row-major layout's per-row pairwise sums: SmolLM2's 1536 x 576, 8
+rows, 63 -> 90 G multiply-adds/s; 4096 x 4096, 8 rows, 41 -> 79; one row 23-33 -> 46-48; benchmarks/README.md.)
 
 The multiply-add is LLVM IR written per instruction set, chosen at run time from the CPU's features (llvmlite's host
 features), never at install:
   "vnni"     AVX-512 VNNI or AVX-VNNI: vpdpwssd, the pair products added into the sums in one instruction.
-  "avx2"     vpmaddwd, then an add.
+  "avx2"     vpmaddwd, then an add (kept in order: _kept).
   "generic"  plain vector IR (products widened to int32) that any CPU's LLVM backend compiles.
 MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has, and a
 path is used only after it computed a small product close to numpy's (kernel_isa). Each path is its own signature of
