@@ -124,6 +124,17 @@ def test_kernel_fuses_parts_and_dequantizes_exactly():
     np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
     sym = PackedLinear([random_qw(rng, 24, 64, 32, 8, symmetric=True)])
     assert sym.biases is None and sym.nbytes == sym.words.nbytes + sym.scales.nbytes
+    # parts that start and end inside an octet (13 + 6 + 9 rows: 28, held as 32), 8-bit and 4-bit
+    for bits in (8, 4):
+        odd = [random_qw(rng, rows, 64, 32, bits) for rows in (13, 6, 9)]
+        packed = PackedLinear(odd)
+        assert packed.shape == (64, 28) and packed.words.shape[0] == 32
+        want = np.concatenate([dequantize(as_float32(p), np.float32) for p in odd])
+        for o0, o1 in ((0, 28), (5, 21), (27, 28)):
+            got = packed.dequantize(o0, o1, np.empty((o1 - o0, 64), np.float32))
+            np.testing.assert_array_equal(got.view(np.uint32), want[o0:o1].view(np.uint32))
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        np.testing.assert_allclose(packed.matmul(x), x @ want.T, rtol=0, atol=1e-3 * np.abs(x @ want.T).max())
 
 
 @needs_numba
