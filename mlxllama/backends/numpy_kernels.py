@@ -76,8 +76,8 @@ def quantized_matmul(workers: Workers, x2: np.ndarray, w: QLinear, step_workers:
 def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.ndarray:
     """x2 @ w for a qmatvec.PackedLinear: the integer tiles for any number of rows, over spans of output columns
     (the input rounded once, every span reading it). Long prefills take them too: on one Zen 4 core (4096 x 4096
-    4-bit) they make 79-85 G multiply-adds/s from 4 rows to 128, where numpy's float32 sgemm alone makes
-    24-50 (32 to 512 rows), before any dequantizing (benchmarks/README.md)."""
+    4-bit, benchmarks/kernels.py) they make about 80 G multiply-adds/s from 32 rows up, where numpy's float32
+    sgemm alone makes 24-50 at 32 to 512 rows, before any dequantizing (benchmarks/README.md)."""
     n_in, n_out = w.shape
     rows = x2.shape[0]
     # a step's thread count is timed; products too small to share stay on this thread (handoffs cost)
