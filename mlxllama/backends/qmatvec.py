@@ -339,7 +339,8 @@ def _octet_block(builder, o: _Octet, isa: str, bits: int, R: int, b):
             codes = codes if bits * (j + 1) == 16 else builder.and_(codes, mask)
             q = m * per + j  # the pair's place in the block
             for r in range(R):
-                xp = builder.gep(o.pairs, [builder.add(builder.mul(o.row_pairs, c(r)), builder.add(builder.mul(b, c(16)), c(q)))])
+                pair = builder.add(builder.mul(o.row_pairs, c(r)), builder.add(builder.mul(b, c(16)), c(q)))
+                xp = builder.gep(o.pairs, [pair])
                 x = builder.bitcast(_splat(builder, builder.load(xp, align=4), 8), v16)
                 sums[r][q % chains] = _dp(builder, isa, sums[r][q % chains], codes, x)
     g = builder.mul(builder.ashr(b, o.shift), c(OCTET))
