@@ -161,8 +161,9 @@ class NumpyOps:
     def prepared_nbytes(self, w) -> int:
         """Bytes prepare_* will hold for a loader's tensor: float32 everywhere in "float32" mode; in "fused" mode
         (and "auto" where numba imports) 4/8-bit tensors as stored (rows padded to whole octets), less the
-        biases the kernel forms from the scales (qmatvec.drops_biases); in "quantized" mode codes (4-bit two per byte, others one per byte) with
-        float32 scales and biases; a weight type that prepares itself, its nbytes."""
+        biases the kernel forms from the scales (qmatvec.drops_biases); in "quantized" mode codes (4-bit two per
+        byte, others one per byte) with float32 scales and biases; a weight type that prepares itself, its
+        nbytes."""
         if _custom(w):
             return int(w.numpy_nbytes() if hasattr(w, "numpy_nbytes") else w.nbytes)
         fused = self.weights_mode == "fused" or (self._auto and _qmatvec() is not None)

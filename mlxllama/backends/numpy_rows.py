@@ -25,9 +25,10 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking, _claim,
-                         _LIM, _done, _keys, _kv, _queries, _rms_norm, _silu_gate, _wait, _weight, kv_addresses)
+                         _LIM, _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
+                         kv_addresses)
 from .numpy_threads import ThreadChoice
-from .qmatvec import _rows, quantize_input
+from .qmatvec import _rows
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _form(sync, j, kind, src, rows, w, eps, x, lim, xin):
             _norm_row(src, rows, k, w, eps, x)
         elif kind == GATE:
             _silu_gate(src[k, :F], src[k, F:], x[k])
-        quantize_input(x[k: k + 1], np.float32(lim), xin[0][k: k + 1], xin[1][:, :, k: k + 1])
+        _quantize(x[k: k + 1], lim, xin[0][k: k + 1], xin[1][:, :, k: k + 1])
         _done(sync, j)
         k = _claim(sync, j)
     _wait(sync, j, T)

@@ -187,7 +187,7 @@ def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j,
 
 @njit(cache=True, nogil=True)
 def _quantize(x, lim, xq, dxs):
-    """x [1, n] rounded for a product whose inputs are rounded to |xq| <= lim (meta's last column)."""
+    """x [rows, n] rounded for a product whose inputs are rounded to |xq| <= lim (meta's last column)."""
     quantize_input(x, np.float32(lim), xq, dxs)
 
 
