@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking, _claim,
-                         _LIM, _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
+                         _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
                          kv_addresses)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows
@@ -86,9 +86,9 @@ def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j
 
 
 @njit(cache=True, nogil=True)
-def _form(sync, j, kind, src, rows, w, eps, x, lim, xin):
+def _form(sync, j, kind, src, rows, w, eps, x, m, xin):
     """Phase j, a unit per row: row k of a product's input into x[k] (NORM of src[rows[k]] times w; GATE:
-    silu(gate) * up of src [T, 2F]; AS_IS: x is src), rounded into xin."""
+    silu(gate) * up of src [T, 2F]; AS_IS: x is src), rounded into xin for the product whose meta row is m."""
     T, F = rows.shape[0], x.shape[1]
     k = _claim(sync, j)
     while k < T:
@@ -96,7 +96,7 @@ def _form(sync, j, kind, src, rows, w, eps, x, lim, xin):
             _norm_row(src, rows, k, w, eps, x)
         elif kind == GATE:
             _silu_gate(src[k, :F], src[k, F:], x[k])
-        _quantize(x[k: k + 1], lim, xin[0][k: k + 1], xin[1][:, :, k: k + 1])
+        _quantize(x[k: k + 1], m, xin[0][k: k + 1], xin[1][:, :, k: k + 1])
         _done(sync, j)
         k = _claim(sync, j)
     _wait(sync, j, T)
@@ -107,7 +107,7 @@ def _linear(sync, j, i, kind, src, rows, nw, eps, x, tag, W, stag, meta, bfac, y
     """Phases j (the input rows formed and rounded, _form) and j + 1 (linear i's chunks of output rows)."""
     T = rows.shape[0]
     xin = _views(x.shape[1], T, bufs)
-    _form(sync, j, kind, src, rows, nw, eps, x, meta[i, _LIM], xin)
+    _form(sync, j, kind, src, rows, nw, eps, x, meta[i], xin)
     _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j + 1, _claim(sync, j + 1))
     _wait(sync, j + 1, _chunking(y.shape[1])[1])
 

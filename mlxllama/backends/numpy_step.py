@@ -186,9 +186,10 @@ def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j,
 
 
 @njit(cache=True, nogil=True)
-def _quantize(x, lim, xq, dxs):
-    """x [rows, n] rounded for a product whose inputs are rounded to |xq| <= lim (meta's last column)."""
-    quantize_input(x, np.float32(lim), xq, dxs)
+def _quantize(x, m, xq, dxs):
+    """x [rows, n] rounded for the product whose meta row is m (its weight bits, and the inputs' limit |xq| <= lim
+    in column _LIM)."""
+    quantize_input(x, np.float32(m[_LIM]), m[0], xq, dxs)
 
 
 @njit(cache=True, nogil=True)
@@ -384,7 +385,7 @@ def _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin
     c = _claim(sync, j)
     if c < _chunking(qkv.shape[1])[1]:  # h holds still until this phase is done: round it now
         _rms_norm(h, norms[2 * l], eps, xD[0])
-        _quantize(xD, meta[i + QKV, _LIM], xqD, dxsD)
+        _quantize(xD, meta[i + QKV], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, i + QKV, xqD, dxsD, qkv, h, o_bias[l], False, sync, j, c)
     _wait(sync, j, _chunking(qkv.shape[1])[1])
     g = _claim(sync, j + 1)
@@ -396,7 +397,7 @@ def _attention_block(tid, sync, l, pos, tag, W, stag, meta, bfac, K, V, cos, sin
     c = _claim(sync, j + 2)
     if c < _chunking(y.shape[1])[1]:
         xO[0, :] = attn[0]
-        _quantize(xO, meta[i + O, _LIM], xqO, dxsO)
+        _quantize(xO, meta[i + O], xqO, dxsO)
         _chunks(tag, W, stag, meta, bfac, i + O, xqO, dxsO, y, h, o_bias[l], True, sync, j + 2, c)
     _wait(sync, j + 2, _chunking(y.shape[1])[1])
 
@@ -410,13 +411,13 @@ def _mlp_block(tid, sync, l, tag, W, stag, meta, bfac, norms, zeros, eps, bufs):
     c = _claim(sync, j)
     if c < _chunking(gu.shape[1])[1]:
         _rms_norm(h, norms[2 * l + 1], eps, xD[0])
-        _quantize(xD, meta[i + GATE_UP, _LIM], xqD, dxsD)
+        _quantize(xD, meta[i + GATE_UP], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, i + GATE_UP, xqD, dxsD, gu, h, zeros, False, sync, j, c)
     _wait(sync, j, _chunking(gu.shape[1])[1])
     c = _claim(sync, j + 1)
     if c < _chunking(y.shape[1])[1]:
         _silu_gate(gu[0, :F], gu[0, F:], xF[0])
-        _quantize(xF, meta[i + DOWN, _LIM], xqF, dxsF)
+        _quantize(xF, meta[i + DOWN], xqF, dxsF)
         _chunks(tag, W, stag, meta, bfac, i + DOWN, xqF, dxsF, y, h, zeros, True, sync, j + 1, c)
     _wait(sync, j + 1, _chunking(y.shape[1])[1])
 
@@ -442,7 +443,7 @@ def step(tid, nthr, sync, pos, tag, W, stag, meta, bfac, K, V, cap, cos, sin, no
     c = _claim(sync, j)
     if c < _chunking(logits.shape[1])[1]:
         _rms_norm(h, norms[2 * L], eps, xD[0])
-        _quantize(xD, meta[4 * L, _LIM], xqD, dxsD)
+        _quantize(xD, meta[4 * L], xqD, dxsD)
         _chunks(tag, W, stag, meta, bfac, 4 * L, xqD, dxsD, logits, h, h, False, sync, j, c)
     _wait(sync, j, _chunking(logits.shape[1])[1])
 

@@ -204,14 +204,16 @@ def _block_sums(builder, dots):
     return _add(builder, lo, hi)
 
 
-_TAGS = {"vnni": np.uint8, "avx2": np.uint16, "generic": np.uint32}
-_TAG_PATHS = {numba_type(np.dtype(t)): isa for isa, t in _TAGS.items()}
+# (path, input bits) -> the dtype of an empty array that names them to the compiled functions
+_TAGS = {("vnni", 16): np.uint8, ("avx2", 16): np.uint16, ("generic", 16): np.uint32,
+         ("vnni", 8): np.int8, ("avx2", 8): np.int16, ("generic", 8): np.int32}
+_TAG_PATHS = {numba_type(np.dtype(t)): key for key, t in _TAGS.items()}
 
 
-def _by_bits_and_rows(isa: str, tiles, emit):
+def _by_bits_and_rows(isa, tiles, emit):
     """The codegen of a tile intrinsic whose args[1] and args[2] are bits and R at run time: one loop in the IR
     per (bits in BITS, R in tiles(bits)), emit(context, builder, arg types, args, isa, bits, R) writing each,
-    over the arguments after R."""
+    over the arguments after R (isa: whatever emit takes to name the path)."""
     def codegen(context, builder, signature, args):
         idx = args[1].type
         for b in BITS:
@@ -299,7 +301,7 @@ class _Octet(NamedTuple):
     acc: list
 
 
-def _octet_ir(context, builder, at, args, isa: str, bits: int, R: int):
+def _octet_ir(context, builder, at, args, path: tuple, bits: int, R: int):
     """IR of _octet for one (bits, R): the blocks in a loop, then each row's eight results stored."""
     (w_, t_, xq_, r0_, rows_, dxs_, sc_, bi_, bfac_, y_, ystr_, keep_, nblk_, shift_) = args
 
@@ -318,45 +320,124 @@ def _octet_ir(context, builder, at, args, isa: str, bits: int, R: int):
                builder.udiv(n, c(2)), dcol, builder.gep(dcol, [builder.mul(nblk_, rows_)]), rows_,
                [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R)])
     with cgutils.for_range(builder, nblk_) as loop:
-        _octet_block(builder, o, isa, bits, R, loop.index)
+        _octet_block(builder, o, path, bits, R, loop.index)
     yrow = builder.gep(data(9, y_), [builder.add(builder.mul(r0_, ystr_), octet)])
     for r, a in enumerate(o.acc):
         _store_lanes(builder, builder.load(a), builder.gep(yrow, [builder.mul(ystr_, c(r))]), keep_)
 
 
-def _octet_block(builder, o: _Octet, isa: str, bits: int, R: int, b):
-    """IR: block b of the octet against the tile's R rows, into o.acc."""
+def _octet_block(builder, o: _Octet, path: tuple, bits: int, R: int, b):
+    """IR: block b of the octet against the tile's R rows, into o.acc (path: the instruction set and input bits)."""
+    c = lambda v: ir.Constant(b.type, v)  # noqa: E731
+    isa, act = path
+    sums = (_quad_sums if act == 8 else _pair_sums)(builder, o, isa, bits, R, b)
+    g = builder.mul(builder.ashr(b, o.shift), c(OCTET))
+    scale = _load_scale(builder, builder.gep(o.scales, [g]), o.half, 8)
+    bias = builder.select(o.symmetric, builder.fmul(scale, _splat(builder, o.bfac, 8)),
+                          _load_scale(builder, builder.gep(o.biases, [g]), o.half, 8))
+    if _signed_codes(isa, act, bits):  # the sums took codes - 128: add 128 * scale * sum(x)
+        bias = builder.fadd(bias, builder.fmul(scale, ir.Constant(_vec(_F32, 8), [128.0] * 8)))
+    for r, a in enumerate(o.acc):
+        cell = builder.add(builder.mul(b, o.rows), c(r))
+        dx, sx = builder.load(builder.gep(o.dcol, [cell])), builder.load(builder.gep(o.scol, [cell]))
+        f = builder.fadd(builder.load(a), builder.fmul(builder.sitofp(sums[r], _vec(_F32, 8)),
+                                                       builder.fmul(scale, _splat(builder, dx, 8), flags=_FP),
+                                                       flags=_FP), flags=_FP)
+        builder.store(builder.fadd(f, builder.fmul(bias, _splat(builder, sx, 8), flags=_FP), flags=_FP), a)
+
+
+def _code_vectors(builder, o: _Octet, bits: int, b, m: int):
+    """The 32-byte step m of block b of the octet's words, as an <8 x i32>."""
+    c = lambda v: ir.Constant(b.type, v)  # noqa: E731
+    wp = builder.gep(o.words, [builder.mul(builder.add(builder.mul(b, c(bits)), c(m)), c(32))])
+    return builder.load(builder.bitcast(wp, _vec(_I32, 8).as_pointer()), align=2)
+
+
+def _pair_sums(builder, o: _Octet, isa: str, bits: int, R: int, b) -> list:
+    """IR: each row's eight int32 sums of block b against int16 inputs (pairs of adjacent inputs)."""
     c = lambda v: ir.Constant(b.type, v)  # noqa: E731
     v16, per = _vec(_I16, 16), 16 // bits
     chains = max(1, _CHAINS // R)
     sums = [[ir.Constant(_vec(_I32, 8), None)] * chains for _ in range(R)]
     mask = ir.Constant(v16, [(1 << bits) - 1] * 16)
     for m in range(bits):  # 32-byte steps a block
-        wp = builder.gep(o.words, [builder.mul(builder.add(builder.mul(b, c(bits)), c(m)), c(32))])
-        words = builder.load(builder.bitcast(wp, v16.as_pointer()), align=2)
+        words = builder.bitcast(_code_vectors(builder, o, bits, b, m), v16)
         for j in range(per):
             codes = words if j == 0 else builder.lshr(words, ir.Constant(v16, [bits * j] * 16))
             codes = codes if bits * (j + 1) == 16 else builder.and_(codes, mask)
             q = m * per + j  # the pair's place in the block
             for r in range(R):
                 pair = builder.add(builder.mul(o.row_pairs, c(r)), builder.add(builder.mul(b, c(16)), c(q)))
-                xp = builder.gep(o.pairs, [pair])
-                x = builder.bitcast(_splat(builder, builder.load(xp, align=4), 8), v16)
+                x = builder.bitcast(_splat(builder, builder.load(builder.gep(o.pairs, [pair]), align=4), 8), v16)
                 sums[r][q % chains] = _dp(builder, isa, sums[r][q % chains], codes, x)
-    g = builder.mul(builder.ashr(b, o.shift), c(OCTET))
-    scale = _load_scale(builder, builder.gep(o.scales, [g]), o.half, 8)
-    bias = builder.select(o.symmetric, builder.fmul(scale, _splat(builder, o.bfac, 8)),
-                          _load_scale(builder, builder.gep(o.biases, [g]), o.half, 8))
-    for r, a in enumerate(o.acc):
-        total = sums[r][0]
-        for s in sums[r][1:]:
-            total = builder.add(total, s)
-        cell = builder.add(builder.mul(b, o.rows), c(r))
-        dx, sx = builder.load(builder.gep(o.dcol, [cell])), builder.load(builder.gep(o.scol, [cell]))
-        f = builder.fadd(builder.load(a), builder.fmul(builder.sitofp(total, _vec(_F32, 8)),
-                                                       builder.fmul(scale, _splat(builder, dx, 8), flags=_FP),
-                                                       flags=_FP), flags=_FP)
-        builder.store(builder.fadd(f, builder.fmul(bias, _splat(builder, sx, 8), flags=_FP), flags=_FP), a)
+    return [_total(builder, chain) for chain in sums]
+
+
+def _total(builder, chain: list):
+    out = chain[0]
+    for v in chain[1:]:
+        out = builder.add(out, v)
+    return out
+
+
+def _quad_sums(builder, o: _Octet, isa: str, bits: int, R: int, b) -> list:
+    """IR: each row's eight int32 sums of block b against int8 inputs (quads: quantize_input's order for these
+    bits). A 32-bit lane of the octet's words holds four codes of its row as bytes (8 bits), or eight as nibbles
+    (4 bits: the low nibbles are one quad, the high ones the next)."""
+    c = lambda v: ir.Constant(b.type, v)  # noqa: E731
+    v8 = _vec(_I32, 8)
+    chains = max(1, _CHAINS // R)
+    narrow = isa == "avx2" and bits == 4  # vpmaddubsw's int16 sums hold a block of 4-bit codes (8 * 3810 < 2**15)
+    sums = [[ir.Constant(_vec(_I16, 16) if narrow else v8, None)] * chains for _ in range(R)]
+    low = ir.Constant(v8, [0x0F0F0F0F] * 8)
+    for m in range(bits):
+        words = _code_vectors(builder, o, bits, b, m)
+        signs = None
+        if _signed_codes(isa, 8, bits):
+            signs = builder.bitcast(builder.xor(words, ir.Constant(v8, [0x80808080] * 8)), _vec(ir.IntType(8), 32))
+            words = _call(builder, "llvm.abs.v32i8", signs.type, [signs, ir.Constant(ir.IntType(1), 0)])
+        quads = [builder.and_(words, low), builder.and_(builder.lshr(words, ir.Constant(v8, [4] * 8)), low)] \
+            if bits == 4 else [builder.bitcast(words, v8)]
+        for j, codes in enumerate(quads):
+            q = m * len(quads) + j  # the quad's place in the block (8 a block)
+            for r in range(R):
+                at = builder.add(builder.mul(o.row_pairs, c(r)), builder.add(builder.mul(b, c(8)), c(q)))
+                x = _splat(builder, builder.load(builder.gep(o.pairs, [at]), align=4), 8)
+                sums[r][q % chains] = _dq(builder, isa, narrow, sums[r][q % chains], codes, x, signs)
+    if not narrow:
+        return [_total(builder, chain) for chain in sums]
+    ones = ir.Constant(_vec(_I16, 16), [1] * 16)
+    return [_call(builder, "llvm.x86.avx2.pmadd.wd", v8, [_total(builder, chain), ones]) for chain in sums]
+
+
+def _signed_codes(isa: str, act: int, bits: int) -> bool:
+    """Whether int8 inputs meet 8-bit codes less 128 (signed bytes): on avx2, whose vpmaddubsw would saturate on
+    255 * 127 * 2 and not on 127 * 128 * 2."""
+    return isa == "avx2" and act == 8 and bits == 8
+
+
+def _dq(builder, isa: str, narrow: bool, acc, codes, x, signs=None):
+    """acc + the products of unsigned bytes (codes, <8 x i32>) and signed ones (x), four to a lane: vnni's
+    vpdpbusd; avx2 with 4-bit codes vpmaddubsw into int16 sums (narrow); avx2 with 8-bit codes less 128 (signs:
+    those signed bytes, codes their magnitudes) vpmaddubsw of x with their signs, then vpmaddwd; else plain IR into
+    <8 x i32>."""
+    v8, b32 = _vec(_I32, 8), _vec(ir.IntType(8), 32)
+    if isa == "vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", v8, [acc, codes, x])
+    if isa == "avx2":
+        xb = builder.bitcast(x, b32)
+        if signs is not None:
+            xb = _call(builder, "llvm.x86.avx2.psign.b", b32, [xb, signs])
+        p = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [builder.bitcast(codes, b32), xb])
+        if narrow:
+            return _kept(builder, builder.add(acc, p))
+        ones = ir.Constant(_vec(_I16, 16), [1] * 16)
+        return _kept(builder, builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [p, ones])))
+    m = builder.mul(builder.zext(builder.bitcast(codes, b32), _vec(_I32, 32)),
+                    builder.sext(builder.bitcast(x, b32), _vec(_I32, 32)))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(m, m, ir.Constant(v8, list(range(k, 32, 4)))))
+    return acc
 
 
 def _store_lanes(builder, v, ptr, keep):
@@ -380,11 +461,11 @@ def _octet(typingctx, tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfa
     biases are bfac * scales) against the rounded input rows r0 .. r0 + R - 1 of xq [rows, in] (int16), whose dx
     and s are dxs[0, b, r0 + r] and dxs[1, b, r0 + r] (dxs [2, nblk, rows]), on the path tag's dtype names. bits
     and R are run-time values: each (bits, R) is its own loop in the IR."""
-    isa = _TAG_PATHS[tag.dtype]
+    path = _TAG_PATHS[tag.dtype]
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, scales, biases,
                      types.float32, y, types.intp, types.intp, types.intp, types.intp)
 
-    return sig, _by_bits_and_rows(isa, lambda bits: TILES, _octet_ir)
+    return sig, _by_bits_and_rows(path, lambda bits: TILES, _octet_ir)
 
 
 _ROUNDER = np.float32(1.5 * 2 ** 23)
@@ -411,24 +492,42 @@ def _abs_max(x, i0: int, i1: int):
     return max(max(m0, m1), max(m2, m3))
 
 
+@njit(inline="always")
+def _quad_slot(i: int, bits: int) -> int:
+    """Where input i of a block goes among its int8 inputs: in each 8 (4-bit codes) the order 0 4 1 5 2 6 3 7, in
+    each 4 (8-bit) 0 2 1 3, the order of a 32-bit lane's codes (see _quad_sums)."""
+    if bits == 4:
+        return (i & ~7) + 2 * (i & 3) + ((i >> 2) & 1)
+    return (i & ~3) + 2 * (i & 1) + ((i >> 1) & 1)
+
+
 @njit(cache=True, nogil=True)
-def quantize_input(x2, lim, xq, dxs):
+def quantize_input(x2, lim, bits, xq, dxs):
     """x2 [rows, in] float32 -> xq [rows, in] int16, |xq| <= lim; dxs [2, in / 32, rows]: dx and s per block and
     row, with xq * dx ~ x and s = dx * sum(xq) (the bias then multiplies the same rounded x as the codes do: the
-    error is sum w * (x - dx xq), not scale * q * (...))."""
+    error is sum w * (x - dx xq), not scale * q * (...)). With lim <= 127 the values are int8, in the first half of
+    each row's bytes, in the order the kernel's quads take for weights of `bits` (_quad_slot)."""
     rows, n = x2.shape
+    quads = lim <= 127
     for r in range(rows):
         x, out = x2[r], xq[r]
+        out8 = out.view(np.int8)
         for b in range(n // _BLOCK):
             s0 = b * _BLOCK
             m = _abs_max(x, s0, s0 + _BLOCK)
             d = m / lim
             inv = lim / m if m > 0 else np.float32(0)
             t = np.int32(0)
-            for i in range(s0, s0 + _BLOCK):
-                v = np.int32(_rint(x[i] * inv))
-                out[i] = v
-                t += v
+            if quads:
+                for i in range(s0, s0 + _BLOCK):
+                    v = np.int32(_rint(x[i] * inv))
+                    out8[_quad_slot(i, bits)] = v
+                    t += v
+            else:
+                for i in range(s0, s0 + _BLOCK):
+                    v = np.int32(_rint(x[i] * inv))
+                    out[i] = v
+                    t += v
             dxs[0, b, r] = d
             dxs[1, b, r] = d * np.float32(t)
 
@@ -467,7 +566,7 @@ def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
 @njit(cache=True, nogil=True)
 def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
     """The whole product in one compiled call: the input rounded, then every output row."""
-    quantize_input(x2, lim, xq, dxs)
+    quantize_input(x2, lim, bits, xq, dxs)
     _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
 
 
@@ -515,7 +614,7 @@ class PackedLinear:
         self.group_size, self.bits = p0.group_size, p0.bits
         self.isa = isa or kernel_isa()
         self.act = act or activation_bits()
-        self._tag = np.empty(0, _TAGS[self.isa])
+        self._tag = np.empty(0, _TAGS[self.isa, self.act])
         self.lim = np.float32(127 if self.act == 8 else 32767)
         self._buffers: dict[int, tuple] = {}  # thread -> matmul's input buffers (flat, grown to the most rows)
         out = sum(p.weight.shape[0] for p in parts)
@@ -565,7 +664,7 @@ class PackedLinear:
     def quantize_input(self, x2: np.ndarray, buffers=None):
         """What rows() takes for x2 [rows, in] float32 (C order), in buffers (input_buffers) where given."""
         xq, dxs = buffers if buffers is not None else self.input_buffers(x2.shape[0])
-        quantize_input(x2, self.lim, xq, dxs)
+        quantize_input(x2, self.lim, self.bits, xq, dxs)
         return xq, dxs
 
     def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
