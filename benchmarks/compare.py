@@ -34,11 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("numpy", "numpy-fused", "numpy-q", "mlx", "mlx-lm", "llama.cpp")
-LABELS = {"numpy": "mlxllama numpy float32", "numpy-fused": "mlxllama numpy fused", "numpy-q": "mlxllama numpy (quantized)",
+ENGINES = ("numpy", "numpy-fused", "numpy-fused8", "numpy-q", "mlx", "mlx-lm", "llama.cpp")
+LABELS = {"numpy": "mlxllama numpy float32", "numpy-fused": "mlxllama numpy fused",
+          "numpy-fused8": "mlxllama numpy fused int8", "numpy-q": "mlxllama numpy (quantized)",
           "mlx": "mlxllama mlx", "mlx-lm": "mlx-lm", "llama.cpp": "llama.cpp"}
-NUMPY_WEIGHTS = {"numpy": "float32", "numpy-fused": "fused", "numpy-q": "quantized"}
-OURS = ("numpy", "numpy-fused", "numpy-q", "mlx")
+NUMPY_WEIGHTS = {"numpy": "float32", "numpy-fused": "fused", "numpy-fused8": "fused", "numpy-q": "quantized"}
+# numpy-fused8: the fused kernel on inputs rounded to int8 per block of 32 (llama.cpp's q8 steps), not int16
+ENGINE_ENV = {"numpy-fused8": {"MLXLLAMA_KERNEL_ACT": "8"}}
+OURS = ("numpy", "numpy-fused", "numpy-fused8", "numpy-q", "mlx")
 PEERS = ("mlx-lm", "llama.cpp")
 
 
@@ -165,7 +168,7 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
     import mlxllama.loaders.gguf  # noqa: F401  (code the load would import: not engine memory)
     import mlxllama.tokenizer  # noqa: F401
 
-    if engine == "numpy-fused":
+    if NUMPY_WEIGHTS.get(engine) == "fused":
         import mlxllama.backends.qmatvec  # noqa: F401  (numba and the kernel module: code too)
 
     if backend == "mlx":
@@ -195,7 +198,8 @@ def worker_mlxllama(spec: dict, engine: str) -> None:
 
     serve(stream, spec, dict(load_s=load_s, rss_base=base, weights_file_bytes=weights_file,
                              weights_bytes=model.resident_nbytes, kv_bytes=kv, device=model.device,
-                             detail=label + ("" if backend == "mlx" else f", {ops.weights_mode} weights"),
+                             detail=label + ("" if backend == "mlx" else f", {ops.weights_mode} weights")
+                             + (f", int{_input_bits()} inputs" if ops.weights_mode == "fused" else ""),
                              final=final))
 
 
@@ -294,7 +298,7 @@ class Worker:
     def __init__(self, engine: str, spec: dict):
         self.engine = engine
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""))
+                   + os.environ.get("PYTHONPATH", ""), **ENGINE_ENV.get(engine, {}))
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", engine, "--spec", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
@@ -318,13 +322,19 @@ class Worker:
         self.proc.wait()
 
 
+def _input_bits() -> int:
+    from mlxllama.backends.qmatvec import activation_bits
+
+    return activation_bits()
+
+
 def available(engine: str, spec: dict) -> str | None:
     """None if the engine can run, else why not."""
     import importlib.util
 
     if engine == "mlx" and importlib.util.find_spec("mlx") is None:
         return "MLX is not installed (pip install 'mlxllama[cpu]')"
-    if engine == "numpy-fused" and importlib.util.find_spec("numba") is None:
+    if NUMPY_WEIGHTS.get(engine) == "fused" and importlib.util.find_spec("numba") is None:
         return "numba is not installed (pip install 'mlxllama[fast-cpu]')"
     if engine == "mlx-lm":
         if importlib.util.find_spec("mlx_lm") is None:

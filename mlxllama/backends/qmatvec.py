@@ -9,22 +9,27 @@ inputs with 4 bits, by 4 with 8). An octet's scales (and biases) are [groups, 8]
 keep their 2-D shapes ([rows, bytes a row], [rows, groups]), rows padded with zeros to a multiple of eight.
 Resident memory is the file's: symmetric biases (GGUF's Q4_0 and Q8_0) are formed from the scales, not kept.
 
-The product. Each input row is rounded per block of 32 to int16: x ~ dx_b * xq, |xq| <= 32767 (or 127, llama.cpp's
-q8 steps: MLXLLAMA_KERNEL_ACT=8), with s_b = dx_b * sum(xq_b) kept for the biases; then
+The product. Each input row is rounded per block of 32 to int16: x ~ dx_b * xq, |xq| <= 32767 (or to int8, |xq| <=
+127, llama.cpp's q8 steps: MLXLLAMA_KERNEL_ACT=8), with s_b = dx_b * sum(xq_b) kept for the biases; then
     y[o] = sum_b scale[o, g(b)] * dx_b * (q[o, b] . xq_b) + bias[o, g(b)] * s_b.
-A code word shifted and masked is a <16 x i16> of two adjacent inputs of the octet's eight rows. One multiply-add
-of pairs (vpmaddwd; vpdpwssd) against one input row's two values, broadcast, adds to eight int32 lanes, lane k row
-k's sum: no horizontal sums. A block's eight sums are scaled (the octet's scales times dx) in one multiply-add and
-its bias terms added in another, and each input row's eight results are stored together. R input rows (a tile: 8,
-4, 2 or 1) share every decoded code vector, so a batch reads and decodes the weights once per tile of rows, and a
-lone row (batch-1 decode) runs the same loop with its sums split over independent accumulators.
+int16 inputs: a code word shifted and masked is a <16 x i16> of two adjacent inputs of the octet's eight rows. One
+multiply-add of pairs (vpmaddwd; vpdpwssd) against one input row's two values, broadcast, adds to eight int32 lanes,
+lane k row k's sum: no horizontal sums. int8 inputs: a 32-bit lane of the words holds four 8-bit codes of its row,
+or eight 4-bit ones (its low nibbles four inputs, its high nibbles four more), so one multiply-add of byte quads
+(vpdpbusd; on avx2 vpmaddubsw, into int16 sums for 4-bit codes) covers four inputs of eight rows: twice the pairs'
+work an instruction. quantize_input writes the int8 inputs in the order of those quads (_quad_slot). A block's eight
+sums are scaled (the octet's scales times dx) in one multiply-add and its bias terms added in another, and each
+input row's eight results are stored together. R input rows (a tile: 8, 4, 2 or 1) share every decoded code
+vector, so a batch reads and decodes the weights once per tile of rows, and a lone row (batch-1 decode) runs the
+same loop with its sums split over independent accumulators.
 (One Zen 4 core, weights in cache, against the row-major layout's per-row pairwise sums: SmolLM2's 1536 x 576, 8
-rows, 63 -> 90 G multiply-adds/s; 4096 x 4096, 8 rows, 41 -> 79; one row 23-33 -> 46-48; benchmarks/README.md.)
+rows, 63 -> 90 G multiply-adds/s; 4096 x 4096, 8 rows, 41 -> 79; one row 23-33 -> 46-48; with int8 inputs 150, 118
+and 77-80; benchmarks/README.md.)
 
 The multiply-add is LLVM IR written per instruction set, chosen at run time from the CPU's features (llvmlite's host
 features), never at install:
-  "vnni"     AVX-512 VNNI or AVX-VNNI: vpdpwssd, the pair products added into the sums in one instruction.
-  "avx2"     vpmaddwd, then an add (kept in order: _kept).
+  "vnni"     AVX-512 VNNI or AVX-VNNI: vpdpwssd (vpdpbusd), the products added into the sums in one instruction.
+  "avx2"     vpmaddwd (vpmaddubsw), then an add (kept in order: _kept).
   "generic"  plain vector IR (products widened to int32) that any CPU's LLVM backend compiles.
 MLXLLAMA_KERNEL_ISA=generic (or avx2, vnni) forces a path; one the CPU lacks falls back to the best it has, and a
 path is used only after it computed a small product close to numpy's (kernel_isa). Each path is its own signature of
@@ -34,9 +39,10 @@ Accuracy: rounding x is at most half a step per element (max|x_b| / 65534, or / 
 each output is within sum_b max|x_b| / (2 * lim) * sum_{i in b} |w_i| (plus float32 sums) of the float32 product;
 tests/test_qmatvec.py checks this bound on every path. On SmolLM2-135M Q4_1 (test_smollm2_logit_error) decode
 logits differ from float32 mode's by at most 4e-4 of the largest logit with int16 inputs and greedy tokens equal the
-transformers reference; with 127 steps by up to 7e-2 (activation outliers: a block's largest value is ~5.6x its root
-mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That is why
-int16 is the default; both cost the same instructions here.
+transformers reference; with int8 inputs by up to 7e-2 (activation outliers: a block's largest value is ~5.6x its
+root mean square), and greedy tokens leave the reference after a few tokens on two of its five prompts. That is why
+int16 is the default, though int8 runs about 1.6-1.9x the multiply-adds a second (a speed mode, as llama.cpp
+computes: benchmarks/compare.py's numpy-fused8).
 
 Long prefills take the same tiles: on this kernel they beat dequantized blocks and BLAS at every row count measured
 (numpy_kernels.fused_matmul). dequantize_rows gives the exact float32 weights (embedding rows, tests).
