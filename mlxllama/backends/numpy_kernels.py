@@ -85,7 +85,10 @@ def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.n
     if nworkers == 1 or rows * n_in * n_out < FUSED_SPLIT:
         return w.matmul(x2)  # one compiled call
     out = np.empty((rows, n_out), np.float32)
-    xin = w.quantize_input(np.ascontiguousarray(x2, dtype=np.float32))
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    xq, dxs = w.input_buffers(rows)
+    workers.by_rows(lambda r: w.quantize_input(x2[r], (xq[r], dxs[:, :, r])), rows, x2.size)
+    xin = xq, dxs
     parts = spans(n_out, (8 if rows == 1 else 4) * nworkers)
     workers.share(lambda c: w.rows(xin, out, c.start, c.stop), parts, nworkers)
     return out

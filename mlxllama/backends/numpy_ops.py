@@ -81,19 +81,19 @@ def _custom(w) -> bool:
     return callable(getattr(type(w), "prepare_numpy", None))
 
 
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 32 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @functools.cache
 def map_large_arrays() -> bool:
-    """Arrays of MMAP_THRESHOLD bytes or more (a long prompt's activations) mapped and unmapped on their own
-    (glibc's mallopt M_MMAP_THRESHOLD), not carved from the heap: a prompt's freed activations go back to the
-    system instead of leaving holes that the next sizes do not fit. On a random 1B Q4_0 model (compare.py) the run's
-    peak RSS fell from 1.31x to 1.27x the file's weights; the price is fresh pages for each such array: pp512 took
-    ~5% longer in paired runs (7.4 s against 7.0; benchmarks/README.md). Once per process; not where the user set
-    MALLOC_MMAP_THRESHOLD_ (MALLOC_MMAP_THRESHOLD_=33554432 restores glibc's reuse), nor on a C library without
-    mallopt. Returns whether it was set."""
+    """Arrays under MMAP_THRESHOLD bytes (32 MB: a long prompt's activations) carved from the heap and reused, where
+    glibc would map and unmap each on its own until its adaptive threshold has risen (glibc's mallopt
+    M_MMAP_THRESHOLD, fixed here): every layer's freed activations were fresh zeroed pages again at the next
+    layer, about 150,000 page faults a 512-token prefill of a random 1B Q4_0 model. With it, that prefill went from
+    160 to 189 tokens/s (int8 inputs, 2 Zen 4 cores) and the run's peak RSS from 1.44x to 1.26x the file's weights
+    (compare.py; benchmarks/README.md). Once per process; not where the user set MALLOC_MMAP_THRESHOLD_, nor on a C
+    library without mallopt. Returns whether it was set."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
         return False
     try:
@@ -307,20 +307,33 @@ class NumpyOps:
         if x.size == d:
             v = x.reshape(-1)
             out = v * np.float32(1.0 / math.sqrt(float(np.dot(v, v)) / d + eps))
-        else:
-            ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(d)
-            out = x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))
-        out *= w
+            out *= w
+            return out.reshape(x.shape)
+        x2 = x.reshape(-1, d)
+        out = np.empty(x2.shape, np.result_type(x, w, np.float32))
+
+        def rows(r: slice):
+            ms = np.einsum("...i,...i->...", x2[r], x2[r])[..., None] / np.float32(d)
+            np.multiply(x2[r], np.float32(1.0) / np.sqrt(ms + np.float32(eps)), out=out[r])
+            out[r] *= w
+
+        self.workers.by_rows(rows, x2.shape[0], x2.size)
         return out.reshape(x.shape)
 
     def rope(self, x: np.ndarray, offset: int, table: RopeTable) -> np.ndarray:
         """Non-interleaved (HF order) rotation of x [B, H, L, D]: x * cos + rotate_half(x) * sin."""
         cos, sin = table.get(offset, x.shape[2])
-        out = x * cos
+        out = np.empty(x.shape, np.result_type(x, cos))
         half = x.shape[-1] // 2
-        swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :].reshape(x.shape)  # [x2, x1] (a copy)
-        swapped *= sin  # sin is [-sin, sin] across the two halves
-        out += swapped
+
+        def heads(h: slice):
+            xs = x[:, h]
+            np.multiply(xs, cos, out=out[:, h])
+            swapped = xs.reshape(*xs.shape[:-1], 2, half)[..., ::-1, :].reshape(xs.shape)  # [x2, x1] (a copy)
+            swapped *= sin  # sin is [-sin, sin] across the two halves
+            out[:, h] += swapped
+
+        self.workers.by_rows(heads, x.shape[1], x.size)
         return out
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
@@ -383,12 +396,20 @@ class NumpyOps:
         return x
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        t = np.negative(gate)
-        np.exp(t, out=t)
-        t += 1.0
-        np.divide(gate, t, out=t)
-        t *= up
-        return t
+        F = gate.shape[-1]
+        g2, u2 = gate.reshape(-1, F), up.reshape(-1, F)
+        out = np.empty(g2.shape, np.result_type(gate, up))
+
+        def rows(r: slice):
+            t = out[r]
+            np.negative(g2[r], out=t)
+            np.exp(t, out=t)
+            t += 1.0
+            np.divide(g2[r], t, out=t)
+            t *= u2[r]
+
+        self.workers.by_rows(rows, g2.shape[0], g2.size)
+        return out.reshape(gate.shape)
 
     def zeros(self, shape, dtype=None) -> np.ndarray:
         return np.zeros(shape, dtype=dtype or np.float32)

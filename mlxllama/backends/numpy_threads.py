@@ -14,6 +14,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+PARALLEL_ELEMENTS = 1 << 18  # elementwise work below this stays on the calling thread (Workers.by_rows)
+
+
 def cpu_count() -> int:
     """CPUs this process may use."""
     try:
@@ -90,6 +93,15 @@ class Workers:
         finished.wait()
         if errors:
             raise errors[0]
+
+    def by_rows(self, fn, rows: int, size: int) -> None:
+        """fn(slice) over ranges of rows covering [0, rows), shared with the pool where the work (size elements) is
+        large enough to pay for the handoff (a long prompt's norms, RoPE, SiLU gate and input rounding)."""
+        if self.threads == 1 or rows < 2 or size < PARALLEL_ELEMENTS:
+            fn(slice(0, rows))
+            return
+        step = -(-rows // (2 * self.threads))
+        self.share(fn, [slice(r, min(r + step, rows)) for r in range(0, rows, step)], self.threads)
 
     def scratch(self, size: int) -> np.ndarray:
         """This thread's float32 buffer of at least `size` elements (grown, never shrunk)."""
