@@ -309,7 +309,7 @@ class NumpyOps:
             out = v * np.float32(1.0 / math.sqrt(float(np.dot(v, v)) / d + eps))
             out *= w
             return out.reshape(x.shape)
-        x2 = x.reshape(-1, d)
+        x2 = x.reshape(-1, *x.shape[x.ndim - max(1, np.ndim(w)):])  # rows of the axes w spans
         out = np.empty(x2.shape, np.result_type(x, w, np.float32))
 
         def rows(r: slice):
