@@ -70,6 +70,35 @@ def test_numpy_worker_threads_match_one_thread():
     np.testing.assert_allclose(logits(two, TOKENS, 30), logits(one, TOKENS, 30), rtol=1e-6, atol=1e-6)
 
 
+def test_numpy_elementwise_ops_split_over_workers_give_one_threads_bits(monkeypatch):
+    """A long prompt's norms (a [hidden] weight and a [heads, head_dim] one), RoPE, SiLU gate and input rounding
+    run in ranges of rows on the workers (Workers.by_rows): the same numbers as on one thread."""
+    from mlxllama.backends import numpy_kernels, numpy_threads
+    from mlxllama.quant import quantize
+
+    rng = np.random.default_rng(0)
+    one, two = numpy_ops.NumpyOps("float32", threads=1), numpy_ops.NumpyOps("float32", threads=2)
+    calls = []
+    share = numpy_threads.Workers.share
+    monkeypatch.setattr(numpy_threads.Workers, "share",
+                        lambda self, fn, items, n: calls.append(len(items)) or share(self, fn, items, n))
+    x = rng.standard_normal((1, 600, 8, 128)).astype(np.float32)
+    gate, up = x[..., :64], x[..., 64:]
+    table = one.rope_table(1.0 / 10000 ** (np.arange(0, 128, 2) / 128))
+    norm, head_norm = rng.standard_normal(128).astype(np.float32), rng.standard_normal((8, 128)).astype(np.float32)
+    for name, run in (("norm", lambda o: o.rms_norm(x, norm, 1e-5)),
+                      ("head norm", lambda o: o.rms_norm(x, head_norm, 1e-5)),
+                      ("rope", lambda o: o.rope(x.transpose(0, 2, 1, 3), 7, table)),
+                      ("swiglu", lambda o: o.swiglu(gate, up))):
+        np.testing.assert_array_equal(run(two), run(one), err_msg=name)
+    assert len(calls) == 4 and min(calls) >= 2
+    if numpy_ops._qmatvec() is None:
+        return
+    w = numpy_ops._qmatvec().PackedLinear([quantize(rng.standard_normal((96, 256)).astype(np.float32), 32, 4)])
+    x2 = rng.standard_normal((2048, 256)).astype(np.float32)
+    np.testing.assert_array_equal(numpy_kernels.fused_matmul(two.workers, x2, w, 2), w.matmul(x2))
+
+
 def naive_attention(q, k, v, scale):
     B, H, L, D = q.shape
     KV, T = k.shape[1], k.shape[2]
