@@ -6,7 +6,7 @@ float16 scales), one thread, per number of input rows.
 
 The cells time PackedLinear as the numpy backend calls it, so a row count runs the tiles it would there (octets of
 weight rows against tiles of 8, 4, 2 or 1 input rows). "int8" rounds the inputs to llama.cpp's q8 steps (127) and
-runs the same int16 instructions.
+takes the int8 dot products (four inputs a 32-bit lane: vpdpbusd, or vpmaddubsw on avx2) where int16 takes pairs.
 
 For each row count it prints G weights/s (weights read per second: the matrix's size over the time), G multiply-
 adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time), for each kernel path and input

@@ -91,9 +91,9 @@ def map_large_arrays() -> bool:
     glibc would map and unmap each on its own until its adaptive threshold has risen (glibc's mallopt
     M_MMAP_THRESHOLD, fixed here): every layer's freed activations were fresh zeroed pages again at the next
     layer, about 150,000 page faults a 512-token prefill of a random 1B Q4_0 model. With it, that prefill went from
-    160 to 189 tokens/s (int8 inputs, 2 Zen 4 cores) and the run's peak RSS from 1.44x to 1.26x the file's weights
-    (compare.py; benchmarks/README.md). Once per process; not where the user set MALLOC_MMAP_THRESHOLD_, nor on a C
-    library without mallopt. Returns whether it was set."""
+    111-116 to 118-127 tokens/s with int16 inputs and from 160 to 189 with int8 (2 Zen 4 cores), and the run's peak
+    RSS from 1.28-1.47x to 1.31x the file's weights (compare.py; benchmarks/README.md). Once per process; not where
+    the user set MALLOC_MMAP_THRESHOLD_, nor on a C library without mallopt. Returns whether it was set."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
         return False
     try:
