@@ -107,6 +107,19 @@ def test_kernel_path_by_environment(monkeypatch):
     assert qmatvec.available_isas()[-1] == "generic"
 
 
+def test_a_bad_kernel_setting_warns_once(monkeypatch, caplog):
+    """A model reads the settings once per weight; a wrong value is said once, and the default used."""
+    qmatvec = pytest.importorskip("mlxllama.backends.qmatvec")
+    monkeypatch.setenv("MLXLLAMA_KERNEL_ACT", "7")
+    monkeypatch.setenv("MLXLLAMA_KERNEL_ISA", "mmx")
+    with caplog.at_level("WARNING", logger=qmatvec.logger.name):
+        assert [qmatvec.activation_bits() for _ in range(3)] == [16] * 3
+        assert [qmatvec.choose_isa({"avx2": True}) for _ in range(3)] == ["avx2"] * 3
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["MLXLLAMA_KERNEL_ACT=7: expected 8 or 16; using 16",
+                    "MLXLLAMA_KERNEL_ISA=mmx is not available on this CPU (avx2, generic); using avx2"]
+
+
 @needs_numba
 def test_kernel_fuses_parts_and_dequantizes_exactly():
     """Projections fused by rows; dequantize() gives the very float32 weights float32 mode holds, subnormal

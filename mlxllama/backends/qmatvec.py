@@ -50,6 +50,7 @@ Long prefills take the same tiles: on this kernel they beat dequantized blocks a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -105,6 +106,12 @@ def available_isas(features: dict | None = None) -> list[str]:
     return out + ["generic"]
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A setting's warning once per process, not once per weight it is read for."""
+    logger.warning(message)
+
+
 def choose_isa(features: dict | None = None) -> str:
     """The path used: MLXLLAMA_KERNEL_ISA where this CPU has it, else the best it has."""
     have = available_isas(features)
@@ -112,8 +119,7 @@ def choose_isa(features: dict | None = None) -> str:
     if want and want != "auto":
         if want in have:
             return want
-        logger.warning("MLXLLAMA_KERNEL_ISA=%s is not available on this CPU (%s); using %s", want,
-                       ", ".join(have), have[0])
+        _warn_once(f"MLXLLAMA_KERNEL_ISA={want} is not available on this CPU ({', '.join(have)}); using {have[0]}")
     return have[0]
 
 
@@ -719,7 +725,7 @@ def activation_bits() -> int:
     if want in ("8", "16"):
         return int(want)
     if want:
-        logger.warning("MLXLLAMA_KERNEL_ACT=%s: expected 8 or 16; using 16", want)
+        _warn_once(f"MLXLLAMA_KERNEL_ACT={want}: expected 8 or 16; using 16")
     return 16
 
 
