@@ -416,10 +416,13 @@ def _quad_sums(builder, o: _Octet, isa: str, bits: int, R: int, b) -> list:
                 at = builder.add(builder.mul(o.row_pairs, c(r)), builder.add(builder.mul(b, c(8)), c(q)))
                 x = _splat(builder, builder.load(builder.gep(o.pairs, [at]), align=4), 8)
                 sums[r][q % chains] = _dq(builder, isa, narrow, sums[r][q % chains], codes, x, signs)
-    if not narrow:
-        return [_total(builder, chain) for chain in sums]
-    ones = ir.Constant(_vec(_I16, 16), [1] * 16)
-    return [_call(builder, "llvm.x86.avx2.pmadd.wd", v8, [_total(builder, chain), ones]) for chain in sums]
+    totals = [_total(builder, chain) for chain in sums]
+    return [_widened(builder, t) for t in totals] if narrow else totals
+
+
+def _widened(builder, v16):
+    """<16 x i16> -> <8 x i32>, adjacent pairs summed (vpmaddwd against ones)."""
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [v16, ir.Constant(_vec(_I16, 16), [1] * 16)])
 
 
 def _signed_codes(isa: str, act: int, bits: int) -> bool:
@@ -441,10 +444,7 @@ def _dq(builder, isa: str, narrow: bool, acc, codes, x, signs=None):
         if signs is not None:
             xb = _call(builder, "llvm.x86.avx2.psign.b", b32, [xb, signs])
         p = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [builder.bitcast(codes, b32), xb])
-        if narrow:
-            return _kept(builder, builder.add(acc, p))
-        ones = ir.Constant(_vec(_I16, 16), [1] * 16)
-        return _kept(builder, builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", v8, [p, ones])))
+        return _kept(builder, builder.add(acc, p if narrow else _widened(builder, p)))
     m = builder.mul(builder.zext(builder.bitcast(codes, b32), _vec(_I32, 32)),
                     builder.sext(builder.bitcast(x, b32), _vec(_I32, 32)))
     for k in range(4):
