@@ -151,6 +151,30 @@ def test_kernel_fuses_parts_and_dequantizes_exactly():
 
 
 @needs_numba
+def test_symmetric_biases_are_told_not_widened():
+    """Whether biases can be formed from the scales: a SymmetricWeight says so by its factor (its biases are never
+    formed: a vocabulary table's would be a whole-matrix temporary while loading); other weights are compared part
+    by part, up to their last row."""
+    from mlxllama.backends.qmatvec import _biases_are, drops_biases
+    from mlxllama.weights import SymmetricWeight
+
+    class Unformed(SymmetricWeight):
+        @property
+        def biases(self):
+            raise AssertionError("biases formed")
+
+    rng = np.random.default_rng(3)
+    sym = random_qw(rng, 40, 64, 32, 4, symmetric=True)
+    assert drops_biases([Unformed(sym.weight, sym.scales, -8.0, 32, 4)])
+    assert not drops_biases([Unformed(sym.weight, sym.scales, -4.0, 32, 4)])
+    assert _biases_are(sym, np.float32(-8), rows=16)
+    late = QuantizedWeight(sym.weight, sym.scales, sym.biases.copy(), 32, 4)
+    late.biases[-1, -1] += np.float16(0.5)  # past the first two parts of 16 rows
+    assert not _biases_are(late, np.float32(-8), rows=16)
+    assert not drops_biases([sym, late])
+
+
+@needs_numba
 @pytest.mark.parametrize("act", [8, 16])
 @pytest.mark.parametrize("isa", ["generic", None])
 @pytest.mark.parametrize("tie", [False, True])

@@ -610,8 +610,19 @@ def drops_biases(parts: list) -> bool:
     """Whether PackedLinear forms these projections' biases from their scales instead of keeping them: every bias
     is -2**(bits - 1) times its scale (GGUF's Q4_0 and Q8_0)."""
     factor = np.float32(-(1 << (parts[0].bits - 1)))
-    return all(np.array_equal(np.asarray(p.biases, np.float32), factor * np.asarray(p.scales, np.float32))
-               for p in parts)
+    return all(_biases_are(p, factor) for p in parts)
+
+
+def _biases_are(p, factor: np.float32, rows: int = 4096) -> bool:
+    """Whether every bias of p is factor times its scale: told by a SymmetricWeight, else compared in parts of
+    `rows` rows (a vocabulary-sized table's biases are never all widened at once)."""
+    if getattr(p, "bias_factor", None) is not None:
+        return np.float32(p.bias_factor) == factor
+    for r in range(0, p.scales.shape[0], rows):
+        scales = np.asarray(p.scales[r: r + rows], np.float32)
+        if not np.array_equal(np.asarray(p.biases[r: r + rows], np.float32), factor * scales):
+            return False
+    return True
 
 
 class PackedLinear:
