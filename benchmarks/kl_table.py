@@ -48,7 +48,8 @@ def main() -> None:
     ops = backends.get_ops(a.backend, numpy_weights="float32")
     base = Model(args, dict(f32), ops)
     t0 = time.perf_counter()
-    base_lp = list(model_logprobs(base, windows))
+    full = CacheSettings(kv_dtype="float32") if ops.float_bytes == 4 else CacheSettings()  # the reference's KV
+    base_lp = list(model_logprobs(base, windows, cache_settings=full))
     ref = summarize(np.concatenate([nll_of(lp, w[None]) for lp, w in zip(base_lp, windows)]).ravel(),
                     len(windows), a.ctx)
     print(f"text: {a.text}, {windows.size} tokens in {len(windows)} windows of {a.ctx}; backend {ops.name}; "
@@ -58,18 +59,18 @@ def main() -> None:
     q8, _ = quantize_weights(f32, args, 64, 8, np.float32)
     quant_ops = backends.get_ops(a.backend, numpy_weights="quantized")
     rows = [
-        ("Q4_1 (as stored; weights kept packed)", weights, quant_ops, CacheSettings()),
+        ("Q4_1 (as stored; weights kept packed)", weights, quant_ops, full),
         ("F32 copy, KV float16", f32, ops, CacheSettings(kv_dtype="float16")),
         ("F32 copy, KV 8-bit g64", f32, ops, CacheSettings(kv_bits=8)),
         ("F32 copy, KV 4-bit g64", f32, ops, CacheSettings(kv_bits=4)),
         ("Q4_1, KV 8-bit g64", weights, quant_ops, CacheSettings(kv_bits=8)),
         ("Q4_1, KV 4-bit g64", weights, quant_ops, CacheSettings(kv_bits=4)),
-        ("F32 copy requantized 8-bit g64", q8, quant_ops, CacheSettings()),
-        ("F32 copy requantized 4-bit g64", q4, quant_ops, CacheSettings()),
+        ("F32 copy requantized 8-bit g64", q8, quant_ops, full),
+        ("F32 copy requantized 4-bit g64", q4, quant_ops, full),
     ]
     print("| weights / KV | PPL | KL mean +- err | KL p99 | top-1 agree |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| F32 reference, KV {8 * ops.kv_bytes}-bit | {ref.ppl:.4f} | 0 | 0 | 100% |")
+    print(f"| F32 reference, KV {8 * (4 if full.kv_dtype else ops.kv_bytes)}-bit | {ref.ppl:.4f} | 0 | 0 | 100% |")
     for name, w, o, s in rows:
         m = Model(args, dict(w), o)
         nll, kls, same = [], [], []

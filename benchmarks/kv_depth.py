@@ -22,7 +22,7 @@ def main() -> None:
     from mlxllama import backends, loaders
     from mlxllama.accounting import account_weights, kv_element_bytes
     from mlxllama.bench.run import decode_tps, resident_weights
-    from mlxllama.cache import CacheSettings
+    from mlxllama.cache import CacheSettings, for_backend
     from mlxllama.model import Model
 
     ap = argparse.ArgumentParser()
@@ -41,9 +41,9 @@ def main() -> None:
         model = Model(args, weights, ops)
         first = None
         for bits in (None, 8, 4):
-            s = CacheSettings(kv_bits=bits)
+            s = for_backend(CacheSettings(kv_bits=bits), ops)
             acc = account_weights(args, resident_weights(weights, ops),
-                                           kv_bytes=kv_element_bytes(ops.kv_bytes, bits, s.kv_group_size))
+                                  kv_bytes=kv_element_bytes(ops.float_bytes, bits, s.kv_group_size, s.kv_dtype))
             rng = np.random.default_rng(0)
             tps = decode_tps(model, rng.integers(10, 30000, (1, 1)), a.n, rng.integers(10, 30000, (1, a.depth)),
                              settings=s)

@@ -93,7 +93,7 @@ KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of -
 MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the latest (a rotating window)."
 
 
-KV_DTYPE_HELP = "float16: keep K and V as float16 (half a float32 cache; llama.cpp's default cache type)."
+from mlxllama_cli.options import KV_DTYPE_HELP  # noqa: E402
 
 
 def _kv_kwargs(kv_bits, kv_group_size, max_kv_size, kv_dtype=None) -> dict:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from mlxllama.errors import UsageError
+from mlxllama_cli.options import KV_DTYPE_HELP
 
 MODEL_HELP = "Model: a local HF/MLX folder, a .gguf file, an HF repo id, or 'default'."
 
@@ -18,7 +19,10 @@ def memory_lines(args, weights, ops, ctx: int, batch: int, settings, chip=None) 
     from mlxllama import memory
     from mlxllama.bench.chips import memory_sizes_gb
 
-    need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.kv_bytes, settings)
+    from mlxllama.cache import for_backend
+
+    need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.float_bytes,
+                              for_backend(settings, ops))
     devices = memory.chip_memories(chip, memory_sizes_gb(chip)) if chip is not None else [memory.device_memory(ops)]
     if not devices:
         raise UsageError(f"the chip table has no memory sizes for {chip.name}")
@@ -51,8 +55,7 @@ def fit(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: a quantized KV cache."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Group size of --kv-bits."),
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="A rotating KV window of N positions."),
-    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep K and V as float16 (half a "
-                                                                    "float32 cache; llama.cpp's default)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_DTYPE_HELP),
     chip: Optional[str] = typer.Option(None, "--chip", help="Check against each memory size of a chip from the table "
                                                             "(e.g. 'M2 Max') instead of this machine."),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy: how the weights will be held."),
@@ -100,8 +103,7 @@ def perplexity(
                                                                            "here (for a later --kl-base)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="8 or 4: score with a quantized KV cache."),
     kv_group_size: int = typer.Option(64, "--kv-group-size"),
-    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep K and V as float16 (half a "
-                                                                    "float32 cache; llama.cpp's default)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_DTYPE_HELP),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | numpy"),
     numpy_weights: Optional[str] = typer.Option(None, "--numpy-weights", help="numpy: float32 or quantized."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

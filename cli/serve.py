@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from mlxllama.errors import UsageError
+from mlxllama_cli.options import KV_DTYPE_HELP
 
 NUMPY_WEIGHTS_HELP = ("numpy backend only: auto, fused (4/8-bit weights as stored, fastest decode; needs numba), "
                       "float32 or quantized; default: $MLXLLAMA_NUMPY_WEIGHTS or auto.")
@@ -55,8 +56,7 @@ def serve(
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Keep at most N positions per sequence: "
                                                                          "the first 4 and the latest (a rotating "
                                                                          "window; combines with --kv-bits)."),
-    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="float16: keep each sequence's K and V as "
-                                                                    "float16 (half a float32 cache)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_DTYPE_HELP),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="lookup (n-gram from each prompt and reply) "
                                             "or draft (--draft-model): each greedy or sampled stream verifies up "
                                             "to --num-draft tokens per forward pass, same output; batching stays "

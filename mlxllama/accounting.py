@@ -15,10 +15,11 @@ from .weights import LAYER_LINEARS, GGMLWeight, QuantizedWeight
 
 def kv_element_bytes(float_bytes: int, kv_bits: int | None = None, group_size: int = 64,
                      kv_dtype: str | None = None) -> float:
-    """Bytes one K or V element takes in the cache: the float size (2 for a float16 cache, kv_dtype "float16"), or
-    bits/8 plus a scale and a bias (float_bytes each) per group."""
+    """Bytes one K or V element takes in the cache: float_bytes (the backend's float size) for a float cache with
+    kv_dtype None, 2 or 4 for "float16" or "float32" (cache.for_backend says which a backend keeps), or bits/8 plus
+    a scale and a bias (float_bytes each) per group."""
     if kv_bits is None:
-        return 2.0 if kv_dtype == "float16" else float(float_bytes)
+        return {"float16": 2.0, "float32": 4.0}.get(kv_dtype, float(float_bytes))
     return kv_bits / 8 + 2 * float_bytes / group_size
 
 

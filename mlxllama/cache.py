@@ -32,7 +32,7 @@ CacheSettings says which one a generation, a chat or a server slot wants; make_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .accounting import kv_element_bytes  # noqa: F401  (re-exported)
 from .backends.contract import QuantizedKV
@@ -40,14 +40,15 @@ from .errors import UsageError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
-KV_DTYPES = ("float16",)
+KV_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
 class CacheSettings:
     """kv_bits: None (float K/V) or 4 / 8; kv_group_size: the quantization group along head_dim;
     max_kv_size: None (every position) or a rotating window of that many positions, the first `keep` kept;
-    kv_dtype: None (float K/V in the backend's dtype) or "float16" (stored as float16; a float cache only)."""
+    kv_dtype: a float cache's storage: None (the backend's choice, its kv_dtype: float16 on the numpy backend, as
+    llama.cpp's cache; the activations' dtype on MLX), "float16" or "float32" (a float32 backend's dtype)."""
 
     kv_bits: int | None = None
     kv_group_size: int = 64
@@ -63,9 +64,9 @@ class CacheSettings:
         if self.kv_bits is not None and head_dim is not None and head_dim % self.kv_group_size:
             raise UsageError(f"--kv-group-size {self.kv_group_size} does not divide the head size {head_dim}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
-            raise UsageError(f"--kv-dtype must be float16, got {self.kv_dtype}")
+            raise UsageError(f"--kv-dtype must be float16 or float32, got {self.kv_dtype}")
         if self.kv_dtype is not None and self.kv_bits is not None:
-            raise UsageError("--kv-dtype float16 is a float cache; it does not combine with --kv-bits")
+            raise UsageError(f"--kv-dtype {self.kv_dtype} is a float cache; it does not combine with --kv-bits")
         if self.max_kv_size is not None:
             if self.max_kv_size <= self.keep:
                 raise UsageError(f"--max-kv-size must be more than the {self.keep} kept first tokens, "
@@ -77,9 +78,22 @@ class CacheSettings:
         return self.kv_bits is None and self.max_kv_size is None and self.kv_dtype is None
 
 
+def for_backend(settings: CacheSettings | None, ops) -> CacheSettings:
+    """settings with a float cache's storage as `ops` keeps it: kv_dtype "float16" or "float32", or None (the
+    backend's float dtype). What the caches and the byte counts (accounting) take; settings it returned come back
+    unchanged."""
+    s = settings or CacheSettings()
+    if s.kv_bits is not None:
+        return s
+    if s.kv_dtype == "float32" and ops.float_bytes != 4:
+        raise UsageError(f"--kv-dtype float32: the {ops.name} backend computes in {8 * ops.float_bytes}-bit floats "
+                         "here; its cache is float16")
+    return replace(s, kv_dtype=s.kv_dtype or ops.kv_dtype)
+
+
 def make_cache(ops, args, batch: int, max_len: int | None = None, settings: CacheSettings | None = None):
     """The cache `settings` asks for, for a model of `args`: exactly max_len tokens, or growing up to the context."""
-    s = (settings or CacheSettings()).validate(args.head_dim)
+    s = for_backend((settings or CacheSettings()).validate(args.head_dim), ops)
     shape = (ops, args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim)
     length = max_len or args.max_position_embeddings
     if s.max_kv_size is not None:
@@ -120,6 +134,7 @@ class KVCache:
             CacheSettings(kv_bits=bits, kv_group_size=group_size).validate(head_dim)
         self.bits, self.group_size = bits, group_size
         CacheSettings(kv_bits=bits, kv_dtype=dtype).validate()
+        dtype = None if dtype == "float32" else dtype
         self.dtype = dtype  # None: the backend's float dtype; "float16": stored as float16, read back widened
         self._stored_dtype = ops.float16_dtype if dtype == "float16" else None
         # per layer, a tuple of buffers for the keys and one for the values (one array; quantized: data, scales,
@@ -192,7 +207,7 @@ class KVCache:
     @property
     def bytes_per_position(self) -> float:
         """K and V of one position, every layer (quantized: scales and biases included)."""
-        element = kv_element_bytes(self.ops.kv_bytes, self.bits, self.group_size, self.dtype)
+        element = kv_element_bytes(self.ops.float_bytes, self.bits, self.group_size, self.dtype)
         return 2 * len(self.keys) * self.batch * self.kv_heads * self.head_dim * element
 
     def prefix_length(self, n: int) -> int:

@@ -262,7 +262,9 @@ def check_model(model, ctx: int, batch: int = 1, settings=None, dev: DeviceMemor
     the weights it holds. Raises DoesNotFit before the cache is allocated. For the serve engine: call it with the
     slot count and the context each slot may reach."""
     ops = model.ops
-    need = memory_need(model.args, model.resident_nbytes, ctx, batch, ops.float_bytes, settings)
+    from .cache import for_backend
+
+    need = memory_need(model.args, model.resident_nbytes, ctx, batch, ops.float_bytes, for_backend(settings, ops))
     ensure_fits(need, dev or device_memory(ops), model.args)
     return need
 

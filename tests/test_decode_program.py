@@ -75,6 +75,15 @@ def assert_close(got, want, tol=2e-4):
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
 
 
+def assert_kv_close(a, b):
+    """Cache contents of the program's steps and op by op: float32 to 2e-4 of the largest; a float16 cache (the
+    numpy backend's default) one float16 step apart at most, where the float32 values fell either side of one."""
+    assert a.dtype == b.dtype
+    tol = 1e-3 if a.dtype == np.float16 else 2e-4
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 64)])
 @pytest.mark.parametrize("tie", [False, True])
@@ -89,7 +98,7 @@ def test_program_matches_op_by_op(bits, group, tie, threads):
         for a, b in ((got_cache.keys[layer][0], want_cache.keys[layer][0]),
                      (got_cache.values[layer][0], want_cache.values[layer][0])):
             n = got_cache.offset
-            np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=0, atol=2e-4 * np.abs(b[:, :, :n]).max())
+            assert_kv_close(a[:, :, :n], b[:, :, :n])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -231,7 +240,7 @@ def assert_same_caches(got, want):
         n = g.offset
         for layer in range(len(g.keys)):
             for a, b in ((g.keys[layer][0], w.keys[layer][0]), (g.values[layer][0], w.values[layer][0])):
-                np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=0, atol=2e-4 * np.abs(b[:, :, :n]).max())
+                assert_kv_close(a[:, :, :n], b[:, :, :n])
 
 
 def batch_with_and_without(model, settings=None):
@@ -349,46 +358,48 @@ def test_batch_steps_choose_their_threads_by_timing():
 # -- float16 caches (CacheSettings(kv_dtype="float16")): read and written by the program as their bits ----------------
 
 HALF = CacheSettings(kv_dtype="float16")
+FULL = CacheSettings(kv_dtype="float32")
 
 
-def assert_close_caches(got_cache, want_cache, tol):
+def assert_close_caches(got_cache, want_cache):
     n = got_cache.offset
     for layer in range(len(got_cache.keys)):
         for a, b in ((got_cache.keys[layer][0], want_cache.keys[layer][0]),
                      (got_cache.values[layer][0], want_cache.values[layer][0])):
-            assert a.dtype == b.dtype == np.float16
-            a, b = a[:, :, :n].astype(np.float32), b[:, :, :n].astype(np.float32)
-            np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+            assert_kv_close(a[:, :, :n], b[:, :, :n])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("head_dim", [16, 32, 64])  # 16: the plain loops; 32, 64: numpy_attend's IR
-def test_program_steps_a_float16_cache(head_dim, threads):
+@pytest.mark.parametrize("kv", [HALF, FULL], ids=["float16", "float32"])
+def test_program_steps_a_float16_or_float32_cache(head_dim, threads, kv):
     model = tiny_model(head_dim=head_dim)
     force_threads(model, threads)
-    got, want, got_cache, want_cache = with_and_without(model, HALF)
+    got, want, got_cache, want_cache = with_and_without(model, kv)
     assert model._decode._kv_src is got_cache.keys[0][0]  # the program took the steps
+    assert got_cache.keys[0][0].dtype == (np.float16 if kv is HALF else np.float32)
     assert_close(got, want)
-    assert_close_caches(got_cache, want_cache, 1e-3)  # a float16 step apart at most
+    assert_close_caches(got_cache, want_cache)
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
-def test_batch_steps_with_float16_caches(head_dim):
+@pytest.mark.parametrize("kv", [HALF, FULL], ids=["float16", "float32"])
+def test_batch_steps_with_float16_or_float32_caches(head_dim, kv):
     model = tiny_model(head_dim=head_dim)
-    got, want, got_caches, want_caches = batch_with_and_without(model, HALF)
+    got, want, got_caches, want_caches = batch_with_and_without(model, kv)
     assert model._decode.rows._addresses  # the program took the steps
     for g, w in zip(got, want):
         if w is not None:
             assert_close(g, w)
     for g, w in zip(got_caches, want_caches):
-        assert_close_caches(g, w, 1e-3)
+        assert_close_caches(g, w)
 
 
 def test_float32_and_float16_caches_in_one_batch_step_op_by_op():
     model = tiny_model(head_dim=32)
 
     def run():
-        caches = [model.make_cache(1, settings=s) for s in (None, HALF)]
+        caches = [model.make_cache(1, settings=s) for s in (FULL, HALF)]
         for p, c in zip(PROMPTS, caches):
             model(p[None, :], c)
         return model.forward_batch([MORE[:3], MORE[3:4]], caches, [3, 1])

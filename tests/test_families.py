@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import full_kv
 from mlxllama import loaders
 from mlxllama.backends import get_ops
 from mlxllama.config import from_hf_dict
@@ -75,7 +76,7 @@ def reference(model) -> np.ndarray:
 
 def chunked_logits(model: Model) -> np.ndarray:
     """Prefill in uneven chunks, then single-token steps: the cache, the offsets and the window all take part."""
-    cache = model.make_cache(batch_size=2)
+    cache = model.make_cache(batch_size=2, settings=full_kv(model.ops))
     parts = [model(TOKENS[:, :13], cache), model(TOKENS[:, 13:30], cache)]
     parts += [model(TOKENS[:, i: i + 1], cache) for i in range(30, 40)]
     return np.concatenate([model.ops.to_numpy(p) for p in parts], axis=1)

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import TINY, random_weights
+from conftest import TINY, full_kv, random_weights
 from mlxllama.backends import get_ops
 from mlxllama.backends import numpy_ops
 from mlxllama.config import from_hf_dict
@@ -30,7 +30,7 @@ def tiny(tie: bool = False, bits: int | None = 4, seed: int = 0, **kw):
 
 def logits(model, tokens, split: int) -> np.ndarray:
     """Prefill tokens[:, :split] (one chunk), then one token at a time: every logit row."""
-    cache = model.make_cache(tokens.shape[0])
+    cache = model.make_cache(tokens.shape[0], settings=full_kv(model.ops))
     parts = [model(tokens[:, :split], cache)]
     parts += [model(tokens[:, i: i + 1], cache) for i in range(split, tokens.shape[1])]
     return np.concatenate([model.ops.to_numpy(p) for p in parts], axis=1)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from conftest import smollm2_path
+from conftest import full_kv, smollm2_path
 from mlxllama.backends.numpy_ops import NumpyOps
 from mlxllama.cache import make_cache
 from mlxllama.loaders.gguf import load_gguf, read_gguf_metadata
@@ -185,7 +185,7 @@ def _logits(path: Path, ops, dense: bool = False) -> tuple[np.ndarray, Model]:
     if dense:
         weights = {k: w.dequantize() if isinstance(w, GGMLWeight) else w for k, w in weights.items()}
     model = Model(args, weights, ops)
-    out = model(ops.asarray(TOKENS), make_cache(ops, args, 1))
+    out = model(ops.asarray(TOKENS), make_cache(ops, args, 1, settings=full_kv(ops)))
     return ops.to_numpy(out).astype(np.float32), model
 
 
@@ -200,7 +200,7 @@ def test_both_backends_run_the_tiny_files(tiny_quants, ft):
     np.testing.assert_allclose(got, ref, atol=2e-5 * scale)
     assert model.embed.__class__ is kquants.KQuantLinear and model.layers[0].down.__class__ is kquants.KQuantLinear
     args, weights, _ = load_gguf(path)
-    one = model(model.ops.asarray(TOKENS[:, :1]), make_cache(model.ops, args, 1))
+    one = model(model.ops.asarray(TOKENS[:, :1]), make_cache(model.ops, args, 1, settings=full_kv(model.ops)))
     np.testing.assert_allclose(one[0, 0], ref[0, 0], atol=2e-5 * scale)
 
     pytest.importorskip("mlx.core")
@@ -209,7 +209,7 @@ def test_both_backends_run_the_tiny_files(tiny_quants, ft):
     ops = MLXOps()
     got, model = _logits(path, ops)
     np.testing.assert_allclose(got, ref, atol=5e-5 * scale)
-    one = model(ops.asarray(TOKENS[:, :1]), make_cache(ops, args, 1))  # a single-token step: mx.compile's path
+    one = model(ops.asarray(TOKENS[:, :1]), make_cache(ops, args, 1, settings=full_kv(ops)))  # a single-token step: mx.compile's path
     np.testing.assert_allclose(ops.to_numpy(one)[0, 0], ref[0, 0], atol=5e-5 * scale)
     assert sum(ops.prepared_nbytes(w) for w in weights.values()) == _held_bytes(model)
 

@@ -171,7 +171,9 @@ def test_fit_takes_kv_dtype_and_refuses_a_bad_one_in_one_line(tiny_hf):
     assert ok.returncode == 0, ok.stderr
     assert "16-bit" in ok.stdout
     bad = subprocess.run(cli + ["--kv-dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --kv-dtype must be float16, got bfloat16"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --kv-dtype must be float16 or float32, got bfloat16"
+    full = subprocess.run(cli + ["--kv-dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0 and "32-bit" in full.stdout, full.stderr
 
 
 def test_the_benchmarks_rounding_switch_reaches_every_gguf_product(tiny_quants, monkeypatch):

@@ -11,7 +11,8 @@ import pytest
 from conftest import TINY, random_weights
 from mlxllama.backends import get_ops
 from mlxllama.backends.contract import QuantizedKV
-from mlxllama.cache import CacheSettings, KVCache, QuantizedKVCache, RotatingKVCache, kv_element_bytes
+from mlxllama.cache import (CacheSettings, KVCache, QuantizedKVCache, RotatingKVCache, for_backend,
+                            kv_element_bytes)
 from mlxllama.config import ModelArgs
 from mlxllama.errors import UsageError
 from mlxllama import memory
@@ -74,9 +75,9 @@ def test_quantized_cache_decodes_like_one_pass_and_is_smaller(backend, bits):
     assert isinstance(c, QuantizedKVCache)
     parts = [m.ops.to_numpy(m(TOKENS[:, :30], c))] + [m.ops.to_numpy(m(TOKENS[:, i:i + 1], c)) for i in range(30, 48)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), one, atol=1e-4)
-    full = m.make_cache(1, max_len=48)
+    full = m.make_cache(1, max_len=48)  # the backend's default float cache (numpy: float16)
     m(TOKENS, full)
-    assert c.nbytes / full.nbytes == pytest.approx(kv_element_bytes(m.ops.kv_bytes, bits, 32) / m.ops.kv_bytes)
+    assert c.nbytes / full.nbytes == pytest.approx(kv_element_bytes(m.ops.float_bytes, bits, 32) / m.ops.kv_bytes)
     assert c.trim(5) == 5 and c.offset == 43  # speculative rollback works as on KVCache
     float_logits = m.ops.to_numpy(m(TOKENS, m.make_cache()))
     assert np.abs(one - float_logits).max() < (0.1 if bits == 8 else 1.0)  # close, not equal: it is quantized
@@ -88,7 +89,7 @@ class _Selecting(KVCache):
     """Reference: keeps every position, attends to the first `keep` and the latest max_size - keep."""
 
     def __init__(self, *a, max_size, keep):
-        super().__init__(*a, 1000, grow=True)
+        super().__init__(*a, 1000, grow=True, dtype=for_backend(None, a[0]).kv_dtype)  # the cache it stands beside
         self.max_size, self.keep = max_size, keep
 
     def update(self, layer, k, v):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_hf_folder
+from conftest import full_kv, make_hf_folder
 from mlxllama.backends import get_ops
 from mlxllama.loaders import load
 from mlxllama.model import Model
@@ -45,7 +45,7 @@ def test_logits_match_transformers(variant_folders, variant, backend):
     want = reference_logits(folder, tokens)
     args, weights, _ = load(folder)
     model = Model(args, weights, get_ops(backend))
-    cache = model.make_cache(batch_size=2)
+    cache = model.make_cache(batch_size=2, settings=full_kv(model.ops))
     # prefill in uneven chunks, then single-token decode steps: exercises the cache and the causal offsets
     parts = [model(tokens[:, :33], cache), model(tokens[:, 33:70], cache)]
     parts += [model(tokens[:, i: i + 1], cache) for i in range(70, 80)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import smollm2_path
+from conftest import full_kv, smollm2_path
 from mlxllama.backends import get_ops, numpy_kernels, numpy_ops
 from mlxllama.generate import generate_step
 from mlxllama.model import Model
@@ -202,8 +202,9 @@ def test_fused_mode_matches_float32_mode(tie, bits, isa, act, monkeypatch):
     cache = fused.make_cache(1)
     np.testing.assert_allclose(fused.ops.to_numpy(fused(TOKENS[:, :12], cache)), want[:, :12], rtol=0,
                                atol=tol * scale)
-    ids = TOKENS[0, :12].tolist()
-    assert list(generate_step(fused, ids, 12)) == list(generate_step(dense, ids, 12))
+    ids, kv = TOKENS[0, :12].tolist(), full_kv(fused.ops)
+    assert list(generate_step(fused, ids, 12, cache_settings=kv)) == list(generate_step(dense, ids, 12,
+                                                                                        cache_settings=kv))
 
 
 @needs_numba

@@ -45,7 +45,8 @@ class Backend(Protocol):
     float_dtype: Any  # the dtype of activations, dense weights as held, and the KV cache
     float16_dtype: Any  # the backend's float16 (a float16 KV cache stores it)
     float_bytes: int  # bytes per element of float_dtype
-    kv_bytes: int  # bytes per K or V element in the cache
+    kv_dtype: str | None  # a float cache's storage unless asked otherwise: "float16", or None (float_dtype)
+    kv_bytes: int  # bytes per K or V element in a float cache kept as kv_dtype
 
     def device(self) -> str: ...
     def peak_memory(self) -> int: ...  # bytes: the backend's own peak allocation, or the process's peak RSS

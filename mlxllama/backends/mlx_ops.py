@@ -26,6 +26,7 @@ class MLXOps:
     name = "mlx"
     lazy = True
     keeps_quantized = True
+    kv_dtype = None  # the activations' dtype: float16 on a GPU; float32 on the CPU, where half is emulated
 
     def __init__(self, dtype=None, group=None):
         # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where MLX emulates half precision.

@@ -115,7 +115,8 @@ class NumpyOps:
     lazy = False
     float_dtype = np.float32
     float16_dtype = np.float16
-    float_bytes = kv_bytes = 4
+    float_bytes = 4
+    kv_dtype, kv_bytes = "float16", 2  # as llama.cpp's cache: half the bytes, and half the reads a step
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
         """weights: "auto" (default), "fused", "float32" or "quantized" (see the module doc). threads: workers

@@ -96,7 +96,7 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
     parallel (under mlx.launch): each model over the ranks (distributed.setup); rank 0 times and returns the
     submissions, which record the node count and `link`; the other ranks serve it and return None."""
     from .. import backends
-    from ..cache import CacheSettings, kv_element_bytes
+    from ..cache import for_backend, kv_element_bytes
 
     progress = progress or (lambda label, done, total: None)
     if parallel is not None:
@@ -124,9 +124,9 @@ def run_bench(*, models: list[str], n_prompt: int, n_gen: int, repetitions: int,
         else:
             args, weights, tokenizer = loaders.load(path)
             model = Model(args, weights, ops)
-            kv = cache_settings or CacheSettings()
-            acc = roofline.account_weights(args, resident_weights(weights, ops),
-                                           kv_bytes=kv_element_bytes(ops.kv_bytes, kv.kv_bits, kv.kv_group_size))
+            kv = for_backend(cache_settings, ops)
+            acc = roofline.account_weights(args, resident_weights(weights, ops), kv_bytes=kv_element_bytes(
+                ops.float_bytes, kv.kv_bits, kv.kv_group_size, kv.kv_dtype))
             file_bytes = sum(int(w.nbytes) for w in weights.values())  # as stored, before a backend widens them
         specials = set(tokenizer.eos_ids) | ({tokenizer.bos_id} if tokenizer.bos_id is not None else set())
         ordinary = np.array([t for t in range(min(args.vocab_size, 32000)) if t not in specials])

@@ -543,8 +543,8 @@ def check_options(config: ServeConfig) -> None:
     check_speculation(config.speculate, config.num_draft, config.draft_model is not None)
 
 
-def _kv_label(config: ServeConfig) -> str:
-    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else f"{config.kv_dtype or 'float'} KV"
+def _kv_label(config: ServeConfig, ops) -> str:
+    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else f"{config.kv_dtype or ops.kv_dtype or 'float'} KV"
     if config.max_kv_size:
         kv += f", window {config.max_kv_size}"
     return kv + (f", speculate {config.speculate} k<={config.num_draft}" if config.speculate else "")
@@ -600,7 +600,7 @@ def run(config: ServeConfig) -> None:
     shown = sorted(repr(n) for n in app.state.model_names if n != str(path))
     names = "any model name" if config.any_model else f"model names {', '.join(shown)} and the file's path"
     print(f"mlxllama serve: {model_id} on http://{config.host}:{config.port}/v1 ({model.device}, "
-          f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config)})\n"
+          f"max batch {config.max_batch}, context {engine.ctx}, {_kv_label(config, model.ops)})\n"
           f"  requests that leave them out get: {describe(values)} ({source}), max tokens "
           f"{min(config.max_tokens, engine.ctx)}; accepting {names}", flush=True)
     try:
