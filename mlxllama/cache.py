@@ -20,14 +20,16 @@ positions at the same time: a step's offset, a rollback and a prefix are one dec
 
 Two independent choices, so every combination exists:
   storage   float K/V in the backend's dtype; or float16 (`dtype="float16"`: half the bytes of a float32
-            backend, llama.cpp's default cache type; `update` returns them widened to the backend's dtype); or
+            backend, llama.cpp's default cache type and the numpy backend's unless asked otherwise; `update`
+            returns them widened to the backend's dtype); or
             quantized along head_dim as stored (`bits` 8 or 4: MLX's affine format, a scale and a bias per
             group); `update` then returns QuantizedKV tuples that ops.attention attends to without widening the
             cache (on MLX, mx.quantized_matmul, as mlx-lm does).
   window    every position (KVCache, QuantizedKVCache), or RotatingKVCache: at most `max_size` positions, the
             first `keep` (attention sinks) and a ring of the most recent max_size - keep (mlx-lm's). Positions
             keep counting (RoPE sees the true ones).
-CacheSettings says which one a generation, a chat or a server slot wants; make_cache builds it.
+CacheSettings says which one a generation, a chat or a server slot wants; for_backend fills in the backend's float
+storage (ops.kv_dtype) where it leaves it unset; make_cache builds it.
 """
 
 from __future__ import annotations
