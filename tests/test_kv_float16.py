@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, random_weights  # noqa: F401  (tiny_model's config)
 from mlxllama import accounting, memory
 from mlxllama.backends import kquants
-from mlxllama.cache import CacheSettings, KVCache, RotatingKVCache, kv_element_bytes
+from mlxllama.cache import CacheSettings, KVCache, RotatingKVCache, for_backend, kv_element_bytes
 from mlxllama.errors import UsageError
 from test_kquants import tiny_quants  # noqa: F401  (a fixture)
 from test_memkv import TOKENS, tiny_model
@@ -30,6 +30,35 @@ def test_float16_cache_stores_half_and_reads_back_the_rounded_values(backend):
     assert back.dtype == np.float32  # widened to the backend's dtype on reading
     np.testing.assert_array_equal(back, m.ops.to_numpy(k).astype(np.float16).astype(np.float32))
     assert "float16" in str(c.keys[0][0].dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_an_unset_kv_dtype_is_the_backends_choice_and_counted_as_held(backend):
+    """numpy keeps a float cache as float16 unless asked for float32; MLX in its activations' dtype (float32 on the
+    CPU). for_backend says so once (its answer comes back unchanged), and the byte counts are the buffers' bytes."""
+    m = tiny_model(backend)
+    ops, a = m.ops, m.args
+    want = {"numpy": "float16", "mlx": None}[backend]
+    assert ops.kv_dtype == want and for_backend(None, ops).kv_dtype == want
+    for s in (None, CacheSettings(kv_dtype="float32"), CacheSettings(kv_dtype="float16"),
+              CacheSettings(kv_bits=8, kv_group_size=32)):
+        r = for_backend(s, ops)
+        assert for_backend(r, ops) == r
+        c = m.make_cache(1, max_len=40, settings=s)
+        m(TOKENS[:, :40], c)
+        stored = "float16" if r.kv_dtype == "float16" else "float32"
+        assert r.kv_bits or stored in str(c.keys[0][0].dtype)
+        assert c.bytes_per_position * 40 == c.nbytes
+        assert accounting.kv_bytes(a, 40, 1, ops.float_bytes, r) == c.nbytes
+    assert ops.kv_bytes == (2 if backend == "numpy" else 4)
+
+
+def test_a_float32_cache_is_refused_where_the_backend_computes_in_float16():
+    mx = pytest.importorskip("mlx.core")
+    from mlxllama.backends.mlx_ops import MLXOps
+
+    with pytest.raises(UsageError, match="--kv-dtype float32: the mlx backend computes in 16-bit floats"):
+        for_backend(CacheSettings(kv_dtype="float32"), MLXOps(dtype=mx.float16))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "mlx"])
