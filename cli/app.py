@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from mlxllama.errors import MlxLlamaError
+from mlxllama_cli.options import KV_DTYPE_HELP
 
 # -h as well as --help; help as wide as the terminal (click caps it at 80 columns otherwise). Examples sit in
 # "\b" paragraphs, which click never rewraps, so they can be pasted whatever the width.
@@ -91,9 +92,6 @@ NUMPY_WEIGHTS_HELP = ("numpy backend only: auto, fused (4/8-bit weights as store
 
 KV_BITS_HELP = "Quantize the KV cache to 8 or 4 bits (MLX affine, per group of --kv-group-size along each head)."
 MAX_KV_HELP = "Keep at most N positions in the KV cache: the first 4 and the latest (a rotating window)."
-
-
-from mlxllama_cli.options import KV_DTYPE_HELP  # noqa: E402
 
 
 def _kv_kwargs(kv_bits, kv_group_size, max_kv_size, kv_dtype=None) -> dict:
