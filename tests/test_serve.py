@@ -356,10 +356,13 @@ def test_quantized_kv_server_answers(tiny32, kv):
                 model=MODEL_ID, messages=msgs, max_tokens=12, temperature=0), MSGS[:2]))
         again = c.chat.completions.create(model=MODEL_ID, messages=MSGS[0], max_tokens=12, temperature=0)
     for msgs, r in zip(MSGS[:2], got):
-        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens_details.cached_tokens == 0
+        assert r.usage.completion_tokens >= 1
         assert r.choices[0].message.content == mlxllama.generate(m, tok, msgs, max_tokens=12, **kv)
-    # the prefix cache keeps quantized or float16 KV as stored: a repeat reuses it and answers the same
-    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    # the two race: the later may reuse the template's start the earlier stored, never more
+    shared = max(r.usage.prompt_tokens_details.cached_tokens for r in got)
+    assert shared < min(r.usage.prompt_tokens for r in got) // 2
+    # the prefix cache keeps quantized or float16 KV as stored: a repeat reuses its whole prompt and answers the same
+    assert again.usage.prompt_tokens_details.cached_tokens > shared
     assert again.choices[0].message.content == got[0].choices[0].message.content
 
 
