@@ -41,7 +41,7 @@ def child(model: str, backend: str, numpy_weights: str | None, prompt: int, gen:
     import mlxllama
     from mlxllama import backends
     from mlxllama.generate import generate_step
-    from mlxllama.cache import CacheSettings, for_backend
+    from mlxllama.cache import CacheSettings
     from mlxllama.memory import kv_bytes
 
     backends.get_ops(backend, numpy_weights=numpy_weights)  # import the backend's libraries first
@@ -56,7 +56,7 @@ def child(model: str, backend: str, numpy_weights: str | None, prompt: int, gen:
     for _ in generate_step(m, ids, gen, cache_settings=settings):
         pass
     run_peak = _status("VmHWM") - base
-    kv = kv_bytes(m.args, prompt + gen, 1, m.ops.float_bytes, for_backend(settings, m.ops))
+    kv = kv_bytes(m.args, prompt + gen, 1, m.ops, settings)
     return {"backend": backend if numpy_weights is None else f"{backend} {numpy_weights}",
             "weights": m.resident_nbytes, "kv": kv, "load_peak": load_peak, "after_load": after_load,
             "run_peak": run_peak, "base": base}

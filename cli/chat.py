@@ -162,16 +162,15 @@ class Replies:
     since the last one."""
 
     def __init__(self, model, tok, sampling, max_tokens: int, cache_kwargs: dict | None):
-        from mlxllama.cache import CacheSettings, for_backend
+        from mlxllama.cache import CacheSettings
         from mlxllama.engine import Engine
         from mlxllama.memory import kv_bytes
         from mlxllama.prefix_cache import PrefixCache
 
         self.model, self.tok, self.sampling, self.max_tokens = model, tok, sampling, max_tokens
-        self.settings = for_backend(CacheSettings(**(cache_kwargs or {})).validate(model.args.head_dim), model.ops)
+        self.settings = CacheSettings(**(cache_kwargs or {})).validate(model.args.head_dim)
         a = model.args
-        budget = min(CHAT_PREFIX_CACHE_BYTES, kv_bytes(a, a.max_position_embeddings, 1, model.ops.float_bytes,
-                                                       self.settings))
+        budget = min(CHAT_PREFIX_CACHE_BYTES, kv_bytes(a, a.max_position_embeddings, 1, model.ops, self.settings))
         self.engine = Engine(model, tok, max_batch=1, max_queue=1, prefix_cache=PrefixCache(budget),
                              make_cache=lambda n: model.make_cache(1, max_len=n, settings=self.settings))
 
@@ -185,7 +184,7 @@ class Replies:
         ids = prompt_tokens(self.tok, history, system=system)
         length = min(self.engine.ctx, len(ids) + self.max_tokens)
         check_model(self.model, length, 1, self.settings)
-        with wired_limit(self.model, kv_bytes(self.model.args, length, 1, self.model.ops.float_bytes, self.settings)):
+        with wired_limit(self.model, kv_bytes(self.model.args, length, 1, self.model.ops, self.settings)):
             yield from stream_generate(self.model, self.tok, ids, max_tokens=self.max_tokens,
                                        sampling=self.sampling, engine=self.engine)
 

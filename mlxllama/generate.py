@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import speculative as spec
-from .cache import CacheSettings, for_backend
+from .cache import CacheSettings
 from .engine import GenerationResponse, prompt_tokens  # noqa: F401  (re-exported)
 from .engine import Engine, RequestParams, raise_for, responses
 from .errors import UsageError
@@ -63,7 +63,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, temperat
     check_model(model, length, 1, settings)
     engine = Engine(model, tokenizer, max_batch=1, max_queue=1, prefill_step=prefill_step_size,
                     make_cache=lambda n: model.make_cache(1, max_len=n, settings=settings), speculate=speculation)
-    with wired_limit(model, kv_bytes(model.args, length, 1, model.ops.float_bytes, for_backend(settings, model.ops))):
+    with wired_limit(model, kv_bytes(model.args, length, 1, model.ops, settings)):
         yield from responses(engine, ids, params)
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .accounting import kv_bytes as accounting_kv_bytes
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,12 @@ def weights_resident(weights: dict, ops) -> int:
     return weights_held(weights, ops)
 
 
-def kv_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, settings=None) -> int:
-    """Bytes of the KV cache for `batch` sequences of `ctx` positions (a rotating window holds at most its size)."""
-    from .accounting import kv_bytes as count
+def kv_bytes(args, ctx: int, batch: int, ops, settings=None) -> int:
+    """Bytes of the KV cache `ops` keeps for `settings` (cache.for_backend), `batch` sequences of `ctx` positions (a
+    rotating window holds at most its size)."""
+    from .cache import for_backend
 
-    return count(args, ctx, batch, float_bytes, settings)
+    return accounting_kv_bytes(args, ctx, batch, ops.float_bytes, for_backend(settings, ops))
 
 
 def activation_bytes(args, ctx: int, batch: int = 1, float_bytes: int = 2, prefill_step: int = 512) -> int:
@@ -96,7 +98,7 @@ def memory_need(args, weights_bytes: int, ctx: int, batch: int = 1, float_bytes:
         ("16-bit" if s.kv_dtype == "float16" else f"{8 * float_bytes}-bit")
     if s.max_kv_size:
         label += f", window {s.max_kv_size}"
-    return MemoryNeed(weights=int(weights_bytes), kv=kv_bytes(args, ctx, batch, float_bytes, s),
+    return MemoryNeed(weights=int(weights_bytes), kv=accounting_kv_bytes(args, ctx, batch, float_bytes, s),
                       activations=activation_bytes(args, ctx, batch, float_bytes, prefill_step),
                       ctx=ctx, batch=batch, kv_label=label, float_bytes=float_bytes, settings=s)
 

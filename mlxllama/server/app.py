@@ -544,7 +544,10 @@ def check_options(config: ServeConfig) -> None:
 
 
 def _kv_label(config: ServeConfig, ops) -> str:
-    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else f"{config.kv_dtype or ops.kv_dtype or 'float'} KV"
+    from ..cache import for_backend
+
+    kv = f"{config.kv_bits}-bit KV" if config.kv_bits else \
+        f"{for_backend(config.cache_settings, ops).kv_dtype or 'float'} KV"
     if config.max_kv_size:
         kv += f", window {config.max_kv_size}"
     return kv + (f", speculate {config.speculate} k<={config.num_draft}" if config.speculate else "")
