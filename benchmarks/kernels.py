@@ -12,11 +12,12 @@ For each row count it prints G weights/s (weights read per second: the matrix's 
 adds/s (rows x weights over the time) and GB/s (the matrix's bytes over the time), for each kernel path and input
 width, and for "blas": numpy's float32 sgemm on the weights dequantized once beforehand (not timed), the ceiling of
 any dequantize-and-BLAS way, which the numpy backend took for long prefills before the octet tiles passed it at every
-row count (numpy_kernels.fused_matmul). Each cell is the best of --reps runs, the cells interleaved (A B A
-B) so that a shared machine's load hits each alike; compare cells of one run only. Times are the calling thread's
-CPU time (everything runs on it), so that on a shared machine the slices other processes take are not counted
-(--wall for the wall clock). The machine's lscpu model and
-flags are printed first.
+row count (numpy_kernels.fused_matmul). The last row, "ceiling", is each path's own multiply-add instruction run
+alone on one core (no loads, decoding or scaling): the peak its cells are a share of. Each cell is the best of
+--reps runs, the cells interleaved (A B A B) so that a shared machine's load hits each alike; compare cells of one
+run only. Times are the calling thread's CPU time (everything runs on it), so that on a shared machine the slices
+other processes take are not counted (--wall for the wall clock). The machine's lscpu model and flags are printed
+first.
 """
 
 from __future__ import annotations
@@ -57,6 +58,59 @@ def cells(args) -> list[tuple[str, object]]:
     if args.blas:
         out.append(("blas", qmatvec.PackedLinear([qw], "generic", 16)))
     return out
+
+
+CHAINS = 12  # independent sums in the ceiling's loop: enough to hide the multiply-add's latency on current cores
+
+
+def ceiling(isa: str, act: int, seconds: float = 0.3) -> float:
+    """G multiply-adds/s of the path's own multiply-add (what _pair_sums or _quad_sums emits for 4-bit codes) on
+    this core: CHAINS independent sums, no loads, no decoding, no scaling. The kernel's rates over this are the
+    share of the instruction's peak the rest of its work leaves."""
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    import llvmlite.ir as ir
+    from mlxllama.backends import qmatvec as q
+
+    v8, v16 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(16), 16)
+    narrow = isa == "avx2" and act == 8  # 4-bit codes: vpmaddubsw into int16 sums (qmatvec._quad_sums)
+
+    def opaque(builder, v):  # a fresh value each turn, or LLVM hoists the products out of the loop
+        return builder.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0", side_effect=True), [v])
+
+    def step(builder, acc, codes, x):
+        if act == 16:
+            return q._dp(builder, isa, acc, builder.bitcast(codes, v16), builder.bitcast(x, v16))
+        return q._dq(builder, isa, narrow, acc, codes, x)
+
+    @intrinsic
+    def loop(typingctx, n, seed):
+        def codegen(context, builder, sig, args):
+            s = q._splat(builder, builder.trunc(args[1], ir.IntType(32)), 8)
+            codes, x = builder.and_(s, ir.Constant(v8, [0x0F0F0F0F] * 8)), builder.add(s, ir.Constant(v8, [3] * 8))
+            zero = ir.Constant(v16 if narrow else v8, None)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(CHAINS)]
+            with cgutils.for_range(builder, args[0]):
+                for a in accs:
+                    builder.store(step(builder, builder.load(a), opaque(builder, codes), x), a)
+            total = builder.bitcast(builder.load(accs[0]), v8)
+            for a in accs[1:]:
+                total = builder.add(total, builder.bitcast(builder.load(a), v8))
+            return builder.sext(builder.extract_element(total, ir.Constant(ir.IntType(32), 0)), ir.IntType(64))
+        return types.int64(types.int64, types.int64), codegen
+
+    run = njit(lambda n, seed: loop(n, seed))
+    run(10, 1)
+    macs = CHAINS * 8 * (2 if act == 16 else 4)  # a call: eight lanes of pairs or of quads
+    n, best = 1 << 16, float("inf")
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.thread_time()
+        run(n, 7)
+        best = min(best, time.thread_time() - t)
+    return n * macs / best / 1e9
 
 
 def timer(name: str, packed, rows: int):
@@ -101,6 +155,7 @@ def main(argv=None) -> int:
           "4096 x 4096 4-bit, group 64: "
           f"{N * N / 2 / 1e6 + N * N // 64 * 4 / 1e6:.1f} MB\n")
     kinds = cells(args)
+    paths = {f"{isa} int{act}": (isa, act) for isa in args.isa for act in args.act}
     best: dict[tuple[str, int], float] = {}
     with threadpool_limits(1):
         runs = {(name, r): timer(name, packed, r) for name, packed in kinds for r in rows}
@@ -116,6 +171,8 @@ def main(argv=None) -> int:
         parts = [f"{N * N / best[name, r] / 1e9:.1f}, {r * N * N / best[name, r] / 1e9:.1f}, "
                  f"{nbytes / best[name, r] / 1e9:.1f}" for name, _ in kinds]
         print(f"| {r} | {' | '.join(parts)} |")
+    peaks = [f"{ceiling(*paths[name]):.1f}" if name in paths else "-" for name, _ in kinds]
+    print(f"| ceiling, GMAC/s | {' | '.join(peaks)} |")
     return 0
 
 

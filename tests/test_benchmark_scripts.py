@@ -59,3 +59,24 @@ def test_installer_picks_simd_flags_from_cpuinfo():
                              ("GGML_AVX_VNNI", "avx_vnni")):
         assert flags[option] == ("ON" if cpu_flag in listed else "OFF"), option
     assert flags["GGML_AMX_TILE"] == flags["GGML_AMX_INT8"] == flags["GGML_AMX_BF16"] == "OFF"
+
+
+def test_kernels_prints_each_paths_instruction_ceiling(capsys):
+    """benchmarks/kernels.py ends its table with each path's multiply-add run alone, on every path this CPU has
+    (the generic one included), and the kernel's cells on the instruction paths stay under their ceiling (the
+    generic path's plain IR is lowered by LLVM differently in the kernel and alone)."""
+    pytest.importorskip("numba")
+    from mlxllama.backends import qmatvec
+
+    kernels = load("kernels")
+    isas = qmatvec.available_isas()
+    assert kernels.main(["--isa", ",".join(isas), "--rows", "8", "--reps", "1", "--no-blas"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("| 8 |"))
+    top = next(line for line in lines if line.startswith("| ceiling"))
+    rates = [float(cell.split(",")[1]) for cell in row.strip("|").split("|")[1:]]
+    peaks = [float(cell) for cell in top.strip("|").split("|")[1:]]
+    assert len(peaks) == len(rates) == 2 * len(isas)
+    assert all(rate > 0 and peak > 0 for rate, peak in zip(rates, peaks))
+    paths = [isa for isa in isas for _ in (16, 8)]
+    assert all(rate < peak * 1.05 for rate, peak, isa in zip(rates, peaks, paths) if isa != "generic")

@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numpy_attend import HALF_NATIVE, kv_view, pointer, put_row, pv, qk, wide
-from .qmatvec import PackedLinear, _rows, quantize_input
+from .qmatvec import PackedLinear, _rows, quantize_input, running_max
 
 logger = logging.getLogger(__name__)
 
@@ -300,9 +300,7 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
         _scores(q, K[0, g], t0, t1, scores, cap)
     for r in range(rep):
         row = scores[r * cap + t0: r * cap + t1]  # indexed from 0: from t0, numba checks each index's sign
-        m = np.float32(-3.0e38)
-        for t in range(row.shape[0]):
-            m = max(m, row[t])
+        m = running_max(row, 0, row.shape[0], False, np.float32(-3.0e38))
         den = np.float32(0)
         for t in range(row.shape[0]):
             p = _exp(row[t] - m)

@@ -491,16 +491,20 @@ def _rint(v):
 
 
 @njit(inline="always")
-def _abs_max(x, i0: int, i1: int):
-    """max |x[i0:i1]| by four independent maxima (one running maximum waits on each compare)."""
-    m0 = m1 = m2 = m3 = np.float32(0)
+def running_max(x, i0: int, i1: int, magnitude: bool, floor):
+    """max(floor, x[i0:i1]) (of |x| with magnitude) by four independent maxima: one running maximum waits on each
+    compare, and without fastmath's no-NaN promise LLVM keeps such a loop scalar (300 scores: 133 -> 43 ns)."""
+    m0 = m1 = m2 = m3 = floor
     i = i0
     while i + 4 <= i1:
-        m0, m1 = max(m0, abs(x[i])), max(m1, abs(x[i + 1]))
-        m2, m3 = max(m2, abs(x[i + 2])), max(m3, abs(x[i + 3]))
+        if magnitude:
+            m0, m1 = max(m0, abs(x[i])), max(m1, abs(x[i + 1]))
+            m2, m3 = max(m2, abs(x[i + 2])), max(m3, abs(x[i + 3]))
+        else:
+            m0, m1, m2, m3 = max(m0, x[i]), max(m1, x[i + 1]), max(m2, x[i + 2]), max(m3, x[i + 3])
         i += 4
     for t in range(i, i1):
-        m0 = max(m0, abs(x[t]))
+        m0 = max(m0, abs(x[t]) if magnitude else x[t])
     return max(max(m0, m1), max(m2, m3))
 
 
@@ -526,7 +530,7 @@ def quantize_input(x2, lim, bits, xq, dxs):
         out8 = out.view(np.int8)
         for b in range(n // _BLOCK):
             s0 = b * _BLOCK
-            m = _abs_max(x, s0, s0 + _BLOCK)
+            m = running_max(x, s0, s0 + _BLOCK, True, np.float32(0))
             d = m / lim
             inv = lim / m if m > 0 else np.float32(0)
             t = np.int32(0)
