@@ -99,13 +99,16 @@ def test_numpy_elementwise_ops_split_over_workers_give_one_threads_bits(monkeypa
     np.testing.assert_array_equal(numpy_kernels.fused_matmul(two.workers, x2, w, 2), w.matmul(x2))
 
 
-def naive_attention(q, k, v, scale):
+def naive_attention(q, k, v, scale, window=None):
     B, H, L, D = q.shape
     KV, T = k.shape[1], k.shape[2]
     k = np.repeat(k, H // KV, axis=1).astype(np.float64)
     v = np.repeat(v, H // KV, axis=1).astype(np.float64)
     s = q.astype(np.float64) @ k.transpose(0, 1, 3, 2) * scale
-    s[..., np.arange(T)[None, :] > np.arange(L)[:, None] + (T - L)] = -np.inf
+    pos = np.arange(L)[:, None] + (T - L)
+    s[..., np.arange(T)[None, :] > pos] = -np.inf
+    if window is not None:
+        s[..., np.arange(T)[None, :] <= pos - window] = -np.inf
     p = np.exp(s - s.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
 
@@ -120,16 +123,31 @@ def test_numpy_blocked_attention(L, T):
         np.testing.assert_allclose(got, naive_attention(q, k, v, 0.25), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("D,window", [(16, None), (64, None), (64, 40)])
+def test_numpy_prompt_attention_in_compiled_rows(D, window):
+    """One sequence's prompt rows (after 20 cached positions) take numpy_step.causal_rows where numba is there: the
+    decode step's per-row attention, a sliding window honoured, on either of its head-size paths."""
+    if numpy_ops._qmatvec() is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(D)
+    q = rng.standard_normal((1, 6, 130, D)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 3, 150, D)).astype(np.float32) for _ in range(2))
+    for threads in (1, 2):
+        got = numpy_ops.NumpyOps(threads=threads).attention(q, k, v, 0.25, causal=True, window=window)
+        np.testing.assert_allclose(got, naive_attention(q, k, v, 0.25, window), rtol=1e-4, atol=1e-5)
+
+
 def test_numpy_attention_scores_stay_in_the_scratch(monkeypatch):
     """Long contexts take fewer queries per block (numpy_kernels.query_block) so that the scores fit the threads'
-    scratch, which does not grow past QUANT_BLOCK floats; the result is unchanged."""
+    scratch, which does not grow past QUANT_BLOCK floats; the result is unchanged. (Two sequences: one alone takes
+    the compiled rows where numba is there.)"""
     from mlxllama.backends import numpy_kernels
 
-    monkeypatch.setattr(numpy_kernels, "QUANT_BLOCK", 6 * 40 * 300)  # 40 queries a block at 300 keys, 6 heads
-    assert numpy_kernels.query_block(6, 300) == 40 and numpy_kernels.query_block(6, 10 ** 6) == 16
+    monkeypatch.setattr(numpy_kernels, "QUANT_BLOCK", 2 * 6 * 40 * 300)  # 40 queries a block at 300 keys, 6 heads
+    assert numpy_kernels.query_block(12, 300) == 40 and numpy_kernels.query_block(12, 10 ** 6) == 16
     rng = np.random.default_rng(7)
-    q = rng.standard_normal((1, 6, 300, 16)).astype(np.float32)
-    k, v = (rng.standard_normal((1, 3, 300, 16)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((2, 6, 300, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 300, 16)).astype(np.float32) for _ in range(2))
     ops = numpy_ops.NumpyOps(threads=2)
     np.testing.assert_allclose(ops.attention(q, k, v, 0.25, causal=True), naive_attention(q, k, v, 0.25),
                                rtol=1e-4, atol=1e-5)

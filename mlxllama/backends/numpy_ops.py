@@ -69,6 +69,7 @@ from .numpy_threads import Blas, BlasThreads, ThreadChoice, Workers, cpu_count
 NOT_DISTRIBUTED = "the numpy backend runs in one process; distributed inference (--parallel) needs --backend mlx"
 
 WEIGHT_MODES = ("auto", "fused", "float32", "quantized")
+CAUSAL_ROWS = 16  # a prompt's query rows a compiled attention unit takes (of one K/V head)
 _FUSED_SPLIT = FUSED_SPLIT
 _ThreadChoice = ThreadChoice
 _dequantize_kv = dequantize_kv
@@ -355,6 +356,8 @@ class NumpyOps:
             T, window = window, None
         if isinstance(k, QuantizedKV):  # a quantized cache: widened here, per call (numpy has no quantized matmul)
             k, v = dequantize_kv(k), dequantize_kv(v)
+        if causal and B == 1 and 1 < L and _qmatvec() is not None:
+            return self._causal_rows(q, k, v, scale, window)
         rep = H // KV
         qg = (q * np.float32(scale)).reshape(B, KV, rep, L, D)
         kt = k.transpose(0, 1, 3, 2)[:, :, None]  # [B, KV, 1, D, T]
@@ -380,6 +383,29 @@ class NumpyOps:
 
         self.workers.run(block, list(range(0, L, qblock))[::-1])  # longest blocks first
         return out.reshape(B, H, L, D)
+
+    def _causal_rows(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int | None):
+        """attention() of a prompt's rows (one sequence) in compiled code (numpy_step.causal_rows, the decode step's
+        per-row attention), in units of CAUSAL_ROWS rows of a K/V head shared by the workers, latest rows first.
+        The per-block matmuls and softmax passes of the numpy path took a quarter of SmolLM2's 512-token prefill."""
+        from .numpy_step import causal_rows
+
+        _, H, L, D = q.shape
+        KV, T = k.shape[1], k.shape[2]
+        rep = H // KV
+        qc = np.ascontiguousarray(q[0], dtype=np.float32)
+        kc, vc = np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
+        out = np.empty((L, H * D), np.float32)
+
+        def unit(u: tuple[int, int]) -> None:
+            g, r0 = u
+            causal_rows(qc, kc, vc, g, r0, min(L, r0 + CAUSAL_ROWS), T - L, window or 0, np.float32(scale),
+                        np.empty((rep, D), np.float32), np.empty(max(D, rep), np.float32),
+                        np.empty(rep * T, np.float32), out)
+
+        units = [(g, r0) for r0 in reversed(range(0, L, CAUSAL_ROWS)) for g in range(KV)]
+        self.workers.share(unit, units, self.workers.threads)
+        return out.reshape(L, H, D).transpose(1, 0, 2)[None]
 
     def quantize_kv(self, x: np.ndarray, group_size: int, bits: int) -> QuantizedKV:
         """mx.quantize's format along the last axis, bit for bit (quant.quantize)."""

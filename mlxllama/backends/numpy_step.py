@@ -365,6 +365,21 @@ def _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin,
 
 
 @njit(cache=True, nogil=True)
+def causal_rows(q, K, V, g, r0, r1, past, window, scale, hv, tmp, scores, out):
+    """Rows r0..r1 of a prompt's query heads of K/V head g, each against the keys its position sees: q [H, L, Dh]
+    rotated (scaled here), K and V [1, KV, past + L, Dh] float32, row i at position past + i, a window (0: none)
+    as _queries honours it; into out [L, H * Dh]. hv [rep, Dh], tmp [max(Dh, rep)], scores [rep * (past + L)]."""
+    rep, Dh = hv.shape
+    for i in range(r0, r1):
+        pos = past + i
+        for e in range(rep):
+            for d in range(Dh):
+                hv[e, d] = q[g * rep + e, i, d] * scale
+        t0 = pos + 1 - window if 0 < window < pos + 1 else 0
+        _attend(hv, K, V, g, t0, pos + 1, scores, tmp, out[i: i + 1])
+
+
+@njit(cache=True, nogil=True)
 def _group(l, g, pos, qkv, qkv_bias, qk_norm, K, V, cos, sin, dims, eps, scale, hv, tmp, scores, attn):
     """K/V head g: the token's rotated key and its value into the cache at pos, then its query heads' attention
     into attn over the positions the window lets them see. hv [rep, Dh]."""
