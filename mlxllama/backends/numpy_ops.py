@@ -343,7 +343,8 @@ class NumpyOps:
         """q [B, H, L, D]; k, v [B, KV, T, D] with H a multiple of KV. Causal mask aligned bottom-right; with a
         window, a query sees itself and the window - 1 keys before it. Queries go in blocks, each against only the
         keys it can see (about half the work of a full causal L x T score matrix); the softmax is normalized after
-        the product with v (a [.., D] division, not [.., T])."""
+        the product with v (a [.., D] division, not [.., T]). One sequence's rows take compiled code where numba is
+        there (_causal_rows)."""
         B, H, L, D = q.shape
         KV, T = k.shape[1], k.shape[2]
         if window is not None and T <= window:
