@@ -155,7 +155,9 @@ class KVCache:
 
     def _decode(self, parts: tuple):
         if self.bits is None:
-            return parts[0] if self._stored_dtype is None else parts[0].astype(self.ops.float_dtype)
+            if self._stored_dtype is None or self.ops.attends_half:
+                return parts[0]
+            return parts[0].astype(self.ops.float_dtype)
         return QuantizedKV(*parts, self.group_size, self.bits)
 
     def _reserve(self, needed: int, like: tuple) -> None:

@@ -102,6 +102,7 @@ def test_backends_satisfy_the_contract(backend):
     ops = get_ops(backend)
     assert isinstance(ops, Backend)
     assert isinstance(ops.on_gpu, bool) and isinstance(ops.lazy, bool) and isinstance(ops.keeps_quantized, bool)
+    assert isinstance(ops.attends_half, bool)
     assert ops.kv_bytes in (2, 4) and ops.float_bytes in (2, 4)
 
 

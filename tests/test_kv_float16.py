@@ -27,9 +27,27 @@ def test_float16_cache_stores_half_and_reads_back_the_rounded_values(backend):
     k = k.astype(m.ops.float_dtype)
     ks, _ = c.update(0, k, k)
     back = m.ops.to_numpy(ks)
-    assert back.dtype == np.float32  # widened to the backend's dtype on reading
-    np.testing.assert_array_equal(back, m.ops.to_numpy(k).astype(np.float16).astype(np.float32))
+    # widened to the backend's dtype on reading, unless its attention reads float16 as stored (attends_half)
+    assert back.dtype == (np.float16 if m.ops.attends_half else np.float32)
+    np.testing.assert_array_equal(back.astype(np.float32), m.ops.to_numpy(k).astype(np.float16).astype(np.float32))
     assert "float16" in str(c.keys[0][0].dtype)
+
+
+@pytest.mark.parametrize("L", [1, 7, 40])
+def test_numpy_attends_to_a_float16_cache_as_stored(L):
+    """numpy's attention takes float16 K/V as the cache holds them (attends_half): a prompt's compiled rows read
+    their bits, the numpy blocks widen them; either way the result is attention over the widened values, bit for
+    bit."""
+    from mlxllama.backends.numpy_ops import NumpyOps
+
+    ops = NumpyOps(threads=2)
+    rng = np.random.default_rng(L)
+    q = rng.standard_normal((1, 6, L, 64)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 3, 50, 64)).astype(np.float16) for _ in range(2))
+    for window in (None, 20):
+        got = ops.attention(q, k, v, 0.125, causal=True, window=window)
+        want = ops.attention(q, k.astype(np.float32), v.astype(np.float32), 0.125, causal=True, window=window)
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "mlx"])

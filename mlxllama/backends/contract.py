@@ -47,6 +47,7 @@ class Backend(Protocol):
     float_bytes: int  # bytes per element of float_dtype
     kv_dtype: str | None  # a float cache's storage unless asked otherwise: "float16", or None (float_dtype)
     kv_bytes: int  # bytes per K or V element in a float cache kept as kv_dtype
+    attends_half: bool  # attention() takes a float16 cache's K/V as stored (float16_dtype), widening what it reads
 
     def device(self) -> str: ...
     def peak_memory(self) -> int: ...  # bytes: the backend's own peak allocation, or the process's peak RSS

@@ -27,6 +27,7 @@ class MLXOps:
     lazy = True
     keeps_quantized = True
     kv_dtype = None  # the activations' dtype: float16 on a GPU; float32 on the CPU, where half is emulated
+    attends_half = False  # a float16 cache is widened to the activations' dtype before attention
 
     def __init__(self, dtype=None, group=None):
         # Half precision on a GPU, as mlx-lm does; float32 on the CPU, where MLX emulates half precision.

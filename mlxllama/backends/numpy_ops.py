@@ -118,6 +118,7 @@ class NumpyOps:
     float16_dtype = np.float16
     float_bytes = 4
     kv_dtype, kv_bytes = "float16", 2  # as llama.cpp's cache: half the bytes, and half the reads a step
+    attends_half = True  # a prompt's compiled rows read float16 K/V as stored; the numpy blocks widen them
 
     def __init__(self, weights: str | None = None, threads: int | None = None):
         """weights: "auto" (default), "fused", "float32" or "quantized" (see the module doc). threads: workers
@@ -359,6 +360,8 @@ class NumpyOps:
             k, v = dequantize_kv(k), dequantize_kv(v)
         if causal and B == 1 and 1 < L and _qmatvec() is not None:
             return self._causal_rows(q, k, v, scale, window)
+        if k.dtype == np.float16:  # a float16 cache as stored (attends_half)
+            k, v = k.astype(np.float32), v.astype(np.float32)
         rep = H // KV
         qg = (q * np.float32(scale)).reshape(B, KV, rep, L, D)
         kt = k.transpose(0, 1, 3, 2)[:, :, None]  # [B, KV, 1, D, T]
@@ -389,13 +392,17 @@ class NumpyOps:
         """attention() of a prompt's rows (one sequence) in compiled code (numpy_step.causal_rows, the decode step's
         per-row attention), in units of CAUSAL_ROWS rows of a K/V head shared by the workers, latest rows first.
         The per-block matmuls and softmax passes of the numpy path took a quarter of SmolLM2's 512-token prefill."""
+        from .numpy_attend import HALF_NATIVE
         from .numpy_step import causal_rows
 
         _, H, L, D = q.shape
         KV, T = k.shape[1], k.shape[2]
         rep = H // KV
         qc = np.ascontiguousarray(q[0], dtype=np.float32)
-        kc, vc = np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
+        if k.dtype == np.float16 and HALF_NATIVE:  # read as its bits, widened in the compiled loads
+            kc, vc = np.ascontiguousarray(k).view(np.uint16), np.ascontiguousarray(v).view(np.uint16)
+        else:
+            kc, vc = np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
         out = np.empty((L, H * D), np.float32)
 
         def unit(u: tuple[int, int]) -> None:

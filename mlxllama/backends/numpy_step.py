@@ -367,8 +367,9 @@ def _queries(l, g, start, count, offset, qkv, qkv_bias, qk_norm, K, V, cos, sin,
 @njit(cache=True, nogil=True)
 def causal_rows(q, K, V, g, r0, r1, past, window, scale, hv, tmp, scores, out):
     """Rows r0..r1 of a prompt's query heads of K/V head g, each against the keys its position sees: q [H, L, Dh]
-    rotated (scaled here), K and V [1, KV, past + L, Dh] float32, row i at position past + i, a window (0: none)
-    as _queries honours it; into out [L, H * Dh]. hv [rep, Dh], tmp [max(Dh, rep)], scores [rep * (past + L)]."""
+    rotated (scaled here), K and V [1, KV, past + L, Dh] (float32, or float16 bits), row i at position past + i, a
+    window (0: none) as _queries honours it; into out [L, H * Dh]. hv [rep, Dh], tmp [max(Dh, rep)], scores
+    [rep * (past + L)]."""
     rep, Dh = hv.shape
     for i in range(r0, r1):
         pos = past + i
