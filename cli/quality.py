@@ -19,10 +19,7 @@ def memory_lines(args, weights, ops, ctx: int, batch: int, settings, chip=None) 
     from mlxllama import memory
     from mlxllama.bench.chips import memory_sizes_gb
 
-    from mlxllama.cache import for_backend
-
-    need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.float_bytes,
-                              for_backend(settings, ops))
+    need = memory.backend_need(args, memory.weights_resident(weights, ops), ctx, batch, ops, settings)
     devices = memory.chip_memories(chip, memory_sizes_gb(chip)) if chip is not None else [memory.device_memory(ops)]
     if not devices:
         raise UsageError(f"the chip table has no memory sizes for {chip.name}")

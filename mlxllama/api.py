@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import backends, loaders
-from .cache import for_backend
 from .config import ModelArgs
 from .generate import BatchResponse, GenerationResponse, batch_generate, generate, stream_generate  # noqa: F401
 from .model import Model
@@ -37,8 +36,7 @@ def load(ref: str | Path | None = None, backend: str = "auto", revision: str | N
 
     ops = backends.get_ops(backend, numpy_weights=numpy_weights)
     args, weights, tokenizer = load_weights(ref, revision)
-    need = memory.memory_need(args, memory.weights_resident(weights, ops), ctx, batch, ops.float_bytes,
-                              for_backend(cache_settings, ops))
+    need = memory.backend_need(args, memory.weights_resident(weights, ops), ctx, batch, ops, cache_settings)
     memory.ensure_fits(need, memory.device_memory(ops), args)
     return Model(args, weights, ops, release=True), tokenizer
 

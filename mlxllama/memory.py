@@ -259,14 +259,19 @@ def ensure_fits(need: MemoryNeed, dev: DeviceMemory, args=None) -> None:
         raise DoesNotFit(fit_line(need, dev, args))
 
 
+def backend_need(args, weights_bytes: int, ctx: int, batch: int, ops, settings=None) -> MemoryNeed:
+    """memory_need for the KV cache `ops` keeps for `settings` (cache.for_backend) and its float size."""
+    from .cache import for_backend
+
+    return memory_need(args, weights_bytes, ctx, batch, ops.float_bytes, for_backend(settings, ops))
+
+
 def check_model(model, ctx: int, batch: int = 1, settings=None, dev: DeviceMemory | None = None) -> MemoryNeed:
     """The fit check for a loaded model (generation, a server's slots): KV at ctx x batch + activations on top of
     the weights it holds. Raises DoesNotFit before the cache is allocated. For the serve engine: call it with the
     slot count and the context each slot may reach."""
     ops = model.ops
-    from .cache import for_backend
-
-    need = memory_need(model.args, model.resident_nbytes, ctx, batch, ops.float_bytes, for_backend(settings, ops))
+    need = backend_need(model.args, model.resident_nbytes, ctx, batch, ops, settings)
     ensure_fits(need, dev or device_memory(ops), model.args)
     return need
 
