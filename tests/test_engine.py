@@ -347,3 +347,37 @@ def test_warm_up_runs_one_then_two_sequences_and_leaves_no_trace(tiny, monkeypat
     while engine.step():
         pass
     assert "".join(ev.text for ev in h.poll()) == mlxllama.generate(m, tok, PROMPTS[0], max_tokens=8)
+
+
+THREAD_EXIT = """
+import threading
+import mlx.core as mx
+from mlxllama.backends.mlx_ops import MLXOps, nn_silu
+step = MLXOps().compile(lambda h, w: h * w + nn_silu(h))
+def work():
+    for i in range(3):
+        mx.eval(step(mx.ones((1, 1, 8)) * i, mx.ones((8,))))
+t = threading.Thread(target=work)
+t.start()
+t.join()
+"""
+
+
+def test_a_thread_that_ran_compiled_mlx_steps_ends_as_the_process_exits():
+    """The engine's thread runs the model's mx.compile'd pieces, made on the loading thread; it ends on shutdown just
+    before the interpreter finalizes. With one compiled function shared by the threads, MLX's thread-exit
+    destructor of that thread's traces aborted the process about 1 exit in 15 (ops.compile keeps one per thread
+    now). 48 exits: a shared function would pass all of them about 1 time in 30."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("mlx.core")
+
+    def run(_):
+        return subprocess.run([sys.executable, "-c", THREAD_EXIT], capture_output=True, text=True, timeout=60)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(run, range(48)))
+    failed = [(r.returncode, r.stderr[-300:]) for r in runs if r.returncode != 0]
+    assert not failed, failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -138,7 +139,7 @@ class MLXOps:
         """fn(h, *args) compiled (mx.compile) for single-token steps, whose shapes never change: one compilation
         serves every layer and every token, the positions offset passed as an array. Multi-token calls (prompt
         chunks of any length) run fn as is."""
-        compiled = mx.compile(fn)
+        compiled = per_thread_compile(fn)
 
         def call(h, *args):
             if h.shape[1] != 1:
@@ -352,6 +353,27 @@ def _visible(q_pos, k_pos, window: int | None):
     return seen if window is None else seen & (k_pos > q_pos - window)
 
 
-@mx.compile
-def nn_silu(x):
+def per_thread_compile(fn):
+    """mx.compile(fn), one compiled function per calling thread. MLX keeps each thread's traces in a C++
+    thread_local cache that a compiled function erases its entries from when it is freed, on the cache of the thread
+    that made it. A function made on one thread and called on another (the engine's) leaves that thread's entries
+    to its C++ thread-exit destructors, which need the GIL: when the thread ends as the interpreter finalizes,
+    they abort the process ("terminate called without an active exception", 1 exit in ~15 here). Made on the
+    calling thread and held in its threading.local, each compiled function is freed with the thread's Python
+    state, while the interpreter still runs, and takes its entries with it."""
+    local = threading.local()
+
+    def call(*args):
+        compiled = getattr(local, "fn", None)
+        if compiled is None:
+            compiled = local.fn = mx.compile(fn)
+        return compiled(*args)
+
+    return call
+
+
+def _silu(x):
     return x * mx.sigmoid(x)
+
+
+nn_silu = per_thread_compile(_silu)
