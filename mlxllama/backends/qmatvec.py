@@ -72,6 +72,10 @@ OCTET = 8  # output rows laid side by side
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
 _OUT_TILES = 8  # octets (~300 KB at 4096 inputs, 4 bits) kept in cache while every tile of input rows passes
 _CHAINS = 4  # independent int32 sums a block keeps over a tile's rows (one row: 4 chains of its pair products)
+# bytes ahead of each block's codes that the block asks the cache for (llvm.prefetch): the octets stream from memory
+# once a step, and the hardware's prefetchers alone left one Zen 4 core's products at 22 G multiply-adds/s for
+# SmolLM2's batch-1 step against 31 with this (2048: 28-29; 8192: 24-26; benchmarks/README.md)
+_PREFETCH = 4096
 
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -342,6 +346,7 @@ def _octet_block(builder, o: _Octet, path: tuple, bits: int, R: int, b):
     """IR: block b of the octet against the tile's R rows, into o.acc (path: the instruction set and input bits)."""
     c = lambda v: ir.Constant(b.type, v)  # noqa: E731
     isa, act = path
+    _prefetch(builder, o, bits, b)
     sums = (_quad_sums if act == 8 else _pair_sums)(builder, o, isa, bits, R, b)
     g = builder.mul(builder.ashr(b, o.shift), c(OCTET))
     scale = _load_scale(builder, builder.gep(o.scales, [g]), o.half, 8)
@@ -356,6 +361,16 @@ def _octet_block(builder, o: _Octet, path: tuple, bits: int, R: int, b):
                                                        builder.fmul(scale, _splat(builder, dx, 8), flags=_FP),
                                                        flags=_FP), flags=_FP)
         builder.store(builder.fadd(f, builder.fmul(bias, _splat(builder, sx, 8), flags=_FP), flags=_FP), a)
+
+
+def _prefetch(builder, o: _Octet, bits: int, b) -> None:
+    """IR: each cache line _PREFETCH bytes past block b's codes (bits * 32 bytes) asked for, to read, kept in all
+    levels (a prefetch past the array's end does not fault)."""
+    c, i8p = (lambda v: ir.Constant(b.type, v)), ir.IntType(8).as_pointer()  # noqa: E731
+    flags = [ir.Constant(_I32, v) for v in (0, 3, 1)]  # read, highest locality, data
+    for line in range(bits * 32 // 64):
+        ahead = builder.gep(o.words, [builder.add(builder.mul(b, c(bits * 32)), c(_PREFETCH + 64 * line))])
+        _call(builder, "llvm.prefetch.p0i8", ir.VoidType(), [builder.bitcast(ahead, i8p)] + flags)
 
 
 def _code_vectors(builder, o: _Octet, bits: int, b, m: int):
