@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY, random_weights
 from mlxllama.backends import numpy_ops
 from mlxllama.backends.numpy_rows import MAX_ROWS
+from mlxllama.backends.numpy_kernels import PREFETCH
 from mlxllama.backends.numpy_threads import ThreadChoice
 from mlxllama.cache import CacheSettings
 from mlxllama.config import from_hf_dict
@@ -68,7 +69,7 @@ def with_and_without(model, settings=None, tokens=TOKENS, split=SPLIT):
 
 
 def force_threads(model, n: int) -> None:
-    model.ops._choice = ThreadChoice((n,))
+    model.ops._choice = ThreadChoice(((n, PREFETCH),))
 
 
 def assert_close(got, want, tol=2e-4):
@@ -346,13 +347,14 @@ def test_batch_steps_with_the_program_off(monkeypatch):
     assert_same_caches(got_caches, want_caches)
 
 
-def test_batch_steps_choose_their_threads_by_timing():
+def test_batch_steps_choose_their_threads_and_prefetch_by_timing():
     model = tiny_model(threads=2)
-    for _ in range(3):
+    for _ in range(6):
         batch_steps(model)
     choices = model._decode.rows._choices
-    assert choices and all(c.options == (1, 2) for c in choices.values())
-    assert any(c.tries[1] and c.tries[2] for c in choices.values())
+    options = tuple((t, p) for t in (1, 2) for p in (PREFETCH, 0))
+    assert choices and all(c.options == options for c in choices.values())
+    assert any(all(c.tries[o] for o in options) for c in choices.values())
 
 
 # -- float16 caches (CacheSettings(kv_dtype="float16")): read and written by the program as their bits ----------------

@@ -289,3 +289,43 @@ def test_a_prompt_scored_for_its_last_row_is_not_timed_as_a_single_row_step():
     assert sum(model.ops._choice.tries.values()) == 0
     model(np.array([[5]]), cache)
     assert sum(model.ops._choice.tries.values()) == 1
+
+
+def test_thread_choice_retries_every_losing_option_in_turn():
+    """Four options (threads x prefetch, NumpyOps.step_options): each loser keeps being retried, so a change of
+    machine load that makes any of them the fastest is found."""
+    options = ((1, 4096), (1, 0), (2, 4096), (2, 0))
+    choice = numpy_ops._ThreadChoice(options)
+    cost = dict(zip(options, (3.0, 4.0, 1.0, 2.0)))
+    picks = []
+    for _ in range(3000):
+        o = choice.pick()
+        picks.append(o)
+        choice.record(o, cost[o])
+    assert choice.best == (2, 4096)
+    assert all(0 < picks[1000:].count(o) <= 6 for o in options if o != choice.best)
+    cost[(1, 4096)] = 0.5  # the option retried least recently becomes the fastest
+    for _ in range(1600):
+        o = choice.pick()
+        choice.record(o, cost[o])
+    assert choice.best == (1, 4096)
+
+
+def test_numpy_steps_time_the_kernels_prefetch_with_their_thread_count():
+    """A fused model's single-row steps choose among (threads, prefetch bytes) pairs; each prefetch gives the
+    same logits (it only asks the cache for bytes ahead)."""
+    pytest.importorskip("numba")
+    from mlxllama.backends.numpy_kernels import PREFETCH
+
+    args, weights = tiny()
+    ops = get_ops("numpy", numpy_weights="fused")
+    model = Model(args, weights, ops)
+    assert {p for _, p in ops.step_options()} == {PREFETCH, 0}
+    outs = {}
+    for option in ops.step_options():
+        ops._choice = numpy_ops._ThreadChoice((option,))
+        cache = model.make_cache(1)
+        model.fill(np.arange(3, 11)[None, :], cache)
+        outs[option] = np.asarray(model(np.array([[5]]), cache))
+    first = next(iter(outs.values()))
+    assert all(np.array_equal(o, first) for o in outs.values())

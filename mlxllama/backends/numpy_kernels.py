@@ -12,6 +12,11 @@ PARALLEL_ROWS = 16  # products with at least this many rows are split over the w
 GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
 QUANT_BLOCK = 1 << 20  # weights dequantized at a time for BLAS (4 MB of float32; 8 MB was no faster on pp512)
 FUSED_SPLIT = 1 << 21  # "fused" mode: products of at least this many multiply-adds (~100 us) are shared
+# "fused" mode: bytes past each block's codes that the kernel asks the cache for. A batch-1 step streams every weight
+# from memory once; on one Zen 4 core the hardware's prefetchers alone left SmolLM2's products at 22 G
+# multiply-adds/s against 31 with 4096 (2048: 28-29, 8192: 24-26), while on Zen 2 an earlier kernel lost to it.
+# Steps time both (NumpyOps.step_options) and keep the faster.
+PREFETCH = 4096
 
 
 def dense_matmul(workers: Workers, x2: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -73,7 +78,7 @@ def quantized_matmul(workers: Workers, x2: np.ndarray, w: QLinear, step_workers:
     return out
 
 
-def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.ndarray:
+def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int, prefetch: int = PREFETCH) -> np.ndarray:
     """x2 @ w for a qmatvec.PackedLinear: the integer tiles for any number of rows, over spans of output columns
     (the input rounded once, every span reading it). Long prefills take them too: on one Zen 4 core (4096 x 4096
     4-bit, benchmarks/kernels.py) they make about 80 G multiply-adds/s from 32 rows up, where numpy's float32
@@ -83,14 +88,14 @@ def fused_matmul(workers: Workers, x2: np.ndarray, w, step_workers: int) -> np.n
     # a step's thread count is timed; products too small to share stay on this thread (handoffs cost)
     nworkers = step_workers if rows == 1 else workers.threads
     if nworkers == 1 or rows * n_in * n_out < FUSED_SPLIT:
-        return w.matmul(x2)  # one compiled call
+        return w.matmul(x2, prefetch)  # one compiled call
     out = np.empty((rows, n_out), np.float32)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
     xq, dxs = w.input_buffers(rows)
     workers.by_rows(lambda r: w.quantize_input(x2[r], (xq[r], dxs[:, :, r])), rows, x2.size)
     xin = xq, dxs
     parts = spans(n_out, (8 if rows == 1 else 4) * nworkers)
-    workers.share(lambda c: w.rows(xin, out, c.start, c.stop), parts, nworkers)
+    workers.share(lambda c: w.rows(xin, out, c.start, c.stop, prefetch), parts, nworkers)
     return out
 
 

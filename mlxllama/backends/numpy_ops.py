@@ -60,8 +60,8 @@ import numpy as np
 from ..errors import UsageError
 from ..weights import QuantizedWeight
 from .contract import QuantizedKV
-from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, dense_matmul, fused_matmul,  # noqa: F401
-                            quantized_matmul, query_block, softmax_product)
+from .numpy_kernels import (FUSED_SPLIT, PREFETCH, QUERY_BLOCK, causal_bias, dense_matmul,  # noqa: F401
+                            fused_matmul, quantized_matmul, query_block, softmax_product)
 from .numpy_layouts import (QLinear, RopeTable, dense_linear, dequantize_columns, dequantize_kv,  # noqa: F401
                             quantized_linear)
 from .numpy_threads import Blas, BlasThreads, ThreadChoice, Workers, cpu_count
@@ -136,9 +136,10 @@ class NumpyOps:
         self.weights_mode = "float32" if self._auto else mode  # auto: "fused" at the first 4/8-bit weight
         self.threads = threads or cpu_count()
         self.workers = Workers(self.threads)
-        self._local = threading.local()  # per calling thread: forward-pass depth and step workers
+        self._local = threading.local()  # per calling thread: forward-pass depth, step workers and prefetch
         choose = self.threads > 1 and (mode != "float32" or _blas.available)
-        self._choice = ThreadChoice((1, self.threads) if choose else (1,))
+        prefetch = (PREFETCH, 0) if mode in ("auto", "fused") and _qmatvec() is not None else (0,)
+        self._choice = ThreadChoice(tuple((t, p) for t in ((1, self.threads) if choose else (1,)) for p in prefetch))
         self._blas_for_mode()
         map_large_arrays()
 
@@ -231,13 +232,18 @@ class NumpyOps:
             program.rows = RowsProgram(program)  # steps of several rows, one or several sequences
         return program
 
-    def thread_options(self) -> tuple[int, ...]:
-        """The thread counts a step's timed choice picks from."""
+    def step_options(self) -> tuple[tuple[int, int], ...]:
+        """The (threads, prefetch bytes) a step's timed choice picks from (numpy_kernels.PREFETCH)."""
         return self._choice.options
 
     def step_threads(self) -> int:
         """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""
         return getattr(self._local, "step_workers", 1)
+
+    def step_prefetch(self) -> int:
+        """Bytes ahead that the fused kernel's blocks prefetch in the current single-row forward pass (its timed
+        choice); numpy_kernels.PREFETCH outside one."""
+        return getattr(self._local, "step_prefetch", PREFETCH)
 
     @contextlib.contextmanager
     def forward_scope(self, rows: int):
@@ -254,17 +260,18 @@ class NumpyOps:
             finally:
                 local.depth -= 1
             return
-        threads = self._choice.pick() if rows == 1 else 1
+        option = self._choice.pick() if rows == 1 else (1, PREFETCH)
+        threads = option[0]
         # float32 weights: BLAS's threads split the gemv; quantized: this backend's workers split the columns
-        local.depth, local.step_workers = 1, threads
+        local.depth, local.step_workers, local.step_prefetch = 1, threads, option[1]
         t0 = time.perf_counter()
         try:
             with _blas_threads.held(threads if self.weights_mode == "float32" else 1):
                 yield
         finally:
-            local.depth, local.step_workers = 0, 1
+            local.depth, local.step_workers, local.step_prefetch = 0, 1, PREFETCH
             if rows == 1:
-                self._choice.record(threads, time.perf_counter() - t0)
+                self._choice.record(option, time.perf_counter() - t0)
 
     # -- ops used by the forward pass ------------------------------------------------------------------------
 
@@ -297,7 +304,7 @@ class NumpyOps:
         elif isinstance(w, QLinear):
             y = quantized_matmul(self.workers, x2, w, step_workers)
         elif _qmatvec() is not None and isinstance(w, _qmatvec().PackedLinear):
-            y = fused_matmul(self.workers, x2, w, step_workers)
+            y = fused_matmul(self.workers, x2, w, step_workers, self.step_prefetch())
         elif getattr(w, "takes_workers", False):  # a weight type that computes its own product on our threads
             nworkers = step_workers if x2.shape[0] == 1 else self.workers.threads
             y = w.matmul(np.ascontiguousarray(x2, dtype=np.float32), self.workers, nworkers)

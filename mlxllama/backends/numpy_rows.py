@@ -24,8 +24,8 @@ import weakref
 import numpy as np
 from numba import njit
 
-from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking, _claim,
-                         _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
+from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _PF, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking,
+                         _claim, _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
                          kv_addresses)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows
@@ -76,7 +76,7 @@ def _products(tag, W, stag, meta, bfac, i, xin, T, y, h, bias, residual, sync, j
     w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xin[0], xin[1], y, o0, o1)
+        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xin[0], xin[1], y, o0, o1, meta[i, _PF])
         if residual:
             for r in range(T):
                 for o in range(o0, o1):
@@ -286,15 +286,16 @@ class RowsProgram:
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
             choice = self._thread_choice(T)
-            threads = choice.pick()
+            option = choice.pick()
+            threads, p.meta[:, _PF] = option
             t0 = time.perf_counter()
             p._run(rows_step, min(threads, p.threads), args, self.sync)
-            choice.record(threads, (time.perf_counter() - t0) / T)
+            choice.record(option, (time.perf_counter() - t0) / T)
 
     def _thread_choice(self, rows: int) -> ThreadChoice:
-        """One or more threads for steps of about `rows` rows, by timing them per row as single-row steps are
-        timed: on cores other processes hold, a thread that is descheduled between units stalls the others."""
-        options = self.program.ops.thread_options()
+        """(threads, prefetch bytes) for steps of about `rows` rows, by timing them per row as single-row steps
+        are timed: on cores other processes hold, a thread that is descheduled between units stalls the others."""
+        options = self.program.ops.step_options()
         key = (rows.bit_length(), options)
         if key not in self._choices:
             self._choices[key] = ThreadChoice(options)

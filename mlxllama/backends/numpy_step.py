@@ -54,7 +54,9 @@ logger = logging.getLogger(__name__)
 
 SPIN = 4000  # checks (each with a pause) before a waiting thread starts yielding its core
 CHUNK = 32  # output rows claimed at a time are a multiple of this
-_LIM = 5  # meta's column of the inputs' rounding limit (bits, group, rows, code bytes a row, scales a row, limit)
+# meta's columns past bits, group, rows, code bytes a row and scales a row: the inputs' rounding limit, and the bytes
+# ahead that each product's blocks prefetch (set for each step: its timed option)
+_LIM, _PF = 5, 6
 QKV, O, GATE_UP, DOWN = 0, 1, 2, 3  # a layer's products, index 4 * layer + kind in the weight lists
 PHASES = 5  # per layer: qkv, K/V heads (cache write and attention), o, gate_up, down
 PAD = 8  # int64s per counter: each on its own 64-byte cache line (a spinning thread does not slow the claims)
@@ -177,7 +179,7 @@ def _chunks(tag, W, stag, meta, bfac, i, xq, dxs, y, h, bias, residual, sync, j,
     w, sc, bi = _weight(W, stag, meta, i)
     while c < n:
         o0, o1 = c * chunk, min(n_out, c * chunk + chunk)
-        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1)
+        _rows(tag, w, sc, bi, bfac[i], meta[i, 0], meta[i, 1], xq, dxs, y, o0, o1, meta[i, _PF])
         if residual:
             for o in range(o0, o1):
                 h[o] = h[o] + (y[0, o] + bias[o])
@@ -526,7 +528,7 @@ class DecodeProgram:
         self.W = np.array([[_address(a) for a in held] for held in self._held], np.int64)
         self.stag = np.empty(0, lins[0].scales.dtype)
         self.meta = np.array([[w.bits, w.group_size, w.bytes.shape[0], w.bytes.shape[1], w.scales.shape[1],
-                               int(w.lim)] for w in lins], np.int64)
+                               int(w.lim), 0] for w in lins], np.int64)
         self.bfac = np.array([w.bias_factor for w in lins], np.float32)
         layers = model.layers
         self.norms = _stacked([n for y in layers for n in (y.attn_norm, y.mlp_norm)] + [model.norm], (D,))
@@ -618,6 +620,7 @@ class DecodeProgram:
             args = (pos, self.tag, self.W, self.stag, self.meta, self.bfac, self.K, self.V, self._cap, self.rope.cos,
                     self.rope.sin, self.norms, self.qkv_bias, self.o_bias, self.qk_norm, self.dims, self.eps,
                     self.scale, self._bufs)
+            self.meta[:, _PF] = ops.step_prefetch()
             self._run(step, min(ops.step_threads(), self.threads), args)
         cache.advance(1)
         return self._bufs[17].copy().reshape(1, 1, -1)

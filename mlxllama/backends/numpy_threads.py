@@ -114,7 +114,7 @@ class Workers:
 
 class ThreadChoice:
     """The faster of a few options, by timing: each option's step time is a moving average; after trying each
-    twice, the best is used and the others are retried now and then, less often each time they lose again
+    twice, the best is used and the others are retried in turn now and then, less often each time they lose again
     (every 16 steps, then 32, ... up to 512: a retry that is 20x slower then costs 4%). A retry's time replaces the
     option's average, so one disturbed step does not keep an option out for hundreds of steps."""
 
@@ -124,6 +124,7 @@ class ThreadChoice:
         self.tries = {o: 0 for o in options}
         self.best = options[0]
         self.interval, self.countdown = 16, 16
+        self.retries = 0
 
     def pick(self) -> int:
         for o in self.options:
@@ -133,7 +134,8 @@ class ThreadChoice:
         if self.countdown <= 0:
             self.countdown = self.interval
             others = [o for o in self.options if o != self.best]
-            return others[(self.interval // 16) % len(others)] if others else self.best
+            self.retries += 1
+            return others[self.retries % len(others)] if others else self.best
         return self.best
 
     def record(self, option: int, seconds: float) -> None:

@@ -63,6 +63,8 @@ from numba.np.numpy_support import from_dtype as numba_type
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .numpy_kernels import PREFETCH
+
 logger = logging.getLogger(__name__)
 
 BITS = (4, 8)
@@ -72,10 +74,6 @@ OCTET = 8  # output rows laid side by side
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
 _OUT_TILES = 8  # octets (~300 KB at 4096 inputs, 4 bits) kept in cache while every tile of input rows passes
 _CHAINS = 4  # independent int32 sums a block keeps over a tile's rows (one row: 4 chains of its pair products)
-# bytes ahead of each block's codes that the block asks the cache for (llvm.prefetch): the octets stream from memory
-# once a step, and the hardware's prefetchers alone left one Zen 4 core's products at 22 G multiply-adds/s for
-# SmolLM2's batch-1 step against 31 with this (2048: 28-29; 8192: 24-26; benchmarks/README.md)
-_PREFETCH = 4096
 
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -315,11 +313,12 @@ class _Octet(NamedTuple):
     scol: object
     rows: object
     acc: list
+    prefetch: object
 
 
 def _octet_ir(context, builder, at, args, path: tuple, bits: int, R: int):
     """IR of _octet for one (bits, R): the blocks in a loop, then each row's eight results stored."""
-    (w_, t_, xq_, r0_, rows_, dxs_, sc_, bi_, bfac_, y_, ystr_, keep_, nblk_, shift_) = args
+    (w_, t_, xq_, r0_, rows_, dxs_, sc_, bi_, bfac_, y_, ystr_, keep_, nblk_, shift_, pf_) = args
 
     def data(i, arg):
         return context.make_array(at[i])(context, builder, arg).data
@@ -334,7 +333,7 @@ def _octet_ir(context, builder, at, args, path: tuple, bits: int, R: int):
                builder.fcmp_ordered("!=", bfac_, ir.Constant(_F32, 0.0)), bfac_, shift_,
                builder.bitcast(builder.gep(data(2, xq_), [builder.mul(r0_, n)]), _I32.as_pointer()),
                builder.udiv(n, c(2)), dcol, builder.gep(dcol, [builder.mul(nblk_, rows_)]), rows_,
-               [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R)])
+               [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None)) for _ in range(R)], pf_)
     with cgutils.for_range(builder, nblk_) as loop:
         _octet_block(builder, o, path, bits, R, loop.index)
     yrow = builder.gep(data(9, y_), [builder.add(builder.mul(r0_, ystr_), octet)])
@@ -364,12 +363,12 @@ def _octet_block(builder, o: _Octet, path: tuple, bits: int, R: int, b):
 
 
 def _prefetch(builder, o: _Octet, bits: int, b) -> None:
-    """IR: each cache line _PREFETCH bytes past block b's codes (bits * 32 bytes) asked for, to read, kept in all
-    levels (a prefetch past the array's end does not fault)."""
+    """IR: each cache line o.prefetch bytes past block b's codes (bits * 32 bytes) asked for, to read, kept in all
+    levels (a prefetch past the array's end does not fault; 0 asks for the lines being read: no effect)."""
     c, i8p = (lambda v: ir.Constant(b.type, v)), ir.IntType(8).as_pointer()  # noqa: E731
     flags = [ir.Constant(_I32, v) for v in (0, 3, 1)]  # read, highest locality, data
     for line in range(bits * 32 // 64):
-        ahead = builder.gep(o.words, [builder.add(builder.mul(b, c(bits * 32)), c(_PREFETCH + 64 * line))])
+        ahead = builder.gep(o.words, [builder.add(builder.mul(b, c(bits * 32)), builder.add(o.prefetch, c(64 * line)))])
         _call(builder, "llvm.prefetch.p0i8", ir.VoidType(), [builder.bitcast(ahead, i8p)] + flags)
 
 
@@ -481,16 +480,18 @@ def _store_lanes(builder, v, ptr, keep):
 
 
 @intrinsic
-def _octet(typingctx, tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfac, y, ystride, keep, nblk, shift):
-    """_octet(tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfac, y, ystride, keep, nblk, shift) sets
-    y[(r0 + r) * ystride + 8 t + k] for r < R (R in TILES) and k < keep: octet t of the weight (w [rows, bytes a
+def _octet(typingctx, tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfac, y, ystride, keep, nblk, shift,
+           prefetch):
+    """_octet(tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfac, y, ystride, keep, nblk, shift, prefetch)
+    sets y[(r0 + r) * ystride + 8 t + k] for r < R (R in TILES) and k < keep: octet t of the weight (w [rows, bytes a
     row], scales and biases [rows, groups], float32 or float16 bits, both in the octet layout; with bfac != 0 the
     biases are bfac * scales) against the rounded input rows r0 .. r0 + R - 1 of xq [rows, in] (int16), whose dx
     and s are dxs[0, b, r0 + r] and dxs[1, b, r0 + r] (dxs [2, nblk, rows]), on the path tag's dtype names. bits
-    and R are run-time values: each (bits, R) is its own loop in the IR."""
+    and R are run-time values: each (bits, R) is its own loop in the IR. Each block asks the cache for the codes
+    `prefetch` bytes past its own (0: none)."""
     path = _TAG_PATHS[tag.dtype]
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, scales, biases,
-                     types.float32, y, types.intp, types.intp, types.intp, types.intp)
+                     types.float32, y, types.intp, types.intp, types.intp, types.intp, types.intp)
 
     return sig, _by_bits_and_rows(path, lambda bits: TILES, _octet_ir)
 
@@ -577,7 +578,7 @@ def _tile_rows(r1: int, r: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
+def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1, prefetch):
     """y[:, o0:o1] on tag's path (o0 a multiple of OCTET): _OUT_TILES octets at a time stay in cache while each
     tile of input rows passes over them."""
     rows, n = xq.shape
@@ -590,15 +591,15 @@ def _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, o0, o1):
             R = _tile_rows(rows, r)
             for t in range(c0, c1):
                 _octet(tag, bits, R, w, t, xq, r, rows, dxs, scales, biases, bfac, y, y.shape[1],
-                       min(OCTET, o1 - t * OCTET), nblk, shift)
+                       min(OCTET, o1 - t * OCTET), nblk, shift, prefetch)
             r += R
 
 
 @njit(cache=True, nogil=True)
-def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y):
+def _product(tag, x2, lim, w, scales, biases, bfac, bits, group_size, xq, dxs, y, prefetch):
     """The whole product in one compiled call: the input rounded, then every output row."""
     quantize_input(x2, lim, bits, xq, dxs)
-    _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1])
+    _rows(tag, w, scales, biases, bfac, bits, group_size, xq, dxs, y, 0, y.shape[1], prefetch)
 
 
 @njit(cache=True, nogil=True)
@@ -709,14 +710,14 @@ class PackedLinear:
         quantize_input(x2, self.lim, self.bits, xq, dxs)
         return xq, dxs
 
-    def rows(self, xin, out: np.ndarray, o0: int, o1: int) -> None:
+    def rows(self, xin, out: np.ndarray, o0: int, o1: int, prefetch: int = PREFETCH) -> None:
         """out[:, o0:o1] = x @ W[o0:o1].T for xin = quantize_input(x) (o0 a multiple of OCTET); out C-order float32;
-        releases the GIL."""
-        _rows(self._tag, *self._args(), xin[0], xin[1], out, o0, o1)
+        releases the GIL. prefetch: bytes ahead of each block that it asks the cache for (0: none)."""
+        _rows(self._tag, *self._args(), xin[0], xin[1], out, o0, o1, prefetch)
 
-    def matmul(self, x2: np.ndarray) -> np.ndarray:
+    def matmul(self, x2: np.ndarray, prefetch: int = PREFETCH) -> np.ndarray:
         """x2 [rows, in] (float32, C order) @ W.T on this thread, in one compiled call, the rounded input in buffers
-        kept per thread (grown to the most rows it has seen)."""
+        kept per thread (grown to the most rows it has seen); prefetch as in rows()."""
         rows, n = x2.shape[0], self.shape[0]
         key = threading.get_ident()
         flat = self._buffers.get(key)
@@ -724,7 +725,8 @@ class PackedLinear:
             flat = self._buffers[key] = tuple(b.reshape(-1) for b in self.input_buffers(rows))
         xq, dxs = flat[0][: rows * n].reshape(rows, n), flat[1][: 2 * (n // _BLOCK) * rows].reshape(2, -1, rows)
         out = np.empty((rows, self.shape[1]), np.float32)
-        _product(self._tag, np.ascontiguousarray(x2, dtype=np.float32), self.lim, *self._args(), xq, dxs, out)
+        _product(self._tag, np.ascontiguousarray(x2, dtype=np.float32), self.lim, *self._args(), xq, dxs, out,
+                 prefetch)
         return out
 
     def dequantize(self, o0: int, o1: int, out: np.ndarray) -> np.ndarray:
