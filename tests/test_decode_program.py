@@ -347,14 +347,13 @@ def test_batch_steps_with_the_program_off(monkeypatch):
     assert_same_caches(got_caches, want_caches)
 
 
-def test_batch_steps_choose_their_threads_and_prefetch_by_timing():
+def test_batch_steps_choose_their_threads_by_timing():
     model = tiny_model(threads=2)
-    for _ in range(6):
+    for _ in range(3):
         batch_steps(model)
     choices = model._decode.rows._choices
-    options = tuple((t, p) for t in (1, 2) for p in (PREFETCH, 0))
-    assert choices and all(c.options == options for c in choices.values())
-    assert any(all(c.tries[o] for o in options) for c in choices.values())
+    assert choices and all(c.options == (1, 2) for c in choices.values())
+    assert any(c.tries[1] and c.tries[2] for c in choices.values())
 
 
 # -- float16 caches (CacheSettings(kv_dtype="float16")): read and written by the program as their bits ----------------

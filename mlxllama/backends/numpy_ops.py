@@ -240,6 +240,10 @@ class NumpyOps:
         """Threads the current single-row forward pass may use (its timed choice); 1 outside one."""
         return getattr(self._local, "step_workers", 1)
 
+    def prefetch_found(self) -> int:
+        """The prefetch of the fastest single-row steps so far (numpy_kernels.PREFETCH before any)."""
+        return self._choice.best[1] if len(self._choice.avg) == len(self._choice.options) else PREFETCH
+
     def step_prefetch(self) -> int:
         """Bytes ahead that the fused kernel's blocks prefetch in the current single-row forward pass (its timed
         choice); numpy_kernels.PREFETCH outside one."""
@@ -251,7 +255,8 @@ class NumpyOps:
         single-threaded, split by columns over this backend's own worker threads, which share the work
         dynamically. Single-row steps are bound by memory bandwidth: OpenBLAS's threaded gemv is faster than one
         thread while another core is idle, and many times slower when other processes hold the cores, so the thread
-        count of these steps is chosen by timing them (ThreadChoice)."""
+        count of these steps is chosen by timing them (ThreadChoice), and with it whether the fused kernel
+        prefetches (step_options); longer passes take the prefetch found so far."""
         local = self._local
         if getattr(local, "depth", 0):
             local.depth += 1
@@ -260,7 +265,7 @@ class NumpyOps:
             finally:
                 local.depth -= 1
             return
-        option = self._choice.pick() if rows == 1 else (1, PREFETCH)
+        option = self._choice.pick() if rows == 1 else (1, self.prefetch_found())
         threads = option[0]
         # float32 weights: BLAS's threads split the gemv; quantized: this backend's workers split the columns
         local.depth, local.step_workers, local.step_prefetch = 1, threads, option[1]

@@ -286,16 +286,17 @@ class RowsProgram:
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
             choice = self._thread_choice(T)
-            option = choice.pick()
-            threads, p.meta[:, _PF] = option
+            threads = choice.pick()
+            p.meta[:, _PF] = ops.prefetch_found()
             t0 = time.perf_counter()
             p._run(rows_step, min(threads, p.threads), args, self.sync)
-            choice.record(option, (time.perf_counter() - t0) / T)
+            choice.record(threads, (time.perf_counter() - t0) / T)
 
     def _thread_choice(self, rows: int) -> ThreadChoice:
-        """(threads, prefetch bytes) for steps of about `rows` rows, by timing them per row as single-row steps
-        are timed: on cores other processes hold, a thread that is descheduled between units stalls the others."""
-        options = self.program.ops.step_options()
+        """One or more threads for steps of about `rows` rows, by timing them per row as single-row steps are
+        timed: on cores other processes hold, a thread that is descheduled between units stalls the others. (Their
+        prefetch is the single-row steps' choice: a property of the machine's memory, not of the load.)"""
+        options = tuple(sorted({t for t, _ in self.program.ops.step_options()}))
         key = (rows.bit_length(), options)
         if key not in self._choices:
             self._choices[key] = ThreadChoice(options)
