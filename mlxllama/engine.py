@@ -355,11 +355,12 @@ class Engine:
         """Running sequences whose prompt is not all through the model yet."""
         return sum(s.prefilling for s in self._running)
 
-    def warm_up(self, tokens: int = 3) -> float:
+    def warm_up(self, tokens: int = 10) -> float:
         """Before start(), as llama-server's warm-up run: one sequence, then two side by side, `tokens` tokens each,
         on a throwaway engine over this one's model, cache kind, context and speculation, so that what a first
         request would compile is compiled now (on the numpy backend numba compiles the one-row and the multi-row
-        steps at their first use: 10-20 s each on a new machine, holding the GIL). Nothing reaches this engine's
+        steps at their first use: 10-20 s each on a new machine, holding the GIL), and the numpy backend's timed
+        step options (threads, prefetch: 8 steps) are tried before requests pay for it. Nothing reaches this engine's
         prefix cache, stats or counters. Returns the seconds it took; a failed run is logged, not raised (the same
         error then answers the requests that meet it)."""
         start = time.perf_counter()
