@@ -118,15 +118,15 @@ class ThreadChoice:
     (every 16 steps, then 32, ... up to 512: a retry that is 20x slower then costs 4%). A retry's time replaces the
     option's average, so one disturbed step does not keep an option out for hundreds of steps."""
 
-    def __init__(self, options: tuple[int, ...]):
+    def __init__(self, options: tuple):
         self.options = options
-        self.avg: dict[int, float] = {}
+        self.avg: dict = {}  # option -> mean seconds
         self.tries = {o: 0 for o in options}
         self.best = options[0]
         self.interval, self.countdown = 16, 16
         self.retries = 0
 
-    def pick(self) -> int:
+    def pick(self):
         for o in self.options:
             if self.tries[o] < 2:
                 return o
@@ -138,7 +138,7 @@ class ThreadChoice:
             return others[self.retries % len(others)] if others else self.best
         return self.best
 
-    def record(self, option: int, seconds: float) -> None:
+    def record(self, option, seconds: float) -> None:
         self.tries[option] += 1
         prev = self.avg.get(option)
         # a retried loser's average is stale (it may hold a step another process slowed): the retry replaces it

@@ -367,8 +367,9 @@ def _prefetch(builder, o: _Octet, bits: int, b) -> None:
     levels (a prefetch past the array's end does not fault; 0 asks for the lines being read: no effect)."""
     c, i8p = (lambda v: ir.Constant(b.type, v)), ir.IntType(8).as_pointer()  # noqa: E731
     flags = [ir.Constant(_I32, v) for v in (0, 3, 1)]  # read, highest locality, data
+    start = builder.add(builder.mul(b, c(bits * 32)), o.prefetch)
     for line in range(bits * 32 // 64):
-        ahead = builder.gep(o.words, [builder.add(builder.mul(b, c(bits * 32)), builder.add(o.prefetch, c(64 * line)))])
+        ahead = builder.gep(o.words, [builder.add(start, c(64 * line))])
         _call(builder, "llvm.prefetch.p0i8", ir.VoidType(), [builder.bitcast(ahead, i8p)] + flags)
 
 
