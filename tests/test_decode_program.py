@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY, random_weights
 from mlxllama.backends import numpy_ops
 from mlxllama.backends.numpy_rows import MAX_ROWS
-from mlxllama.backends.numpy_kernels import PREFETCH
+from mlxllama.backends.numpy_threads import PREFETCH
 from mlxllama.backends.numpy_threads import ThreadChoice
 from mlxllama.cache import CacheSettings
 from mlxllama.config import from_hf_dict

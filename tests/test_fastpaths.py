@@ -315,7 +315,7 @@ def test_numpy_steps_time_the_kernels_prefetch_with_their_thread_count():
     """A fused model's single-row steps choose among (threads, prefetch bytes) pairs; each prefetch gives the
     same logits (it only asks the cache for bytes ahead)."""
     pytest.importorskip("numba")
-    from mlxllama.backends.numpy_kernels import PREFETCH
+    from mlxllama.backends.numpy_threads import PREFETCH
 
     args, weights = tiny()
     ops = get_ops("numpy", numpy_weights="fused")

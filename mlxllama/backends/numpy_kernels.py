@@ -6,17 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from .numpy_layouts import QLinear, codes_block
-from .numpy_threads import Workers, column_blocks, spans
+from .numpy_threads import PREFETCH, Workers, column_blocks, spans
 
 PARALLEL_ROWS = 16  # products with at least this many rows are split over the worker threads
 GEMM_BLOCK = 1 << 20  # bytes of float32 weight per column block in a product of 2..PARALLEL_ROWS - 1 rows
 QUANT_BLOCK = 1 << 20  # weights dequantized at a time for BLAS (4 MB of float32; 8 MB was no faster on pp512)
 FUSED_SPLIT = 1 << 21  # "fused" mode: products of at least this many multiply-adds (~100 us) are shared
-# "fused" mode: bytes past each block's codes that the kernel asks the cache for. A batch-1 step streams every weight
-# from memory once; on one Zen 4 core the hardware's prefetchers alone left SmolLM2's products at 22 G
-# multiply-adds/s against 31 with 4096 (2048: 28-29, 8192: 24-26), while on Zen 2 an earlier kernel lost to it.
-# Steps time both (NumpyOps.step_options) and keep the faster.
-PREFETCH = 4096
 
 
 def dense_matmul(workers: Workers, x2: np.ndarray, w: np.ndarray) -> np.ndarray:

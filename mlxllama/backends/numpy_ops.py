@@ -60,11 +60,11 @@ import numpy as np
 from ..errors import UsageError
 from ..weights import QuantizedWeight
 from .contract import QuantizedKV
-from .numpy_kernels import (FUSED_SPLIT, PREFETCH, QUERY_BLOCK, causal_bias, dense_matmul,  # noqa: F401
-                            fused_matmul, quantized_matmul, query_block, softmax_product)
+from .numpy_kernels import (FUSED_SPLIT, QUERY_BLOCK, causal_bias, dense_matmul, fused_matmul,  # noqa: F401
+                            quantized_matmul, query_block, softmax_product)
 from .numpy_layouts import (QLinear, RopeTable, dense_linear, dequantize_columns, dequantize_kv,  # noqa: F401
                             quantized_linear)
-from .numpy_threads import Blas, BlasThreads, ThreadChoice, Workers, cpu_count
+from .numpy_threads import PREFETCH, Blas, BlasThreads, ThreadChoice, Workers, cpu_count
 
 NOT_DISTRIBUTED = "the numpy backend runs in one process; distributed inference (--parallel) needs --backend mlx"
 
@@ -233,7 +233,7 @@ class NumpyOps:
         return program
 
     def step_options(self) -> tuple[tuple[int, int], ...]:
-        """The (threads, prefetch bytes) a step's timed choice picks from (numpy_kernels.PREFETCH)."""
+        """The (threads, prefetch bytes) a step's timed choice picks from (numpy_threads.PREFETCH)."""
         return self._choice.options
 
     def step_threads(self) -> int:
@@ -241,12 +241,12 @@ class NumpyOps:
         return getattr(self._local, "step_workers", 1)
 
     def prefetch_found(self) -> int:
-        """The prefetch of the fastest single-row steps so far (numpy_kernels.PREFETCH before any)."""
+        """The prefetch of the fastest single-row steps so far (numpy_threads.PREFETCH before any)."""
         return self._choice.best[1] if len(self._choice.avg) == len(self._choice.options) else PREFETCH
 
     def step_prefetch(self) -> int:
         """Bytes ahead that the fused kernel's blocks prefetch in the current single-row forward pass (its timed
-        choice); numpy_kernels.PREFETCH outside one."""
+        choice); numpy_threads.PREFETCH outside one."""
         return getattr(self._local, "step_prefetch", PREFETCH)
 
     @contextlib.contextmanager

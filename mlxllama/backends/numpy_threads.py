@@ -1,5 +1,6 @@
-"""Threads of the numpy backend: its worker pool, the timed choice of a decode step's thread count, and BLAS's own
-thread count (through threadpoolctl), which is one setting for the whole process."""
+"""Threads of the numpy backend: its worker pool, the timed choice of a decode step's thread count (and of the
+fused kernel's prefetch), and BLAS's own thread count (through threadpoolctl), which is one setting for the whole
+process."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import threading
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+# bytes past each block's codes that the fused kernel (qmatvec) asks the cache for. A batch-1 step streams every
+# weight from memory once; on one Zen 4 core the hardware's prefetchers alone left SmolLM2's products at 22 G
+# multiply-adds/s against 31 with 4096 (2048: 28-29, 8192: 24-26), while on Zen 2 an earlier kernel lost to it.
+# Steps time both with their thread count (NumpyOps.step_options) and keep the faster.
+PREFETCH = 4096
 
 
 PARALLEL_ELEMENTS = 1 << 18  # elementwise work below this stays on the calling thread (Workers.by_rows)

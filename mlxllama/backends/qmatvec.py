@@ -63,7 +63,7 @@ from numba.np.numpy_support import from_dtype as numba_type
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numpy_kernels import PREFETCH
+from .numpy_threads import PREFETCH
 
 logger = logging.getLogger(__name__)
 
