@@ -241,8 +241,9 @@ class NumpyOps:
         return getattr(self._local, "step_workers", 1)
 
     def prefetch_found(self) -> int:
-        """The prefetch of the fastest single-row steps so far (numpy_threads.PREFETCH before any)."""
-        return self._choice.best[1] if len(self._choice.avg) == len(self._choice.options) else PREFETCH
+        """The prefetch of the fastest single-row steps so far (the first option's, PREFETCH, until every option
+        is timed)."""
+        return self._choice.best[1]
 
     def step_prefetch(self) -> int:
         """Bytes ahead that the fused kernel's blocks prefetch in the current single-row forward pass (its timed

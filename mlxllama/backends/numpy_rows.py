@@ -287,7 +287,7 @@ class RowsProgram:
                     self.bufs)
             choice = self._thread_choice(T)
             threads = choice.pick()
-            p.meta[:, _PF] = ops.prefetch_found()
+            p.meta[:, _PF] = ops.step_prefetch()
             t0 = time.perf_counter()
             p._run(rows_step, min(threads, p.threads), args, self.sync)
             choice.record(threads, (time.perf_counter() - t0) / T)
