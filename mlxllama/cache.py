@@ -175,6 +175,13 @@ class KVCache:
                                      for a, e in zip(store[i], extra))
         self.capacity = cap
 
+    def reserve(self, needed: int) -> None:
+        """Buffers for at least `needed` positions before they are written (a plain float cache; a compiled step
+        writes into them in place)."""
+        if needed > self.capacity:
+            dtype = self._stored_dtype or self.ops.float_dtype
+            self._reserve(needed, (self.ops.zeros((self.batch, self.kv_heads, 0, self.head_dim), dtype=dtype),))
+
     def _write(self, layer: int, start: int, ks: tuple, vs: tuple) -> None:
         end = start + ks[0].shape[2]
         if end > self.capacity:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, random_weights
-from mlxllama.backends import numpy_ops
+from mlxllama.backends import numpy_ops, numpy_rows
 from mlxllama.backends.numpy_rows import MAX_ROWS
 from mlxllama.backends.numpy_threads import PREFETCH
 from mlxllama.backends.numpy_threads import ThreadChoice
@@ -288,8 +288,8 @@ def test_batch_step_is_one_program_call():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_call_of_several_rows_matches_op_by_op(threads):
-    """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too; a chunk
-    that needs the cache to grow steps op by op."""
+    """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too, and so
+    do a fresh cache's prompt and a chunk that needs the cache to grow (the program reserves the buffers)."""
     model = tiny_model(threads=threads, window=12)
     force_threads(model, threads)
 
@@ -347,6 +347,46 @@ def test_batch_steps_with_the_program_off(monkeypatch):
     assert_same_caches(got_caches, want_caches)
 
 
+def counted_calls(model) -> list:
+    """The compiled multi-row step's calls from now on (their row counts)."""
+    rows, calls = model._decode.rows, []
+    step = rows._step
+    rows._step = lambda chunks, seqs, want, kv: (calls.append(int(seqs[:, 1].sum())), step(chunks, seqs, want, kv))
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompts_of_fresh_caches_are_one_program_call(threads):
+    """Prompt pieces up to MAX_ROWS rows, of one sequence (fill, a fresh cache's first call) or of several
+    (forward_batch, more rows than the steps that time their threads), each in one compiled call with the
+    op-by-op path's logits and caches; the logits buffer holds only the rows asked for."""
+    model = tiny_model(threads=threads)
+    force_threads(model, threads)
+    prompts = [np.random.default_rng(11 + i).integers(0, 400, n) for i, n in enumerate((70, 45, 30))]
+
+    def run():
+        caches = [model.make_cache(1) for _ in range(4)]
+        model.fill(prompts[0][None, :-1], caches[0])
+        out = [model(prompts[0][None, -1:], caches[0]), model(prompts[1][None, :], caches[1], last_only=True),
+               model.forward_batch([prompts[0], prompts[2], prompts[1]], caches[1:], [0, 2, 1])]
+        return out, caches
+
+    calls = counted_calls(model)
+    got, got_caches = run()
+    assert calls == [69, 45, 145]  # the decode row took the single-row program
+    assert model._decode.rows.bufs[numpy_rows._LOGITS].shape[0] == 8
+    assert all(key[0] <= numpy_rows.TIMED_ROWS.bit_length() for key in model._decode.rows._choices)  # not timed
+    program, model._decode = model._decode, None
+    try:
+        want, want_caches = run()
+    finally:
+        model._decode = program
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert_close(g, w)
+    assert_same_caches(got_caches, want_caches)
+
+
 def test_batch_steps_choose_their_threads_by_timing():
     model = tiny_model(threads=2)
     for _ in range(3):
@@ -398,18 +438,20 @@ def test_batch_steps_with_float16_or_float32_caches(head_dim, kv):
 
 def test_float32_and_float16_caches_in_one_batch_step_op_by_op():
     model = tiny_model(head_dim=32)
+    program = model._decode
 
-    def run():
+    def run(stepping):
         caches = [model.make_cache(1, settings=s) for s in (FULL, HALF)]
+        model._decode = None  # the prompts op by op in both runs
         for p, c in zip(PROMPTS, caches):
             model(p[None, :], c)
+        model._decode = stepping
         return model.forward_batch([MORE[:3], MORE[3:4]], caches, [3, 1])
 
-    got = run()
-    assert not model._decode.rows._addresses
-    program, model._decode = model._decode, None
     try:
-        want = run()
+        got = run(program)
+        assert not program.rows._addresses
+        want = run(None)
     finally:
         model._decode = program
     np.testing.assert_array_equal(got, want)

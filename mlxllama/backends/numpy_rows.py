@@ -32,9 +32,12 @@ from .qmatvec import _rows
 
 logger = logging.getLogger(__name__)
 
-# A batch's decode rows with a joining prompt's chunk (8 + 32) stay in one call; longer steps (prompt chunks) run op
-# by op, on the same tiles: serve_load's 8 streams 2.01x one against 1.82x with 32 here (same run).
-MAX_ROWS = 64
+# Every step the engine takes by default (prompt pieces up to its prefill_step of 512 rows) is one call: against op by
+# op, SmolLM2's 8 prompts of 16 rows 169 -> 102 ms, one prompt of 512 rows 633 -> 515 ms (Zen 4, two threads).
+MAX_ROWS = 512
+# Steps of up to this many rows time their thread count; longer ones (prompt pieces) are bound by the products'
+# arithmetic and take every thread, as the op-by-op products do.
+TIMED_ROWS = 64
 _START, _COUNT, _OFFSET, _CAP = range(4)  # seqs' columns: first row, rows, cache offset, cache capacity
 NORM, GATE, AS_IS = range(3)  # how a phase forms its input rows
 ROW_PHASES = 10  # per layer: qkv's input and product, the keys, the queries, then o's, gate_up's and down's input and
@@ -205,16 +208,16 @@ class RowsProgram:
         self.vocab = p.lins[-1].shape[1]
         self._addresses = weakref.WeakKeyDictionary()  # cache -> (its first key buffer, K row, V row, buffers)
         self._choices: dict[tuple, ThreadChoice] = {}  # (rows' bit length, thread options) -> timed choice
-        self.rows = self.cap = 0
+        self.rows = self.cap = self.wanted = 0
         self.bufs = None
         self.sync = np.zeros(2 * (ROW_PHASES * a.num_hidden_layers + 2) * PAD, np.int64)
 
     def _takes(self, cache, n: int) -> bool:
-        """A plain float KVCache of one sequence, already holding buffers with room for its n rows."""
+        """A plain float KVCache of one sequence with room for its n rows (its buffers reserved here if need be)."""
         from ..cache import KVCache
 
-        return (type(cache) is KVCache and cache.bits is None and cache.batch == 1 and cache.keys[0] is not None
-                and cache.offset + n <= cache.capacity)
+        return (type(cache) is KVCache and cache.bits is None and cache.batch == 1
+                and cache.offset + n <= cache.max_len)
 
     def _kv_rows(self, cache):
         """(K row, V row): the addresses of the cache's per-layer buffers (numpy_step.kv_addresses), or None."""
@@ -229,12 +232,13 @@ class RowsProgram:
         self._addresses[cache] = (src,) + rows + ((ks, vs),)
         return rows
 
-    def _grow(self, rows: int, cap: int) -> None:
-        """Buffers for at least `rows` rows and caches of `cap` positions."""
+    def _grow(self, rows: int, cap: int, wanted: int) -> None:
+        """Buffers for at least `rows` rows, `wanted` of them with logits, and caches of `cap` positions."""
         n = self.program.threads
-        if self.bufs is not None and rows <= self.rows and cap <= self.cap and n == self.bufs[_ATT_SCRATCH][0].shape[0]:
+        if (self.bufs is not None and rows <= self.rows and cap <= self.cap and wanted <= self.wanted
+                and n == self.bufs[_ATT_SCRATCH][0].shape[0]):
             return
-        self.rows, self.cap = max(rows, self.rows, 8), max(cap, self.cap)
+        self.rows, self.cap, self.wanted = max(rows, self.rows, 8), max(cap, self.cap), max(wanted, self.wanted, 8)
         logger.debug("multi-row step buffers: %d rows, caches of %d positions, %d threads", self.rows, self.cap, n)
         T, f32 = self.rows, np.float32
         D, H, KV, Dh, F = self.D, self.H, self.KV, self.Dh, self.F
@@ -242,7 +246,7 @@ class RowsProgram:
         scratch = (np.zeros((n, rep, Dh), f32), np.zeros((n, max(Dh, rep)), f32), np.zeros((n, rep * self.cap), f32))
         self.bufs = (np.zeros(T * width, f32), np.zeros(T * width, np.int16), np.zeros(2 * (width // 32) * T, f32),
                      np.zeros((T, D), f32), np.zeros((T, (H + 2 * KV) * Dh), f32), np.zeros((T, H * Dh), f32),
-                     np.zeros((T, D), f32), np.zeros((T, 2 * F), f32), np.zeros((T, self.vocab), f32),
+                     np.zeros((T, D), f32), np.zeros((T, 2 * F), f32), np.zeros((self.wanted, self.vocab), f32),
                      np.zeros(D, f32), scratch)
 
     def __call__(self, chunks: list, caches: list, rows: list[int]):
@@ -262,13 +266,15 @@ class RowsProgram:
         T = sum(lens)
         if not 0 < T <= MAX_ROWS or not all(self._takes(c, n) for c, n in zip(caches, lens)):
             return None
+        for c, n in zip(caches, lens):
+            c.reserve(c.offset + n)
         kv = [self._kv_rows(c) for c in caches]
         if any(r is None for r in kv) or len({r[0].dtype for r in kv}) > 1:  # float32 and float16 caches apart
             return None
         starts = np.concatenate([[0], np.cumsum(lens)])
         want = np.concatenate([np.arange(e - r, e) for e, r in zip(starts[1:], rows)] + [np.zeros(0, int)])
         seqs = np.array([[s, n, c.offset, c.capacity] for s, n, c in zip(starts, lens, caches)], np.int64)
-        self._grow(T, max(c.capacity for c in caches))
+        self._grow(T, max(c.capacity for c in caches), len(want))
         self._step(chunks, seqs, want.astype(np.int64), kv)
         for c, n in zip(caches, lens):
             c.advance(n)
@@ -285,12 +291,13 @@ class RowsProgram:
             args = (seqs, want, p.tag, p.W, p.stag, p.meta, p.bfac, K, V,
                     p.rope.cos, p.rope.sin, p.norms, p.qkv_bias, p.o_bias, p.qk_norm, p.dims, p.eps, p.scale,
                     self.bufs)
-            choice = self._thread_choice(T)
-            threads = choice.pick()
+            choice = self._thread_choice(T) if T <= TIMED_ROWS else None
+            threads = choice.pick() if choice is not None else p.threads
             p.meta[:, _PF] = ops.step_prefetch()
             t0 = time.perf_counter()
             p._run(rows_step, min(threads, p.threads), args, self.sync)
-            choice.record(threads, (time.perf_counter() - t0) / T)
+            if choice is not None:
+                choice.record(threads, (time.perf_counter() - t0) / T)
 
     def _thread_choice(self, rows: int) -> ThreadChoice:
         """One or more threads for steps of about `rows` rows, by timing them per row as single-row steps are
