@@ -283,6 +283,8 @@ def test_batch_step_is_one_program_call():
     assert [c.offset for c in caches] == [8, 18, 16]
     assert model._decode.rows(chunks[:2], caches[:2], [0, 0]).shape == (0, 400)
     assert model._decode.rows([MORE[:MAX_ROWS + 1]], caches[:1], [1]) is None  # a longer prompt chunk: op by op
+    n = numpy_rows.MAX_LOGIT_ROWS + 1
+    assert model._decode.rows([MORE[:n]], caches[:1], [n]) is None  # every row's logits: op by op
     assert caches[0].offset == 11
 
 

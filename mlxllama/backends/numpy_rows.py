@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # Every step the engine takes by default (prompt pieces up to its prefill_step of 512 rows) is one call: against op by
 # op, SmolLM2's 8 prompts of 16 rows 169 -> 102 ms, one prompt of 512 rows 633 -> 515 ms (Zen 4, two threads).
 MAX_ROWS = 512
+# Logits of at most this many rows a call: a whole prompt's (perplexity, echoed logprobs) steps op by op rather than
+# keep a [512, vocab] buffer (100 MB for SmolLM2) for the model's lifetime.
+MAX_LOGIT_ROWS = 64
 # Steps of up to this many rows time their thread count; longer ones (prompt pieces) are bound by the products'
 # arithmetic and take every thread, as the op-by-op products do.
 TIMED_ROWS = 64
@@ -264,7 +267,8 @@ class RowsProgram:
     def _call(self, chunks: list, caches: list, rows: list[int]):
         lens = [len(c) for c in chunks]
         T = sum(lens)
-        if not 0 < T <= MAX_ROWS or not all(self._takes(c, n) for c, n in zip(caches, lens)):
+        if (not 0 < T <= MAX_ROWS or sum(rows) > MAX_LOGIT_ROWS
+                or not all(self._takes(c, n) for c, n in zip(caches, lens))):
             return None
         for c, n in zip(caches, lens):
             c.reserve(c.offset + n)
