@@ -125,9 +125,6 @@ class Model:
 
     def fill(self, tokens, cache: KVCache) -> None:
         """hidden() whose result is not needed (prompt chunks): a pipeline need not send it back."""
-        tokens = self.ops.asarray(tokens)
-        if tokens.shape[0] == 1 and self._program_rows([tokens[0]], [cache], [0]) is not None:
-            return
         self.hidden(tokens, cache)
 
     def blocks(self, h, cache: KVCache):

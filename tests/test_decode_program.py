@@ -290,8 +290,8 @@ def test_batch_step_is_one_program_call():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_call_of_several_rows_matches_op_by_op(threads):
-    """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too, and so
-    do a fresh cache's prompt and a chunk that needs the cache to grow (the program reserves the buffers)."""
+    """The lone sequence's speculative verification (model(tokens, cache)) takes the program, last_only too; a chunk
+    that needs the cache to grow steps op by op."""
     model = tiny_model(threads=threads, window=12)
     force_threads(model, threads)
 
@@ -358,10 +358,10 @@ def counted_calls(model) -> list:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_prompts_of_fresh_caches_are_one_program_call(threads):
-    """Prompt pieces up to MAX_ROWS rows, of one sequence (fill, a fresh cache's first call) or of several
-    (forward_batch, more rows than the steps that time their threads), each in one compiled call with the
-    op-by-op path's logits and caches; the logits buffer holds only the rows asked for."""
+def test_prompts_of_several_fresh_caches_are_one_program_call(threads):
+    """Several sequences' prompt pieces (forward_batch) up to MAX_ROWS rows, more than the steps that time their
+    threads, fresh caches too: one compiled call with the op-by-op path's logits and caches; the logits buffer holds
+    only the rows asked for. A lone sequence's fresh or long prompt steps op by op (no call)."""
     model = tiny_model(threads=threads)
     force_threads(model, threads)
     prompts = [np.random.default_rng(11 + i).integers(0, 400, n) for i, n in enumerate((70, 45, 30))]
@@ -370,12 +370,13 @@ def test_prompts_of_fresh_caches_are_one_program_call(threads):
         caches = [model.make_cache(1) for _ in range(4)]
         model.fill(prompts[0][None, :-1], caches[0])
         out = [model(prompts[0][None, -1:], caches[0]), model(prompts[1][None, :], caches[1], last_only=True),
+               model(prompts[0][None, :], caches[1], last_only=True),
                model.forward_batch([prompts[0], prompts[2], prompts[1]], caches[1:], [0, 2, 1])]
         return out, caches
 
     calls = counted_calls(model)
     got, got_caches = run()
-    assert calls == [69, 45, 145]  # the decode row took the single-row program
+    assert calls == [145]  # the decode row took the single-row program; the lone prompts op by op
     assert model._decode.rows.bufs[numpy_rows._LOGITS].shape[0] == 8
     assert all(key[0] <= numpy_rows.TIMED_ROWS.bit_length() for key in model._decode.rows._choices)  # not timed
     program, model._decode = model._decode, None

@@ -32,9 +32,13 @@ from .qmatvec import _rows
 
 logger = logging.getLogger(__name__)
 
-# Every step the engine takes by default (prompt pieces up to its prefill_step of 512 rows) is one call: against op by
-# op, SmolLM2's 8 prompts of 16 rows 169 -> 102 ms, one prompt of 512 rows 633 -> 515 ms (Zen 4, two threads).
+# Steps of several sequences up to the engine's prefill_step (a served burst's prompts) are one call: against op by op,
+# SmolLM2's 8 prompts of 16 rows 169 -> 102 ms (Zen 4, two threads).
 MAX_ROWS = 512
+# A lone sequence's steps (speculative verification, a prompt piece where its cache holds buffers) take the program up
+# to this many rows; its longer pieces and a fresh cache's first piece run op by op. Taking them too (a 512-row
+# prompt 633 -> 515 ms) made a new install's first `mlxllama generate` compile this program as well: 20.7 -> 34.7 s.
+LONE_ROWS = 64
 # Logits of at most this many rows a call: a whole prompt's (perplexity, echoed logprobs) steps op by op rather than
 # keep a [512, vocab] buffer (100 MB for SmolLM2) for the model's lifetime.
 MAX_LOGIT_ROWS = 64
@@ -215,12 +219,16 @@ class RowsProgram:
         self.bufs = None
         self.sync = np.zeros(2 * (ROW_PHASES * a.num_hidden_layers + 2) * PAD, np.int64)
 
-    def _takes(self, cache, n: int) -> bool:
-        """A plain float KVCache of one sequence with room for its n rows (its buffers reserved here if need be)."""
+    def _takes(self, cache, n: int, lone: bool) -> bool:
+        """A plain float KVCache of one sequence with room for its n rows: in its buffers for a lone sequence; else
+        within its length (the buffers are reserved here)."""
         from ..cache import KVCache
 
-        return (type(cache) is KVCache and cache.bits is None and cache.batch == 1
-                and cache.offset + n <= cache.max_len)
+        if type(cache) is not KVCache or cache.bits is not None or cache.batch != 1:
+            return False
+        if lone:
+            return cache.keys[0] is not None and cache.offset + n <= cache.capacity
+        return cache.offset + n <= cache.max_len
 
     def _kv_rows(self, cache):
         """(K row, V row): the addresses of the cache's per-layer buffers (numpy_step.kv_addresses), or None."""
@@ -267,8 +275,9 @@ class RowsProgram:
     def _call(self, chunks: list, caches: list, rows: list[int]):
         lens = [len(c) for c in chunks]
         T = sum(lens)
-        if (not 0 < T <= MAX_ROWS or sum(rows) > MAX_LOGIT_ROWS
-                or not all(self._takes(c, n) for c, n in zip(caches, lens))):
+        lone = len(caches) == 1
+        if (not 0 < T <= (LONE_ROWS if lone else MAX_ROWS) or sum(rows) > MAX_LOGIT_ROWS
+                or not all(self._takes(c, n, lone) for c, n in zip(caches, lens))):
             return None
         for c, n in zip(caches, lens):
             c.reserve(c.offset + n)
