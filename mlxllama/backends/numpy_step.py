@@ -26,8 +26,8 @@ step (the call returns None otherwise, and the caller runs the op-by-op path): b
 KVCache with room for the token (float32, or float16 where its conversion is native: numpy_attend; not a quantized
 or rotating one), no other thread stepping the same model.
 MLXLLAMA_DECODE_PROGRAM=0 turns it off. Steps of several rows (of several sequences up to numpy_rows.MAX_ROWS, of
-one up to LONE_ROWS: Model.forward_batch, speculative verification, prompt pieces) run the same phases in one call
-too (DecodeProgram.rows: numpy_rows.RowsProgram).
+one up to numpy_rows.LONE_ROWS: Model.forward_batch, speculative verification, prompt pieces) run the same phases in
+one call too (DecodeProgram.rows: numpy_rows.RowsProgram).
 """
 
 from __future__ import annotations
