@@ -433,7 +433,7 @@ def table(results: dict, spec: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", default="default", help="any model reference mlxllama accepts (default: SmolLM2)")
@@ -450,23 +450,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write all measurements here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    return ap
 
-    if a.worker:
-        run_worker(a.worker, json.loads(a.spec))
-        return 0
 
-    if a.quick:
-        a.pp, a.tg, a.reps = min(a.pp, 128), min(a.tg, 32), 1
-    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
-    bad = [e for e in engines if e not in ENGINES]
-    if bad or a.reps < 1 or a.pp < 0 or a.tg < 0 or a.tg_prompt < 1:
-        ap.error(f"unknown engine {bad[0]!r}" if bad else "--reps >= 1, --pp/--tg >= 0, --tg-prompt >= 1")
-
+def _spec(a, path: Path) -> dict:
+    """What every worker is told: the model, the test sizes and the bytes the memory table divides by."""
     from mlxllama import loaders
-    from mlxllama.api import resolve
 
-    path = resolve(a.model)
     args, _w, _t = loaders.load(path)
     del _w
     spec = dict(model=str(path), vocab_size=args.vocab_size, pp=a.pp, tg=a.tg, tg_prompt=a.tg_prompt, reps=a.reps,
@@ -477,6 +467,86 @@ def main(argv=None) -> int:
         import gguf
 
         spec["file_weights_bytes"] = int(sum(t.n_bytes for t in gguf.GGUFReader(path).tensors))
+    return spec
+
+
+def _start(engines: list, spec: dict, results: dict, workers: dict) -> None:
+    """One worker per available engine into workers, loaded one at a time (a failed load is an error in results;
+    the caller closes every worker started, whatever happens)."""
+    for eng in engines:
+        why = available(eng, spec)
+        if why:
+            print(f"{LABELS[eng]}: skipped ({why})", flush=True)
+            results[eng] = {"skipped": f"skipped: {why}"}
+            continue
+        w = Worker(eng, spec)
+        try:
+            results[eng] = w.read()
+            workers[eng] = w
+            print(f"{LABELS[eng]}: loaded in {results[eng]['load_s']:.2f} s", flush=True)
+        except RuntimeError as e:
+            results[eng] = {"error": str(e)}
+            w.close()
+
+
+def _measure(a, workers: dict, results: dict) -> None:
+    """A warm-up (the first prompt is the cold TTFT), then interleaved repetitions, the engines' order rotating."""
+    tests = ([("pp", "pp_runs_s", "s")] if a.pp else []) + ([("tg", "tg_runs_tps", "tps")] if a.tg else [])
+    for rep in range(a.reps + 1):
+        order = list(workers)
+        order = order[rep % len(order):] + order[: rep % len(order)] if order else order
+        for cmd, key, field in tests:
+            for eng in order:
+                if "error" in results[eng]:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    ans = workers[eng].ask(f"{cmd} {rep}")
+                except RuntimeError as e:
+                    results[eng]["error"] = str(e)
+                    continue
+                got = ans[field]
+                results[eng].setdefault(key, []).append(got)
+                results[eng].setdefault(f"{cmd}_cpu_runs", []).append(ans["cpu"])
+                print(f"  {'warm-up' if rep == 0 else f'rep {rep}'} {cmd} {LABELS[eng]}: "
+                      f"{got:.3f} {'s' if field == 's' else 't/s'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for eng, w in workers.items():
+        if "error" not in results[eng]:
+            try:
+                results[eng].update(w.ask("done"))
+            except RuntimeError as e:
+                results[eng]["error"] = str(e)
+
+
+def _summarize(a, results: dict) -> None:
+    """Medians of the timed repetitions (the warm-up apart) into each engine's results."""
+    for r in results.values():
+        if r.get("pp_runs_s"):
+            cold, warm = r["pp_runs_s"][0], r["pp_runs_s"][1:]
+            r.update(ttft_cold_s=cold, ttft_s=statistics.median(warm), pp_tps=a.pp / statistics.median(warm),
+                     pp_best_tps=a.pp / min(warm), pp_cpu_s=statistics.median(r["pp_cpu_runs"][1:]))
+        if r.get("tg_runs_tps"):
+            r.update(tg_warmup_tps=r["tg_runs_tps"][0], tg_tps=statistics.median(r["tg_runs_tps"][1:]),
+                     tg_best_tps=max(r["tg_runs_tps"][1:]), tg_cpu_s_per_token=statistics.median(r["tg_cpu_runs"][1:]))
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.worker:
+        run_worker(a.worker, json.loads(a.spec))
+        return 0
+    if a.quick:
+        a.pp, a.tg, a.reps = min(a.pp, 128), min(a.tg, 32), 1
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or a.reps < 1 or a.pp < 0 or a.tg < 0 or a.tg_prompt < 1:
+        ap.error(f"unknown engine {bad[0]!r}" if bad else "--reps >= 1, --pp/--tg >= 0, --tg-prompt >= 1")
+
+    from mlxllama.api import resolve
+
+    path = resolve(a.model)
+    spec = _spec(a, path)
     info = machine()
     print(f"model: {path}\nmachine: {info.get('cpu')} ({info['cpus']} cpus), load average "
           f"{' '.join(f'{x:.2f}' for x in info.get('loadavg_start', ()))}", flush=True)
@@ -491,58 +561,12 @@ def main(argv=None) -> int:
             except Exception as e:  # reported in the table; the other engines still run
                 spec["mlx_folder_error"] = f"convert failed: {e}"
         try:
-            for eng in engines:  # load one at a time
-                why = available(eng, spec)
-                if why:
-                    print(f"{LABELS[eng]}: skipped ({why})", flush=True)
-                    results[eng] = {"skipped": f"skipped: {why}"}
-                    continue
-                w = Worker(eng, spec)
-                try:
-                    results[eng] = w.read()
-                    workers[eng] = w
-                    print(f"{LABELS[eng]}: loaded in {results[eng]['load_s']:.2f} s", flush=True)
-                except RuntimeError as e:
-                    results[eng] = {"error": str(e)}
-                    w.close()
-            # warm-up (the first prompt is the cold TTFT), then interleaved repetitions, engine order rotating
-            tests = ([("pp", "pp_runs_s", "s")] if a.pp else []) + ([("tg", "tg_runs_tps", "tps")] if a.tg else [])
-            for rep in range(a.reps + 1):
-                order = list(workers)
-                order = order[rep % len(order):] + order[: rep % len(order)] if order else order
-                for cmd, key, field in tests:
-                    for eng in order:
-                        if "error" in results[eng]:
-                            continue
-                        t0 = time.perf_counter()
-                        try:
-                            ans = workers[eng].ask(f"{cmd} {rep}")
-                        except RuntimeError as e:
-                            results[eng]["error"] = str(e)
-                            continue
-                        got = ans[field]
-                        results[eng].setdefault(key, []).append(got)
-                        results[eng].setdefault(f"{cmd}_cpu_runs", []).append(ans["cpu"])
-                        print(f"  {'warm-up' if rep == 0 else f'rep {rep}'} {cmd} {LABELS[eng]}: "
-                              f"{got:.3f} {'s' if field == 's' else 't/s'} ({time.perf_counter() - t0:.0f} s)",
-                              flush=True)
-            for eng, w in workers.items():
-                if "error" not in results[eng]:
-                    try:
-                        results[eng].update(w.ask("done"))
-                    except RuntimeError as e:
-                        results[eng]["error"] = str(e)
+            _start(engines, spec, results, workers)
+            _measure(a, workers, results)
         finally:
             for w in workers.values():
                 w.close()
-    for eng, r in results.items():
-        if r.get("pp_runs_s"):
-            cold, warm = r["pp_runs_s"][0], r["pp_runs_s"][1:]
-            r.update(ttft_cold_s=cold, ttft_s=statistics.median(warm), pp_tps=a.pp / statistics.median(warm),
-                     pp_best_tps=a.pp / min(warm), pp_cpu_s=statistics.median(r["pp_cpu_runs"][1:]))
-        if r.get("tg_runs_tps"):
-            r.update(tg_warmup_tps=r["tg_runs_tps"][0], tg_tps=statistics.median(r["tg_runs_tps"][1:]),
-                     tg_best_tps=max(r["tg_runs_tps"][1:]), tg_cpu_s_per_token=statistics.median(r["tg_cpu_runs"][1:]))
+    _summarize(a, results)
     if hasattr(os, "getloadavg"):
         info["loadavg_end"] = os.getloadavg()
     print()

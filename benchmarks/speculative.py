@@ -67,7 +67,7 @@ def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int, num_pred: int):
     return run
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--backends", default="numpy", help="comma-separated: numpy, mlx")
@@ -83,14 +83,14 @@ def main() -> int:
                                                                   "rated bandwidth, else measured)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
-    tasks = [t for t in args.tasks.split(",") if t]
-    path = resolve(args.model)
+    return ap
 
-    costs = {}  # name -> () -> verification costs, measured after the runs
-    engines = {}  # name -> (run(mode, ids, n_gen) -> (tokens, tps, stats), bytes per token at ctx, bandwidth)
-    ids_by_task = None
+
+def _ours(args, path: Path, modes: list, tasks: list):
+    """mlxllama's engines, one per backend: (engines, costs, ids_by_task). engines: name -> (run(mode, ids, n_gen)
+    -> (tokens, tps, stats), bytes per token at ctx, bandwidth, what it is, modes); costs: name -> () ->
+    verification costs, measured after the runs."""
+    costs, engines, ids_by_task = {}, {}, None
     for name in [b for b in args.backends.split(",") if b]:
         ops = backends.get_ops(name)
         model, tok, acc = sb.load_for_bench(path, ops)
@@ -112,31 +112,25 @@ def main() -> int:
         costs[f"mlxllama {name}"] = lambda model=model: sb.verification_costs(model, ids_by_task[tasks[0]])
         print(f"mlxllama {name}: scored against {bw:.1f} GB/s ({bw_what}); {acc.weight_bytes_per_token / 1e6:.0f} MB "
               "of weights read per plain step", file=sys.stderr)
-    if not args.no_llama_cpp:
-        n_ctx = max(len(v) for v in ids_by_task.values()) + args.n_gen + 64
-        runner = llama_cpp_runner(path, args.threads, n_ctx, args.num_draft)
-        if isinstance(runner, str):
-            print(f"llama.cpp skipped: {runner}", file=sys.stderr)
-        else:
-            from mlxllama import loaders
+    return engines, costs, ids_by_task
 
-            a, w, _ = loaders.load(path)
-            acc = roofline.account_weights(a, w, kv_bytes=2)  # GGUF blocks as stored, f16 KV
-            cpu = backends.get_ops("numpy")
-            bw, bw_what = sb.bandwidth_for(cpu, args.bandwidth)
-            engines["llama.cpp"] = (lambda mode, ids, n: (*runner(mode, ids, n), None), acc.bytes_per_token, bw,
-                                    bw_what, ["plain", "lookup"])
-            del w
 
-    results: dict = {}
-    for rep in range(args.reps):
-        for task in tasks:
-            for engine, (run, _, _, _, emodes) in engines.items():
-                for mode in emodes:
-                    tokens, tps, stats = run(mode, ids_by_task[task], args.n_gen)
-                    results.setdefault((task, engine, mode), []).append((tokens, tps, stats))
-        print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+def _add_llama_cpp(args, path: Path, ids_by_task: dict, engines: dict) -> None:
+    n_ctx = max(len(v) for v in ids_by_task.values()) + args.n_gen + 64
+    runner = llama_cpp_runner(path, args.threads, n_ctx, args.num_draft)
+    if isinstance(runner, str):
+        print(f"llama.cpp skipped: {runner}", file=sys.stderr)
+        return
+    from mlxllama import loaders
 
+    a, w, _ = loaders.load(path)
+    acc = roofline.account_weights(a, w, kv_bytes=2)  # GGUF blocks as stored, f16 KV
+    bw, bw_what = sb.bandwidth_for(backends.get_ops("numpy"), args.bandwidth)
+    engines["llama.cpp"] = (lambda mode, ids, n: (*runner(mode, ids, n), None), acc.bytes_per_token, bw, bw_what,
+                            ["plain", "lookup"])
+
+
+def _rows(results: dict, engines: dict, ids_by_task: dict) -> list:
     rows = []
     for (task, engine, mode), runs in results.items():
         _, per_ctx, bw, _, _ = engines[engine]
@@ -152,6 +146,10 @@ def main() -> int:
                          else stats.tokens_per_forward,
                          score=roofline.bandwidth_score(per_ctx(ctx), tps, bw),
                          same=tokens == plain_tokens if mode != "plain" else ""))
+    return rows
+
+
+def _print_table(rows: list, results: dict) -> None:
     # x plain: the median over repetitions of each run's tok/s over the plain run just before it (same engine and
     # task), which a shared machine's slow drifts in load affect less than a ratio of medians
     ratio = {(task, engine, mode): statistics.median(r[1] / p[1] for r, p in zip(runs, results[(task, engine, "plain")]))
@@ -166,6 +164,28 @@ def main() -> int:
                  "-" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}",
                  f"{r['score']:.2f}", {True: "yes", False: "no", "": ""}[r["same"]]]
         print("| " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    tasks = [t for t in args.tasks.split(",") if t]
+    path = resolve(args.model)
+    engines, costs, ids_by_task = _ours(args, path, modes, tasks)
+    if not args.no_llama_cpp:
+        _add_llama_cpp(args, path, ids_by_task, engines)
+
+    results: dict = {}
+    for rep in range(args.reps):
+        for task in tasks:
+            for engine, (run, _, _, _, emodes) in engines.items():
+                for mode in emodes:
+                    tokens, tps, stats = run(mode, ids_by_task[task], args.n_gen)
+                    results.setdefault((task, engine, mode), []).append((tokens, tps, stats))
+        print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+
+    rows = _rows(results, engines, ids_by_task)
+    _print_table(rows, results)
     for engine, (_, _, bw, what, _) in engines.items():
         print(f"\n{engine}: effective score against {bw:.1f} GB/s ({what})", end="")
     print()
