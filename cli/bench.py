@@ -522,46 +522,13 @@ def estimate(
       mlxllama estimate --chip "M2 Ultra" --params 70B --bits 4 --nodes 2 --link tb5
     """
     from mlxllama.bench import roofline
-    from mlxllama.bench.chips import lookup
 
     if sum(x is not None for x in (model, params, config)) != 1:
         raise UsageError("give one of -m MODEL, --params N (e.g. --params 7B --bits 4) or --config config.json")
     if model is not None and bits is not None:
         raise UsageError("--bits applies to --params and --config; a model's own tensors set its bits")
-    the_chip = lookup(chip) if chip else None
-    bw = bandwidth if bandwidth is not None else (the_chip.bandwidth_gbps if the_chip else None)
-    if bw is None:
-        raise UsageError("give --chip NAME or --bandwidth GB/s")
-    if not (bw > 0 and math.isfinite(bw)):
-        raise UsageError(f"--bandwidth must be a positive number of GB/s, got {bw}")
-    peak = tflops if tflops is not None else (the_chip.fp16_tflops if the_chip else None)
-    if peak is not None and not (peak > 0 and math.isfinite(peak)):
-        raise UsageError(f"--tflops must be a positive number, got {peak}")
-
-    if params is not None or config is not None:
-        bits = 16 if bits is None else bits
-        per_weight = roofline.quant_bytes_per_weight(bits, group_size)
-        storage = (f"{bits}-bit" + (f", group {group_size}" if bits < 16 else "") + f" ({per_weight:.4g} bytes/weight)")
-        if config is not None:
-            shape, name, exact = _config_shape(config), str(config), True
-        else:
-            n = roofline.parse_params(params)
-            name, shape, exact = roofline.nearest_shape(n)
-        if exact:
-            acc = roofline.account_shape(shape, per_weight, norm_bytes=2)
-            what = (f"{name}'s shape: {acc.params / 1e9:.2f} B params at {storage}; {_shape_text(shape)}")
-        else:
-            acc = roofline.account_params(n, bits, group_size, shape=shape)
-            what = (f"{acc.params / 1e9:.2f} B params at {storage}; no known model of that size: KV cache "
-                    f"shaped like {name}, the nearest ({_shape_text(shape)})")
-    else:
-        from mlxllama.api import load_weights
-
-        loaded = load_weights(model)
-        args, weights = loaded[0], loaded[1]
-        acc = roofline.account_weights(args, weights)
-        what = (f"{model}: {acc.params / 1e9:.3f} B params ({roofline.quant_label(weights)}), "
-                f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
+    the_chip, bw, peak = _rated(chip, bandwidth, tflops)
+    acc, what, args, weights = _accounted(model, params, config, bits, group_size)
     est = roofline.estimate(acc, bw, peak, ctx=ctx, n_prompt=n_prompt)
     typer.echo(format_estimate(est, acc, what, the_chip))
     if nodes is not None or parallel is not None:
@@ -579,6 +546,52 @@ def estimate(
 
         for line in estimate_memory_lines(args, weights, ctx, the_chip):
             typer.echo(line)
+
+
+def _rated(chip: Optional[str], bandwidth: Optional[float], tflops: Optional[float]):
+    """(the chip or None, GB/s, peak TFLOPS or None) from --chip and the overrides, checked."""
+    from mlxllama.bench.chips import lookup
+
+    the_chip = lookup(chip) if chip else None
+    bw = bandwidth if bandwidth is not None else (the_chip.bandwidth_gbps if the_chip else None)
+    if bw is None:
+        raise UsageError("give --chip NAME or --bandwidth GB/s")
+    if not (bw > 0 and math.isfinite(bw)):
+        raise UsageError(f"--bandwidth must be a positive number of GB/s, got {bw}")
+    peak = tflops if tflops is not None else (the_chip.fp16_tflops if the_chip else None)
+    if peak is not None and not (peak > 0 and math.isfinite(peak)):
+        raise UsageError(f"--tflops must be a positive number, got {peak}")
+    return the_chip, bw, peak
+
+
+def _accounted(model: Optional[str], params: Optional[str], config: Optional[Path], bits: Optional[int],
+               group_size: int):
+    """(the accounting, what it describes, the model's args and weights: None with --params or --config)."""
+    from mlxllama.bench import roofline
+
+    if model is not None:
+        from mlxllama.api import load_weights
+
+        loaded = load_weights(model)
+        args, weights = loaded[0], loaded[1]
+        acc = roofline.account_weights(args, weights)
+        what = (f"{model}: {acc.params / 1e9:.3f} B params ({roofline.quant_label(weights)}), "
+                f"{args.num_hidden_layers} layers, {args.num_key_value_heads} KV heads x {args.head_dim}")
+        return acc, what, args, weights
+    bits = 16 if bits is None else bits
+    per_weight = roofline.quant_bytes_per_weight(bits, group_size)
+    storage = (f"{bits}-bit" + (f", group {group_size}" if bits < 16 else "") + f" ({per_weight:.4g} bytes/weight)")
+    if config is not None:
+        shape, name, exact = _config_shape(config), str(config), True
+    else:
+        n = roofline.parse_params(params)
+        name, shape, exact = roofline.nearest_shape(n)
+    if exact:
+        acc = roofline.account_shape(shape, per_weight, norm_bytes=2)
+        return acc, f"{name}'s shape: {acc.params / 1e9:.2f} B params at {storage}; {_shape_text(shape)}", None, None
+    acc = roofline.account_params(n, bits, group_size, shape=shape)
+    return acc, (f"{acc.params / 1e9:.2f} B params at {storage}; no known model of that size: KV cache "
+                 f"shaped like {name}, the nearest ({_shape_text(shape)})"), None, None
 
 
 def _config_shape(path: Path):
