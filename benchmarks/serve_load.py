@@ -232,6 +232,10 @@ def main(argv=None) -> int:
 
         args.engines = ("mlxllama,llama.cpp" + (",llama-server" if args.llama_server else "")
                         + (",mlx-lm" if mlx_has_gpu() else ""))
+    known = (*OURS, "llama.cpp", "llama-server", "mlx-lm")
+    unknown = [e for e in args.engines.split(",") if e not in known]
+    if unknown:
+        ap.error(f"unknown engine {unknown[0]!r}: expected some of {', '.join(known)}")
     if args.model:
         gguf = Path(args.model)
     else:
