@@ -241,8 +241,8 @@ class NumpyOps:
         return getattr(self._local, "step_workers", 1)
 
     def prefetch_found(self) -> int:
-        """The prefetch of the fastest single-row steps so far (the first option's, PREFETCH, until every option
-        is timed)."""
+        """The prefetch of the fastest single-row steps so far (until every option is timed, the first option's:
+        PREFETCH where the fused kernel runs, else 0)."""
         return self._choice.best[1]
 
     def step_prefetch(self) -> int:
