@@ -62,9 +62,9 @@ def isas() -> list[str]:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_kernel_matches_dequantize_matmul(bits, group, isa, act):
-    """Every path, every tile height (8, 4, 2, 1 rows and their mixes), any number of output rows (octets padded),
-    within the bound of the input rounding; every path gives the generic path's numbers up to float32 summation
-    order, and spans of output rows split at an octet give the whole product's."""
+    """Every path, every tile height this CPU uses (8 or 4, 2, 1 rows and their mixes), any number of output rows
+    (octets padded), within the bound of the input rounding; every path gives the generic path's numbers up to
+    float32 summation order, and spans of output rows split at an octet give the whole product's."""
     from mlxllama.backends.qmatvec import PackedLinear
 
     rng = np.random.default_rng(bits * 1000 + group)
@@ -105,6 +105,18 @@ def test_kernel_path_by_environment(monkeypatch):
     assert qmatvec.choose_isa({"avx2": True, "avx512vnni": True, "avx512vl": True}) == "vnni"
     assert qmatvec.choose_isa({"avx2": True}) == "avx2"
     assert qmatvec.available_isas()[-1] == "generic"
+
+
+def test_tile_height_follows_the_vector_registers(monkeypatch):
+    """Eight input rows a tile where the compiled code has 32 vector registers (AVX-512, arm64), four with 16."""
+    qmatvec = pytest.importorskip("mlxllama.backends.qmatvec")
+    monkeypatch.setattr(qmatvec.platform, "machine", lambda: "x86_64")
+    assert qmatvec.tallest_tile({"avx2": True, "fma": True}) == 4
+    assert qmatvec.tallest_tile({"avx2": True, "avxvnni": True}) == 4
+    assert qmatvec.tallest_tile({"avx2": True, "avx512f": True}) == 8
+    monkeypatch.setattr(qmatvec.platform, "machine", lambda: "arm64")
+    assert qmatvec.tallest_tile({}) == 8
+    assert qmatvec.TALLEST in (4, 8)
 
 
 def test_a_bad_kernel_setting_warns_once(monkeypatch, caplog):

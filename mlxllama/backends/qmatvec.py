@@ -19,9 +19,10 @@ or eight 4-bit ones (its low nibbles four inputs, its high nibbles four more), s
 (vpdpbusd; on avx2 vpmaddubsw, into int16 sums for 4-bit codes) covers four inputs of eight rows: twice the pairs'
 work an instruction. quantize_input writes the int8 inputs in the order of those quads (_quad_slot). A block's eight
 sums are scaled (the octet's scales times dx) in one multiply-add and its bias terms added in another, and each
-input row's eight results are stored together. R input rows (a tile: 8, 4, 2 or 1) share every decoded code
-vector, so a batch reads and decodes the weights once per tile of rows, and a lone row (batch-1 decode) runs the
-same loop with its sums split over independent accumulators.
+input row's eight results are stored together. R input rows (a tile: 8, 4, 2 or 1; at most 4 where the CPU has
+16 vector registers: tallest_tile) share every decoded code vector, so a batch reads and decodes the weights once
+per tile of rows, and a lone row (batch-1 decode) runs the same loop with its sums split over independent
+accumulators.
 (One Zen 4 core, weights in cache, against the row-major layout's per-row pairwise sums: SmolLM2's 1536 x 576, 8
 rows, 63 -> 90 G multiply-adds/s; 4096 x 4096, 8 rows, 41 -> 79; one row 23-33 -> 46-48; with int8 inputs 150, 118
 and 77-80; benchmarks/README.md.)
@@ -53,6 +54,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 import threading
 from typing import NamedTuple
 
@@ -69,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 BITS = (4, 8)
 ISAS = ("vnni", "avx2", "generic")
-TILES = (8, 4, 2, 1)  # input rows sharing each decoded code vector
+TILES = (8, 4, 2, 1)  # input rows sharing each decoded code vector (up to TALLEST)
 OCTET = 8  # output rows laid side by side
 _BLOCK = 32  # inputs per activation scale; every MLX group size (32, 64, 128) is a multiple
 _OUT_TILES = 8  # octets (~300 KB at 4096 inputs, 4 bits) kept in cache while every tile of input rows passes
@@ -106,6 +108,19 @@ def available_isas(features: dict | None = None) -> list[str]:
     if f.get("avx2"):
         out.append("avx2")
     return out + ["generic"]
+
+
+def tallest_tile(features: dict | None = None) -> int:
+    """The most input rows a tile takes: 8 where the compiled code has 32 vector registers (AVX-512; arm64), 4 with
+    16 (x86 without AVX-512), where eight rows' sums, the code vectors and the broadcast inputs do not fit and
+    spill (one Zen 3 core, int16 inputs: 8-row tiles 47 G multiply-adds/s, 4-row 55; int8 70 and 88)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 8
+    f = _host_features() if features is None else features
+    return 8 if f.get("avx512f") else 4
+
+
+TALLEST = tallest_tile()
 
 
 @functools.cache
@@ -494,7 +509,7 @@ def _octet(typingctx, tag, bits, R, w, t, xq, r0, rows, dxs, scales, biases, bfa
     sig = types.none(tag, types.intp, types.intp, w, types.intp, xq, types.intp, types.intp, dxs, scales, biases,
                      types.float32, y, types.intp, types.intp, types.intp, types.intp, types.intp)
 
-    return sig, _by_bits_and_rows(path, lambda bits: TILES, _octet_ir)
+    return sig, _by_bits_and_rows(path, lambda bits: [t for t in TILES if t <= TALLEST], _octet_ir)
 
 
 _ROUNDER = np.float32(1.5 * 2 ** 23)
@@ -573,9 +588,9 @@ def _group_shift(group_size: int) -> int:
 
 @njit(inline="always")
 def _tile_rows(r1: int, r: int) -> int:
-    """The tile height for input rows r..r1: the largest of TILES that fits."""
+    """The tile height for input rows r..r1: the largest of TILES up to TALLEST that fits."""
     left = r1 - r
-    return 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
+    return 8 if left >= 8 and TALLEST >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
 
 
 @njit(cache=True, nogil=True)
