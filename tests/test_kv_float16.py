@@ -36,8 +36,9 @@ def test_float16_cache_stores_half_and_reads_back_the_rounded_values(backend):
 @pytest.mark.parametrize("L", [1, 7, 40])
 def test_numpy_attends_to_a_float16_cache_as_stored(L):
     """numpy's attention takes float16 K/V as the cache holds them (attends_half): a prompt's compiled rows read
-    their bits, the numpy blocks widen them; either way the result is attention over the widened values, bit for
-    bit."""
+    their bits, the numpy blocks widen them; either way the result is attention over the widened values, to float32
+    rounding. (Bit for bit in a fresh process; once, after the whole suite on a Zen 3, 4 of 42 rows differed in the
+    last bit, 6e-8: the float16 and float32 readings are separately compiled code.)"""
     from mlxllama.backends.numpy_ops import NumpyOps
 
     ops = NumpyOps(threads=2)
@@ -47,7 +48,7 @@ def test_numpy_attends_to_a_float16_cache_as_stored(L):
     for window in (None, 20):
         got = ops.attention(q, k, v, 0.125, causal=True, window=window)
         want = ops.attention(q, k.astype(np.float32), v.astype(np.float32), 0.125, causal=True, window=window)
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "mlx"])
