@@ -166,6 +166,14 @@ def _print_table(rows: list, results: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def _each_run(tasks: list, engines: dict):
+    """(task, engine, run, mode) for every run of one repetition, in the order they are timed."""
+    for task in tasks:
+        for engine, (run, _, _, _, emodes) in engines.items():
+            for mode in emodes:
+                yield task, engine, run, mode
+
+
 def main() -> int:
     args = _parser().parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -175,17 +183,13 @@ def main() -> int:
     if not args.no_llama_cpp:
         _add_llama_cpp(args, path, ids_by_task, engines)
 
-    for task in tasks:  # untimed: compiles, thread counts and pass costs are learned before the timed runs
-        for run, _, _, _, emodes in engines.values():
-            for mode in emodes:
-                run(mode, ids_by_task[task], min(args.n_gen, 16))
+    for task, _, run, mode in _each_run(tasks, engines):  # untimed: compiles, thread counts and pass costs
+        run(mode, ids_by_task[task], min(args.n_gen, 16))
     results: dict = {}
     for rep in range(args.reps):
-        for task in tasks:
-            for engine, (run, _, _, _, emodes) in engines.items():
-                for mode in emodes:
-                    tokens, tps, stats = run(mode, ids_by_task[task], args.n_gen)
-                    results.setdefault((task, engine, mode), []).append((tokens, tps, stats))
+        for task, engine, run, mode in _each_run(tasks, engines):
+            tokens, tps, stats = run(mode, ids_by_task[task], args.n_gen)
+            results.setdefault((task, engine, mode), []).append((tokens, tps, stats))
         print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
 
     rows = _rows(results, engines, ids_by_task)
