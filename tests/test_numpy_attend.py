@@ -18,12 +18,12 @@ def kernels():
     from mlxllama.backends import numpy_attend
 
     @njit
-    def qk(q, qoff, K, koff, T, Dh, out, ooff):
-        numpy_attend.qk(q, qoff, K, koff, T, Dh, out, ooff)
+    def qk(q, qoff, K, koff, T, Dh, out, ooff, rows=1, ostride=0):
+        numpy_attend.qk(q, qoff, K, koff, T, Dh, out, ooff, rows, ostride)
 
     @njit
-    def pv(p, poff, V, voff, T, Dh, out, ooff):
-        numpy_attend.pv(p, poff, V, voff, T, Dh, out, ooff)
+    def pv(p, poff, V, voff, T, Dh, out, ooff, rows=1, pstride=0):
+        numpy_attend.pv(p, poff, V, voff, T, Dh, out, ooff, rows, pstride)
 
     return qk, pv
 
@@ -47,6 +47,31 @@ def test_products_match_numpy(kernels, Dh, T):
     want = p[1:].astype(np.float64) @ K[3:3 + T].astype(np.float64)
     np.testing.assert_allclose(o[1], want, rtol=0, atol=1e-5 * T * np.abs(want).max())
     assert (o[0] == 7).all()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("Dh,T", [(32, 9), (64, 40), (96, 17), (128, 8)])
+@pytest.mark.parametrize("half", [False, True])
+def test_rows_give_the_bits_of_one_call_a_row(kernels, rows, Dh, T, half):
+    """Rows sharing each key and value read sum in the same order as one row at a time: the same bits."""
+    qk, pv = kernels
+    rng = np.random.default_rng(rows * 1000 + Dh + T)
+    q = rng.standard_normal((rows + 1, Dh)).astype(np.float32)
+    K = rng.standard_normal((T + 2, Dh)).astype(np.float16 if half else np.float32)
+    K = K.view(np.uint16) if half else K
+    cap = T + 6
+    alone, shared = np.full(rows * cap, 7.0, np.float32), np.full(rows * cap, 7.0, np.float32)
+    for r in range(rows):
+        qk(q, (r + 1) * Dh, K, 2 * Dh, T, Dh, alone, r * cap + 3)
+    qk(q, Dh, K, 2 * Dh, T, Dh, shared, 3, rows, cap)
+    np.testing.assert_array_equal(shared, alone)
+    p = rng.random(rows * cap).astype(np.float32)
+    alone, shared = np.full((rows + 1, Dh), 7.0, np.float32), np.full((rows + 1, Dh), 7.0, np.float32)
+    for r in range(rows):
+        pv(p, r * cap + 1, K, 2 * Dh, T, Dh, alone, (r + 1) * Dh)
+    pv(p, 1, K, 2 * Dh, T, Dh, shared, Dh, rows, cap)
+    np.testing.assert_array_equal(shared, alone)
+    assert (shared[0] == 7).all()
 
 
 @pytest.mark.parametrize("Dh,rep,T,t0", [(64, 3, 200, 0), (64, 3, 13, 5), (128, 4, 77, 3), (96, 2, 41, 0),

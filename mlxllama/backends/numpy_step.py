@@ -296,8 +296,7 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
     fast = Dh % 32 == 0
     kv0 = (g * K.shape[2] + t0) * Dh
     if fast:
-        for r in range(rep):
-            qk(q, r * Dh, K, kv0, T, Dh, scores, r * cap + t0)
+        qk(q, 0, K, kv0, T, Dh, scores, t0, rep, cap)
     else:
         _scores(q, K[0, g], t0, t1, scores, cap)
     for r in range(rep):
@@ -310,8 +309,7 @@ def _attend(q, K, V, g, t0, t1, scores, norm, attn):
             den += p
         norm[r] = np.float32(1) / den
     if fast:
-        for r in range(rep):
-            pv(scores, r * cap + t0, V, kv0, T, Dh, q, r * Dh)
+        pv(scores, t0, V, kv0, T, Dh, q, 0, rep, cap)
     else:
         q[:] = 0
         for t in range(t0, t1):  # q accumulates: a separate output array would keep this loop from vectorizing

@@ -210,29 +210,6 @@ def _store_row_sums(builder, acc, bacc, yrow, ystride):
         builder.store(out, builder.gep(yrow, [builder.mul(ystride, ir.Constant(ystride.type, r))]))
 
 
-def _add(builder, a, b):
-    """a + b for integer or float vectors."""
-    return (builder.fadd if isinstance(a.type.element, ir.FloatType) else builder.add)(a, b)
-
-
-def _hadd(builder, u, v):
-    """Pairwise sums of two <8 x i32> (or <8 x float>) within each 128-bit half, as vphaddd (vhaddps): [u0+u1,
-    u2+u3, v0+v1, v2+v3 | ...]."""
-    lo = ir.Constant(_vec(_I32, 8), [0, 2, 8, 10, 4, 6, 12, 14])
-    hi = ir.Constant(_vec(_I32, 8), [1, 3, 9, 11, 5, 7, 13, 15])
-    return _add(builder, builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
-
-
-def _block_sums(builder, dots):
-    """Eight <8 x i32> (or <8 x float>) partial sums -> one vector whose lane k is dots[k]'s total (pairwise adds,
-    as vphaddd or vhaddps, then the two 128-bit halves)."""
-    h = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, 8, 2)]
-    q0, q1 = _hadd(builder, h[0], h[1]), _hadd(builder, h[2], h[3])
-    lo = builder.shuffle_vector(q0, q1, ir.Constant(_vec(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
-    hi = builder.shuffle_vector(q0, q1, ir.Constant(_vec(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
-    return _add(builder, lo, hi)
-
-
 # (path, input bits) -> the dtype of an empty array that names them to the compiled functions
 _TAGS = {("vnni", 16): np.uint8, ("avx2", 16): np.uint16, ("generic", 16): np.uint32,
          ("vnni", 8): np.int8, ("avx2", 8): np.int16, ("generic", 8): np.int32}
