@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _PF, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking,
-                         _claim, _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight,
+                         _claim, _done, _keys, _kv, _quantize, bare, _queries, _rms_norm, _silu_gate, _wait, _weight,
                          kv_addresses)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows
@@ -192,6 +192,11 @@ def rows_step(tid, nthr, sync, seqs, want, tag, W, stag, meta, bfac, K, V, cos, 
     T = seqs[-1, _START] + seqs[-1, _COUNT]
     every = np.arange(T)
     L = dims[0]
+    s = bufs[_ATT_SCRATCH]
+    bufs = (bare(bufs[0]), bare(bufs[1]), bare(bufs[2]), bare(bufs[3]), bare(bufs[4]), bare(bufs[5]), bare(bufs[6]),
+            bare(bufs[7]), bare(bufs[8]), bare(bufs[9]), (bare(s[0]), bare(s[1]), bare(s[2])))
+    seqs, meta, norms, cos, sin = bare(seqs), bare(meta), bare(norms), bare(cos), bare(sin)
+    qkv_bias, o_bias, qk_norm = bare(qkv_bias), bare(o_bias), bare(qk_norm)
     for l in range(L):
         _layer(tid, sync, l, seqs, every, tag, W, stag, meta, bfac, K, V, cos, sin, norms,
                qkv_bias, o_bias, qk_norm, dims, eps, scale, bufs)

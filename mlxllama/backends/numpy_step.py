@@ -111,6 +111,13 @@ def _kv(address, dims, cap):
     return kv_view(address, dims[_KV], dims[_DH], cap)
 
 
+@njit(inline="always")
+def bare(a):
+    """a's data as an array that owns no reference: its views count none either, so threads slicing one shared
+    buffer do not take turns at the atomic count on its owner's cache line. The caller keeps a alive."""
+    return carray(pointer(a.ctypes.data, a), a.shape)
+
+
 @intrinsic
 def _relax(typingctx, yield_core):
     """A spin-wait hint (x86's pause), or, with yield_core, sched_yield."""
