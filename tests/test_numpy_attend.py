@@ -53,7 +53,8 @@ def test_products_match_numpy(kernels, Dh, T):
 @pytest.mark.parametrize("Dh,T", [(32, 9), (64, 40), (96, 17), (128, 8)])
 @pytest.mark.parametrize("half", [False, True])
 def test_rows_give_the_bits_of_one_call_a_row(kernels, rows, Dh, T, half):
-    """Rows sharing each key and value read sum in the same order as one row at a time: the same bits."""
+    """Several rows in one call (pv's sharing each value vector read) sum in the same order as one call a row: the
+    same bits."""
     qk, pv = kernels
     rng = np.random.default_rng(rows * 1000 + Dh + T)
     q = rng.standard_normal((rows + 1, Dh)).astype(np.float32)

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .numpy_step import (DOWN, GATE_UP, O, PAD, QKV, _DH, _H, _KV, _PF, _QK_NORM, _QKV_BIAS, _WINDOW, _chunking,
-                         _claim, _done, _keys, _kv, _quantize, bare, _queries, _rms_norm, _silu_gate, _wait, _weight,
+                         _claim, _done, _keys, _kv, _quantize, _queries, _rms_norm, _silu_gate, _wait, _weight, bare,
                          kv_addresses)
 from .numpy_threads import ThreadChoice
 from .qmatvec import _rows
