@@ -40,6 +40,7 @@ from .qmatvec import _hsum, _splat
 
 _F32, _I16, _HALF = ir.FloatType(), ir.IntType(16), ir.HalfType()
 _V8 = ir.VectorType(_F32, 8)
+_IX8 = ir.VectorType(ir.IntType(32), 8)  # shuffle masks of two <8 x float>
 _KV_F32, _KV_HALF = np.empty(0, np.float32), np.empty(0, np.uint16)  # a cache's element type, told by an empty array
 
 
@@ -88,8 +89,8 @@ def _by_groups(builder, rows, emit) -> None:
 
 def _hadd(builder, u, v):
     """Pairwise sums of two <8 x float> within each 128-bit half, as vhaddps: [u0+u1, u2+u3, v0+v1, v2+v3 | ...]."""
-    lo = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0, 2, 8, 10, 4, 6, 12, 14])
-    hi = ir.Constant(ir.VectorType(ir.IntType(32), 8), [1, 3, 9, 11, 5, 7, 13, 15])
+    lo = ir.Constant(_IX8, [0, 2, 8, 10, 4, 6, 12, 14])
+    hi = ir.Constant(_IX8, [1, 3, 9, 11, 5, 7, 13, 15])
     return builder.fadd(builder.shuffle_vector(u, v, lo), builder.shuffle_vector(u, v, hi))
 
 
@@ -98,9 +99,8 @@ def _block_sums(builder, dots):
     then the two 128-bit halves)."""
     h = [_hadd(builder, dots[k], dots[k + 1]) for k in range(0, 8, 2)]
     q0, q1 = _hadd(builder, h[0], h[1]), _hadd(builder, h[2], h[3])
-    ix = ir.VectorType(ir.IntType(32), 8)
-    lo = builder.shuffle_vector(q0, q1, ir.Constant(ix, [0, 1, 2, 3, 8, 9, 10, 11]))
-    hi = builder.shuffle_vector(q0, q1, ir.Constant(ix, [4, 5, 6, 7, 12, 13, 14, 15]))
+    lo = builder.shuffle_vector(q0, q1, ir.Constant(_IX8, [0, 1, 2, 3, 8, 9, 10, 11]))
+    hi = builder.shuffle_vector(q0, q1, ir.Constant(_IX8, [4, 5, 6, 7, 12, 13, 14, 15]))
     return builder.fadd(lo, hi)
 
 
