@@ -18,6 +18,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from conftest import full_kv, smollm2_path
+from mlxllama import quant
 from mlxllama.backends.numpy_ops import NumpyOps
 from mlxllama.cache import make_cache
 from mlxllama.loaders.gguf import load_gguf, read_gguf_metadata
@@ -134,15 +135,25 @@ def test_numpy_kernels_decode_every_type_exactly(qtype):
         np.testing.assert_allclose(lin.matmul(x[:n]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("qtype", sorted(GGML_AFFINE))
-def test_affine_forms_are_exact(qtype):
-    """The MLX layout of the types that have one (quant.ggml_affine) gives gguf's float32 weights exactly."""
+def test_affine_forms_are_exact(qtype, compiled, monkeypatch):
+    """The MLX layout of the types that have one (quant.ggml_affine) gives gguf's float32 weights exactly, with
+    Q4_0 / Q4_1 / Q8_0's codes rearranged by the compiled loop (numba) or by numpy without it, from whole rows and
+    from rows cut after their first block (a distributed rank's columns)."""
+    if not compiled:
+        monkeypatch.setattr(quant, "_COMPILED", [None])
+    elif quant._codes_kernel() is None:
+        pytest.skip("numba is not installed")
     rows, cols = 8, 512
-    w = GGMLWeight(qtype, random_blocks(qtype, rows, cols, seed=2), (rows, cols))
-    qw = ggml_affine(w)
-    assert isinstance(qw, QuantizedWeight) and (qw.bits, qw.group_size) == (GGML_AFFINE[qtype], 32)
-    wide = QuantizedWeight(qw.weight, qw.scales.astype(np.float32), qw.biases.astype(np.float32), 32, qw.bits)
-    np.testing.assert_array_equal(dequantize(wide), gguf.quants.dequantize(w.blocks, QT[qtype]))
+    size = GGML_QUANT_SIZES[QT[qtype]][1]
+    blocks = random_blocks(qtype, rows, cols, seed=2)
+    for raw, n in ((blocks, cols), (blocks[:, size:], cols - (256 if qtype.endswith("_K") else 32))):
+        w = GGMLWeight(qtype, raw, (rows, n))
+        qw = ggml_affine(w)
+        assert isinstance(qw, QuantizedWeight) and (qw.bits, qw.group_size) == (GGML_AFFINE[qtype], 32)
+        wide = QuantizedWeight(qw.weight, qw.scales.astype(np.float32), qw.biases.astype(np.float32), 32, qw.bits)
+        np.testing.assert_array_equal(dequantize(wide), gguf.quants.dequantize(np.ascontiguousarray(raw), QT[qtype]))
 
 
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
