@@ -124,11 +124,20 @@ class _Cursor:
         return text
 
     def strings(self, n: int, what: str) -> list[str]:
-        """n strings in a row (a vocabulary: tens of thousands), one call each."""
-        out = []
+        """n strings in a row (a vocabulary: tens of thousands); one that is cut short or not UTF-8 goes through
+        _string_at, for its message."""
+        out, buf, size, pos, unpack = [], self.buf, self.size, self.pos, _U64.unpack_from
         for k in range(n):
-            text, self.pos = self._string_at(self.pos, f"{what}[{k}]")
+            end = pos + 8 + unpack(buf, pos)[0] if pos + 8 <= size else size + 1
+            try:
+                text = str(buf[pos + 8:end], "utf-8") if end <= size else None
+            except UnicodeDecodeError:
+                text = None
+            if text is None:
+                self._string_at(pos, f"{what}[{k}]")  # raises
             out.append(text)
+            pos = end
+        self.pos = pos
         return out
 
     def value(self, raw_type: int, what: str, depth: int = 0):
