@@ -255,12 +255,14 @@ GGML_AFFINE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_K": 4,
 _GGML_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176}
 
 
-def _scales_biases(d: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float16 when the biases fit it exactly (always, except for absurd block scales), else float32."""
-    b16 = biases.astype(np.float16)
-    if np.array_equal(b16.astype(np.float32), biases, equal_nan=True):
-        return d, b16
-    return d.astype(np.float32), biases
+def _scales_biases(d: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(d, None) where every bias factor * d is a float16 (always, except for absurd block scales: factor is a power
+    of two, so only a finite |factor * d| over float16's largest, 65504, is not), else float32 (d, factor * d)."""
+    a = np.abs(d)
+    if not np.any((a > np.float16(65504 / abs(factor))) & (a != np.float16(np.inf))):
+        return d, None
+    d32 = d.astype(np.float32)
+    return d32, np.float32(factor) * d32
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -338,7 +340,6 @@ def ggml_affine(w: GGMLWeight) -> QuantizedWeight | None:
         q, scales, biases = _k_affine(blocks, w.qtype)
     else:
         d = _half(blocks, 0)
-        d32 = d.astype(np.float32)
         if w.qtype == "Q8_0":  # int8 q -> q + 128; w = d*q = d*(q+128) - 128*d
             words, factor = _ggml_words(blocks, 2, 8), -128
         elif w.qtype == "Q4_0":
@@ -350,7 +351,7 @@ def ggml_affine(w: GGMLWeight) -> QuantizedWeight | None:
         else:  # Q5_1
             q, scales, biases = _low_high(blocks[..., 8:]) | _high_bits(blocks[..., 4:8]), d, _half(blocks, 2)
         if factor is not None:
-            scales, biases = _scales_biases(d, factor * d32)
+            scales, biases = _scales_biases(d, factor)
     if words is None:
         words = pack(np.ascontiguousarray(q).reshape(n, -1), bits)
     if factor is not None and scales.dtype == np.float16:

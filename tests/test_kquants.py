@@ -24,7 +24,7 @@ from mlxllama.cache import make_cache
 from mlxllama.loaders.gguf import load_gguf, read_gguf_metadata
 from mlxllama.model import Model
 from mlxllama.quant import GGML_AFFINE, dequantize, ggml_affine
-from mlxllama.weights import GGMLWeight, QuantizedWeight
+from mlxllama.weights import GGMLWeight, QuantizedWeight, SymmetricWeight
 from test_gguf import hf_weights, llamacpp_unpermute, write_gguf
 
 kquants = pytest.importorskip("mlxllama.backends.kquants", reason="numba (the fast-cpu extra) is not importable")
@@ -154,6 +154,24 @@ def test_affine_forms_are_exact(qtype, compiled, monkeypatch):
         assert isinstance(qw, QuantizedWeight) and (qw.bits, qw.group_size) == (GGML_AFFINE[qtype], 32)
         wide = QuantizedWeight(qw.weight, qw.scales.astype(np.float32), qw.biases.astype(np.float32), 32, qw.bits)
         np.testing.assert_array_equal(dequantize(wide), gguf.quants.dequantize(np.ascontiguousarray(raw), QT[qtype]))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q5_0"])
+def test_symmetric_scales_stay_float16_unless_a_bias_would_overflow_it(qtype):
+    """Biases -2**(bits - 1) x d are float16 (a SymmetricWeight keeps the scales only) unless one finite d makes
+    its bias pass float16's largest value: then scales and biases are float32."""
+    size = GGML_QUANT_SIZES[QT[qtype]][1]
+    blocks = random_blocks(qtype, 4, 64, seed=5).reshape(4, 2, size)
+    for big, symmetric in ((None, True), (np.float16(65504 / 2 ** (GGML_AFFINE[qtype] - 1) * 1.01), False)):
+        raw = blocks.copy()
+        if big is not None:
+            raw[2, 0, :2] = np.array([big], np.float16).view(np.uint8)
+        raw = raw.reshape(4, -1)
+        qw = ggml_affine(GGMLWeight(qtype, raw, (4, 64)))
+        assert isinstance(qw, SymmetricWeight) == symmetric
+        assert qw.scales.dtype == (np.float16 if symmetric else np.float32)
+        wide = QuantizedWeight(qw.weight, qw.scales.astype(np.float32), qw.biases.astype(np.float32), 32, qw.bits)
+        np.testing.assert_array_equal(dequantize(wide), gguf.quants.dequantize(raw, QT[qtype]))
 
 
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
