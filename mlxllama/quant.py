@@ -279,18 +279,18 @@ def _ggml_codes(blocks, at, bits, out):
     """GGUF blocks [rows, blocks, bytes] (codes from byte `at` on) -> MLX's code bytes out [rows, blocks * 32 *
     bits / 8], byte for byte what pack() gives of the codes in element order. 4 bits: GGUF's byte i holds elements
     i (low nibble) and i + 16, MLX's byte k elements 2k and 2k + 1. 8 bits: signed codes, stored plus 128."""
-    width = 32 * bits // 8
+    width = 4 * bits
     for r in range(blocks.shape[0]):
         for b in range(blocks.shape[1]):
-            o = b * width
-            if bits == 4:
-                for k in range(8):
-                    even, odd = blocks[r, b, at + 2 * k], blocks[r, b, at + 2 * k + 1]
-                    out[r, o + k] = (even & 0x0F) | ((odd << 4) & 0xF0)
-                    out[r, o + 8 + k] = (even >> 4) | (odd & 0xF0)
-            else:
+            src, dst = blocks[r, b, at:], out[r, b * width:(b + 1) * width]
+            if bits == 8:
                 for k in range(32):
-                    out[r, o + k] = blocks[r, b, at + k] ^ 0x80
+                    dst[k] = src[k] ^ 0x80
+                continue
+            for k in range(8):
+                even, odd = src[2 * k], src[2 * k + 1]
+                dst[k] = (even & 0x0F) | ((odd << 4) & 0xF0)
+                dst[8 + k] = (even >> 4) | (odd & 0xF0)
 
 
 _COMPILED: list = []  # _ggml_codes through numba, once asked for (empty: not yet; [None]: numba is missing)
