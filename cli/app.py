@@ -467,8 +467,8 @@ app.command()(estimate)
 from mlxllama_cli.quality import register as _register_quality  # noqa: E402
 
 _register_quality(app)
-from mlxllama_cli.serve import serve  # noqa: E402
-app.command()(serve)
+from mlxllama_cli.serve import SERVE_HELP, serve  # noqa: E402
+app.command(help=SERVE_HELP)(serve)
 
 
 def main() -> None:

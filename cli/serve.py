@@ -12,6 +12,41 @@ import typer
 from mlxllama.errors import UsageError
 from mlxllama_cli.options import KV_DTYPE_HELP
 
+def _check(positive: dict, ctx, prefix_cache_bytes: int, shutdown_timeout: float, sampling: dict) -> None:
+    """Options a user can get wrong, as one UsageError line; then logging for the server's lines."""
+    from mlxllama.sampling import SamplingParams
+
+    for key, v in positive.items():
+        name = "--" + key.replace("_", "-")
+        if v < 1 or (key == "port" and v > 65535):
+            raise UsageError(f"{name} must be a positive integer{' up to 65535' if key == 'port' else ''}")
+    if ctx is not None and ctx < 2:
+        raise UsageError("--ctx must be an integer >= 2")
+    if prefix_cache_bytes < 0 or shutdown_timeout < 0:
+        raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
+    SamplingParams(**{k: v for k, v in sampling.items() if v is not None}).validate()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+
+SERVE_HELP = """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
+
+Examples:
+
+\b
+  mlxllama serve -m default --port 8080 --max-batch 8
+  mlxllama serve -m default --speculate lookup --num-draft 8
+  mlxllama serve -m default --any-model --temp 0.7 --max-tokens 512
+
+Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
+does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
+every cache kind as stored.
+
+Requests that leave sampling out get the model's generation_config.json values, else llama.cpp's (temp 0.8,
+top-k 40, top-p 0.95, min-p 0.05); --temp, --top-p, --top-k and --min-p set them. Start-up prints them, and
+/v1/models lists them.
+"""
+
 NUMPY_WEIGHTS_HELP = ("numpy backend only: auto, fused (4/8-bit weights as stored, fastest decode; needs numba), "
                       "float32 or quantized; default: $MLXLLAMA_NUMPY_WEIGHTS or auto.")
 
@@ -75,44 +110,18 @@ def serve(
                                 "requests, so that the first request does not wait for kernels to compile "
                                 "(as llama-server's warm-up)."),
 ):
-    """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
-
-    Examples:
-
-    \b
-      mlxllama serve -m default --port 8080 --max-batch 8
-      mlxllama serve -m default --speculate lookup --num-draft 8
-      mlxllama serve -m default --any-model --temp 0.7 --max-tokens 512
-
-    Before the KV caches are allocated, the memory for --max-batch sequences of --ctx tokens is checked; where it
-    does not fit, serve exits with one line that gives the numbers. The prefix cache (--prefix-cache-bytes) keeps
-    every cache kind as stored.
-
-    Requests that leave sampling out get the model's generation_config.json values, else llama.cpp's (temp 0.8,
-    top-k 40, top-p 0.95, min-p 0.05); --temp, --top-p, --top-k and --min-p set them. Start-up prints them, and
-    /v1/models lists them.
-    """
-    from mlxllama.sampling import SamplingParams
+    """The server; its help is SERVE_HELP (the command's --help)."""
     from mlxllama.server.app import ServeConfig, run
 
-    for name, v in (("--port", port), ("--max-batch", max_batch), ("--max-queue", max_queue),
-                    ("--prefill-chunk", prefill_chunk), ("--max-body-bytes", max_body_bytes),
-                    ("--max-tokens", max_tokens)):
-        if v < 1 or (name == "--port" and v > 65535):
-            raise UsageError(f"{name} must be a positive integer{' up to 65535' if name == '--port' else ''}")
-    if ctx is not None and ctx < 2:
-        raise UsageError("--ctx must be an integer >= 2")
-    if prefix_cache_bytes < 0 or shutdown_timeout < 0:
-        raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
     sampling = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-    SamplingParams(**{k: v for k, v in sampling.items() if v is not None}).validate()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    positive = dict(port=port, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                    max_body_bytes=max_body_bytes, max_tokens=max_tokens)
+    _check(positive, ctx, prefix_cache_bytes, shutdown_timeout, sampling)
     run(ServeConfig(model=model, host=host, port=port, backend=backend, revision=revision,
                     numpy_weights=numpy_weights, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
                     api_key=api_key or os.environ.get("MLXLLAMA_API_KEY") or None, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout, ctx=ctx, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                    max_kv_size=max_kv_size, kv_dtype=kv_dtype, speculate=speculate, num_draft=num_draft, draft_model=draft_model,
-                    any_model=any_model, max_tokens=max_tokens, sampling=sampling, access_log=access_log,
-                    parallel=parallel, warmup=warmup))
+                    max_kv_size=max_kv_size, kv_dtype=kv_dtype, speculate=speculate, num_draft=num_draft,
+                    draft_model=draft_model, any_model=any_model, max_tokens=max_tokens, sampling=sampling,
+                    access_log=access_log, parallel=parallel, warmup=warmup))
