@@ -12,8 +12,9 @@ import typer
 from mlxllama.errors import UsageError
 from mlxllama_cli.options import KV_DTYPE_HELP
 
+
 def _check(positive: dict, ctx, prefix_cache_bytes: int, shutdown_timeout: float, sampling: dict) -> None:
-    """Options a user can get wrong, as one UsageError line; then logging for the server's lines."""
+    """Options a user can get wrong, as one UsageError line."""
     from mlxllama.sampling import SamplingParams
 
     for key, v in positive.items():
@@ -25,8 +26,6 @@ def _check(positive: dict, ctx, prefix_cache_bytes: int, shutdown_timeout: float
     if prefix_cache_bytes < 0 or shutdown_timeout < 0:
         raise UsageError("--prefix-cache-bytes and --shutdown-timeout must be >= 0")
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None}).validate()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
 
 SERVE_HELP = """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
@@ -117,6 +116,8 @@ def serve(
     positive = dict(port=port, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     max_body_bytes=max_body_bytes, max_tokens=max_tokens)
     _check(positive, ctx, prefix_cache_bytes, shutdown_timeout, sampling)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     run(ServeConfig(model=model, host=host, port=port, backend=backend, revision=revision,
                     numpy_weights=numpy_weights, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
